@@ -1,0 +1,90 @@
+"""Recipes: YAML files of nested defaults, overridden from the command line with ``--set a.b=value``.
+
+A recipe is plain data (nested dicts). ``load_recipe`` finds ``configs/NAME.yaml`` or reads a path,
+``apply_overrides`` applies ``key=value`` strings (values parsed as YAML scalars, so ``3``, ``1e-3``,
+``true`` and ``[1, 2]`` get their natural types), and ``from_dict`` turns a section into a dataclass,
+rejecting unknown keys with the full dotted name so a typo never passes silently.
+"""
+from __future__ import annotations
+
+import copy
+import dataclasses
+from pathlib import Path
+from typing import Any, Iterable
+
+import yaml
+
+from .errors import LLMLabError
+
+CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+
+
+def known_recipes() -> list[str]:
+    return sorted(p.stem for p in CONFIG_DIR.glob("*.yaml"))
+
+
+def load_recipe(name_or_path: str | None) -> dict:
+    """Read a recipe by name (``configs/NAME.yaml``) or by path; ``None`` gives an empty recipe."""
+    if not name_or_path:
+        return {}
+    path = Path(name_or_path)
+    if not path.suffix:
+        path = CONFIG_DIR / f"{name_or_path}.yaml"
+    if not path.is_file():
+        raise LLMLabError(
+            f"recipe {name_or_path!r} not found (looked for {path}); known recipes: {', '.join(known_recipes())}")
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError as e:
+        raise LLMLabError(f"{path}: not valid YAML: {e}") from None
+    if not isinstance(data, dict):
+        raise LLMLabError(f"{path}: a recipe must be a mapping of keys to values")
+    return data
+
+
+def apply_overrides(recipe: dict, sets: Iterable[str]) -> dict:
+    """Return a copy of ``recipe`` with each ``a.b.c=value`` applied (nested dicts created as needed)."""
+    out = copy.deepcopy(recipe)
+    for item in sets or ():
+        if "=" not in item:
+            raise LLMLabError(f"--set {item!r}: expected key=value, e.g. --set train.lr=3e-4")
+        key, raw = item.split("=", 1)
+        try:
+            value = yaml.safe_load(raw) if raw != "" else ""
+        except yaml.YAMLError:
+            value = raw
+        node = out
+        parts = key.strip().split(".")
+        for part in parts[:-1]:
+            child = node.setdefault(part, {})
+            if not isinstance(child, dict):
+                raise LLMLabError(f"--set {key}: {part!r} is a value, not a section")
+            node = child
+        node[parts[-1]] = value
+    return out
+
+
+def from_dict(cls, data: dict | None, where: str = ""):
+    """Build dataclass ``cls`` from ``data``; unknown keys raise an error naming ``where.key``."""
+    data = dict(data or {})
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - set(fields))
+    if unknown:
+        names = ", ".join(f"{where}.{k}" if where else k for k in unknown)
+        raise LLMLabError(f"unknown config key(s) {names}; known: {', '.join(sorted(fields))}")
+    return cls(**data)
+
+
+def to_dict(obj: Any) -> Any:
+    """Dataclasses (nested) to plain dicts, for ``run.yaml``."""
+    if dataclasses.is_dataclass(obj):
+        return {f.name: to_dict(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
+    if isinstance(obj, dict):
+        return {k: to_dict(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [to_dict(v) for v in obj]
+    return obj
+
+
+def save_yaml(data: dict, path: str | Path) -> None:
+    Path(path).write_text(yaml.safe_dump(to_dict(data), sort_keys=False), encoding="utf-8")
