@@ -1,0 +1,96 @@
+"""One configuration for every network in llmlab; switches pick GPT-2-, Llama- or BERT-style parts."""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+from ..errors import LLMLabError
+
+CHOICES = {
+    "arch": ("decoder", "encoder"),
+    "norm": ("layernorm", "rmsnorm"),
+    "norm_position": ("pre", "post"),
+    "pos": ("learned", "rope"),
+    "mlp": ("gelu", "gelu_tanh", "swiglu"),
+}
+
+
+@dataclass
+class ModelConfig:
+    arch: str = "decoder"            # decoder: causal LM; encoder: bidirectional, masked-LM
+    vocab_size: int = 4096
+    n_layer: int = 4
+    n_head: int = 4
+    n_kv_head: int | None = None     # None: = n_head (MHA); fewer: GQA; 1: MQA
+    d_model: int = 128
+    head_dim: int | None = None      # None: d_model // n_head
+    d_ff: int | None = None          # None: 4·d_model (GELU) or ≈ 8/3·d_model rounded up to 32 (SwiGLU)
+    max_seq_len: int = 256
+    norm: str = "rmsnorm"
+    norm_eps: float = 1e-5
+    norm_position: str = "pre"       # pre-norm (GPT-2, Llama) or post-norm (BERT)
+    pos: str = "rope"
+    rope_theta: float = 10000.0
+    mlp: str = "swiglu"
+    bias: bool = False               # biases in attention and MLP projections
+    tie_embeddings: bool = True      # lm_head shares the token-embedding matrix
+    qk_norm: bool = False            # RMSNorm on each query/key head before RoPE
+    dropout: float = 0.0
+    init_std: float = 0.02
+    scale_residual_init: bool = False  # GPT-2: output projections start at init_std / √(2·n_layer)
+    type_vocab_size: int = 0         # encoder: token-type (segment) embeddings
+    num_labels: int = 0              # > 0: a classification head (encoder: on the pooled [CLS]; decoder: last token)
+    attn_impl: str = "sdpa"          # sdpa: torch's fused kernel; math: the formula step by step
+    bos_token_id: int | None = None
+    eos_token_id: int | None = None
+    pad_token_id: int | None = None
+
+    def __post_init__(self):
+        for name, allowed in CHOICES.items():
+            if getattr(self, name) not in allowed:
+                raise LLMLabError(f"model.{name} = {getattr(self, name)!r}; choose one of {', '.join(allowed)}")
+        if self.attn_impl not in ("sdpa", "math"):
+            raise LLMLabError(f"model.attn_impl = {self.attn_impl!r}; choose sdpa or math")
+        self.n_kv_head = self.n_kv_head or self.n_head
+        if self.n_head % self.n_kv_head:
+            raise LLMLabError(f"model.n_head ({self.n_head}) must be a multiple of model.n_kv_head ({self.n_kv_head})")
+        if self.head_dim is None:
+            if self.d_model % self.n_head:
+                raise LLMLabError(f"model.d_model ({self.d_model}) must be divisible by model.n_head ({self.n_head})")
+            self.head_dim = self.d_model // self.n_head
+        if self.pos == "rope" and self.head_dim % 2:
+            raise LLMLabError(f"RoPE needs an even head_dim, got {self.head_dim}")
+        if self.d_ff is None:
+            self.d_ff = 4 * self.d_model if self.mlp != "swiglu" else 32 * -(-(8 * self.d_model // 3) // 32)
+        for name in ("vocab_size", "n_layer", "n_head", "d_model", "max_seq_len"):
+            if getattr(self, name) <= 0:
+                raise LLMLabError(f"model.{name} must be positive, got {getattr(self, name)}")
+
+    def num_params(self) -> int:
+        """Parameter count without building the model (embeddings counted once when tied)."""
+        from .decoder import build_model
+        return sum(p.numel() for p in build_model(self, device="meta").parameters())
+
+
+PRESETS = {
+    # GPT-2: LayerNorm, learned positions, GELU (tanh approximation), biases, tied embeddings, scaled residual init.
+    "gpt2": dict(norm="layernorm", pos="learned", mlp="gelu_tanh", bias=True, tie_embeddings=True,
+                 norm_eps=1e-5, scale_residual_init=True),
+    # Llama: RMSNorm, RoPE, SwiGLU, no biases, separate lm_head.
+    "llama": dict(norm="rmsnorm", pos="rope", mlp="swiglu", bias=False, tie_embeddings=False, norm_eps=1e-5),
+    # BERT: bidirectional encoder, post-norm LayerNorm, learned positions and token types, exact GELU, biases.
+    "bert": dict(arch="encoder", norm="layernorm", norm_position="post", pos="learned", mlp="gelu", bias=True,
+                 tie_embeddings=True, norm_eps=1e-12, type_vocab_size=2),
+}
+
+
+def preset(name: str, **overrides) -> ModelConfig:
+    """A named architecture with any field overridden, e.g. ``preset("llama", n_layer=2, d_model=64)``."""
+    if name not in PRESETS:
+        raise LLMLabError(f"unknown model preset {name!r}; known: {', '.join(PRESETS)}")
+    known = {f.name for f in dataclasses.fields(ModelConfig)}
+    unknown = sorted(set(overrides) - known - {"preset"})
+    if unknown:
+        raise LLMLabError(f"unknown model key(s) {', '.join('model.' + k for k in unknown)}")
+    overrides.pop("preset", None)
+    return ModelConfig(**{**PRESETS[name], **overrides})

@@ -1,0 +1,126 @@
+"""The decoder-only language model: tokens → embedding → N × block → norm → lm_head → next-token logits.
+
+One class covers GPT-2 and Llama styles through ``ModelConfig`` switches (see ``model/config.py``). The model
+computes logits; losses live in ``llmlab/losses.py`` and generation in ``llmlab/infer/engine.py``.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from .attention import KVCache, RotaryEmbedding, causal_mask
+from .config import ModelConfig
+from .layers import Block, make_norm
+
+
+def init_weights(model: nn.Module, cfg: ModelConfig) -> None:
+    """Normal(0, init_std) for matrices and embeddings, zero biases, unit norm gains (GPT-2, Llama and BERT
+    all start this way); GPT-2 also scales each residual output projection by 1/√(2·n_layer)."""
+    for name, module in model.named_modules():
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            std = cfg.init_std
+            if cfg.scale_residual_init and name.endswith(("attn.o_proj", "mlp.down")):
+                std /= math.sqrt(2 * cfg.n_layer)
+            nn.init.normal_(module.weight, mean=0.0, std=std)
+            if getattr(module, "bias", None) is not None:
+                nn.init.zeros_(module.bias)
+        elif isinstance(module, (nn.LayerNorm, nn.RMSNorm)):
+            nn.init.ones_(module.weight)
+            if getattr(module, "bias", None) is not None:
+                nn.init.zeros_(module.bias)
+
+
+def attention_layout(attention_mask: torch.Tensor | None, t_q: int, t_k: int, device) -> tuple[torch.Tensor | None, bool]:
+    """The mask for a causal step of ``t_q`` new tokens over ``t_k`` keys, as (mask, is_causal).
+
+    Without padding no mask tensor is built: prefill is plain causal and a one-token decode step sees every key.
+    With a (B, t_k) padding mask (1 = real token), mask = causal ∧ key_is_real; each position also sees itself so
+    that a padding query never has an empty row (its output is ignored anyway).
+    """
+    if attention_mask is None or bool(attention_mask.all()):
+        return None, t_q > 1
+    keys = attention_mask.bool()[:, None, None, :]                       # (B, 1, 1, T_k)
+    causal = causal_mask(t_q, t_k, device)                               # (T_q, T_k)
+    self_pos = torch.arange(t_k - t_q, t_k, device=device)[:, None] == torch.arange(t_k, device=device)[None, :]
+    return (causal & keys) | self_pos, False
+
+
+def positions_from_mask(attention_mask: torch.Tensor | None, batch: int, past: int, t: int, device) -> torch.Tensor:
+    """Position ids of the t new tokens: counting only real tokens, so a left-padded prompt starts at 0."""
+    if attention_mask is None:
+        return torch.arange(past, past + t, device=device).expand(batch, t)
+    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, past:past + t]
+
+
+class Decoder(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.config = cfg
+        self.embed = nn.Embedding(cfg.vocab_size, cfg.d_model)
+        self.pos_embed = nn.Embedding(cfg.max_seq_len, cfg.d_model) if cfg.pos == "learned" else None
+        self.rope = RotaryEmbedding(cfg.head_dim, cfg.max_seq_len, cfg.rope_theta) if cfg.pos == "rope" else None
+        self.drop = nn.Dropout(cfg.dropout)
+        self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer))
+        self.final_norm = make_norm(cfg)
+        self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+        self.score = nn.Linear(cfg.d_model, cfg.num_labels, bias=False) if cfg.num_labels else None
+        init_weights(self, cfg)
+        if cfg.tie_embeddings:
+            self.lm_head.weight = self.embed.weight
+
+    def hidden_states(self, input_ids: torch.Tensor, *, attention_mask: torch.Tensor | None = None,
+                      position_ids: torch.Tensor | None = None, cache: KVCache | None = None) -> torch.Tensor:
+        """Final-norm hidden states (B, T, d_model) for ``input_ids`` (B, T).
+
+        ``attention_mask`` (B, past + T) marks real tokens with 1 (left padding for batched prompts);
+        ``cache`` holds earlier positions and is advanced by T.
+        """
+        b, t = input_ids.shape
+        past = cache.length if cache is not None else 0
+        if past + t > self.config.max_seq_len:
+            raise ValueError(f"sequence of {past + t} tokens exceeds the model's context of "
+                             f"{self.config.max_seq_len} (max_seq_len)")
+        if position_ids is None:
+            position_ids = positions_from_mask(attention_mask, b, past, t, input_ids.device)
+        x = self.embed(input_ids)
+        if self.pos_embed is not None:
+            x = x + self.pos_embed(position_ids)
+        x = self.drop(x)
+        rope = self.rope(position_ids) if self.rope is not None else None
+        mask, is_causal = attention_layout(attention_mask, t, past + t, input_ids.device)
+        for i, block in enumerate(self.blocks):
+            x = block(x, rope=rope, mask=mask, is_causal=is_causal, cache=cache, layer=i)
+        if cache is not None:
+            cache.advance(t)
+        return self.final_norm(x)
+
+    def forward(self, input_ids: torch.Tensor, **kwargs) -> torch.Tensor:
+        """Next-token logits (B, T, vocab_size)."""
+        return self.lm_head(self.hidden_states(input_ids, **kwargs))
+
+    def new_cache(self, batch: int, max_len: int | None = None, dtype: torch.dtype | None = None) -> KVCache:
+        cfg = self.config
+        return KVCache(cfg.n_layer, batch, cfg.n_kv_head, max_len or cfg.max_seq_len, cfg.head_dim,
+                       device=self.embed.weight.device, dtype=dtype or self.embed.weight.dtype)
+
+    def flops_per_token(self, seq_len: int) -> float:
+        """Training FLOPs per token ≈ 6·N (forward + backward through N matmul weights)
+        + 12·n_layer·n_head·head_dim·T (attention scores and weighted sums)."""
+        cfg = self.config
+        n_matmul = sum(p.numel() for n, p in self.named_parameters() if p.dim() == 2 and "embed" not in n)
+        if cfg.tie_embeddings:
+            n_matmul += self.lm_head.weight.numel()
+        return 6 * n_matmul + 12 * cfg.n_layer * cfg.n_head * cfg.head_dim * seq_len
+
+
+def build_model(cfg: ModelConfig, device=None) -> nn.Module:
+    """A fresh, initialised model for ``cfg`` (decoder or encoder)."""
+    if cfg.arch == "encoder":
+        from .encoder import Encoder
+        cls = Encoder
+    else:
+        cls = Decoder
+    with torch.device(device or "cpu"):
+        return cls(cfg)

@@ -1,0 +1,71 @@
+"""The pieces of a Transformer block: normalisation, the feed-forward network, and the block itself."""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .attention import KVCache, MultiHeadAttention
+from .config import ModelConfig
+
+
+def make_norm(cfg: ModelConfig) -> nn.Module:
+    """LayerNorm  y = (x − mean(x)) / √(var(x) + ε) · g + b   (GPT-2, BERT), or
+    RMSNorm    y = x / √(mean(x²) + ε) · g                   (Llama: no centring, no bias)."""
+    if cfg.norm == "rmsnorm":
+        return nn.RMSNorm(cfg.d_model, eps=cfg.norm_eps)
+    return nn.LayerNorm(cfg.d_model, eps=cfg.norm_eps, bias=True)
+
+
+class MLP(nn.Module):
+    """Feed-forward network applied to each position.
+
+    GELU:   down(GELU(up(x)))                       (GPT-2 uses GELU's tanh approximation, BERT the exact one)
+    SwiGLU: down(SiLU(gate(x)) ⊙ up(x))             (Llama; gate and up are one fused matrix ``gate_up``)
+    """
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.kind = cfg.mlp
+        n_up = 2 * cfg.d_ff if cfg.mlp == "swiglu" else cfg.d_ff
+        self.up = nn.Linear(cfg.d_model, n_up, bias=cfg.bias)
+        self.down = nn.Linear(cfg.d_ff, cfg.d_model, bias=cfg.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.up(x)
+        if self.kind == "swiglu":
+            gate, up = h.chunk(2, dim=-1)
+            h = F.silu(gate) * up
+        else:
+            h = F.gelu(h, approximate="tanh" if self.kind == "gelu_tanh" else "none")
+        return self.down(h)
+
+
+class Block(nn.Module):
+    """One Transformer layer.
+
+    pre-norm  (GPT-2, Llama): x = x + Attn(Norm(x));  x = x + MLP(Norm(x))
+    post-norm (BERT):         x = Norm(x + Attn(x));  x = Norm(x + MLP(x))
+    """
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.pre_norm = cfg.norm_position == "pre"
+        self.attn_norm = make_norm(cfg)
+        self.attn = MultiHeadAttention(cfg.d_model, cfg.n_head, cfg.n_kv_head, cfg.head_dim, bias=cfg.bias,
+                                       qk_norm=cfg.qk_norm, norm_eps=cfg.norm_eps, dropout=cfg.dropout,
+                                       fast=cfg.attn_impl == "sdpa")
+        self.mlp_norm = make_norm(cfg)
+        self.mlp = MLP(cfg)
+        self.dropout = nn.Dropout(cfg.dropout)
+
+    def forward(self, x: torch.Tensor, *, rope=None, mask: torch.Tensor | None = None, is_causal: bool = False,
+                cache: KVCache | None = None, layer: int = 0) -> torch.Tensor:
+        def attend(h):
+            return self.dropout(self.attn(h, rope=rope, mask=mask, is_causal=is_causal, cache=cache, layer=layer))
+
+        if self.pre_norm:
+            x = x + attend(self.attn_norm(x))
+            return x + self.dropout(self.mlp(self.mlp_norm(x)))
+        x = self.attn_norm(x + attend(x))
+        return self.mlp_norm(x + self.dropout(self.mlp(x)))
