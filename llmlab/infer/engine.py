@@ -1,0 +1,351 @@
+"""The generation engine: prefill + decode with a KV cache, beside the model rather than inside it.
+
+    prefill:  run the (left-padded) prompts once, filling the cache, and take the last position's logits;
+    decode:   feed one new token per sequence, attending to the cache, until every sequence has stopped.
+
+Each step turns logits into the next token with, in this order: repetition penalty (a logit ℓ of a token seen
+before becomes ℓ/p if ℓ > 0 else ℓ·p), temperature (ℓ/T; T = 0 means greedy argmax), top-k (keep the k largest),
+top-p (keep the smallest set whose probabilities sum to ≥ p), then one draw from the softmax. A sequence stops at an
+end-of-sequence token, a stop string, or ``max_new_tokens``.
+
+The engine drives our ``Decoder`` and any ``transformers`` causal LM through two small adapters with the same
+two methods.
+"""
+from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass, field
+from typing import Iterator
+
+import torch
+
+from ..errors import LLMLabError
+
+
+@dataclass
+class SamplingParams:
+    max_new_tokens: int = 128
+    temperature: float = 1.0          # 0: greedy
+    top_k: int = 0                    # 0: off
+    top_p: float = 1.0                # 1: off
+    repetition_penalty: float = 1.0   # 1: off
+    stop: list[str] = field(default_factory=list)
+    seed: int | None = None
+
+    def validate(self) -> None:
+        if self.max_new_tokens < 0:
+            raise LLMLabError(f"max_new_tokens must be ≥ 0, got {self.max_new_tokens}")
+        if self.temperature < 0:
+            raise LLMLabError(f"temperature must be ≥ 0, got {self.temperature}")
+        if not 0 < self.top_p <= 1:
+            raise LLMLabError(f"top_p must be in (0, 1], got {self.top_p}")
+        if self.top_k < 0:
+            raise LLMLabError(f"top_k must be ≥ 0, got {self.top_k}")
+        if self.repetition_penalty <= 0:
+            raise LLMLabError(f"repetition_penalty must be > 0, got {self.repetition_penalty}")
+
+
+@dataclass
+class Completion:
+    text: str
+    token_ids: list[int]
+    prompt_tokens: int
+    finish_reason: str                # "stop" (EOS or stop string) or "length"
+
+
+# ----------------------------------------------------------------------------------------------- adapters
+
+class OurLM:
+    """Adapter for llmlab's Decoder: preallocated KV cache, explicit padding mask."""
+
+    def __init__(self, model):
+        self.model = model
+        self.context = model.config.max_seq_len
+        self.cache = None
+
+    def prefill(self, ids: torch.Tensor, mask: torch.Tensor, max_len: int) -> torch.Tensor:
+        self.cache = self.model.new_cache(ids.shape[0], max_len)
+        return self.model(ids, attention_mask=None if bool(mask.all()) else mask, cache=self.cache)[:, -1]
+
+    def decode(self, tokens: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        return self.model(tokens[:, None], attention_mask=None if bool(mask.all()) else mask,
+                          cache=self.cache)[:, -1]
+
+
+class HFLM:
+    """Adapter for a ``transformers`` causal LM: its own cache object, position ids from the padding mask."""
+
+    def __init__(self, model):
+        self.model = model
+        cfg = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+        self.context = getattr(cfg, "max_position_embeddings", None) or getattr(cfg, "n_positions", None) or 2048
+        self.cache = None
+        # transformers ≥ 5.2x names the cache argument ``cache``; earlier versions ``past_key_values``
+        accepted = inspect.signature(model.forward).parameters
+        self.cache_arg = "cache" if "cache" in accepted else "past_key_values"
+        self.extra = {"logits_to_keep": 1} if "logits_to_keep" in accepted else {}
+
+    def _run(self, ids, mask):
+        positions = (mask.long().cumsum(-1) - 1).clamp(min=0)[:, -ids.shape[1]:]
+        out = self.model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True,
+                         **self.extra, **{self.cache_arg: self.cache})
+        self.cache = out[self.cache_arg]
+        return out.logits[:, -1]
+
+    def prefill(self, ids, mask, max_len):
+        from transformers import DynamicCache
+        self.cache = DynamicCache(config=self.model.config)
+        return self._run(ids, mask)
+
+    def decode(self, tokens, mask):
+        return self._run(tokens[:, None], mask)
+
+
+def adapter_for(model):
+    from ..model.decoder import Decoder
+    return OurLM(model) if isinstance(model, Decoder) else HFLM(model)
+
+
+# ----------------------------------------------------------------------------------------------- sampling
+
+def apply_repetition_penalty(logits: torch.Tensor, seen: torch.Tensor, penalty: float) -> torch.Tensor:
+    """CTRL's penalty on tokens already present: ℓ → ℓ/p if ℓ > 0 else ℓ·p. ``seen`` is a (B, V) boolean."""
+    if penalty == 1.0:
+        return logits
+    penalised = torch.where(logits > 0, logits / penalty, logits * penalty)
+    return torch.where(seen, penalised, logits)
+
+
+def filter_top_k_top_p(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:
+    """Set to -inf every logit outside the top k, then outside the nucleus of probability mass top_p."""
+    if top_k and top_k < logits.shape[-1]:
+        kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
+        probs = torch.softmax(sorted_logits, dim=-1)
+        # drop a token when the mass *before* it already reaches top_p (so the top token always stays)
+        drop_sorted = probs.cumsum(-1) - probs >= top_p
+        drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
+        logits = logits.masked_fill(drop, float("-inf"))
+    return logits
+
+
+def next_tokens(logits: torch.Tensor, params: SamplingParams, seen: torch.Tensor | None,
+                generator: torch.Generator | None) -> torch.Tensor:
+    """One token per row from (B, V) logits."""
+    logits = logits.float()
+    if seen is not None:
+        logits = apply_repetition_penalty(logits, seen, params.repetition_penalty)
+    if params.temperature == 0:
+        return logits.argmax(-1)
+    logits = filter_top_k_top_p(logits / params.temperature, params.top_k, params.top_p)
+    return torch.multinomial(torch.softmax(logits, -1), 1, generator=generator).squeeze(-1)
+
+
+# ----------------------------------------------------------------------------------------------- the engine
+
+class TextStream:
+    """Turns a growing list of token ids into text pieces.
+
+    A piece is released only when its decoded text is complete: never in the middle of a multi-byte character
+    (the decoder shows an unfinished byte sequence as U+FFFD) and never while the text's end could still be the
+    start of a stop string.
+    """
+
+    def __init__(self, tokenizer, stop: list[str]):
+        self.tokenizer, self.stop = tokenizer, stop
+        self.ids: list[int] = []
+        self.sent = 0                  # characters of the text already released
+        self.text = ""
+        self.stopped = False
+
+    def add(self, token_id: int) -> str:
+        self.ids.append(token_id)
+        self.text = self.tokenizer.decode(self.ids, skip_special_tokens=True)
+        for s in self.stop:
+            at = self.text.find(s, max(0, self.sent - len(s)))
+            if at != -1:
+                self.text, self.stopped = self.text[:at], True
+                return self.flush()
+        if self.text.endswith("\ufffd"):
+            return ""
+        hold = max((k for s in self.stop for k in range(1, len(s)) if self.text.endswith(s[:k])), default=0)
+        piece = self.text[self.sent:len(self.text) - hold]
+        self.sent += len(piece)
+        return piece
+
+    def flush(self) -> str:
+        piece = self.text[self.sent:]
+        self.sent = len(self.text)
+        return piece
+
+
+class Engine:
+    """Batched generation for one model and its tokenizer."""
+
+    def __init__(self, model, tokenizer, *, eos_token_ids: list[int] | None = None):
+        self.model = model.eval()
+        self.tokenizer = tokenizer
+        self.lm = adapter_for(model)
+        self.device = next(model.parameters()).device
+        self.eos_token_ids = set(eos_token_ids if eos_token_ids is not None else default_eos_ids(model, tokenizer))
+        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else \
+            (min(self.eos_token_ids) if self.eos_token_ids else 0)
+
+    @classmethod
+    def from_path(cls, path: str, *, device="cpu", dtype=None) -> "Engine":
+        from ..model.hub import load_model
+        model, tokenizer = load_model(path, device=device, dtype=dtype)
+        return cls(model, tokenizer)
+
+    @property
+    def context(self) -> int:
+        return self.lm.context
+
+    def encode(self, prompt: str | list[int]) -> list[int]:
+        if isinstance(prompt, str):
+            return self.tokenizer.encode(prompt, add_special_tokens=False)
+        return list(prompt)
+
+    def check_prompt(self, ids: list[int]) -> None:
+        if not ids:
+            raise LLMLabError("empty prompt: give at least one token")
+        if len(ids) >= self.context:
+            raise LLMLabError(f"prompt of {len(ids)} tokens does not fit the model's context of {self.context} "
+                              f"tokens (at least one must be left to generate)")
+
+    @torch.inference_mode()
+    def generate_ids(self, prompts: list[list[int]], params: SamplingParams) -> Iterator[list[int | None]]:
+        """Yield, per decoding step, the new token of each row (None for rows that already stopped on EOS).
+
+        Prompts are left-padded to a common length; generation stops when every row hit EOS or the token budget,
+        which is capped so that prompt + output fits the context.
+        """
+        params.validate()
+        for ids in prompts:
+            self.check_prompt(ids)
+        width = max(len(p) for p in prompts)
+        budget = min(params.max_new_tokens, self.context - width)
+        if budget <= 0:
+            return
+        ids = torch.full((len(prompts), width), self.pad_id, dtype=torch.long)
+        mask = torch.zeros((len(prompts), width), dtype=torch.long)
+        for row, p in enumerate(prompts):
+            ids[row, width - len(p):] = torch.tensor(p)
+            mask[row, width - len(p):] = 1
+        ids, mask = ids.to(self.device), mask.to(self.device)
+        generator = None
+        if params.seed is not None:
+            generator = torch.Generator(device=self.device).manual_seed(params.seed)
+        done = torch.zeros(len(prompts), dtype=torch.bool, device=self.device)
+        logits = self.lm.prefill(ids, mask, width + budget)
+        seen = None
+        if params.repetition_penalty != 1.0:     # which tokens each row has seen, for the penalty
+            seen = torch.zeros(logits.shape, dtype=torch.bool, device=self.device)
+            seen.scatter_(1, ids, mask.bool())
+        eos = torch.tensor(sorted(self.eos_token_ids), dtype=torch.long, device=self.device)
+        for step in range(budget):
+            tokens = next_tokens(logits, params, seen, generator)
+            tokens = torch.where(done, torch.full_like(tokens, self.pad_id), tokens)
+            out = [None if d else t for t, d in zip(tokens.tolist(), done.tolist())]
+            done = done | torch.isin(tokens, eos)
+            yield out
+            if bool(done.all()) or step == budget - 1:
+                return
+            if seen is not None:
+                seen[torch.arange(len(prompts)), tokens] = True
+            mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
+            logits = self.lm.decode(tokens, mask)
+
+    def generate(self, prompts: list[str | list[int]], params: SamplingParams | None = None) -> list[Completion]:
+        """Complete each prompt; returns texts (stop strings and EOS excluded), ids and why each stopped."""
+        params = params or SamplingParams()
+        encoded = [self.encode(p) for p in prompts]
+        streams = [TextStream(self.tokenizer, params.stop) for _ in encoded]
+        reasons = ["length"] * len(encoded)
+        for step in self.generate_ids(encoded, params):
+            for row, token in enumerate(step):
+                if token is None or streams[row].stopped:
+                    continue
+                if token in self.eos_token_ids:
+                    reasons[row] = "stop"
+                    streams[row].stopped = True
+                    continue
+                streams[row].add(token)
+                if streams[row].stopped:
+                    reasons[row] = "stop"
+            if all(s.stopped for s in streams):
+                break
+        return [Completion(s.text, s.ids, len(e), r) for s, e, r in zip(streams, encoded, reasons)]
+
+    def stream(self, prompt: str | list[int], params: SamplingParams | None = None) -> Iterator[str]:
+        """Yield the completion of one prompt as text pieces, as soon as each is complete."""
+        params = params or SamplingParams()
+        stream = TextStream(self.tokenizer, params.stop)
+        for (token,) in self.generate_ids([self.encode(prompt)], params):
+            if token is None or token in self.eos_token_ids:
+                break
+            piece = stream.add(token)
+            if piece:
+                yield piece
+            if stream.stopped:
+                return
+        piece = stream.flush()
+        if piece:
+            yield piece
+
+
+def default_eos_ids(model, tokenizer) -> list[int]:
+    """End-of-sequence ids: the model's generation config (which may list several, e.g. end-of-turn) and the
+    tokenizer's eos token."""
+    ids = set()
+    gen = getattr(model, "generation_config", None)
+    eos = getattr(gen, "eos_token_id", None) if gen is not None else None
+    if eos is None:
+        eos = getattr(model.config, "eos_token_id", None)
+    if isinstance(eos, int):
+        ids.add(eos)
+    elif eos:
+        ids.update(eos)
+    if tokenizer.eos_token_id is not None:
+        ids.add(tokenizer.eos_token_id)
+    return sorted(ids)
+
+
+def add_sampling_args(p) -> None:
+    """Sampling flags shared by ``generate`` and ``chat``."""
+    p.add_argument("--max-new-tokens", type=int, default=128)
+    p.add_argument("--temperature", type=float, default=0.8, help="0 means greedy")
+    p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--repetition-penalty", type=float, default=1.0)
+    p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--dtype", default=None, help="float32 (default on CPU) or bfloat16")
+
+
+def sampling_from_args(args) -> SamplingParams:
+    return SamplingParams(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
+                          top_p=args.top_p, repetition_penalty=args.repetition_penalty, stop=args.stop,
+                          seed=args.seed)
+
+
+def _generate_command(args) -> None:
+    import sys
+
+    from ..device import parse_dtype
+    engine = Engine.from_path(args.model, device=args.device, dtype=parse_dtype(args.dtype))
+    for piece in engine.stream(args.prompt, sampling_from_args(args)):
+        sys.stdout.write(piece)
+        sys.stdout.flush()
+    sys.stdout.write("\n")
+
+
+def register(sub) -> None:
+    p = sub.add_parser("generate", help="complete a prompt with a model directory, Hugging Face folder or GGUF file")
+    p.add_argument("--model", required=True, help="model directory, Hugging Face folder or name, or .gguf file")
+    p.add_argument("--prompt", required=True)
+    add_sampling_args(p)
+    p.set_defaults(func=_generate_command)
