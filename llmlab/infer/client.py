@@ -104,8 +104,8 @@ def _backoff(error: Exception, retry: int, base: float, cap: float) -> float:
 
 
 def _describe(error: Exception, key: str) -> str:
-    text = f"{type(error).__name__}: {error}"
-    return _scrub(text if len(text) <= 500 else text[:500] + "...", key)
+    text = _scrub(f"{type(error).__name__}: {error}", key)  # scrub before cutting: no partial key survives
+    return text if len(text) <= 500 else text[:500] + "..."
 
 
 def _complete(client: openai.OpenAI, request: dict, stream: bool, on_text: Callable[[str], None] | None,
