@@ -14,6 +14,7 @@ from .errors import LLMLabError
 
 COMMAND_MODULES = [
     "infer.client",
+    "data.world",
 ]
 
 
