@@ -13,6 +13,7 @@ import sys
 from .errors import LLMLabError
 
 COMMAND_MODULES = [
+    "data.shards",
     "infer.client",
     "data.world",
 ]
