@@ -69,8 +69,8 @@ def build_shards(documents: Iterable[str], tokenizer, out_dir, *, val_fraction: 
     _check_out_dir(out_dir)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp_dir = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.building-", dir=out_dir.parent))
+    writer = _ShardWriter(tmp_dir, "train", np_dtype, shard_size)
     try:
-        writer = _ShardWriter(tmp_dir, "train", np_dtype, shard_size)
         num_docs = 0
         for num_batch_docs, ids in _tokenize_parallel(documents, tokenizer, np_dtype, num_workers):
             writer.write(ids)
@@ -89,6 +89,7 @@ def build_shards(documents: Iterable[str], tokenizer, out_dir, *, val_fraction: 
         (tmp_dir / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n", encoding="utf-8")
         _move_into_place(tmp_dir, out_dir)
     finally:
+        writer.close()
         shutil.rmtree(tmp_dir, ignore_errors=True)
     return index
 
