@@ -16,6 +16,7 @@ COMMAND_MODULES = [
     "data.shards",
     "infer.client",
     "data.world",
+    "tokenizer",
 ]
 
 
