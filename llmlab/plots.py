@@ -1,0 +1,69 @@
+"""Figures from ``metrics.jsonl`` (one JSON object per logged step), drawn with matplotlib's Agg canvas.
+
+No pyplot: a ``Figure`` is built and saved directly, so plotting works without a display and leaves no global
+state behind.
+"""
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+
+from .errors import LLMLabError
+
+
+def read_metrics(metrics_jsonl: str | Path) -> list[dict]:
+    """All records of a ``metrics.jsonl`` file, in order."""
+    path = Path(metrics_jsonl)
+    if not path.is_file():
+        raise LLMLabError(f"{path}: metrics file not found")
+    records = []
+    for lineno, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            records.append(json.loads(line))
+        except ValueError as e:
+            raise LLMLabError(f"{path}:{lineno}: not a JSON object ({e})") from None
+    return records
+
+
+def series(records: list[dict], key: str) -> tuple[list[float], list[float]]:
+    """``(steps, values)`` of the records that hold a finite number under ``key``."""
+    steps, values = [], []
+    for r in records:
+        v = r.get(key)
+        if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and "step" in r:
+            steps.append(r["step"])
+            values.append(float(v))
+    return steps, values
+
+
+def plot_metrics(metrics_jsonl: str | Path, out_png: str | Path, keys=("loss", "val_loss"),
+                 title: str | None = None) -> Path:
+    """Plot each of ``keys`` against ``step`` on one axes and save a PNG; keys with no data are left out."""
+    records = read_metrics(metrics_jsonl)
+    fig = Figure(figsize=(7, 4), dpi=110)
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
+    plotted = 0
+    for key in keys:
+        steps, values = series(records, key)
+        if steps:
+            ax.plot(steps, values, marker="o" if len(steps) < 30 else None, markersize=3, label=key)
+            plotted += 1
+    if plotted:
+        ax.legend()
+    else:
+        ax.text(0.5, 0.5, f"no values for {', '.join(keys)}", ha="center", va="center", transform=ax.transAxes)
+    ax.set_xlabel("step")
+    ax.set_title(title or Path(metrics_jsonl).parent.name)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    out = Path(out_png)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out)
+    return out
