@@ -469,8 +469,17 @@ def check_context(max_length: int, model_context: int, where: str = "data.max_le
 # Sampling
 # ---------------------------------------------------------------------------------------------------------------
 
+def stack_pairs(rows: list) -> tuple[torch.Tensor, torch.Tensor]:
+    """The default collate: stack (x, y) rows into (B, L) tensors."""
+    xs, ys = zip(*rows)
+    return torch.stack(xs), torch.stack(ys)
+
+
 class BatchSampler:
-    """Deterministic, resumable batches of packed rows, split across ``world_size`` ranks.
+    """Deterministic, resumable batches of rows, split across ``world_size`` ranks.
+
+    ``rows`` is any sequence (packed token rows, or a list of SFT/preference/classification examples);
+    ``collate`` turns this rank's list of rows into a batch (default: stack (x, y) pairs).
 
     Epoch e visits rows in the order ``torch.randperm(n, generator=torch.Generator().manual_seed(seed + e))`` (or
     ``0..n-1`` without shuffling). Step p of an epoch takes the global batch ``order[p*G : (p+1)*G]`` with
@@ -483,17 +492,18 @@ class BatchSampler:
     the following batches identical to those of an uninterrupted sampler.
     """
 
-    def __init__(self, packed: PackedSequences, batch_size: int, *, seed: int = 0, shuffle: bool = True,
-                 rank: int = 0, world_size: int = 1, drop_last: bool = True):
+    def __init__(self, rows, batch_size: int, *, seed: int = 0, shuffle: bool = True,
+                 rank: int = 0, world_size: int = 1, drop_last: bool = True, collate=stack_pairs):
         if batch_size < 1 or world_size < 1:
             raise LLMLabError(f"batch_size={batch_size}, world_size={world_size}: both must be at least 1")
         if not 0 <= rank < world_size:
             raise LLMLabError(f"rank={rank}: must be in [0, world_size={world_size})")
-        self.packed, self.batch_size, self.seed, self.shuffle = packed, batch_size, seed, shuffle
+        self.rows, self.collate = rows, collate
+        self.batch_size, self.seed, self.shuffle = batch_size, seed, shuffle
         self.rank, self.world_size, self.drop_last = rank, world_size, drop_last
         self.global_batch = batch_size * world_size
-        if drop_last and len(packed) < self.global_batch:
-            raise LLMLabError(f"only {len(packed)} rows of {packed.max_length} tokens, but one global batch needs "
+        if drop_last and len(rows) < self.global_batch:
+            raise LLMLabError(f"only {len(rows)} rows, but one global batch needs "
                               f"batch_size {batch_size} x world_size {world_size} = {self.global_batch} rows; "
                               f"use a smaller batch or max_length, or more data")
         self.epoch, self.position = 0, 0
@@ -501,7 +511,7 @@ class BatchSampler:
 
     @property
     def steps_per_epoch(self) -> int:
-        n, g = len(self.packed), self.global_batch
+        n, g = len(self.rows), self.global_batch
         return n // g if self.drop_last else -(-n // g)
 
     def __len__(self) -> int:
@@ -510,22 +520,22 @@ class BatchSampler:
     def order(self, epoch: int) -> torch.Tensor:
         """The row order of ``epoch``."""
         if self._order_epoch != epoch:
-            n = len(self.packed)
+            n = len(self.rows)
             self._order = (torch.randperm(n, generator=torch.Generator().manual_seed(self.seed + epoch))
                            if self.shuffle else torch.arange(n))
             self._order_epoch = epoch
         return self._order
 
-    def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """This rank's ``(x, y)``, each of shape ``(batch_size, max_length)``; then advance one step."""
+    def next_batch(self):
+        """This rank's batch (``collate`` of its ``batch_size`` rows); then advance one step."""
         order = self.order(self.epoch)
         first = self.position * self.global_batch + self.rank * self.batch_size
         rows = order[(first + torch.arange(self.batch_size)) % len(order)]
-        xs, ys = zip(*(self.packed[int(i)] for i in rows))
+        batch = self.collate([self.rows[int(i)] for i in rows])
         self.position += 1
         if self.position == self.steps_per_epoch:
             self.epoch, self.position = self.epoch + 1, 0
-        return torch.stack(xs), torch.stack(ys)
+        return batch
 
     def state_dict(self) -> dict:
         return {"epoch": int(self.epoch), "position": int(self.position)}

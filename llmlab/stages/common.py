@@ -1,0 +1,39 @@
+"""Plumbing every training stage shares: resolving its recipe and opening its run directory.
+
+A stage's recipe is built in three layers, later ones winning: the stage's own defaults, the recipe file
+(``--config NAME|PATH``), and the ``--set key=value`` overrides. The resolved recipe is saved as ``run.yaml``.
+"""
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+from ..config import apply_overrides, from_dict, load_recipe, save_yaml
+from ..train.loop import TrainConfig
+
+
+def deep_merge(base: dict, over: dict) -> dict:
+    """``base`` updated by ``over``, recursing into nested sections."""
+    out = copy.deepcopy(base)
+    for key, value in over.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = deep_merge(out[key], value)
+        else:
+            out[key] = copy.deepcopy(value)
+    return out
+
+
+def resolve_recipe(defaults: dict, config: str | None = None, sets: list[str] | None = None) -> dict:
+    return apply_overrides(deep_merge(defaults, load_recipe(config)), sets or [])
+
+
+def start_run(out_dir: str | Path, recipe: dict) -> Path:
+    """Create the run directory and write the resolved recipe to ``run.yaml``."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    save_yaml(recipe, out / "run.yaml")
+    return out
+
+
+def train_config(recipe: dict) -> TrainConfig:
+    return from_dict(TrainConfig, recipe.get("train"), "train")
