@@ -1,0 +1,692 @@
+"""Model directories in the Hugging Face layout: import, export, and one loader for inference.
+
+A model directory is a Hugging Face directory: ``config.json`` (a ``transformers`` config), ``model.safetensors``
+(weights under the Hugging Face names), the tokenizer files, ``chat_template.jinja`` and ``generation_config.json``.
+Our configurations map onto three Hugging Face families:
+
+    ours                                          Hugging Face
+    decoder, rmsnorm + rope + swiglu              LlamaForCausalLM   (Qwen3ForCausalLM when qk_norm)
+    decoder, layernorm + learned + gelu(_tanh)    GPT2LMHeadModel
+    encoder, post-norm layernorm + learned + gelu BertForMaskedLM
+    ... with num_labels > 0                       *ForSequenceClassification (heads ``score`` / ``classifier``)
+
+Weights map name by name through one table per family (``_plan``), used in both directions. Our fused matrices
+are split into row ranges: ``qkv`` = [W_q; W_k; W_v] ↔ q_proj, k_proj, v_proj (query, key, value in BERT), and the
+SwiGLU ``up`` = [W_gate; W_up] ↔ gate_proj, up_proj. GPT-2 keeps its fused ``c_attn`` but stores every projection
+as a Conv1D, i.e. the transposed matrix Wᵀ. Tied weights (lm_head = embed, the BERT decoder = word embeddings)
+are written once, under the embedding's name, as ``save_pretrained`` does.
+
+``load_model`` returns our ``Decoder`` when the architecture maps, the ``transformers`` model itself when it does
+not (Gemma, Qwen2, ...), and converts a ``.gguf`` file once into a cached Hugging Face folder.
+"""
+from __future__ import annotations
+
+import copy
+import dataclasses
+import hashlib
+import json
+import os
+import re
+import shutil
+import tempfile
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from ..device import parse_dtype
+from ..errors import LLMLabError
+from .config import ModelConfig, preset
+from .decoder import build_model
+
+FAMILIES = ("llama", "qwen3", "gpt2", "bert")
+ARCHITECTURES = {   # family → (language-model head, classification head)
+    "llama": ("LlamaForCausalLM", "LlamaForSequenceClassification"),
+    "qwen3": ("Qwen3ForCausalLM", "Qwen3ForSequenceClassification"),
+    "gpt2": ("GPT2LMHeadModel", "GPT2ForSequenceClassification"),
+    "bert": ("BertForMaskedLM", "BertForSequenceClassification"),
+}
+# Fields config.json must have (alternatives separated by |), so that transformers' defaults never stand in.
+REQUIRED_FIELDS = {
+    "llama": ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads"),
+    "qwen3": ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads"),
+    "gpt2": ("vocab_size", "n_embd|hidden_size", "n_layer|num_hidden_layers", "n_head|num_attention_heads"),
+    "bert": ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads"),
+}
+# Buffers some checkpoints carry that are not weights (recomputed by every implementation).
+IGNORED_KEYS = re.compile(r"(position_ids|rotary_emb\.inv_freq|\.attn\.bias|\.attn\.masked_bias)$")
+# Files a model directory owns; anything else in an existing output directory (run.yaml, checkpoints/) is kept.
+MODEL_FILES = re.compile(r"(config\.json|generation_config\.json|model.*\.safetensors(\.index\.json)?|tokenizer.*|"
+                         r"special_tokens_map\.json|added_tokens\.json|chat_template\.jinja|vocab\.(txt|json)|"
+                         r"merges\.txt)$")
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.txt", "vocab.json")
+
+
+# ----------------------------------------------------------------------------------------------- configurations
+
+def _family(cfg: ModelConfig) -> str:
+    """The Hugging Face family that represents ``cfg`` exactly, or an LLMLabError naming the first field that
+    no family can represent."""
+    def need(field: str, value, why: str) -> None:
+        if getattr(cfg, field) != value:
+            raise LLMLabError(f"model.{field} = {getattr(cfg, field)!r} has no Hugging Face equivalent here: {why} "
+                              f"needs model.{field} = {value!r}")
+
+    if cfg.arch == "encoder":
+        for field, value in (("norm", "layernorm"), ("norm_position", "post"), ("pos", "learned"), ("mlp", "gelu"),
+                             ("bias", True), ("qk_norm", False), ("n_kv_head", cfg.n_head),
+                             ("head_dim", cfg.d_model // cfg.n_head)):
+            need(field, value, "BERT")
+        if cfg.type_vocab_size <= 0:
+            raise LLMLabError("model.type_vocab_size = 0 has no Hugging Face equivalent: BERT always has token-type "
+                              "embeddings (use type_vocab_size ≥ 1)")
+        return "bert"
+    need("norm_position", "pre", "a decoder (Llama, GPT-2)")
+    if cfg.pos == "rope":
+        for field, value in (("norm", "rmsnorm"), ("mlp", "swiglu")):
+            need(field, value, "Llama (RoPE)")
+        if cfg.qk_norm:
+            need("bias", False, "Qwen3 (Llama with QK-norm)")
+            return "qwen3"
+        return "llama"
+    need("norm", "layernorm", "GPT-2 (learned positions)")
+    if cfg.mlp not in ("gelu", "gelu_tanh"):
+        raise LLMLabError(f"model.mlp = {cfg.mlp!r} has no Hugging Face equivalent: GPT-2 (learned positions) needs "
+                          "model.mlp = 'gelu' or 'gelu_tanh'")
+    for field, value in (("bias", True), ("qk_norm", False), ("n_kv_head", cfg.n_head),
+                         ("head_dim", cfg.d_model // cfg.n_head)):
+        need(field, value, "GPT-2")
+    return "gpt2"
+
+
+def config_to_hf(cfg: ModelConfig):
+    """The ``transformers`` config (with ``architectures``) that describes the same network as ``cfg``."""
+    import transformers
+
+    family = _family(cfg)
+    common = dict(vocab_size=cfg.vocab_size, initializer_range=cfg.init_std, tie_word_embeddings=cfg.tie_embeddings,
+                  bos_token_id=cfg.bos_token_id, eos_token_id=cfg.eos_token_id, pad_token_id=cfg.pad_token_id)
+    if cfg.num_labels:
+        common["num_labels"] = cfg.num_labels
+    if family in ("llama", "qwen3"):
+        fields = dict(hidden_size=cfg.d_model, intermediate_size=cfg.d_ff, num_hidden_layers=cfg.n_layer,
+                      num_attention_heads=cfg.n_head, num_key_value_heads=cfg.n_kv_head, head_dim=cfg.head_dim,
+                      max_position_embeddings=cfg.max_seq_len, rms_norm_eps=cfg.norm_eps, hidden_act="silu",
+                      rope_parameters={"rope_type": "default", "rope_theta": cfg.rope_theta},
+                      attention_bias=cfg.bias, attention_dropout=cfg.dropout)
+        if family == "llama":
+            hf = transformers.LlamaConfig(mlp_bias=cfg.bias, **fields, **common)
+        else:
+            hf = transformers.Qwen3Config(**fields, **common)
+    elif family == "gpt2":
+        hf = transformers.GPT2Config(n_embd=cfg.d_model, n_layer=cfg.n_layer, n_head=cfg.n_head, n_inner=cfg.d_ff,
+                                     n_positions=cfg.max_seq_len, layer_norm_epsilon=cfg.norm_eps,
+                                     activation_function="gelu_new" if cfg.mlp == "gelu_tanh" else "gelu",
+                                     resid_pdrop=cfg.dropout, embd_pdrop=cfg.dropout, attn_pdrop=cfg.dropout,
+                                     **common)
+    else:
+        hf = transformers.BertConfig(hidden_size=cfg.d_model, num_hidden_layers=cfg.n_layer,
+                                     num_attention_heads=cfg.n_head, intermediate_size=cfg.d_ff,
+                                     max_position_embeddings=cfg.max_seq_len, type_vocab_size=cfg.type_vocab_size,
+                                     layer_norm_eps=cfg.norm_eps, hidden_act="gelu",
+                                     hidden_dropout_prob=cfg.dropout, attention_probs_dropout_prob=cfg.dropout,
+                                     **common)
+    hf.architectures = [ARCHITECTURES[family][cfg.num_labels > 0]]
+    return hf
+
+
+def _unsupported(hf) -> str | None:
+    """Why ``hf`` (a transformers config) has no exact llmlab equivalent, or None when it has one."""
+    family = hf.model_type
+    if family not in FAMILIES:
+        return f"model_type {family!r} (llmlab maps {', '.join(FAMILIES)})"
+    checks = []
+    if family in ("llama", "qwen3"):
+        rope = getattr(hf, "rope_parameters", None) or {}
+        checks += [("hidden_act", hf.hidden_act, "silu"),
+                   ("rope_parameters.rope_type", rope.get("rope_type"), "default")]
+        if family == "llama":
+            checks.append(("mlp_bias", hf.mlp_bias, hf.attention_bias))
+        else:
+            checks += [("attention_bias", hf.attention_bias, False),
+                       ("use_sliding_window", hf.use_sliding_window, False)]
+    elif family == "gpt2":
+        checks += [("activation_function", hf.activation_function in ("gelu", "gelu_new", "gelu_pytorch_tanh"), True),
+                   ("scale_attn_by_inverse_layer_idx", hf.scale_attn_by_inverse_layer_idx, False),
+                   ("add_cross_attention", hf.add_cross_attention, False)]
+    else:
+        checks += [("hidden_act", hf.hidden_act, "gelu"),
+                   ("position_embedding_type", getattr(hf, "position_embedding_type", "absolute"), "absolute"),
+                   ("is_decoder", hf.is_decoder, False)]
+    for field, value, wanted in checks:
+        if value != wanted:
+            return f"{field} = {getattr(hf, field, value)!r} (llmlab needs {wanted!r})"
+    return None
+
+
+def config_from_hf(hf_config) -> ModelConfig:
+    """Our ModelConfig for a ``transformers`` config of the Llama, Qwen3, GPT-2 or BERT family."""
+    reason = _unsupported(hf_config)
+    if reason:
+        raise LLMLabError(f"this Hugging Face config has no llmlab equivalent: {reason}")
+    hf, family = hf_config, hf_config.model_type
+    eos = hf.eos_token_id[0] if isinstance(hf.eos_token_id, (list, tuple)) else hf.eos_token_id
+    is_classifier = any(a.endswith("ForSequenceClassification") for a in (hf.architectures or []))
+    common = dict(vocab_size=hf.vocab_size, init_std=hf.initializer_range, tie_embeddings=hf.tie_word_embeddings,
+                  bos_token_id=hf.bos_token_id, eos_token_id=eos, pad_token_id=hf.pad_token_id,
+                  num_labels=hf.num_labels if is_classifier else 0)
+    if family in ("llama", "qwen3"):
+        return preset("llama", d_model=hf.hidden_size, d_ff=hf.intermediate_size, n_layer=hf.num_hidden_layers,
+                      n_head=hf.num_attention_heads, n_kv_head=hf.num_key_value_heads,
+                      head_dim=getattr(hf, "head_dim", None), max_seq_len=hf.max_position_embeddings,
+                      norm_eps=hf.rms_norm_eps, rope_theta=hf.rope_parameters["rope_theta"],
+                      bias=hf.attention_bias, qk_norm=family == "qwen3", dropout=hf.attention_dropout, **common)
+    if family == "gpt2":
+        return preset("gpt2", d_model=hf.n_embd, d_ff=hf.n_inner or 4 * hf.n_embd, n_layer=hf.n_layer,
+                      n_head=hf.n_head, max_seq_len=hf.n_positions, norm_eps=hf.layer_norm_epsilon,
+                      mlp="gelu" if hf.activation_function == "gelu" else "gelu_tanh", dropout=hf.resid_pdrop,
+                      **common)
+    return preset("bert", d_model=hf.hidden_size, d_ff=hf.intermediate_size, n_layer=hf.num_hidden_layers,
+                  n_head=hf.num_attention_heads, max_seq_len=hf.max_position_embeddings,
+                  type_vocab_size=hf.type_vocab_size, norm_eps=hf.layer_norm_eps, dropout=hf.hidden_dropout_prob,
+                  **common)
+
+
+# -------------------------------------------------------------------------------------------------- weights
+
+@dataclass(frozen=True)
+class Entry:
+    """One Hugging Face tensor: ``ours[rows]`` (a row range of a fused matrix), transposed for GPT-2's Conv1D."""
+    hf: str
+    ours: str
+    rows: tuple[int, int] | None = None
+    transpose: bool = False
+    export: bool = True      # written by state_dict_to_hf
+    required: bool = True    # must be present in load_hf_state_dict
+
+
+def _linear(hf: str, ours: str, bias: bool, rows=None, transpose=False, **flags) -> list[Entry]:
+    """Weight (and bias) of one projection; a bias takes the same row range as its weight."""
+    out = [Entry(f"{hf}.weight", f"{ours}.weight", rows, transpose, **flags)]
+    if bias:
+        out.append(Entry(f"{hf}.bias", f"{ours}.bias", rows, **flags))
+    return out
+
+
+def _norm(hf: str, ours: str, cfg: ModelConfig, **flags) -> list[Entry]:
+    return _linear(hf, ours, cfg.norm == "layernorm", **flags)
+
+
+def _split(ours: str, names: list[str], sizes: list[int], hf_prefix: str, bias: bool) -> list[Entry]:
+    """Row ranges of a fused projection: ``names[i]`` gets rows [Σ sizes[:i], Σ sizes[:i+1])."""
+    out, start = [], 0
+    for name, size in zip(names, sizes):
+        out += _linear(f"{hf_prefix}{name}", ours, bias, rows=(start, start + size))
+        start += size
+    return out
+
+
+def _plan(cfg: ModelConfig) -> list[Entry]:
+    """Every Hugging Face tensor of ``cfg``'s family, with where it lives in our model."""
+    family = _family(cfg)
+    qkv_sizes = [cfg.n_head * cfg.head_dim, cfg.n_kv_head * cfg.head_dim, cfg.n_kv_head * cfg.head_dim]
+    classifier = cfg.num_labels > 0
+    plan: list[Entry] = []
+    if family in ("llama", "qwen3"):
+        plan.append(Entry("model.embed_tokens.weight", "embed.weight"))
+        for i in range(cfg.n_layer):
+            hf, us = f"model.layers.{i}.", f"blocks.{i}."
+            plan += _split(f"{us}attn.qkv", ["q_proj", "k_proj", "v_proj"], qkv_sizes, f"{hf}self_attn.", cfg.bias)
+            plan += _linear(f"{hf}self_attn.o_proj", f"{us}attn.o_proj", cfg.bias)
+            if cfg.qk_norm:
+                plan += [Entry(f"{hf}self_attn.q_norm.weight", f"{us}attn.q_norm.weight"),
+                         Entry(f"{hf}self_attn.k_norm.weight", f"{us}attn.k_norm.weight")]
+            plan += _split(f"{us}mlp.up", ["gate_proj", "up_proj"], [cfg.d_ff, cfg.d_ff], f"{hf}mlp.", cfg.bias)
+            plan += _linear(f"{hf}mlp.down_proj", f"{us}mlp.down", cfg.bias)
+            plan += _norm(f"{hf}input_layernorm", f"{us}attn_norm", cfg)
+            plan += _norm(f"{hf}post_attention_layernorm", f"{us}mlp_norm", cfg)
+        plan += _norm("model.norm", "final_norm", cfg)
+    elif family == "gpt2":
+        plan += [Entry("transformer.wte.weight", "embed.weight"), Entry("transformer.wpe.weight", "pos_embed.weight")]
+        for i in range(cfg.n_layer):
+            hf, us = f"transformer.h.{i}.", f"blocks.{i}."
+            plan += _norm(f"{hf}ln_1", f"{us}attn_norm", cfg)
+            plan += _linear(f"{hf}attn.c_attn", f"{us}attn.qkv", True, transpose=True)
+            plan += _linear(f"{hf}attn.c_proj", f"{us}attn.o_proj", True, transpose=True)
+            plan += _norm(f"{hf}ln_2", f"{us}mlp_norm", cfg)
+            plan += _linear(f"{hf}mlp.c_fc", f"{us}mlp.up", True, transpose=True)
+            plan += _linear(f"{hf}mlp.c_proj", f"{us}mlp.down", True, transpose=True)
+        plan += _norm("transformer.ln_f", "final_norm", cfg)
+    else:
+        return _bert_plan(cfg, qkv_sizes)
+    if classifier:
+        plan.append(Entry("score.weight", "score.weight", required=False))   # a fresh head may start untrained
+    elif not cfg.tie_embeddings:
+        plan.append(Entry("lm_head.weight", "lm_head.weight"))
+    return plan
+
+
+def _bert_plan(cfg: ModelConfig, qkv_sizes: list[int]) -> list[Entry]:
+    """BERT: the body is required; the pooler, masked-LM head and classifier are optional on import (a
+    ``BertModel`` folder has no MLM head, a ``BertForMaskedLM`` one no pooler)."""
+    plan = [Entry("bert.embeddings.word_embeddings.weight", "embed.weight"),
+            Entry("bert.embeddings.position_embeddings.weight", "pos_embed.weight"),
+            Entry("bert.embeddings.token_type_embeddings.weight", "type_embed.weight"),
+            *_norm("bert.embeddings.LayerNorm", "embed_norm", cfg)]
+    for i in range(cfg.n_layer):
+        hf, us = f"bert.encoder.layer.{i}.", f"blocks.{i}."
+        plan += _split(f"{us}attn.qkv", ["query", "key", "value"], qkv_sizes, f"{hf}attention.self.", True)
+        plan += _linear(f"{hf}attention.output.dense", f"{us}attn.o_proj", True)
+        plan += _norm(f"{hf}attention.output.LayerNorm", f"{us}attn_norm", cfg)
+        plan += _linear(f"{hf}intermediate.dense", f"{us}mlp.up", True)
+        plan += _linear(f"{hf}output.dense", f"{us}mlp.down", True)
+        plan += _norm(f"{hf}output.LayerNorm", f"{us}mlp_norm", cfg)
+    classifier = cfg.num_labels > 0
+    head = dict(export=not classifier, required=False)
+    plan += _linear("cls.predictions.transform.dense", "mlm_dense", True, **head)
+    plan += _norm("cls.predictions.transform.LayerNorm", "mlm_norm", cfg, **head)
+    plan.append(Entry("cls.predictions.bias", "mlm_decoder.bias", **head))
+    if not cfg.tie_embeddings:   # untied, transformers stores the decoder's bias under both names
+        plan += _linear("cls.predictions.decoder", "mlm_decoder", True, **head)
+    plan += _linear("bert.pooler.dense", "pooler", True, export=classifier, required=False)
+    if classifier:
+        plan += _linear("classifier", "classifier", True, required=False)
+    return plan
+
+
+def state_dict_to_hf(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Our model's weights under the Hugging Face names and shapes (fresh contiguous tensors, tied ones once)."""
+    params = dict(model.named_parameters(remove_duplicate=False))
+    out = {}
+    for e in _plan(model.config):
+        if e.export:
+            t = params[e.ours].detach()
+            t = t[e.rows[0]:e.rows[1]] if e.rows else t
+            out[e.hf] = (t.t() if e.transpose else t).contiguous().clone()
+    return out
+
+
+def _normalize_keys(family: str, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Drop non-weight buffers and add the body prefix that base-model checkpoints (``BertModel``, the original
+    ``gpt2``) leave out; resolve tied duplicates some checkpoints store anyway."""
+    prefix = {"bert": "bert.", "gpt2": "transformer.", "llama": "model.", "qwen3": "model."}[family]
+    heads = ("cls.", "classifier.", "score.", "lm_head.")
+    out = {}
+    for name, t in state.items():
+        if IGNORED_KEYS.search(name):
+            continue
+        if not name.startswith(prefix) and not name.startswith(heads):
+            name = prefix + name
+        out[name] = t
+    if "cls.predictions.decoder.bias" in out:    # the same tensor as cls.predictions.bias
+        out.setdefault("cls.predictions.bias", out["cls.predictions.decoder.bias"])
+    return out
+
+
+def load_hf_state_dict(model: nn.Module, hf_state_dict: dict[str, torch.Tensor]) -> list[str]:
+    """Copy Hugging Face-named weights into ``model``; the inverse of ``state_dict_to_hf``.
+
+    Raises LLMLabError for an unknown name, a missing required weight or a shape that does not match the model's
+    config. Returns the optional weights that were absent (e.g. a new classification head), left as initialised.
+    """
+    cfg = model.config
+    family = _family(cfg)
+    state = _normalize_keys(family, hf_state_dict)
+    plan = _plan(cfg)
+    # tolerated extras: tied copies some checkpoints store anyway, a language-model head beside a classifier
+    extras = {"cls.predictions.decoder.bias"}
+    if cfg.tie_embeddings:
+        extras |= {"lm_head.weight", "cls.predictions.decoder.weight"}
+    if cfg.num_labels:
+        extras.add("lm_head.weight")
+    unknown = sorted(set(state) - {e.hf for e in plan} - extras)
+    if unknown:
+        raise LLMLabError(f"weights not part of a {family} model with this config: {', '.join(unknown[:5])}"
+                          + (f" (+{len(unknown) - 5} more)" if len(unknown) > 5 else ""))
+    missing = [e.hf for e in plan if e.required and e.hf not in state]
+    if missing:
+        raise LLMLabError(f"weights missing for this {family} config: {', '.join(missing[:5])}"
+                          + (f" (+{len(missing) - 5} more)" if len(missing) > 5 else ""))
+    params = dict(model.named_parameters(remove_duplicate=False))
+    absent = []
+    with torch.no_grad():
+        for e in plan:
+            if e.hf not in state:
+                absent.append(e.hf)
+                continue
+            target = params[e.ours][e.rows[0]:e.rows[1]] if e.rows else params[e.ours]
+            source = state[e.hf].t() if e.transpose else state[e.hf]
+            if source.shape != target.shape:
+                shown = tuple(state[e.hf].shape)
+                wanted = tuple(target.t().shape if e.transpose else target.shape)
+                raise LLMLabError(f"weight {e.hf} has shape {shown}, but the config needs {wanted}")
+            target.copy_(source)
+    return absent
+
+
+# ------------------------------------------------------------------------------------------ directories: saving
+
+@contextmanager
+def _atomic_dir(out_dir: Path):
+    """Yield an empty staging directory beside ``out_dir``; when the block succeeds, it takes ``out_dir``'s place.
+
+    Entries of an existing ``out_dir`` that are not model files (run.yaml, metrics.jsonl, checkpoints/) are moved
+    into the new directory. The swap is two renames on one filesystem: a crash before it leaves the old directory
+    untouched, a crash between them leaves both complete copies beside each other; never a half-written one.
+    When the block fails, the staging directory is removed and ``out_dir`` is untouched.
+    """
+    out_dir = Path(out_dir)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise LLMLabError(f"{out_dir} exists and is not a directory")
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    stage = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".saving", dir=out_dir.parent))
+    try:
+        yield stage
+    except BaseException:
+        shutil.rmtree(stage, ignore_errors=True)
+        raise
+    os.chmod(stage, 0o755)
+    if not out_dir.exists():
+        os.rename(stage, out_dir)
+        return
+    for entry in out_dir.iterdir():
+        if not MODEL_FILES.fullmatch(entry.name) and not (stage / entry.name).exists():
+            os.rename(entry, stage / entry.name)
+    old = tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".old", dir=out_dir.parent)
+    os.rename(out_dir, old)        # replaces the empty placeholder
+    os.rename(stage, out_dir)
+    shutil.rmtree(old)
+
+
+def _as_hf_tokenizer(tokenizer):
+    """A ``transformers`` tokenizer: passed through, or wrapped around a bare ``tokenizers.Tokenizer``."""
+    if hasattr(tokenizer, "save_pretrained"):
+        return tokenizer
+    from tokenizers import Tokenizer
+    if isinstance(tokenizer, Tokenizer):
+        from transformers import PreTrainedTokenizerFast
+        return PreTrainedTokenizerFast(tokenizer_object=tokenizer)
+    raise LLMLabError(f"cannot save a tokenizer of type {type(tokenizer).__name__}: pass a transformers tokenizer "
+                      "or a tokenizers.Tokenizer")
+
+
+def end_of_turn_id(tokenizer, chat_template: str) -> int | None:
+    """The special token the template puts right after an assistant message (``<|im_end|>``, ``<|eot_id|>``,
+    ``<end_of_turn>``...), found by rendering a probe conversation; None when the template ends turns with
+    plain text."""
+    probe = "llmlab-probe-answer"
+    messages = [{"role": "user", "content": "hello"}, {"role": "assistant", "content": probe}]
+    try:
+        text = tokenizer.apply_chat_template(messages, chat_template=chat_template, tokenize=False)
+    except Exception as e:   # a template is user input: any rendering failure is theirs to fix
+        raise LLMLabError(f"the chat template does not render a user/assistant conversation: {e}") from e
+    if probe not in text:
+        return None
+    after = tokenizer.encode(text.split(probe, 1)[1], add_special_tokens=False)
+    special = set(tokenizer.all_special_ids) | set(getattr(tokenizer, "added_tokens_decoder", {}))
+    return after[0] if after and after[0] in special else None
+
+
+def generation_settings(hf_config, tokenizer=None, chat_template: str | None = None,
+                        extra: dict | None = None) -> dict:
+    """The content of ``generation_config.json``: bos/eos/pad ids, with the end-of-turn id as a second eos when
+    there is a chat template, then ``extra`` (e.g. temperature) on top."""
+    eos = hf_config.eos_token_id
+    eos_ids = list(eos) if isinstance(eos, (list, tuple)) else ([eos] if eos is not None else [])
+    if chat_template and tokenizer is not None:
+        turn_end = end_of_turn_id(tokenizer, chat_template)
+        if turn_end is not None and turn_end not in eos_ids:
+            eos_ids.append(turn_end)
+    settings = {"bos_token_id": hf_config.bos_token_id,
+                "eos_token_id": eos_ids[0] if len(eos_ids) == 1 else (eos_ids or None),
+                "pad_token_id": hf_config.pad_token_id}
+    return {**settings, **(extra or {})}
+
+
+def _write_weights(model: nn.Module, path: Path) -> None:
+    from safetensors.torch import save_file
+    save_file(state_dict_to_hf(model), str(path), metadata={"format": "pt"})
+
+
+def save_model(model: nn.Module, out_dir, tokenizer=None, chat_template: str | None = None,
+               generation_config: dict | None = None) -> Path:
+    """Write ``model`` (our Decoder or Encoder) as a Hugging Face directory, atomically.
+
+    ``config.json`` and ``model.safetensors`` always; the tokenizer files when ``tokenizer`` is given (a
+    transformers tokenizer or a ``tokenizers.Tokenizer``); ``chat_template.jinja`` when ``chat_template`` is given
+    (else the tokenizer's own, if any); ``generation_config.json`` from the ids (``generation_config`` adds keys).
+    Token ids the model config leaves unset are taken from the tokenizer.
+    """
+    if chat_template and tokenizer is None:
+        raise LLMLabError("save_model: a chat_template needs the tokenizer (to find its end-of-turn token id)")
+    out_dir = Path(out_dir)
+    hf = config_to_hf(model.config)
+    hf.dtype = next(model.parameters()).dtype
+    if tokenizer is not None:
+        tokenizer = _as_hf_tokenizer(tokenizer)
+        for field in ("bos_token_id", "eos_token_id", "pad_token_id"):
+            if getattr(hf, field) is None:
+                setattr(hf, field, getattr(tokenizer, field, None))
+    template = chat_template or getattr(tokenizer, "chat_template", None)
+    with _atomic_dir(out_dir) as stage:
+        hf.save_pretrained(stage)
+        _write_weights(model, stage / "model.safetensors")
+        if tokenizer is not None:
+            tokenizer.save_pretrained(stage)
+        if chat_template:
+            (stage / "chat_template.jinja").write_text(chat_template)
+        settings = generation_settings(hf, tokenizer, template, generation_config)
+        (stage / "generation_config.json").write_text(json.dumps(settings, indent=2) + "\n")
+    return out_dir
+
+
+# ----------------------------------------------------------------------------------------- directories: loading
+
+def read_config_json(folder: Path) -> dict:
+    """``config.json`` as a dict, checked: valid JSON, a ``model_type``, and for the families we map every
+    field that would otherwise silently take a transformers default."""
+    path = Path(folder) / "config.json"
+    if not path.is_file():
+        raise LLMLabError(f"{folder}: no config.json (not a Hugging Face model directory)")
+    try:
+        raw = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise LLMLabError(f"{path}: invalid JSON at line {e.lineno}: {e.msg}") from e
+    if not isinstance(raw, dict) or not isinstance(raw.get("model_type"), str):
+        raise LLMLabError(f"{path}: missing field 'model_type' (e.g. \"llama\", \"gpt2\", \"bert\")")
+    for field in REQUIRED_FIELDS.get(raw["model_type"], ()):
+        names = field.split("|")
+        value = next((raw[n] for n in names if n in raw), None)
+        if value is None:
+            raise LLMLabError(f"{path}: missing field '{names[0]}' for model_type {raw['model_type']!r}")
+        if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+            raise LLMLabError(f"{path}: field '{names[0]}' must be a positive integer, got {value!r}")
+    return raw
+
+
+def _hf_config(folder: Path):
+    """The transformers config of a checked ``config.json``."""
+    import transformers
+
+    raw = read_config_json(folder)
+    try:
+        return transformers.AutoConfig.from_pretrained(folder)
+    except (ValueError, KeyError, TypeError, OSError) as e:
+        raise LLMLabError(f"{folder}/config.json: transformers cannot read it (model_type "
+                          f"{raw['model_type']!r}): {e}") from e
+
+
+def read_weights(folder: Path) -> dict[str, torch.Tensor]:
+    """All tensors of a folder's ``model.safetensors`` (or its shards, or ``pytorch_model.bin`` loaded with
+    ``weights_only=True``)."""
+    from safetensors.torch import load_file
+
+    folder = Path(folder)
+    index = folder / "model.safetensors.index.json"
+    if (folder / "model.safetensors").is_file():
+        files = [folder / "model.safetensors"]
+    elif index.is_file():
+        try:
+            files = [folder / f for f in sorted(set(json.loads(index.read_text())["weight_map"].values()))]
+        except (json.JSONDecodeError, KeyError, AttributeError) as e:
+            raise LLMLabError(f"{index}: not a valid safetensors index ({e})") from e
+    elif (folder / "pytorch_model.bin").is_file():
+        try:
+            return torch.load(folder / "pytorch_model.bin", map_location="cpu", weights_only=True)
+        except Exception as e:
+            raise LLMLabError(f"{folder / 'pytorch_model.bin'}: unreadable weights ({e})") from e
+    else:
+        raise LLMLabError(f"{folder}: no model.safetensors (nor an index or pytorch_model.bin)")
+    state = {}
+    for f in files:
+        try:
+            state.update(load_file(str(f)))
+        except Exception as e:    # safetensors raises its own error types for corrupt headers and data
+            raise LLMLabError(f"{f}: corrupt or unreadable safetensors file ({e})") from e
+    return state
+
+
+def load_tokenizer(folder):
+    """The folder's tokenizer (``AutoTokenizer``, chat template included), or None when it has none."""
+    folder = Path(folder)
+    if not any((folder / f).is_file() for f in TOKENIZER_FILES):
+        return None
+    from transformers import AutoTokenizer
+    try:
+        return AutoTokenizer.from_pretrained(folder)
+    except Exception as e:
+        raise LLMLabError(f"{folder}: cannot load the tokenizer ({type(e).__name__}: {e})") from e
+
+
+def _to(model: nn.Module, device, dtype) -> nn.Module:
+    dtype = parse_dtype(dtype) if isinstance(dtype, str) or dtype is None else dtype
+    return model.to(device=device, dtype=dtype or torch.float32)
+
+
+def _build_ours(folder: Path, hf, overrides: dict) -> nn.Module:
+    try:
+        cfg = config_from_hf(hf)
+        if overrides:
+            cfg = dataclasses.replace(cfg, **overrides)
+    except LLMLabError as e:
+        raise LLMLabError(f"{folder}/config.json: {e}") from e
+    except TypeError as e:
+        raise LLMLabError(f"unknown model field in overrides {sorted(overrides)}: {e}") from e
+    model = build_model(cfg)
+    try:
+        load_hf_state_dict(model, read_weights(folder))
+    except LLMLabError as e:
+        raise LLMLabError(f"{folder}: {e}") from e
+    if (folder / "generation_config.json").is_file():
+        from transformers import GenerationConfig
+        model.generation_config = GenerationConfig.from_pretrained(folder)
+    return model.eval()
+
+
+def gguf_cache_dir(gguf_path) -> Path:
+    """Where the converted folder of a ``.gguf`` file lives:
+    ``$LLMLAB_CACHE/gguf/<name>-<size>-<hash>`` (default ``~/.cache/llmlab``), the hash over the file's absolute
+    path and modification time, so that a changed file is converted again."""
+    path = Path(gguf_path).resolve()
+    stat = path.stat()
+    key = hashlib.sha256(f"{path}:{stat.st_mtime_ns}".encode()).hexdigest()[:12]
+    root = Path(os.environ.get("LLMLAB_CACHE") or Path.home() / ".cache" / "llmlab")
+    return root / "gguf" / f"{path.stem}-{stat.st_size}-{key}"
+
+
+def _convert_gguf(gguf_path: Path, dest: Path) -> None:
+    """Dequantize a GGUF file into a plain Hugging Face folder (slow: minutes for a few hundred million weights).
+
+    transformers refuses ``save_pretrained`` on a GGUF-loaded model, so a plain model is rebuilt from its config
+    without ``quantization_config`` and the weights are copied in.
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    folder, name = gguf_path.parent, gguf_path.name
+    try:
+        loaded = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
+        tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
+    except Exception as e:
+        raise LLMLabError(f"{gguf_path}: transformers cannot load this GGUF file ({type(e).__name__}: {e})") from e
+    config = copy.deepcopy(loaded.config)
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    plain = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    plain.load_state_dict(loaded.state_dict())
+    with _atomic_dir(dest) as stage:
+        plain.save_pretrained(stage)
+        tokenizer.save_pretrained(stage)
+        settings = generation_settings(config, tokenizer, tokenizer.chat_template)
+        (stage / "generation_config.json").write_text(json.dumps(settings, indent=2) + "\n")
+
+
+def _resolve(path) -> Path:
+    """A local folder for ``path``: a directory as is; a ``.gguf`` file converted once into the cache; a hub name
+    (``org/name``) from the local Hugging Face cache or a download."""
+    p = Path(path).expanduser()
+    if p.is_dir():
+        return p
+    if p.suffix == ".gguf":
+        if not p.is_file():
+            raise LLMLabError(f"GGUF file not found: {p}")
+        dest = gguf_cache_dir(p)
+        if not (dest / "config.json").is_file():
+            _convert_gguf(p, dest)
+        return dest
+    if p.exists():
+        raise LLMLabError(f"{p} is neither a model directory nor a .gguf file")
+    if re.fullmatch(r"[\w.-]+/[\w.-]+", str(path)):
+        from huggingface_hub import snapshot_download
+        try:
+            return Path(snapshot_download(str(path), allow_patterns=["*.json", "*.safetensors", "*.jinja",
+                                                                      "tokenizer*", "*.txt", "*.model"]))
+        except Exception as e:
+            raise LLMLabError(f"{path}: no such model directory, and the Hugging Face model of that name is not "
+                              f"in the local cache and could not be downloaded ({type(e).__name__})") from e
+    raise LLMLabError(f"model directory not found: {p}")
+
+
+def load_model(path, *, device="cpu", dtype=None):
+    """(model, tokenizer) for inference from our directory, a Hugging Face folder or hub name, or a ``.gguf`` file.
+
+    Llama, GPT-2 and Qwen3 (QK-norm) causal LMs become our ``Decoder`` with the weights imported (and the
+    folder's ``generation_config`` attached as ``model.generation_config``); any other causal LM is returned as
+    the ``transformers`` model itself (``AutoModelForCausalLM``, eval mode). ``dtype`` defaults to float32.
+    """
+    folder = _resolve(path)
+    hf = _hf_config(folder)
+    if hf.model_type == "bert":
+        raise LLMLabError(f"{folder} is a BERT encoder, not a causal language model: use load_encoder")
+    if _unsupported(hf) is None:
+        model = _build_ours(folder, hf, {})
+    else:
+        from transformers import AutoModelForCausalLM
+        try:
+            model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+        except Exception as e:
+            raise LLMLabError(f"{folder}: transformers cannot load it as a causal LM ({type(e).__name__}: {e})") from e
+    return _to(model, device, dtype), load_tokenizer(folder)
+
+
+def load_our_model(path, **overrides) -> nn.Module:
+    """Our Decoder or Encoder from our directory or a mappable Hugging Face folder, for training stages;
+    ``overrides`` replace config fields (e.g. ``num_labels=2`` adds a fresh classification head)."""
+    folder = _resolve(path)
+    hf = _hf_config(folder)
+    reason = _unsupported(hf)
+    if reason:
+        raise LLMLabError(f"{folder}: no llmlab model for this architecture: {reason}; training stages need a "
+                          "Llama, Qwen3, GPT-2 or BERT model")
+    return _build_ours(folder, hf, overrides)
+
+
+def load_encoder(path, *, device="cpu", dtype=None, **overrides) -> nn.Module:
+    """Our Encoder from our directory or a Hugging Face BERT folder (``BertModel``, ``BertForMaskedLM``,
+    ``BertForSequenceClassification``)."""
+    folder = _resolve(path)
+    hf = _hf_config(folder)
+    if hf.model_type != "bert":
+        raise LLMLabError(f"{folder}/config.json: model_type {hf.model_type!r} is not a BERT encoder")
+    return _to(load_our_model(folder, **overrides), device, dtype)
