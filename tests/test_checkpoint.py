@@ -1,5 +1,6 @@
 """Checkpoints: atomic writes that survive a crash, tied weights, keep-K, safe loading, RNG state, and a resume
 after SIGKILL that reproduces the uninterrupted run bit for bit."""
+import io
 import json
 import os
 import pickle
@@ -124,7 +125,8 @@ def test_unsafe_or_corrupt_files_are_refused(tmp_path):
 def test_rng_state_roundtrip():
     state = capture_rng()
     first = (random.random(), np.random.rand(), torch.rand(3))
-    torch.save(state, buffer := __import__("io").BytesIO())    # must survive weights_only loading
+    buffer = io.BytesIO()
+    torch.save(state, buffer)                                  # must survive weights_only loading
     buffer.seek(0)
     restore_rng(torch.load(buffer, weights_only=True))
     second = (random.random(), np.random.rand(), torch.rand(3))
@@ -145,6 +147,8 @@ def test_resume_restores_extra_state_and_refuses_to_overwrite(tmp_path):
     train(TinyLM(), counting_loss(extra), TinySampler(4), cfg, tmp_path, extra_state=extra)
     with pytest.raises(LLMLabError, match="--resume"):
         train(TinyLM(), lm_loss, TinySampler(4), cfg, tmp_path)
+    with open(tmp_path / "metrics.jsonl", "a") as f:       # logged after the last checkpoint, then killed mid-line
+        f.write('{"step": 5, "loss": 1.0}\n{"step": 6, "lo')
     restored = {"calls": -100}
     cfg.max_steps = 6
     summary = train(TinyLM(), counting_loss(restored), TinySampler(4), cfg, tmp_path, extra_state=restored,

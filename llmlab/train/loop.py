@@ -203,6 +203,14 @@ def _check_sampler(batches) -> None:
                           "pass a sampler with next_batch(), state_dict() and load_state_dict()")
 
 
+def _logged_step(line: str) -> int | None:
+    """The step of one metrics.jsonl line; None for a line cut short by a kill."""
+    try:
+        return int(json.loads(line)["step"])
+    except (ValueError, KeyError, TypeError):
+        return None
+
+
 class _MetricsLog:
     """``metrics.jsonl`` (+ TensorBoard) on rank 0; other ranks write nothing."""
 
@@ -212,9 +220,9 @@ class _MetricsLog:
         if not main:
             return
         kept = []
-        if resume_step is not None and self.path.is_file():   # drop lines logged after the checkpoint
+        if resume_step is not None and self.path.is_file():   # keep what was logged up to the checkpoint
             kept = [ln for ln in self.path.read_text(encoding="utf-8").splitlines()
-                    if ln.strip() and json.loads(ln).get("step", 0) <= resume_step]
+                    if _logged_step(ln) is not None and _logged_step(ln) <= resume_step]
         self.path.write_text("".join(ln + "\n" for ln in kept), encoding="utf-8")
         self.file = open(self.path, "a", encoding="utf-8")
         if cfg.tensorboard:
@@ -387,6 +395,10 @@ def train(model: nn.Module, loss_fn: Callable, batches, cfg: TrainConfig, out_di
     ``flops_per_token``: training FLOPs per token (≈ 6·params), with ``cfg.peak_flops`` gives MFU.
     ``extra_state``: a dict the stage owns, saved in every checkpoint and refilled in place on resume.
     ``on_step(step, record)``: called after each step (after its checkpoint), e.g. for tests or early stopping.
+
+    A fresh run seeds Python, NumPy and torch with ``cfg.seed + rank`` (build the model before calling);
+    a resumed run restores every generator instead. Returns ``{"steps", "tokens", "seconds", "final_loss",
+    "val_loss", "eval"}`` (``val_loss`` is ``eval_fn``'s ``"val_loss"`` entry, if it has one).
     """
     out_dir = Path(out_dir)
     rank, world, _, device = dist.init_distributed(cfg.device)
