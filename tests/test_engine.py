@@ -122,3 +122,36 @@ def test_bad_requests_are_rejected(our_model, byte_tokenizer):
         engine.generate([[]])
     with pytest.raises(LLMLabError, match="top_p"):
         engine.generate(["hi"], SamplingParams(top_p=0))
+
+
+def test_int8_weights_stay_close_to_float32(our_model):
+    import copy
+
+    from llmlab.infer.quant import Int8Linear, quantization_error, quantize_int8
+    quantized = quantize_int8(copy.deepcopy(our_model))
+    assert not any(isinstance(m, torch.nn.Linear) for m in quantized.modules())
+    assert any(isinstance(m, Int8Linear) for m in quantized.modules())
+    err = quantization_error(our_model, quantized, torch.randint(0, 300, (2, 24)))
+    assert err["mean_kl"] < 1e-3 and err["top1_agreement"] >= 0.9
+
+
+@pytest.mark.parametrize("options", [dict(decode_dtype=torch.bfloat16), dict(quantize="int8"),
+                                     dict(decode_dtype=torch.bfloat16, quantize="int8")])
+def test_per_phase_precision_decodes_close_to_float32(our_model, byte_tokenizer, options):
+    params = SamplingParams(max_new_tokens=8, temperature=0)
+    exact = Engine(our_model, byte_tokenizer, eos_token_ids=[]).generate([[5, 6, 7]], params)[0].token_ids
+    engine = Engine(our_model, byte_tokenizer, eos_token_ids=[], **options)
+    assert engine.model is our_model and next(our_model.parameters()).dtype == torch.float32
+    out = engine.generate([[5, 6, 7]], params)[0].token_ids
+    assert len(out) == 8 and out[0] == exact[0]     # prefill is float32: its token is exact
+
+
+def test_hf_model_decodes_in_bfloat16_after_float32_prefill(byte_tokenizer):
+    torch.manual_seed(0)
+    hf = LlamaForCausalLM(LlamaConfig(vocab_size=len(byte_tokenizer), hidden_size=32, intermediate_size=64,
+                                      num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                      max_position_embeddings=64)).eval()
+    exact = Engine(hf, byte_tokenizer, eos_token_ids=[]).generate([[5, 6, 7]], SamplingParams(8, temperature=0))
+    out = Engine(hf, byte_tokenizer, eos_token_ids=[], decode_dtype=torch.bfloat16).generate(
+        [[5, 6, 7]], SamplingParams(8, temperature=0))
+    assert out[0].token_ids[0] == exact[0].token_ids[0] and len(out[0].token_ids) == 8

@@ -13,6 +13,7 @@ two methods.
 """
 from __future__ import annotations
 
+import copy
 import inspect
 from dataclasses import dataclass, field
 from typing import Iterator
@@ -56,27 +57,36 @@ class Completion:
 # ----------------------------------------------------------------------------------------------- adapters
 
 class OurLM:
-    """Adapter for llmlab's Decoder: preallocated KV cache, explicit padding mask."""
+    """Adapter for llmlab's Decoder: preallocated KV cache, explicit padding mask.
 
-    def __init__(self, model):
-        self.model = model
+    ``decode_model`` (default: the same model) may be a bfloat16 or int8 copy: prefill runs in the prefill model's
+    precision, then the cache is cast to the decode model's.
+    """
+
+    def __init__(self, model, decode_model=None, decode_dtype=None):
+        self.model, self.decode_model = model, decode_model or model
+        self.decode_dtype = decode_dtype
         self.context = model.config.max_seq_len
         self.cache = None
 
     def prefill(self, ids: torch.Tensor, mask: torch.Tensor, max_len: int) -> torch.Tensor:
         self.cache = self.model.new_cache(ids.shape[0], max_len)
-        return self.model(ids, attention_mask=None if bool(mask.all()) else mask, cache=self.cache)[:, -1]
+        logits = self.model(ids, attention_mask=None if bool(mask.all()) else mask, cache=self.cache)[:, -1]
+        if self.decode_dtype is not None:
+            self.cache.to(self.decode_dtype)
+        return logits
 
     def decode(self, tokens: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        return self.model(tokens[:, None], attention_mask=None if bool(mask.all()) else mask,
-                          cache=self.cache)[:, -1]
+        return self.decode_model(tokens[:, None], attention_mask=None if bool(mask.all()) else mask,
+                                 cache=self.cache)[:, -1]
 
 
 class HFLM:
     """Adapter for a ``transformers`` causal LM: its own cache object, position ids from the padding mask."""
 
-    def __init__(self, model):
-        self.model = model
+    def __init__(self, model, decode_model=None, decode_dtype=None):
+        self.model, self.decode_model = model, decode_model or model
+        self.decode_dtype = decode_dtype
         cfg = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
         self.context = getattr(cfg, "max_position_embeddings", None) or getattr(cfg, "n_positions", None) or 2048
         self.cache = None
@@ -85,25 +95,46 @@ class HFLM:
         self.cache_arg = "cache" if "cache" in accepted else "past_key_values"
         self.extra = {"logits_to_keep": 1} if "logits_to_keep" in accepted else {}
 
-    def _run(self, ids, mask):
+    def _run(self, model, ids, mask):
         positions = (mask.long().cumsum(-1) - 1).clamp(min=0)[:, -ids.shape[1]:]
-        out = self.model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True,
-                         **self.extra, **{self.cache_arg: self.cache})
+        out = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True,
+                    **self.extra, **{self.cache_arg: self.cache})
         self.cache = out[self.cache_arg]
         return out.logits[:, -1]
 
     def prefill(self, ids, mask, max_len):
         from transformers import DynamicCache
         self.cache = DynamicCache(config=self.model.config)
-        return self._run(ids, mask)
+        logits = self._run(self.model, ids, mask)
+        if self.decode_dtype is not None:
+            for layer in self.cache.layers:
+                layer.keys, layer.values = layer.keys.to(self.decode_dtype), layer.values.to(self.decode_dtype)
+        return logits
 
     def decode(self, tokens, mask):
-        return self._run(tokens[:, None], mask)
+        return self._run(self.decode_model, tokens[:, None], mask)
 
 
-def adapter_for(model):
+def adapter_for(model, decode_model=None, decode_dtype=None):
     from ..model.decoder import Decoder
-    return OurLM(model) if isinstance(model, Decoder) else HFLM(model)
+    cls = OurLM if isinstance(model, Decoder) else HFLM
+    return cls(model, decode_model, decode_dtype)
+
+
+def make_decode_model(model, decode_dtype: torch.dtype | None, quantize: str | None):
+    """A copy of ``model`` for the memory-bound decode phase: cast to ``decode_dtype`` and/or with int8 weights
+    (see ``quant.py``); ``None`` when neither is asked for (decode then uses ``model`` itself)."""
+    if decode_dtype is None and quantize is None:
+        return None
+    if quantize not in (None, "int8"):
+        raise LLMLabError(f"quantize={quantize!r}: only 'int8' is supported")
+    decode_model = copy.deepcopy(model)
+    if decode_dtype is not None:
+        decode_model.to(decode_dtype)
+    if quantize == "int8":
+        from .quant import quantize_int8
+        quantize_int8(decode_model, act_dtype=decode_dtype or torch.bfloat16)
+    return decode_model.eval()
 
 
 # ----------------------------------------------------------------------------------------------- sampling
@@ -184,20 +215,24 @@ class TextStream:
 class Engine:
     """Batched generation for one model and its tokenizer."""
 
-    def __init__(self, model, tokenizer, *, eos_token_ids: list[int] | None = None):
+    def __init__(self, model, tokenizer, *, eos_token_ids: list[int] | None = None,
+                 decode_dtype: torch.dtype | None = None, quantize: str | None = None):
+        """``decode_dtype`` / ``quantize="int8"``: decode with a bfloat16 and/or int8-weight copy of the model
+        while prefill keeps the model's own precision (on CPUs without bf16 units large bf16 matmuls are slow,
+        but batch-1 decoding is bound by weight bytes, where fewer bytes win)."""
         self.model = model.eval()
         self.tokenizer = tokenizer
-        self.lm = adapter_for(model)
+        self.lm = adapter_for(model, make_decode_model(model, decode_dtype, quantize), decode_dtype)
         self.device = next(model.parameters()).device
         self.eos_token_ids = set(eos_token_ids if eos_token_ids is not None else default_eos_ids(model, tokenizer))
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else \
             (min(self.eos_token_ids) if self.eos_token_ids else 0)
 
     @classmethod
-    def from_path(cls, path: str, *, device="cpu", dtype=None) -> "Engine":
+    def from_path(cls, path: str, *, device="cpu", dtype=None, decode_dtype=None, quantize=None) -> "Engine":
         from ..model.hub import load_model
         model, tokenizer = load_model(path, device=device, dtype=dtype)
-        return cls(model, tokenizer)
+        return cls(model, tokenizer, decode_dtype=decode_dtype, quantize=quantize)
 
     @property
     def context(self) -> int:
@@ -323,7 +358,9 @@ def add_sampling_args(p) -> None:
     p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--device", default="cpu")
-    p.add_argument("--dtype", default=None, help="float32 (default on CPU) or bfloat16")
+    p.add_argument("--dtype", default=None, help="weights for prefill: float32 (default on CPU) or bfloat16")
+    p.add_argument("--decode-dtype", default=None, help="decode with a copy in this dtype, e.g. bfloat16")
+    p.add_argument("--quantize", default=None, choices=["int8"], help="decode with int8 weights")
 
 
 def sampling_from_args(args) -> SamplingParams:
@@ -336,7 +373,8 @@ def _generate_command(args) -> None:
     import sys
 
     from ..device import parse_dtype
-    engine = Engine.from_path(args.model, device=args.device, dtype=parse_dtype(args.dtype))
+    engine = Engine.from_path(args.model, device=args.device, dtype=parse_dtype(args.dtype),
+                              decode_dtype=parse_dtype(args.decode_dtype), quantize=args.quantize)
     for piece in engine.stream(args.prompt, sampling_from_args(args)):
         sys.stdout.write(piece)
         sys.stdout.flush()

@@ -128,6 +128,11 @@ class KVCache:
     def advance(self, n: int) -> None:
         self.length += n
 
+    def to(self, dtype: torch.dtype) -> None:
+        """Cast the stored keys/values, e.g. to bfloat16 after a float32 prefill."""
+        self.k = [t.to(dtype) for t in self.k]
+        self.v = [t.to(dtype) for t in self.v]
+
     def select(self, keep: torch.Tensor) -> None:
         """Keep only the batch rows in ``keep`` (indices), e.g. after some sequences finished."""
         self.k = [t[keep] for t in self.k]
