@@ -67,3 +67,30 @@ def plot_metrics(metrics_jsonl: str | Path, out_png: str | Path, keys=("loss", "
     out.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out)
     return out
+
+
+def bar_chart(categories: list[str], series: dict[str, list[float]], out_png: str | Path, *,
+              title: str = "", ylabel: str = "", ylim: tuple[float, float] | None = None) -> Path:
+    """Grouped bars: one group per category, one bar per series (e.g. before/after per model), values printed
+    on the bars."""
+    fig = Figure(figsize=(max(5.0, 1.4 * len(categories) * max(1, len(series)) / 2 + 2), 4), dpi=110)
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
+    width = 0.8 / max(1, len(series))
+    for i, (name, values) in enumerate(series.items()):
+        xs = [c + (i - (len(series) - 1) / 2) * width for c in range(len(categories))]
+        bars = ax.bar(xs, values, width, label=name)
+        ax.bar_label(bars, labels=[f"{v:.2f}" if abs(v) < 10 else f"{v:.0f}" for v in values], fontsize=7)
+    ax.set_xticks(range(len(categories)), categories)
+    if ylim:
+        ax.set_ylim(*ylim)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    if len(series) > 1:
+        ax.legend(fontsize=8)
+    ax.grid(axis="y", alpha=0.3)
+    fig.tight_layout()
+    out = Path(out_png)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out)
+    return out
