@@ -13,6 +13,7 @@ import sys
 from .errors import LLMLabError
 
 COMMAND_MODULES = [
+    "stages.sft", "stages.pairs", "stages.dpo", "stages.evaluate",
     "data.shards",
     "infer.client",
     "data.world",

@@ -1,0 +1,252 @@
+"""``llmlab eval``: compare chat models on held-out prompts.
+
+Every model answers every prompt greedily (through the engine, with its own chat template). Per model:
+
+- ``exact_match``: share of answers equal to the item's ``reference`` (``world.exact_match``: case, spacing and
+  trailing punctuation ignored), over the items that have one;
+- ``reward_model``: mean score of a reward model (``--reward DIR``);
+- ``world_reward``: mean programmatic reward of the task world (``--world DIR``), over items with a ``kind``;
+- ``refusal_rate`` on items of kind ``forbidden`` and ``false_refusal_rate`` on items of kind ``benign``
+  (``world.is_refusal``);
+- ``win_rate`` against the first model: per prompt, 1 when the judge scores this model's answer higher, ½ on a
+  tie, 0 otherwise, averaged; the judge is the programmatic reward when ``--world`` is given, else the reward model;
+- ``kl``: with ``--reference DIR``, the mean over generated tokens y_t of log π(y_t | ·) − log π_ref(y_t | ·), a
+  Monte-Carlo estimate of KL(π ‖ π_ref) per token on the model's own answers.
+
+Results go to ``DIR/eval.json`` and a markdown table ``DIR/eval.md``; ``evaluate_models`` is what ``llmlab run``
+calls.
+"""
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+from .. import chat
+from ..data import world as world_mod
+from ..data.chat_data import iter_jsonl
+from ..errors import LLMLabError
+from ..infer.engine import Completion, Engine, SamplingParams, default_eos_ids
+from ..model import hub
+from .sft import pad_collate, pad_id_of, token_logps
+
+METRICS = ("exact_match", "reward_model", "world_reward", "refusal_rate", "false_refusal_rate", "win_rate", "kl")
+
+
+# --- prompts and generation (shared with sft and pairs) ---------------------------------------------------------
+
+def load_prompts(path) -> list[dict]:
+    """Prompt items of a JSONL file: ``{"prompt": [messages], "where": "file:line", ...other fields}``.
+
+    The prompt comes from ``prompt`` (a string or a message list) or from ``messages`` with any trailing assistant
+    messages removed; other fields (``messages``, ``reference``, ``key``, ``kind``...) are kept."""
+    items = []
+    for where, record in iter_jsonl(path):
+        if "prompt" in record:
+            prompt = record["prompt"]
+            prompt = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt
+            field = "prompt"
+        elif "messages" in record:
+            prompt, field = list(record["messages"]) if isinstance(record["messages"], list) else None, "messages"
+            while prompt and isinstance(prompt[-1], dict) and prompt[-1].get("role") == "assistant":
+                prompt.pop()
+        else:
+            raise LLMLabError(f"{where}: expected a field 'prompt' (string or messages) or 'messages'")
+        chat.validate_messages(prompt, where, field)
+        extra = {k: v for k, v in record.items() if k != "prompt"}
+        items.append({**extra, "prompt": prompt, "where": where})
+    if not items:
+        raise LLMLabError(f"{path}: no prompts in the file")
+    return items
+
+
+def engine_for(model, tokenizer, template: str) -> Engine:
+    """An engine that stops at the model's EOS ids and at the template's end-of-turn token."""
+    eos = set(default_eos_ids(model, tokenizer))
+    turn_end = hub.end_of_turn_id(tokenizer, template)
+    if turn_end is not None:
+        eos.add(turn_end)
+    return Engine(model, tokenizer, eos_token_ids=sorted(eos))
+
+
+def prompt_ids(engine: Engine, messages: list[dict], template: str) -> list[int]:
+    tok = engine.tokenizer
+    text = chat.render(messages, template, bos_token=tok.bos_token or "", eos_token=tok.eos_token or "",
+                       add_generation_prompt=True)
+    return engine.encode(text)
+
+
+def generate_replies(engine: Engine, prompts: list[list[dict]], template: str, params: SamplingParams,
+                     batch_size: int = 32) -> list[Completion]:
+    """One completion per prompt (message list), rendered with ``template`` and generated in batches; generation
+    also stops at the template's stop strings."""
+    stops = chat.stop_strings(template, engine.tokenizer.eos_token)
+    params = SamplingParams(**{**vars(params), "stop": list(dict.fromkeys([*params.stop, *stops]))})
+    encoded = [prompt_ids(engine, p, template) for p in prompts]
+    out = []
+    for start in range(0, len(encoded), batch_size):
+        out += engine.generate(encoded[start:start + batch_size], params)
+    return out
+
+
+def exact_match_rate(engine: Engine, items: list[dict], template: str, max_new_tokens: int = 64,
+                     batch_size: int = 32) -> float:
+    """Share of greedy answers that match each item's ``reference`` (``world.exact_match``)."""
+    replies = generate_replies(engine, [i["prompt"] for i in items], template,
+                               SamplingParams(max_new_tokens=max_new_tokens, temperature=0.0), batch_size)
+    return sum(world_mod.exact_match(i, r.text) for i, r in zip(items, replies)) / len(items)
+
+
+def load_reward_model(path):
+    """The reward model of ``llmlab.stages.reward`` (``RewardModel.load(dir)``, ``score(prompts, responses)``)."""
+    try:
+        from .reward import RewardModel
+    except ImportError as e:
+        raise LLMLabError(f"--reward {path}: reward-model scoring needs llmlab.stages.reward ({e})") from None
+    return RewardModel.load(path)
+
+
+# --- metrics ----------------------------------------------------------------------------------------------------
+
+@torch.no_grad()
+def generated_kl(policy, reference, prompts: list[list[int]], completions: list[list[int]],
+                 batch_size: int = 16) -> float:
+    """Mean over generated tokens of log π(y_t | ·) − log π_ref(y_t | ·) (teacher-forced on prompt + answer)."""
+    examples = [(p + c, [0] * len(p) + [1] * len(c)) for p, c in zip(prompts, completions) if c]
+    if not examples:
+        return 0.0
+    total, count = 0.0, 0
+    for start in range(0, len(examples), batch_size):
+        batch = pad_collate(examples[start:start + batch_size], pad_id=0)
+        logp = token_logps(policy, _to(batch, policy))[0]
+        logp_ref = token_logps(reference, _to(batch, reference))[0]
+        total += float((logp - logp_ref.to(logp.device)).sum())
+        count += logp.numel()
+    return total / count
+
+
+def _to(batch: dict, model) -> dict:
+    device = next(model.parameters()).device
+    return {k: v.to(device) for k, v in batch.items()}
+
+
+def _mean(values) -> float | None:
+    values = list(values)
+    return sum(values) / len(values) if values else None
+
+
+def win_rates(scores: list[float], baseline: list[float]) -> float:
+    """Mean over prompts of 1 (higher score), ½ (tie) or 0."""
+    return _mean(1.0 if s > b else 0.5 if s == b else 0.0 for s, b in zip(scores, baseline))
+
+
+def _metrics(items, replies, rm_scores, world_scores) -> dict:
+    texts = [r.text for r in replies]
+
+    def refusals(kind: str) -> list[bool]:
+        return [world_mod.is_refusal(t) for i, t in zip(items, texts) if i.get("kind") == kind]
+
+    return {
+        "exact_match": _mean(world_mod.exact_match(i, t) for i, t in zip(items, texts) if "reference" in i),
+        "reward_model": _mean(rm_scores) if rm_scores is not None else None,
+        "world_reward": _mean(world_scores) if world_scores is not None else None,
+        "refusal_rate": _mean(refusals("forbidden")),
+        "false_refusal_rate": _mean(refusals("benign")),
+        "stopped": _mean(r.finish_reason == "stop" for r in replies),
+        "mean_tokens": _mean(len(r.token_ids) for r in replies),
+    }
+
+
+def evaluate_models(models: list, data, out_dir, *, reward=None, reference=None, world=None,
+                    template: str | None = None, max_new_tokens: int = 64, batch_size: int = 32,
+                    limit: int | None = None, device: str = "cpu") -> dict:
+    """Evaluate every model directory of ``models`` on the prompt files ``data`` (one path or a list); see the
+    module docstring for the metrics. Writes ``out_dir/eval.json`` and ``out_dir/eval.md``; returns
+    ``{"n_prompts", "models": [{"model", metrics...}], "judge"}``."""
+    if not models:
+        raise LLMLabError("evaluate: give at least one model")
+    paths = [data] if isinstance(data, (str, Path)) else list(data)
+    items = [item for path in paths for item in load_prompts(path)][:limit]
+    the_world = world_mod.load_world(world) if world else None
+    if the_world is not None:
+        missing = next((i["where"] for i in items if "kind" not in i), None)
+        if missing:
+            raise LLMLabError(f"{missing}: --world needs a 'kind' (and 'reference') on every prompt")
+    rm = load_reward_model(reward) if reward else None
+    ref_model = hub.load_model(reference, device=device)[0] if reference else None
+    params = SamplingParams(max_new_tokens=max_new_tokens, temperature=0.0)
+
+    results, judged = [], []
+    for path in models:
+        model, tokenizer = hub.load_model(path, device=device)
+        if tokenizer is None:
+            raise LLMLabError(f"{path}: no tokenizer in the model folder")
+        tmpl = chat.load_template(path, template)
+        engine = engine_for(model, tokenizer, tmpl)
+        replies = generate_replies(engine, [i["prompt"] for i in items], tmpl, params, batch_size)
+        texts = [r.text for r in replies]
+        world_scores = [the_world.reward(i, t) for i, t in zip(items, texts)] if the_world else None
+        rm_scores = [float(s) for s in rm.score([i["prompt"] for i in items], texts)] if rm else None
+        row = {"model": str(path), **_metrics(items, replies, rm_scores, world_scores)}
+        if ref_model is not None:
+            row["kl"] = generated_kl(model, ref_model, [prompt_ids(engine, i["prompt"], tmpl) for i in items],
+                                     [r.token_ids for r in replies])
+        judged.append(world_scores if world_scores is not None else rm_scores)
+        results.append(row)
+        print(f"eval: {path}: " + ", ".join(f"{k} {v:.3f}" for k, v in row.items()
+                                            if isinstance(v, float)), file=sys.stderr)
+    for row, scores in zip(results, judged):
+        row["win_rate"] = win_rates(scores, judged[0]) if scores is not None and len(results) > 1 else None
+    report = {"n_prompts": len(items), "data": [str(p) for p in paths],
+              "judge": "world" if the_world else "reward_model" if rm else None, "models": results}
+    write_report(report, out_dir)
+    return report
+
+
+def write_report(report: dict, out_dir) -> None:
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "eval.json").write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
+    (out / "eval.md").write_text(markdown_table(report), encoding="utf-8")
+
+
+def markdown_table(report: dict) -> str:
+    """One row per model, one column per metric that any model has."""
+    columns = [m for m in (*METRICS, "stopped", "mean_tokens") if any(r.get(m) is not None for r in report["models"])]
+    lines = [f"Evaluation on {report['n_prompts']} prompts ({', '.join(report['data'])}); "
+             f"win rate against the first model, judged by {report['judge'] or 'nothing'}.", "",
+             "| model | " + " | ".join(columns) + " |", "|---" * (len(columns) + 1) + "|"]
+    for r in report["models"]:
+        cells = ["—" if r.get(c) is None else f"{r[c]:.3f}" for c in columns]
+        lines.append(f"| {r['model']} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+# --- command line -----------------------------------------------------------------------------------------------
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser("eval", help="compare chat models on held-out prompts",
+                              description="Exact match, rewards, refusal rates, win rate and KL of chat models.")
+    p.add_argument("--model", action="append", required=True, metavar="DIR",
+                   help="model directory (repeat; win rates are against the first)")
+    p.add_argument("--data", nargs="+", required=True, metavar="PATH", help="prompt files (.jsonl)")
+    p.add_argument("--out", required=True, metavar="DIR", help="folder for eval.json and eval.md")
+    p.add_argument("--reward", default=None, metavar="DIR", help="reward model directory")
+    p.add_argument("--reference", default=None, metavar="DIR", help="reference model for the KL")
+    p.add_argument("--world", default=None, metavar="DIR", help="task world folder: programmatic reward")
+    p.add_argument("--template", default=None, help="chat template override for every model")
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--limit", type=int, default=None, help="evaluate the first N prompts only")
+    p.add_argument("--device", default="cpu")
+    p.set_defaults(func=_run_cli)
+
+
+def _run_cli(args) -> int:
+    report = evaluate_models(args.model, args.data, args.out, reward=args.reward, reference=args.reference,
+                             world=args.world, template=args.template, max_new_tokens=args.max_new_tokens,
+                             batch_size=args.batch_size, limit=args.limit, device=args.device)
+    print(markdown_table(report), end="")
+    return 0
