@@ -10,8 +10,8 @@ Every model answers every prompt greedily (through the engine, with its own chat
   (``world.is_refusal``);
 - ``win_rate`` against the first model: per prompt, 1 when the judge scores this model's answer higher, ½ on a
   tie, 0 otherwise, averaged; the judge is the programmatic reward when ``--world`` is given, else the reward model;
-- ``kl``: with ``--reference DIR``, the mean over generated tokens y_t of log π(y_t | ·) − log π_ref(y_t | ·), a
-  Monte-Carlo estimate of KL(π ‖ π_ref) per token on the model's own answers.
+- ``kl``: with ``--reference DIR``, the mean over the model's generated tokens of E_{y_t∼π}[log π(y_t|·) −
+  log π_ref(y_t|·)], i.e. KL(π ‖ π_ref) per token on its own answers (computed over the whole vocabulary).
 
 Results go to ``DIR/eval.json`` and a markdown table ``DIR/eval.md``; ``evaluate_models`` is what ``llmlab run``
 calls.
@@ -30,7 +30,7 @@ from ..data.chat_data import iter_jsonl
 from ..errors import LLMLabError
 from ..infer.engine import Completion, Engine, SamplingParams, default_eos_ids
 from ..model import hub
-from .sft import pad_collate, pad_id_of, token_logps
+from .sft import causal_logits, pad_collate
 
 METRICS = ("exact_match", "reward_model", "world_reward", "refusal_rate", "false_refusal_rate", "win_rate", "kl")
 
@@ -113,23 +113,30 @@ def load_reward_model(path):
 @torch.no_grad()
 def generated_kl(policy, reference, prompts: list[list[int]], completions: list[list[int]],
                  batch_size: int = 16) -> float:
-    """Mean over generated tokens of log π(y_t | ·) − log π_ref(y_t | ·) (teacher-forced on prompt + answer)."""
+    """Mean over generated positions t of KL(π(·|y_<t) ‖ π_ref(·|y_<t)) = Σ_v π(v)·(log π(v) − log π_ref(v)): the
+    expectation of log π(y_t) − log π_ref(y_t) under the policy at each position of its own answers, computed
+    exactly over the vocabulary (a greedy answer's own log-ratio alone would be a biased, possibly negative,
+    estimate). Teacher-forced on prompt + answer."""
     examples = [(p + c, [0] * len(p) + [1] * len(c)) for p, c in zip(prompts, completions) if c]
-    if not examples:
-        return 0.0
     total, count = 0.0, 0
     for start in range(0, len(examples), batch_size):
         batch = pad_collate(examples[start:start + batch_size], pad_id=0)
-        logp = token_logps(policy, _to(batch, policy))[0]
-        logp_ref = token_logps(reference, _to(batch, reference))[0]
-        total += float((logp - logp_ref.to(logp.device)).sum())
-        count += logp.numel()
-    return total / count
+        keep = batch["labels"] != -100
+        logp = torch.log_softmax(causal_logits(policy, _to(batch, policy)["input_ids"])[keep.to(_device(policy))]
+                                 .float(), -1)
+        logq = torch.log_softmax(causal_logits(reference, _to(batch, reference)["input_ids"])
+                                 [keep.to(_device(reference))].float(), -1).to(logp.device)
+        total += float((logp.exp() * (logp - logq)).sum())
+        count += logp.shape[0]
+    return total / max(count, 1)
+
+
+def _device(model) -> torch.device:
+    return next(model.parameters()).device
 
 
 def _to(batch: dict, model) -> dict:
-    device = next(model.parameters()).device
-    return {k: v.to(device) for k, v in batch.items()}
+    return {k: v.to(_device(model)) for k, v in batch.items()}
 
 
 def _mean(values) -> float | None:
@@ -197,8 +204,8 @@ def evaluate_models(models: list, data, out_dir, *, reward=None, reference=None,
         results.append(row)
         print(f"eval: {path}: " + ", ".join(f"{k} {v:.3f}" for k, v in row.items()
                                             if isinstance(v, float)), file=sys.stderr)
-    for row, scores in zip(results, judged):
-        row["win_rate"] = win_rates(scores, judged[0]) if scores is not None and len(results) > 1 else None
+    for i, (row, scores) in enumerate(zip(results, judged)):
+        row["win_rate"] = win_rates(scores, judged[0]) if scores is not None and i > 0 else None
     report = {"n_prompts": len(items), "data": [str(p) for p in paths],
               "judge": "world" if the_world else "reward_model" if rm else None, "models": results}
     write_report(report, out_dir)

@@ -1,0 +1,120 @@
+"""DPO stage: the loss at step 0, the cached reference, one gradient step, an end-to-end run, bad pairs."""
+import json
+import math
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from llmlab import chat
+from llmlab.cli import main as cli_main
+from llmlab.data.chat_data import load_pairs
+from llmlab.infer.engine import Engine
+from llmlab.model import hub
+from llmlab.stages.common import deep_merge
+from llmlab.stages.dpo import (DEFAULTS, DPOConfig, REF_FILE, cached_reference, encode_pairs, last_turn_mask,
+                               make_loss, pair_collate, run_dpo)
+from llmlab.stages.evaluate import evaluate_models
+from llmlab.stages.sft import pad_collate, sequence_logps
+from test_sft import FAST, build_lab, one_thread, write_jsonl
+
+
+@pytest.fixture(autouse=True, scope="module")
+def single_threaded():
+    with one_thread():
+        yield
+
+
+@pytest.fixture(scope="session")
+def lab(tmp_path_factory):
+    with one_thread():
+        return build_lab(tmp_path_factory.getbasetemp() / "post_training_lab")
+
+
+@pytest.fixture(scope="module")
+def rows(lab):
+    tok, template = hub.load_tokenizer(lab.sft), chat.load_template(lab.sft)
+    encoded, dropped = encode_pairs(load_pairs(lab.world / "pairs_eval.jsonl"), tok, template, max_length=128)
+    assert dropped == 0
+    return encoded, tok.pad_token_id
+
+
+def test_last_turn_mask_keeps_only_the_final_answer(lab):
+    tok, template = hub.load_tokenizer(lab.sft), chat.load_template(lab.sft)
+    prompt = [{"role": "user", "content": "What is 2 + 3?"}, {"role": "assistant", "content": "5"},
+              {"role": "user", "content": "And 2 + 4?"}, {"role": "assistant", "content": "6"}]
+    ids, mask = chat.encode_chat(tok, prompt, template)
+    kept = last_turn_mask(mask)
+    assert tok.decode([t for t, m in zip(ids, kept) if m]) == "6<|im_end|>"
+    assert sum(mask) > sum(kept)
+
+
+def test_cached_reference_equals_a_fresh_forward_and_loss_starts_at_log2(lab, rows, tmp_path):
+    encoded, pad = rows
+    ref = cached_reference(hub.load_our_model(lab.sft), {"train": encoded, "eval": []}, pad, tmp_path / REF_FILE,
+                           reuse=False)["train"]
+    saved = load_file(str(tmp_path / REF_FILE))
+    assert set(saved) == {"train.chosen", "train.rejected"} and torch.equal(saved["train.chosen"], ref["chosen"])
+    fresh = hub.load_our_model(lab.sft).eval()
+    with torch.no_grad():       # chosen alone and rejected alone, in other batch shapes than the cached pass
+        chosen, _ = sequence_logps(fresh, pad_collate([r["chosen"] for r in encoded], pad))
+        rejected, _ = sequence_logps(fresh, pad_collate([r["rejected"] for r in encoded[::-1]], pad))
+    assert torch.allclose(chosen, ref["chosen"], atol=1e-4)
+    assert torch.allclose(rejected.flip(0), ref["rejected"], atol=1e-4)
+
+    loss_fn = make_loss(DPOConfig(beta=0.1))
+    with torch.no_grad():
+        loss, _, metrics = loss_fn(fresh, pair_collate(encoded[:8], pad, ref))
+    assert abs(loss.item() - math.log(2)) < 1e-5
+    assert abs(float(metrics["reward_margin"])) < 1e-5
+    with torch.no_grad():
+        ipo, _, _ = make_loss(DPOConfig(beta=0.1, loss_type="ipo"))(fresh, pair_collate(encoded[:8], pad, ref))
+    assert abs(ipo.item() - (1 / (2 * 0.1)) ** 2) < 1e-3
+
+
+def test_one_gradient_step_raises_chosen_and_lowers_rejected(lab, rows, tmp_path):
+    encoded, pad = rows
+    model = hub.load_our_model(lab.sft)
+    batch = pair_collate(encoded[:8], pad, cached_reference(model, {"t": encoded[:8]}, pad,
+                                                            tmp_path / REF_FILE, reuse=False)["t"])
+    before, _ = sequence_logps(model, batch)
+    loss, _, _ = make_loss(DPOConfig(beta=0.1))(model, batch)
+    loss.backward()
+    with torch.no_grad():
+        for p in model.parameters():
+            p -= 0.5 * p.grad
+        after, _ = sequence_logps(model, batch)
+    assert (after[:8] - before[:8]).mean() > 0       # chosen answers more likely
+    assert (after[8:] - before[8:]).mean() < 0       # rejected answers less likely
+    with torch.no_grad():
+        assert make_loss(DPOConfig(beta=0.1))(model, batch)[0] < math.log(2)
+
+
+def test_dpo_raises_the_programmatic_reward_with_bounded_kl(lab, tmp_path):
+    """From an SFT model that refuses everything, DPO on the world's pairs lowers needless refusals."""
+    recipe = deep_merge(DEFAULTS, {"data": {"max_length": 128, "batch_size": 8,
+                                            "eval_path": str(lab.world / "pairs_eval.jsonl")},
+                                   "train": {**FAST, "max_steps": 40, "lr": 1e-3}})
+    summary = run_dpo(str(lab.sft), str(lab.world / "pairs_train.jsonl"), str(tmp_path / "dpo"), recipe)
+    assert summary["eval"]["val_reward_accuracy"] >= 0.75
+    assert len(load_file(str(tmp_path / "dpo" / REF_FILE))["train.chosen"]) == 200
+    logged = [json.loads(line) for line in (tmp_path / "dpo" / "metrics.jsonl").read_text().splitlines()]
+    assert {"reward_chosen", "reward_rejected", "reward_margin", "reward_accuracy", "loss"} <= set(logged[-1])
+    assert abs(logged[0]["loss"] - math.log(2)) < 0.1
+    prompts = [lab.world / f for f in ("rl_eval.jsonl", "benign_eval.jsonl", "forbidden_eval.jsonl")]
+    report = evaluate_models([str(lab.sft), str(tmp_path / "dpo" / "model")], prompts, tmp_path / "eval",
+                             world=str(lab.world), reference=str(lab.sft), max_new_tokens=32)
+    sft, dpo = report["models"]
+    assert dpo["world_reward"] > sft["world_reward"] + 0.1
+    assert dpo["false_refusal_rate"] < sft["false_refusal_rate"]
+    assert dpo["win_rate"] > 0.5
+    assert 0 < dpo["kl"] < 1.0 and abs(sft["kl"]) < 1e-6
+    assert Engine.from_path(str(tmp_path / "dpo" / "model")).eos_token_ids
+
+
+def test_identical_chosen_and_rejected_is_reported_through_the_cli(lab, tmp_path, capsys):
+    bad = write_jsonl(tmp_path / "pairs.jsonl", [{"prompt": "hi", "chosen": "a", "rejected": "b"},
+                                                 {"prompt": "hi", "chosen": "same", "rejected": "same"}])
+    assert cli_main(["dpo", "--model", str(lab.sft), "--data", str(bad), "--out", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err
+    assert f"{bad}:2" in err and "same reply" in err
