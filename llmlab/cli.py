@@ -17,6 +17,8 @@ COMMAND_MODULES = [
     "data.shards",
     "infer.client",
     "data.world",
+    "stages.pretrain",
+    "stages.experiment",
     "tokenizer",
 ]
 
