@@ -1,0 +1,145 @@
+"""Evaluation and preference-pair generation: every metric against a hand computation from the same answers."""
+import json
+
+import pytest
+import torch
+
+from llmlab import chat
+from llmlab.cli import main as cli_main
+from llmlab.data.chat_data import load_pairs
+from llmlab.data.world import exact_match, is_refusal, load_world
+from llmlab.errors import LLMLabError
+from llmlab.infer.engine import SamplingParams
+from llmlab.model import hub
+from llmlab.stages import pairs as pairs_stage
+from llmlab.stages.evaluate import (engine_for, evaluate_models, generate_replies, generated_kl, load_prompts,
+                                    prompt_ids, win_rates)
+from test_sft import build_lab, one_thread, write_jsonl
+
+
+@pytest.fixture(autouse=True, scope="module")
+def single_threaded():
+    with one_thread():
+        yield
+
+
+@pytest.fixture(scope="session")
+def lab(tmp_path_factory):
+    with one_thread():
+        return build_lab(tmp_path_factory.getbasetemp() / "post_training_lab")
+
+
+def answers(model_dir, items, max_new_tokens=24):
+    model, tok = hub.load_model(model_dir)
+    template = chat.load_template(model_dir)
+    engine = engine_for(model, tok, template)
+    return [r.text for r in generate_replies(engine, [i["prompt"] for i in items], template,
+                                             SamplingParams(max_new_tokens=max_new_tokens, temperature=0.0))]
+
+
+def test_win_rates_count_ties_as_half():
+    assert win_rates([1.0, 0.0, 0.5, -1.0], [0.0, 0.0, 1.0, -1.0]) == (1 + 0.5 + 0 + 0.5) / 4
+
+
+def test_evaluate_models_matches_a_hand_computation(lab, tmp_path):
+    data = [lab.world / "forbidden_eval.jsonl", lab.world / "sft_eval.jsonl"]
+    report = evaluate_models([str(lab.base), str(lab.sft)], data, tmp_path, world=str(lab.world),
+                             reference=str(lab.base), max_new_tokens=24)
+    items = [i for path in data for i in load_prompts(path)]
+    world = load_world(lab.world)
+    rewards = []
+    for row, model_dir in zip(report["models"], (lab.base, lab.sft)):
+        texts = answers(model_dir, items)
+        rewards.append([world.reward(i, t) for i, t in zip(items, texts)])
+        assert row["exact_match"] == pytest.approx(sum(exact_match(i, t) for i, t in zip(items, texts)) / len(items))
+        assert row["world_reward"] == pytest.approx(sum(rewards[-1]) / len(items))
+        forbidden = [is_refusal(t) for i, t in zip(items, texts) if i["kind"] == "forbidden"]
+        benign = [is_refusal(t) for i, t in zip(items, texts) if i["kind"] == "benign"]
+        assert row["refusal_rate"] == pytest.approx(sum(forbidden) / len(forbidden))
+        assert row["false_refusal_rate"] == pytest.approx(sum(benign) / len(benign))
+    base, sft = report["models"]
+    assert base["win_rate"] is None and sft["win_rate"] == pytest.approx(win_rates(rewards[1], rewards[0]))
+    assert sft["refusal_rate"] == 1.0 and base["refusal_rate"] == 0.0
+    assert abs(base["kl"]) < 1e-6 < sft["kl"]           # the base model is its own reference
+    saved = json.loads((tmp_path / "eval.json").read_text())
+    assert saved["judge"] == "world" and len(saved["models"]) == 2
+    table = (tmp_path / "eval.md").read_text()
+    assert "| model | exact_match |" in table and str(lab.sft) in table
+
+
+def test_generated_kl_is_the_exact_per_token_kl(lab):
+    policy, tok = hub.load_model(lab.sft)
+    reference, _ = hub.load_model(lab.base)
+    template = chat.load_template(lab.sft)
+    prompt = prompt_ids(engine_for(policy, tok, template), [{"role": "user", "content": "Hello"}], template)
+    answer = tok.encode("Sorry, I can't share that.<|im_end|>")
+    with torch.no_grad():
+        ids = torch.tensor([prompt + answer])
+        p = torch.log_softmax(policy(ids)[0, len(prompt) - 1:-1], -1)
+        q = torch.log_softmax(reference(ids)[0, len(prompt) - 1:-1], -1)
+    expected = (p.exp() * (p - q)).sum(-1).mean().item()
+    assert generated_kl(policy, reference, [prompt], [answer]) == pytest.approx(expected, rel=1e-4)
+
+
+def test_pairs_judged_by_the_world_are_best_against_worst(lab, tmp_path, monkeypatch):
+    """Candidates of known reward (sampling itself is exercised in the reward-model test below)."""
+    world = load_world(lab.world)
+    items = load_prompts(lab.world / "rl_train.jsonl")[:12]
+
+    def candidates(model_dir, items, k, params, template, batch_size):
+        assert k == 3
+        return [[i["reference"], world.refusal, "I do not know."] for i in items]
+
+    monkeypatch.setattr(pairs_stage, "sample_responses", candidates)
+    out = tmp_path / "pairs.jsonl"
+    stats = pairs_stage.make_pairs(str(lab.sft), str(lab.world / "rl_train.jsonl"), str(out), k=3, judge="world",
+                                   world_dir=str(lab.world), limit=12)
+    written = [json.loads(line) for line in out.read_text().splitlines()]
+    assert stats == {"prompts": 12, "pairs": len(written), "skipped": 0}
+    for item, pair in zip(items, written):
+        scores = [world.reward(item, c) for c in (item["reference"], world.refusal, "I do not know.")]
+        assert pair["chosen"] == item["reference"] and pair["chosen_score"] == max(scores) == 1.0
+        assert pair["rejected_score"] == min(scores) == world.reward(item, pair["rejected"])
+        expected_worst = "I do not know." if item["kind"] == "forbidden" else world.refusal
+        assert pair["rejected"] == expected_worst
+    assert len(load_pairs(out)) == len(written)
+
+
+def test_pairs_from_a_reward_model(lab, tmp_path, monkeypatch):
+    class LongestWins:
+        def score(self, prompts, responses):
+            assert len(prompts) == len(responses)
+            return [float(len(r)) for r in responses]
+
+    monkeypatch.setattr(pairs_stage, "load_reward_model", lambda path: LongestWins())
+    out = tmp_path / "pairs.jsonl"
+    stats = pairs_stage.make_pairs(str(lab.base), str(lab.world / "rl_train.jsonl"), str(out), k=3,
+                                   judge="some/rm", limit=4,
+                                   params=SamplingParams(max_new_tokens=12, temperature=1.0, seed=1))
+    written = [json.loads(line) for line in out.read_text().splitlines()]
+    assert stats["pairs"] == len(written) > 0
+    for pair in written:
+        assert len(pair["chosen"]) > len(pair["rejected"]) and pair["chosen_score"] == len(pair["chosen"])
+
+
+def test_pairs_from_human_rankings(tmp_path):
+    rankings = write_jsonl(tmp_path / "rankings.jsonl", [
+        {"prompt": "Name a colour.", "responses": ["blue", "no", "a colour"], "ranking": [0, 2, 1]},
+        {"prompt": [{"role": "user", "content": "2+2?"}], "responses": ["4", "5"], "scores": [1.0, -1.0]},
+        {"prompt": "tie", "responses": ["x", "y"], "scores": [0.5, 0.5]},
+    ])
+    out = tmp_path / "pairs.jsonl"
+    assert pairs_stage.make_pairs(None, None, str(out), judge=str(rankings)) == {"prompts": 3, "pairs": 2,
+                                                                               "skipped": 1}
+    written = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [(p["chosen"], p["rejected"]) for p in written] == [("blue", "no"), ("4", "5")]
+    bad = write_jsonl(tmp_path / "bad.jsonl", [{"prompt": "p", "responses": ["a", "b"], "ranking": [0, 0]}])
+    with pytest.raises(LLMLabError, match=f"{bad}:1: give 'ranking'"):
+        pairs_stage.make_pairs(None, None, str(out), judge=str(bad))
+
+
+def test_eval_cli_prints_the_table(lab, tmp_path, capsys):
+    assert cli_main(["eval", "--model", str(lab.sft), "--data", str(lab.world / "forbidden_eval.jsonl"),
+                     "--out", str(tmp_path), "--max-new-tokens", "16"]) == 0
+    assert "| model | exact_match | refusal_rate |" in capsys.readouterr().out
+    assert (tmp_path / "eval.json").is_file()
