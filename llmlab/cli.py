@@ -16,10 +16,13 @@ COMMAND_MODULES = [
     "stages.sft", "stages.pairs", "stages.dpo", "stages.evaluate",
     "data.shards",
     "infer.client",
+    "infer.chat_cli", "infer.server",
     "data.world",
     "stages.pretrain",
     "stages.experiment",
     "tokenizer",
+    "stages.classify",
+    "stages.reward", "stages.ppo",
 ]
 
 

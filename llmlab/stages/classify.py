@@ -1,0 +1,566 @@
+"""``llmlab classify``: fine-tune pretrained encoders and decoders as sequence classifiers; accuracy before and after.
+
+For each ``--model``:
+1. load it with a fresh classification head: our ``Encoder``/``Decoder`` when ``model/hub.py`` maps the
+   architecture (BERT, GPT-2, Llama, Qwen3, and our own runs), else ``transformers``'
+   ``AutoModelForSequenceClassification`` (Gemma, ...; a ``.gguf`` file goes through ``hub.load_model``'s cache);
+2. measure test accuracy with the untrained head ("before") and, for decoders, zero-shot accuracy by prompting:
+   the prediction is argmax over classes c of the next-token logit of " <name of c>" after the prompt;
+3. train (``full``, ``lora`` or ``probe`` = frozen backbone) with the shared loop on length-bucketed batches,
+   loss = cross-entropy(logits, label);
+4. evaluate again ("after") and save a Hugging Face folder that ``AutoModelForSequenceClassification`` loads.
+Then ``report.md`` (one row per model) and ``accuracy.png`` (grouped bars) go into ``--out``.
+
+Pooling: an encoder classifies tanh(W_p h_[CLS]) (BERT's pooler); a decoder classifies h at the last real token,
+i_b = max{t : mask_bt = 1}, which is right for left and right padding alike.
+"""
+from __future__ import annotations
+
+import json
+import math
+import re
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..config import from_dict
+from ..data.classification import ClassificationData, Example, balanced_subset, load_classification
+from ..data.shards import BatchSampler
+from ..device import pick_device
+from ..errors import LLMLabError
+from ..model import hub
+from ..tokenizer import ensure_pad_token
+from ..train import dist
+from ..train.loop import train
+from .common import resolve_recipe, start_run, train_config
+
+METHODS = ("full", "lora", "probe")
+TRUNCATIONS = ("head", "head+tail")
+HEAD_NAMES = ("classifier", "score")      # the classification head's module name in ours and in transformers
+ENCODER_TYPES = ("bert", "roberta", "distilbert", "albert", "electra", "deberta", "deberta-v2", "xlm-roberta",
+                 "mpnet", "modernbert")   # transformers model types that are encoders, not decoders
+
+DEFAULTS = {
+    "model": {"backend": "auto"},
+    "data": {"test": None, "text_field": "text", "label_field": "label", "label_names": None, "max_length": 256,
+             "truncation": "head", "train_limit": None, "test_limit": None, "subset_seed": 0, "clean_html": True},
+    "classify": {"method": "full", "batch_size": 16, "eval_batch_size": 32, "epochs": 1.0, "zero_shot": True,
+                 "prompt": "Review: {text}\nSentiment ({choices}):"},
+    "lora": {"r": 8, "alpha": 16.0, "dropout": 0.05, "targets": None},
+    "train": {"max_steps": None, "warmup_steps": None, "lr": 5e-5, "weight_decay": 0.01, "betas": [0.9, 0.999],
+              "min_lr_ratio": 0.0, "checkpoint_every": 0, "log_every": 10},
+}
+
+
+@dataclass
+class DataSection:
+    test: str | None = None
+    text_field: str = "text"
+    label_field: str = "label"
+    label_names: list | None = None
+    max_length: int = 256
+    truncation: str = "head"
+    train_limit: int | None = None
+    test_limit: int | None = None
+    subset_seed: int = 0
+    clean_html: bool = True
+
+    def __post_init__(self):
+        if self.truncation not in TRUNCATIONS:
+            raise LLMLabError(f"data.truncation = {self.truncation!r}; choose one of {', '.join(TRUNCATIONS)}")
+        if int(self.max_length) < 8:
+            raise LLMLabError(f"data.max_length must be ≥ 8, got {self.max_length}")
+
+
+@dataclass
+class ClassifySection:
+    method: str = "full"
+    batch_size: int = 16
+    eval_batch_size: int = 32
+    epochs: float = 1.0
+    zero_shot: bool = True
+    prompt: str = "Review: {text}\nSentiment ({choices}):"
+
+    def __post_init__(self):
+        if self.method not in METHODS:
+            raise LLMLabError(f"classify.method = {self.method!r}; choose one of {', '.join(METHODS)}")
+        if "{text}" not in self.prompt:
+            raise LLMLabError("classify.prompt must contain {text} (and may contain {choices})")
+        if int(self.batch_size) < 1 or float(self.epochs) <= 0:
+            raise LLMLabError("classify.batch_size must be ≥ 1 and classify.epochs > 0")
+
+
+@dataclass
+class LoraSection:
+    r: int = 8
+    alpha: float = 16.0
+    dropout: float = 0.05
+    targets: list | None = None     # None: llmlab's defaults for our models, peft's for transformers models
+
+
+# ----------------------------------------------------------------------------------------------- tokens
+
+def special_affixes(tokenizer) -> tuple[list[int], list[int]]:
+    """The ids the tokenizer puts before and after a text ([CLS] … [SEP] for BERT, <bos> … for Gemma, nothing
+    for GPT-2), found by encoding a probe with and without special tokens."""
+    bare = tokenizer("a", add_special_tokens=False)["input_ids"]
+    full = tokenizer("a", add_special_tokens=True)["input_ids"]
+    for i in range(len(full) - len(bare) + 1):
+        if full[i:i + len(bare)] == bare:
+            return full[:i], full[i + len(bare):]
+    return [], []
+
+
+def truncate(ids: list[int], room: int, how: str = "head") -> list[int]:
+    """At most ``room`` ids: the first ones (``head``), or the first quarter and last three quarters of the room
+    (``head+tail``, which Sun et al. 2019 found best for long IMDB reviews)."""
+    if len(ids) <= room:
+        return ids
+    if how == "head":
+        return ids[:room]
+    head = room // 4
+    return ids[:head] + ids[len(ids) - (room - head):]
+
+
+def encode_examples(tokenizer, examples: list[Example], max_length: int, how: str = "head") -> list[dict]:
+    """``{"ids", "label"}`` rows: specials + the text truncated so that the whole fits ``max_length``."""
+    prefix, suffix = special_affixes(tokenizer)
+    room = max_length - len(prefix) - len(suffix)
+    bodies = tokenizer([e.text for e in examples], add_special_tokens=False, verbose=False)["input_ids"]
+    return [{"ids": prefix + truncate(b, room, how) + suffix, "label": e.label} for b, e in zip(bodies, examples)]
+
+
+def collate(rows: list[dict], pad_id: int, padding_side: str = "right") -> dict:
+    """Pad a list of rows to the longest: ``input_ids`` and ``attention_mask`` (B, T), ``labels`` (B,)."""
+    width = max(len(r["ids"]) for r in rows)
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, r in enumerate(rows):
+        n = len(r["ids"])
+        span = slice(0, n) if padding_side == "right" else slice(width - n, width)
+        ids[i, span] = torch.tensor(r["ids"], dtype=torch.long)
+        mask[i, span] = 1
+    return {"input_ids": ids, "attention_mask": mask, "labels": torch.tensor([r["label"] for r in rows])}
+
+
+def length_buckets(rows: list[dict], batch_size: int) -> list[list[dict]]:
+    """Rows sorted by length (ties by position) and cut into batches of ``batch_size``: padding inside a batch
+    is then at most the length step between neighbours. The sampler shuffles the order of these buckets."""
+    order = sorted(range(len(rows)), key=lambda i: (len(rows[i]["ids"]), i))
+    return [[rows[i] for i in order[s:s + batch_size]] for s in range(0, len(order), batch_size)]
+
+
+class BucketCollate:
+    """``collate`` for a ``BatchSampler`` over buckets: each sampled row is a whole bucket (batch_size=1)."""
+
+    def __init__(self, pad_id: int):
+        self.pad_id = pad_id
+
+    def __call__(self, buckets: list[list[dict]]) -> dict:
+        return collate([row for bucket in buckets for row in bucket], self.pad_id)
+
+
+def last_token_states(hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """h[b, i_b] with i_b = max{t : mask[b, t] = 1}, the last real token, for left or right padding; (B, d)."""
+    t = torch.arange(hidden.shape[1], device=hidden.device)
+    last = (t * attention_mask.to(t.dtype)).argmax(-1)
+    return hidden[torch.arange(hidden.shape[0], device=hidden.device), last]
+
+
+# ----------------------------------------------------------------------------------------------- models
+
+class SequenceClassifier(nn.Module):
+    """``forward(input_ids, attention_mask) -> logits (B, num_labels)`` around one of three backbones:
+    our ``Encoder`` (pooled [CLS] → classifier), our ``Decoder`` (last real token → score), or a
+    ``transformers`` ``*ForSequenceClassification`` model (its own pooling)."""
+
+    def __init__(self, backbone: nn.Module, kind: str):
+        super().__init__()
+        self.backbone, self.kind = backbone, kind
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        if self.kind == "encoder":
+            return self.backbone.classify(input_ids, attention_mask=attention_mask)
+        if self.kind == "decoder":
+            hidden = self.backbone.hidden_states(input_ids, attention_mask=attention_mask)
+            return self.backbone.score(last_token_states(hidden, attention_mask))
+        return self.backbone(input_ids=input_ids, attention_mask=attention_mask).logits
+
+
+@dataclass
+class Loaded:
+    classifier: SequenceClassifier
+    tokenizer: object
+    folder: Path
+    backend: str                 # ours | transformers
+    is_decoder: bool
+    notes: list = field(default_factory=list)
+
+
+def resolve_model(path: str) -> Path:
+    """A local folder for ``path``: a directory; a ``.gguf`` file converted once through ``hub.load_model``'s
+    cache; or a Hugging Face hub name from the local cache or a download."""
+    p = Path(path).expanduser()
+    if p.is_dir():
+        return p
+    if p.suffix == ".gguf":
+        if not p.is_file():
+            raise LLMLabError(f"GGUF file not found: {p}")
+        if not (hub.gguf_cache_dir(p) / "config.json").is_file():
+            hub.load_model(p)                 # converts into the cache (minutes for a few hundred million weights)
+        return hub.gguf_cache_dir(p)
+    if p.exists() or not re.fullmatch(r"[\w.-]+(/[\w.-]+)?", path):
+        raise LLMLabError(f"model not found: {path} (a model folder, a .gguf file or a Hugging Face model name)")
+    try:
+        from huggingface_hub import snapshot_download
+        return Path(snapshot_download(path, allow_patterns=["*.json", "*.safetensors", "*.txt", "*.model",
+                                                            "tokenizer*", "*.jinja"]))
+    except Exception as e:    # offline, unknown repository: either way it cannot be had here
+        raise LLMLabError(f"{path}: not a local folder, and the Hugging Face hub (or its local cache) could not "
+                          f"provide it ({type(e).__name__})") from None
+
+
+def _head_only(model: nn.Module) -> None:
+    """Freeze everything but the classification head (a top-level ``classifier`` or ``score`` module)."""
+    for name, p in model.named_parameters():
+        p.requires_grad_(name.split(".")[0] in HEAD_NAMES)
+
+
+def _lora_ours(model: nn.Module, cfg: LoraSection) -> None:
+    from ..lora import DEFAULT_TARGETS, LoRAConfig, apply_lora
+    apply_lora(model, LoRAConfig(r=cfg.r, alpha=cfg.alpha, dropout=cfg.dropout,
+                                 targets=list(cfg.targets or DEFAULT_TARGETS)))
+    for name, p in model.named_parameters():
+        if name.split(".")[0] in HEAD_NAMES:
+            p.requires_grad_(True)
+
+
+def _lora_transformers(model: nn.Module, cfg: LoraSection) -> nn.Module:
+    from peft import LoraConfig, TaskType, get_peft_model
+    kwargs = dict(task_type=TaskType.SEQ_CLS, r=cfg.r, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout)
+    try:
+        return get_peft_model(model, LoraConfig(target_modules=cfg.targets, **kwargs))
+    except ValueError:          # peft knows no default target modules for this architecture
+        return get_peft_model(model, LoraConfig(target_modules="all-linear", **kwargs))
+
+
+def load_classifier(path: str, num_labels: int, method: str = "full", backend: str = "auto",
+                    lora: LoraSection | None = None) -> Loaded:
+    """The model at ``path`` with a fresh ``num_labels``-way head, its tokenizer (given a pad token), ready
+    for ``method``."""
+    folder = resolve_model(path)
+    tokenizer = hub.load_tokenizer(folder)
+    if tokenizer is None:
+        raise LLMLabError(f"{folder}: no tokenizer files (tokenizer.json / tokenizer_config.json / vocab.txt)")
+    tokenizer = ensure_pad_token(tokenizer)
+    tokenizer.padding_side = "right"
+    if backend not in ("auto", "ours", "transformers"):
+        raise LLMLabError(f"model.backend = {backend!r}; choose auto, ours or transformers")
+    hf_config = _hf_config(folder)
+    ours = backend == "ours" or (backend == "auto" and _maps_to_ours(hf_config))
+    if ours:
+        model = hub.load_our_model(folder, num_labels=num_labels, pad_token_id=tokenizer.pad_token_id)
+        if tokenizer.pad_token_id >= model.config.vocab_size:
+            raise LLMLabError(f"{folder}: the tokenizer's pad token id {tokenizer.pad_token_id} is outside the "
+                              f"model's vocabulary ({model.config.vocab_size})")
+        kind, is_decoder = model.config.arch, model.config.arch == "decoder"
+    else:
+        model = _load_transformers(folder, num_labels, tokenizer)
+        kind, is_decoder = "transformers", hf_config.model_type not in ENCODER_TYPES
+    lora = lora or LoraSection()
+    if method == "probe":
+        _head_only(model)
+    elif method == "lora":
+        if ours:
+            _lora_ours(model, lora)
+        else:
+            model = _lora_transformers(model, lora)
+    return Loaded(SequenceClassifier(model, kind), tokenizer, folder, "ours" if ours else "transformers",
+                  is_decoder)
+
+
+def _hf_config(folder: Path):
+    from transformers import AutoConfig
+    raw = hub.read_config_json(folder)
+    try:
+        return AutoConfig.from_pretrained(folder)
+    except (ValueError, KeyError, TypeError, OSError) as e:
+        raise LLMLabError(f"{folder}/config.json: transformers cannot read it (model_type "
+                          f"{raw['model_type']!r}): {e}") from None
+
+
+def _maps_to_ours(hf_config) -> bool:
+    try:
+        hub.config_from_hf(hf_config)
+        return True
+    except LLMLabError:
+        return False
+
+
+def _load_transformers(folder: Path, num_labels: int, tokenizer) -> nn.Module:
+    from transformers import AutoModelForSequenceClassification
+    try:
+        model = AutoModelForSequenceClassification.from_pretrained(folder, num_labels=num_labels,
+                                                                   dtype=torch.float32)
+    except Exception as e:     # transformers raises many types for an unsupported or broken folder
+        raise LLMLabError(f"{folder}: transformers cannot load it as a sequence classifier "
+                          f"({type(e).__name__}: {e})") from None
+    if len(tokenizer) > model.get_input_embeddings().num_embeddings:
+        model.resize_token_embeddings(len(tokenizer))
+    model.config.pad_token_id = tokenizer.pad_token_id
+    return model
+
+
+def count_parameters(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def save_classifier(loaded: Loaded, model: SequenceClassifier, out_dir: Path, label_names: list[str]) -> None:
+    """A Hugging Face folder (``*ForSequenceClassification`` config, weights, tokenizer) with the label names as
+    ``id2label``/``label2id``; LoRA adapters are merged first."""
+    backbone = model.backbone
+    id2label = {i: name for i, name in enumerate(label_names)}
+    if loaded.backend == "ours":
+        from ..lora import merge_lora
+        hub.save_model(merge_lora(backbone), out_dir, tokenizer=loaded.tokenizer)
+        config_path = out_dir / "config.json"
+        config = json.loads(config_path.read_text())
+        config.update(id2label={str(i): n for i, n in id2label.items()}, label2id={n: i for i, n in id2label.items()})
+        config_path.write_text(json.dumps(config, indent=2) + "\n")
+        return
+    if hasattr(backbone, "merge_and_unload"):
+        backbone = backbone.merge_and_unload()
+    backbone.config.id2label, backbone.config.label2id = id2label, {n: i for i, n in id2label.items()}
+    backbone.save_pretrained(out_dir)
+    loaded.tokenizer.save_pretrained(out_dir)
+
+
+# ----------------------------------------------------------------------------------------------- evaluation
+
+@torch.no_grad()
+def accuracy(model: nn.Module, rows: list[dict], pad_id: int, batch_size: int, device) -> float:
+    """Share of ``rows`` whose argmax logit is the label (batches sorted by length; eval mode)."""
+    was_training = model.training
+    model.eval()
+    correct = 0
+    for bucket in length_buckets(rows, batch_size):
+        batch = collate(bucket, pad_id)
+        logits = model(batch["input_ids"].to(device), batch["attention_mask"].to(device))
+        correct += int((logits.argmax(-1).cpu() == batch["labels"]).sum())
+    model.train(was_training)
+    return correct / len(rows)
+
+
+def verbalizer_ids(tokenizer, label_names: list[str]) -> list[int] | None:
+    """The first token id of " <name>" for each class, or None when two classes share it."""
+    ids = [tokenizer(" " + name, add_special_tokens=False)["input_ids"][0] for name in label_names]
+    return ids if len(set(ids)) == len(ids) else None
+
+
+def prompt_rows(tokenizer, examples: list[Example], template: str, label_names: list[str],
+                max_length: int) -> list[dict]:
+    """``template`` with ``{text}`` = each review (truncated so the prompt fits ``max_length``) as id rows."""
+    before, after = template.replace("{choices}", " or ".join(label_names)).split("{text}", 1)
+    prefix, _ = special_affixes(tokenizer)
+    head = prefix + tokenizer(before, add_special_tokens=False)["input_ids"]
+    tail = tokenizer(after, add_special_tokens=False)["input_ids"]
+    bodies = tokenizer([e.text for e in examples], add_special_tokens=False, verbose=False)["input_ids"]
+    room = max(1, max_length - len(head) - len(tail))
+    return [{"ids": head + truncate(b, room) + tail, "label": e.label} for b, e in zip(bodies, examples)]
+
+
+@torch.no_grad()
+def zero_shot_accuracy(lm: nn.Module, tokenizer, examples: list[Example], label_names: list[str], template: str,
+                       max_length: int, batch_size: int, device) -> float | None:
+    """Accuracy of predicting argmax_c logit(next token = " <name_c>") after the prompt, with ``lm`` our
+    Decoder or a transformers causal LM; None when the class names share a first token."""
+    targets = verbalizer_ids(tokenizer, label_names)
+    if targets is None:
+        return None
+    pad_id = tokenizer.pad_token_id
+    rows = prompt_rows(tokenizer, examples, template, label_names, max_length)
+    correct = 0
+    for bucket in length_buckets(rows, batch_size):
+        batch = collate(bucket, pad_id)
+        ids, mask = batch["input_ids"].to(device), batch["attention_mask"].to(device)
+        if hasattr(lm, "hidden_states"):
+            hidden, head = lm.hidden_states(ids, attention_mask=mask), lm.lm_head
+        else:
+            hidden = lm.get_decoder()(input_ids=ids, attention_mask=mask).last_hidden_state
+            head = lm.get_output_embeddings()
+        logits = head(last_token_states(hidden, mask))[:, targets]
+        correct += int((logits.argmax(-1).cpu() == batch["labels"]).sum())
+    return correct / len(rows)
+
+
+# ----------------------------------------------------------------------------------------------- one model
+
+def model_slug(path: str, taken: set[str]) -> str:
+    p = Path(path)
+    base = re.sub(r"[^\w.-]+", "-", (p.stem if p.suffix == ".gguf" else p.name) or "model").strip("-") or "model"
+    slug, i = base, 2
+    while slug in taken:
+        slug, i = f"{base}-{i}", i + 1
+    taken.add(slug)
+    return slug
+
+
+def _training_recipe(recipe: dict, n_buckets: int) -> dict:
+    """Fill ``train.max_steps`` from ``classify.epochs`` (one step = one bucket per rank) and
+    ``train.warmup_steps`` as 10 % of the steps, unless the recipe sets them."""
+    section = dict(recipe["train"])
+    steps_per_epoch = max(1, n_buckets // dist.world_size())
+    if section.get("max_steps") is None:
+        section["max_steps"] = max(1, math.ceil(float(recipe["classify"]["epochs"]) * steps_per_epoch))
+    if section.get("warmup_steps") is None:
+        section["warmup_steps"] = int(0.1 * int(section["max_steps"]))
+    return {**recipe, "train": section}
+
+
+def classify_one(model_path: str, data: ClassificationData, recipe: dict, out_dir: Path, resume: bool = False) -> dict:
+    """Before / zero-shot / after accuracy and training time of one model; the classifier is saved in
+    ``out_dir``."""
+    d = from_dict(DataSection, recipe["data"], "data")
+    c = from_dict(ClassifySection, recipe["classify"], "classify")
+    lora = from_dict(LoraSection, recipe["lora"], "lora")
+    torch.manual_seed(int(recipe["train"].get("seed", 1337)))      # the fresh head's initialisation
+    loaded = load_classifier(model_path, data.num_labels, c.method, recipe["model"].get("backend", "auto"), lora)
+    tok, model = loaded.tokenizer, loaded.classifier
+    pad_id = tok.pad_token_id
+    train_rows = encode_examples(tok, data.train, int(d.max_length), d.truncation)
+    test_rows = encode_examples(tok, data.test, int(d.max_length), d.truncation)
+    buckets = length_buckets(train_rows, int(c.batch_size))
+    recipe = _training_recipe(recipe, len(buckets))
+    cfg = train_config(recipe)
+    start_run(out_dir, recipe)
+    device = pick_device(cfg.device)
+    model.to(device)
+    before = accuracy(model, test_rows, pad_id, int(c.eval_batch_size), device)
+    zero_shot = None
+    if loaded.is_decoder and c.zero_shot and not all(n.isdigit() for n in data.label_names):
+        lm, lm_tok = hub.load_model(loaded.folder, device=device)
+        zero_shot = zero_shot_accuracy(lm, ensure_pad_token(lm_tok), data.test, data.label_names, c.prompt,
+                                       int(d.max_length), int(c.eval_batch_size), device)
+        del lm
+    print(f"llmlab classify: {model_path}: before {before:.4f}"
+          + (f", zero-shot {zero_shot:.4f}" if zero_shot is not None else ""), file=sys.stderr)
+
+    sampler = BatchSampler(buckets, 1, seed=cfg.seed, shuffle=True, rank=dist.rank(),
+                           world_size=dist.world_size(), collate=BucketCollate(pad_id))
+    seen = {"examples": 0}
+
+    def loss_fn(m, batch):
+        logits = m(batch["input_ids"], batch["attention_mask"])
+        loss = F.cross_entropy(logits.float(), batch["labels"])
+        seen["examples"] += len(batch["labels"])
+        correct = (logits.argmax(-1) == batch["labels"]).float().mean()
+        return loss, int(batch["attention_mask"].sum()), {"train_accuracy": float(correct)}
+
+    def eval_fn(m):
+        return {"accuracy": accuracy(m, test_rows, pad_id, int(c.eval_batch_size), next(m.parameters()).device)}
+
+    def save_fn(m, where):
+        save_classifier(loaded, m, Path(where), data.label_names)
+
+    summary = train(model, loss_fn, sampler, cfg, out_dir, eval_fn=eval_fn, save_fn=save_fn, resume=resume)
+    result = {"model": model_path, "out": str(out_dir), "backend": loaded.backend,
+              "parameters": count_parameters(model), "method": c.method, "before": before, "zero_shot": zero_shot,
+              "after": summary["eval"].get("accuracy"), "train_seconds": summary["seconds"],
+              "steps": summary["steps"], "train_examples": len(train_rows), "test_examples": len(test_rows),
+              "examples_per_s": seen["examples"] / max(summary["seconds"], 1e-9)}
+    (out_dir / "result.json").write_text(json.dumps(result, indent=2) + "\n")
+    return result
+
+
+# ----------------------------------------------------------------------------------------------- report
+
+def write_report(results: list[dict], out_dir: Path, data: ClassificationData) -> None:
+    """``report.md`` (one row per model) and ``accuracy.png`` (before / zero-shot / after bars per model)."""
+    def pct(x):
+        return "–" if x is None else f"{100 * x:.1f}%"
+
+    lines = ["# Classification", "",
+             f"train: {data.sources.get('train')} ({len(data.train)} examples), test: {data.sources.get('test')} "
+             f"({len(data.test)} examples), classes: {', '.join(data.label_names)}", "",
+             "| model | parameters | method | before | zero-shot | after | training time |",
+             "|---|---:|---|---:|---:|---:|---:|"]
+    for r in results:
+        lines.append(f"| {Path(r['model']).name} | {r['parameters'] / 1e6:.1f}M | {r['method']} | {pct(r['before'])} "
+                     f"| {pct(r['zero_shot'])} | {pct(r['after'])} | {r['train_seconds']:.0f} s |")
+    (out_dir / "report.md").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    _plot(results, out_dir / "accuracy.png")
+
+
+def _plot(results: list[dict], path: Path) -> None:
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    series = [("before", "before (new head)"), ("zero_shot", "zero-shot prompt"), ("after", "after fine-tuning")]
+    series = [(k, label) for k, label in series if any(r[k] is not None for r in results)]
+    fig = Figure(figsize=(max(4.0, 1.6 * len(results) + 2), 3.6))
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
+    width = 0.8 / len(series)
+    for j, (key, label) in enumerate(series):
+        xs = [i + (j - (len(series) - 1) / 2) * width for i in range(len(results))]
+        ax.bar(xs, [100 * (r[key] or 0) for r in results], width, label=label)
+    ax.set_xticks(range(len(results)), [Path(r["model"]).name for r in results], fontsize=8)
+    ax.set_ylabel("test accuracy (%)")
+    ax.set_ylim(0, 100)
+    ax.legend(fontsize=8, loc="lower right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+# ----------------------------------------------------------------------------------------------- entry points
+
+def run_classify(models: list[str], data: str, out_dir, *, config: str | None = None, sets: list[str] | None = None,
+                 method: str | None = None, train_limit: int | None = None, test_limit: int | None = None,
+                 resume: bool = False) -> dict:
+    """Fine-tune and evaluate each model on ``data``; returns ``{"results": [per-model dicts], "report",
+    "figure"}``. Each model's run (and its saved classifier) is ``out_dir/<model name>``."""
+    if not models:
+        raise LLMLabError("classify: name at least one --model")
+    extra = [f"classify.method={method}"] if method else []
+    extra += [f"data.train_limit={train_limit}"] if train_limit is not None else []
+    extra += [f"data.test_limit={test_limit}"] if test_limit is not None else []
+    recipe = resolve_recipe(DEFAULTS, config, list(sets or []) + extra)
+    d = from_dict(DataSection, recipe["data"], "data")
+    full = load_classification(data, text_field=d.text_field, label_field=d.label_field,
+                               label_names=d.label_names, test=d.test, clean=d.clean_html)
+    subset = ClassificationData(balanced_subset(full.train, d.train_limit, d.subset_seed),
+                                balanced_subset(full.test, d.test_limit, d.subset_seed), full.label_names,
+                                full.sources)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    taken: set[str] = set()
+    results = [classify_one(m, subset, recipe, out / model_slug(m, taken), resume) for m in models]
+    if dist.rank() == 0:
+        write_report(results, out, subset)
+    return {"results": results, "report": str(out / "report.md"), "figure": str(out / "accuracy.png")}
+
+
+def register(subparsers) -> None:
+    from ..cli import add_config_args
+    p = subparsers.add_parser("classify", help="fine-tune pretrained models as text classifiers (before/after)")
+    p.add_argument("--model", action="append", required=True, help="model folder, hub name or .gguf (repeatable)")
+    p.add_argument("--data", required=True, help="aclImdb folder, folder with train/test files, file, or dataset name")
+    p.add_argument("--out", required=True, help="output folder (one run per model, report.md, accuracy.png)")
+    p.add_argument("--method", choices=METHODS, default=None, help="full fine-tuning, LoRA, or a linear probe")
+    p.add_argument("--train-limit", type=int, default=None, help="class-balanced subset of N training examples")
+    p.add_argument("--test-limit", type=int, default=None, help="class-balanced subset of N test examples")
+    p.add_argument("--resume", action="store_true", help="continue each model's run from its newest checkpoint")
+    add_config_args(p)
+    p.set_defaults(func=_command)
+
+
+def _command(args) -> int:
+    summary = run_classify(args.model, args.data, args.out, config=args.config, sets=args.sets, method=args.method,
+                           train_limit=args.train_limit, test_limit=args.test_limit, resume=args.resume)
+    print((Path(summary["report"])).read_text(encoding="utf-8"))
+    return 0
