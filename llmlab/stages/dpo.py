@@ -39,7 +39,7 @@ from .sft import (Example, add_stage_args, batches_for, context_of, load_tokeniz
 REF_FILE = "ref_logps.safetensors"
 DEFAULTS = {
     "template": None,
-    "data": {"max_length": 512, "batch_size": 8, "val_fraction": 0.05, "eval_path": None},
+    "data": {"max_length": None, "batch_size": 8, "val_fraction": 0.05, "eval_path": None},
     "dpo": {"beta": 0.1, "loss_type": "sigmoid", "label_smoothing": 0.0},
     "lora": to_dict(LoRAConfig()),
     "train": {"max_steps": 200, "lr": 5e-6, "warmup_steps": 10, "weight_decay": 0.0, "eval_every": 50,
@@ -49,16 +49,17 @@ DEFAULTS = {
 
 @dataclass
 class PairData:
-    max_length: int = 512
+    max_length: int | None = None   # None: the model's context
     batch_size: int = 8
     val_fraction: float = 0.05
     eval_path: str | None = None
     path: str | None = None
 
     def __post_init__(self):
-        self.max_length, self.batch_size, self.val_fraction = int(self.max_length), int(self.batch_size), \
-            float(self.val_fraction)
-        if self.max_length < 2 or self.batch_size < 1 or not 0 <= self.val_fraction < 1:
+        self.max_length = None if self.max_length is None else int(self.max_length)
+        self.batch_size, self.val_fraction = int(self.batch_size), float(self.val_fraction)
+        if (self.max_length is not None and self.max_length < 2) or self.batch_size < 1 \
+                or not 0 <= self.val_fraction < 1:
             raise LLMLabError(f"data: need max_length ≥ 2, batch_size ≥ 1, val_fraction in [0, 1); got "
                               f"{self.max_length}, {self.batch_size}, {self.val_fraction}")
 
@@ -202,6 +203,7 @@ def run_dpo(model_dir: str, data_path: str, out_dir: str, recipe: dict, *, resum
     out = start_run(out_dir, recipe)
     model, is_ours = load_trainable(model_dir, lora)
     model.to(device)
+    data.max_length = data.max_length or context_of(model)
     if data.max_length > context_of(model):
         raise LLMLabError(f"data.max_length={data.max_length} exceeds the model's context of {context_of(model)}")
     if not data.eval_path:

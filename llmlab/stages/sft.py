@@ -46,7 +46,7 @@ Example = tuple[list[int], list[int]]      # (token ids, assistant mask), same l
 
 DEFAULTS = {
     "template": None,          # built-in name or .jinja path; default: the model folder's template
-    "data": {"max_length": 512, "packing": False, "batch_size": 8, "val_fraction": 0.05, "eval_path": None},
+    "data": {"max_length": None, "packing": False, "batch_size": 8, "val_fraction": 0.05, "eval_path": None},
     "lora": to_dict(LoRAConfig()),
     "eval": {"max_new_tokens": 64, "max_items": 200, "batch_size": 32},
     "train": {"max_steps": 300, "lr": 1e-4, "warmup_steps": 20, "weight_decay": 0.0, "eval_every": 100,
@@ -59,7 +59,7 @@ class SFTData:
     """The ``data:`` section: rows of at most ``max_length`` tokens; ``eval_path`` a held-out conversation file
     (OpenAI ``messages`` or ``prompt`` + ``reference`` lines; else ``val_fraction`` of the training conversations is held
     out)."""
-    max_length: int = 512
+    max_length: int | None = None   # None: the model's context
     packing: bool = False
     batch_size: int = 8
     val_fraction: float = 0.05
@@ -67,11 +67,12 @@ class SFTData:
     path: str | None = None        # the training file (recorded in run.yaml)
 
     def __post_init__(self):
-        if int(self.max_length) < 2 or int(self.batch_size) < 1 or not 0 <= float(self.val_fraction) < 1:
+        self.max_length = None if self.max_length is None else int(self.max_length)
+        self.batch_size, self.val_fraction = int(self.batch_size), float(self.val_fraction)
+        if (self.max_length is not None and self.max_length < 2) or self.batch_size < 1 \
+                or not 0 <= self.val_fraction < 1:
             raise LLMLabError(f"data: need max_length ≥ 2, batch_size ≥ 1, val_fraction in [0, 1); got "
                               f"{self.max_length}, {self.batch_size}, {self.val_fraction}")
-        self.max_length, self.batch_size, self.val_fraction = int(self.max_length), int(self.batch_size), \
-            float(self.val_fraction)
 
 
 @dataclass
@@ -294,6 +295,7 @@ def run_sft(model_dir: str, data_path: str, out_dir: str, recipe: dict, *, resum
     out = start_run(out_dir, recipe)
     tokenizer, template = load_tokenizer_and_template(model_dir, recipe.get("template"))
     model, is_ours = load_trainable(model_dir, lora)
+    data.max_length = data.max_length or context_of(model)
     if data.max_length > context_of(model):
         raise LLMLabError(f"data.max_length={data.max_length} exceeds the model's context of {context_of(model)}")
 
