@@ -1,0 +1,315 @@
+"""``llmlab rm``: a reward model trained on preference pairs with the Bradley–Terry loss.
+
+The reward model is our decoder with a scalar head on the final hidden state of the last real token of
+``prompt + reply + end-of-turn`` (the conversation rendered with the model's chat template):
+
+    r(x, y) = w · h_last(x, y),        L = −mean log σ(r(x, y_chosen) − r(x, y_rejected) − m)
+
+The head ``w`` starts at zero, so every reward is 0 and the first loss is exactly log 2. Chosen and rejected
+replies go through the network in one forward pass (2B sequences, right-padded). Held-out pairs give the
+pairwise accuracy, the share of pairs where r(chosen) > r(rejected).
+
+The head is the decoder's ``score`` layer with ``num_labels = 1``, so the saved directory is a
+``LlamaForSequenceClassification`` / ``GPT2ForSequenceClassification`` / ``Qwen3ForSequenceClassification`` folder
+that ``transformers.AutoModelForSequenceClassification`` loads and scores identically (it reads the last token
+that is not the pad token, the same one as ours as long as pad is not the end-of-turn token).
+"""
+from __future__ import annotations
+
+import json
+import random
+import sys
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from ..chat import encode_chat, end_of_turn, load_template
+from ..data.chat_data import iter_jsonl, load_pairs
+from ..data.shards import BatchSampler, check_context
+from ..errors import LLMLabError
+from ..losses import bradley_terry_loss
+from ..model import hub
+from ..train import dist
+from ..train.loop import train
+from .common import deep_merge, start_run, train_config
+from .sft import add_stage_args, stage_recipe
+
+DEFAULTS = {
+    "data": {"eval_path": None, "eval_fraction": 0.1, "max_length": None},   # None: the model's context
+    "rm": {"batch_size": 8, "margin": 0.0},
+    "template": None,     # a built-in chat template name or a .jinja file; None: the model folder's own
+    "train": {"max_steps": 300, "lr": 1e-5, "warmup_steps": 10, "weight_decay": 0.0, "log_every": 10,
+              "eval_every": 100, "checkpoint_every": 100},
+}
+SCORE_WEIGHT = "score.weight"
+
+
+# ------------------------------------------------------------------------------------------ encoding and batches
+
+def encode_reply(tokenizer, template: str, prompt: list[dict], reply: str) -> list[int]:
+    """Token ids of ``prompt`` + the assistant ``reply`` + its end-of-turn token, nothing after.
+
+    The conversation is rendered and tokenized as a whole (``encode_chat``), then cut after the last assistant
+    token, so that the score is read at the end-of-turn token whatever the template writes after it. An empty
+    reply (a policy may stop at once) is the generation prompt followed by the end-of-turn string.
+    """
+    if not reply.strip():
+        ids, _ = encode_chat(tokenizer, prompt, template, add_generation_prompt=True, require_assistant=False)
+        eot = end_of_turn(template, tokenizer.eos_token)
+        return ids + tokenizer.encode(eot, add_special_tokens=False)
+    ids, mask = encode_chat(tokenizer, prompt + [{"role": "assistant", "content": reply}], template)
+    last = max(i for i, m in enumerate(mask) if m)
+    return ids[:last + 1]
+
+
+def right_pad(rows: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(input_ids, attention_mask), both (len(rows), longest row): each row left-aligned, then ``pad_id``."""
+    width = max(len(r) for r in rows)
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, row in enumerate(rows):
+        ids[i, :len(row)] = torch.tensor(row, dtype=torch.long)
+        mask[i, :len(row)] = 1
+    return ids, mask
+
+
+def pair_collate(pad_id: int):
+    """Collate for encoded pairs: the chosen sequences, then the rejected ones, in one right-padded batch."""
+    def collate(pairs: list[dict]) -> dict:
+        ids, mask = right_pad([p["chosen"] for p in pairs] + [p["rejected"] for p in pairs], pad_id)
+        return {"input_ids": ids, "attention_mask": mask,
+                "margin": torch.tensor([p["margin"] for p in pairs], dtype=torch.float32)}
+    return collate
+
+
+def encode_pairs(pairs: list[dict], tokenizer, template: str, max_length: int, margin: float,
+                 where: str) -> list[dict]:
+    """Encode each pair; pairs with a side longer than ``max_length`` tokens are dropped (with a warning).
+
+    A pair's own ``margin`` field (a number) overrides the recipe's ``rm.margin``.
+    """
+    out = []
+    for pair in pairs:
+        chosen = encode_reply(tokenizer, template, pair["prompt"], pair["chosen"])
+        rejected = encode_reply(tokenizer, template, pair["prompt"], pair["rejected"])
+        if max(len(chosen), len(rejected)) <= max_length:
+            out.append({"chosen": chosen, "rejected": rejected, "margin": float(pair.get("margin", margin))})
+    if not out:
+        raise LLMLabError(f"{where}: every pair is longer than data.max_length={max_length} tokens")
+    if len(out) < len(pairs):
+        print(f"llmlab rm: {where}: skipped {len(pairs) - len(out)} of {len(pairs)} pairs longer than "
+              f"data.max_length={max_length} tokens", file=sys.stderr)
+    return out
+
+
+def load_pair_records(path) -> list[dict]:
+    """``chat_data.load_pairs``, plus a per-pair ``margin`` when every line of the file gives a number there."""
+    pairs = load_pairs(path)
+    margins = [(where, record.get("margin")) for where, record in iter_jsonl(path)]
+    if all(m is None for _, m in margins):
+        return pairs
+    for where, m in margins:
+        if not isinstance(m, (int, float)) or isinstance(m, bool):
+            raise LLMLabError(f"{where}: field 'margin' must be a number on every pair (or on none), got {m!r}")
+    if len(margins) != len(pairs):
+        raise LLMLabError(f"{path}: per-pair margins need every line to be a usable pair")
+    return [dict(p, margin=m) for p, (_, m) in zip(pairs, margins)]
+
+
+# ------------------------------------------------------------------------------------------------ the model
+
+def last_token_index(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Index of the rightmost real token of each row (works for left and right padding)."""
+    positions = torch.arange(attention_mask.shape[1], device=attention_mask.device)
+    return (positions * attention_mask.long()).argmax(-1)
+
+
+class RewardModel(nn.Module):
+    """Our decoder (``backbone``) and a scalar ``value_head`` (the decoder's ``score`` layer, d → 1) read on the
+    last real token. ``tokenizer`` and ``chat_template`` are kept for ``score``."""
+
+    def __init__(self, backbone: nn.Module, tokenizer=None, chat_template: str | None = None):
+        super().__init__()
+        if getattr(backbone, "score", None) is None or backbone.config.num_labels != 1:
+            raise LLMLabError("RewardModel needs a decoder built with num_labels=1 (a one-output score head)")
+        self.backbone = backbone
+        self.tokenizer, self.chat_template = tokenizer, chat_template
+
+    @property
+    def value_head(self) -> nn.Linear:
+        return self.backbone.score
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """Rewards (B,) in float32."""
+        hidden = self.backbone.hidden_states(input_ids, attention_mask=attention_mask)
+        last = hidden[torch.arange(hidden.shape[0], device=hidden.device), last_token_index(attention_mask)]
+        return self.value_head(last).squeeze(-1).float()
+
+    @classmethod
+    def from_language_model(cls, path, chat_template: str | None = None) -> "RewardModel":
+        """A reward model to train, from a language model (a zero-initialised head) or a reward-model folder
+        (its head kept)."""
+        folder = Path(path)
+        backbone = hub.load_our_model(folder, num_labels=1)
+        if backbone.config.arch != "decoder":
+            raise LLMLabError(f"{folder} is an encoder; a reward model needs a decoder (causal LM)")
+        if SCORE_WEIGHT not in stored_weight_names(folder):
+            nn.init.zeros_(backbone.score.weight)
+        return cls(backbone, _tokenizer(folder), load_template(folder, chat_template))
+
+    @classmethod
+    def load(cls, path, device="cpu") -> "RewardModel":
+        """A trained reward model: a folder (or the run directory of ``llmlab rm`` holding it in ``model/``) whose
+        config is a one-label ``*ForSequenceClassification`` and whose weights hold the ``score`` head."""
+        folder = Path(path)
+        if not folder.is_dir():
+            raise LLMLabError(f"reward model directory not found: {folder}")
+        if not (folder / "config.json").is_file() and (folder / "model" / "config.json").is_file():
+            folder = folder / "model"          # the run directory of `llmlab rm`
+        config = hub.read_config_json(folder)
+        archs = config.get("architectures") or []
+        # transformers writes id2label unless it has its default of two labels
+        labels = len(config["id2label"]) if config.get("id2label") else config.get("num_labels", 2)
+        if not any(a.endswith("ForSequenceClassification") for a in archs) or \
+                SCORE_WEIGHT not in stored_weight_names(folder):
+            raise LLMLabError(f"{folder} has no reward head (config architectures {archs}, no '{SCORE_WEIGHT}' "
+                              "weight): it is not a reward model; train one with `llmlab rm`")
+        if labels != 1:
+            raise LLMLabError(f"{folder}/config.json: a reward model has one output, this one has num_labels={labels}")
+        backbone = hub.load_our_model(folder)
+        return cls(backbone, _tokenizer(folder), load_template(folder)).to(device).eval()
+
+    @torch.no_grad()
+    def score(self, prompts: list[list[dict]], responses: list[str], batch_size: int = 16) -> list[float]:
+        """The reward of each (prompt messages, assistant reply) pair."""
+        if self.tokenizer is None or self.chat_template is None:
+            raise LLMLabError("RewardModel.score needs the tokenizer and chat template (use RewardModel.load)")
+        if len(prompts) != len(responses):
+            raise LLMLabError(f"score: {len(prompts)} prompts but {len(responses)} responses")
+        device = next(self.parameters()).device
+        rows = [encode_reply(self.tokenizer, self.chat_template, p, r) for p, r in zip(prompts, responses)]
+        scores = []
+        for i in range(0, len(rows), batch_size):
+            ids, mask = right_pad(rows[i:i + batch_size], self.tokenizer.pad_token_id)
+            scores += self(ids.to(device), mask.to(device)).tolist()
+        return scores
+
+
+def stored_weight_names(folder: Path) -> set[str]:
+    """The tensor names a model folder stores (read from the safetensors headers, not the data)."""
+    from safetensors import safe_open
+    index = folder / "model.safetensors.index.json"
+    if index.is_file():
+        return set(json.loads(index.read_text())["weight_map"])
+    if (folder / "model.safetensors").is_file():
+        with safe_open(str(folder / "model.safetensors"), framework="pt") as f:
+            return set(f.keys())
+    return set(hub.read_weights(folder))
+
+
+def _tokenizer(folder: Path):
+    tokenizer = hub.load_tokenizer(folder)
+    if tokenizer is None:
+        raise LLMLabError(f"{folder}: no tokenizer files; a reward model needs the tokenizer of its model")
+    if tokenizer.pad_token_id is None:
+        raise LLMLabError(f"{folder}: the tokenizer has no pad token (see llmlab.tokenizer.ensure_pad_token)")
+    return tokenizer
+
+
+# ------------------------------------------------------------------------------------------------ training
+
+def pair_loss(model, batch: dict) -> tuple[torch.Tensor, int, dict]:
+    """Bradley–Terry loss of one batch (chosen rows first, then rejected), with accuracy and reward stats."""
+    rewards = model(batch["input_ids"], batch["attention_mask"])
+    chosen, rejected = rewards.chunk(2)
+    loss = bradley_terry_loss(chosen, rejected, batch["margin"])
+    with torch.no_grad():
+        metrics = {"accuracy": (chosen > rejected).float().mean().item(), "reward_chosen": chosen.mean().item(),
+                   "reward_rejected": rejected.mean().item(), "reward_margin": (chosen - rejected).mean().item()}
+    return loss, int(batch["attention_mask"].sum()), metrics
+
+
+def pairwise_eval(model: RewardModel, pairs: list[dict], pad_id: int, batch_size: int) -> dict:
+    """Loss and pairwise accuracy over every held-out pair."""
+    device = next(model.parameters()).device
+    collate = pair_collate(pad_id)
+    losses, correct = [], 0
+    for i in range(0, len(pairs), batch_size):
+        chunk = pairs[i:i + batch_size]
+        batch = {k: v.to(device) for k, v in collate(chunk).items()}
+        loss, _, metrics = pair_loss(model, batch)
+        losses.append(loss.item() * len(chunk))
+        correct += metrics["accuracy"] * len(chunk)
+    return {"val_loss": sum(losses) / len(pairs), "val_accuracy": correct / len(pairs)}
+
+
+def split_pairs(pairs: list[dict], recipe: dict, seed: int) -> tuple[list[dict], list[dict]]:
+    """(train, eval): eval from ``data.eval_path``, else a deterministic ``data.eval_fraction`` of the pairs."""
+    data = recipe["data"]
+    if data.get("eval_path"):
+        return pairs, load_pair_records(data["eval_path"])
+    fraction = float(data.get("eval_fraction") or 0.0)
+    if not 0 <= fraction < 1:
+        raise LLMLabError(f"data.eval_fraction={fraction}: must be in [0, 1)")
+    n_eval = round(len(pairs) * fraction)
+    if fraction and n_eval == 0:
+        n_eval = 1
+    order = list(range(len(pairs)))
+    random.Random(seed).shuffle(order)
+    held = set(order[:n_eval])
+    return [p for i, p in enumerate(pairs) if i not in held], [pairs[i] for i in sorted(held)]
+
+
+def run_rm(model_dir, data_path, out_dir, recipe: dict | None = None, *, resume: bool = False) -> dict:
+    """Train a reward model from ``model_dir`` (a language-model folder) on the pairs in ``data_path``.
+
+    ``recipe`` (sections ``data``, ``rm``, ``train``, key ``template``) is laid over ``DEFAULTS``. Writes the
+    reward model to ``out_dir/model`` beside the run files; returns the training summary, whose
+    ``eval["val_accuracy"]`` is the held-out pairwise accuracy.
+    """
+    recipe = deep_merge(DEFAULTS, recipe or {})
+    cfg = train_config(recipe)
+    rm_cfg = recipe["rm"]
+    rm = RewardModel.from_language_model(model_dir, recipe.get("template"))
+    tokenizer, template = rm.tokenizer, rm.chat_template
+    context = rm.backbone.config.max_seq_len
+    max_length = int(recipe["data"].get("max_length") or context)
+    check_context(max_length, context)
+    margin = float(rm_cfg.get("margin") or 0.0)
+    train_pairs, eval_pairs = split_pairs(load_pair_records(data_path), recipe, cfg.seed)
+    train_rows = encode_pairs(train_pairs, tokenizer, template, max_length, margin, str(data_path))
+    eval_rows = encode_pairs(eval_pairs, tokenizer, template, max_length, margin, "eval pairs") if eval_pairs else []
+    out = start_run(out_dir, recipe)
+    rank, world, _, _ = dist.init_distributed(cfg.device)
+    batch_size = int(rm_cfg["batch_size"])
+    sampler = BatchSampler(train_rows, batch_size, seed=cfg.seed, rank=rank, world_size=world,
+                           collate=pair_collate(tokenizer.pad_token_id))
+
+    def eval_fn(m):
+        return pairwise_eval(m, eval_rows, tokenizer.pad_token_id, batch_size) if eval_rows else {}
+
+    def save_fn(m, run_dir):
+        hub.save_model(m.backbone, Path(run_dir) / "model", tokenizer, chat_template=template)
+
+    return train(rm, pair_loss, sampler, cfg, out, eval_fn=eval_fn, save_fn=save_fn, resume=resume,
+                 flops_per_token=rm.backbone.flops_per_token(max_length))
+
+
+# ------------------------------------------------------------------------------------------------ CLI
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser("rm", help="train a reward model on preference pairs (Bradley–Terry)",
+                              description="Train a scalar reward head (and the network under it) on chosen/rejected "
+                                          "pairs; --data is a .jsonl of prompt/chosen/rejected or HH-RLHF pairs.")
+    add_stage_args(p)
+    p.set_defaults(func=_command)
+
+
+def _command(args) -> int:
+    summary = run_rm(args.model, args.data, args.out, stage_recipe(args, DEFAULTS), resume=args.resume)
+    accuracy = summary["eval"].get("val_accuracy")
+    shown = f", held-out pairwise accuracy {accuracy:.3f}" if accuracy is not None else ""
+    print(f"rm: {summary['steps']} steps, final loss {summary['final_loss']:.4f}{shown}; "
+          f"reward model in {Path(args.out) / 'model'}")
+    return 0

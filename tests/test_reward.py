@@ -1,0 +1,132 @@
+"""Reward model: the zero-initialised head gives a loss of exactly log 2, a short run learns an easy preference,
+the saved folder scores the same in transformers, and directories without a reward head are refused."""
+import json
+import math
+
+import pytest
+import torch
+import transformers
+
+from llmlab.chat import TEMPLATES
+from llmlab.data.world import build_world, preset as world_preset
+from llmlab.errors import LLMLabError
+from llmlab.model import hub
+from llmlab.model.config import preset
+from llmlab.model.decoder import build_model
+from llmlab.stages.reward import (RewardModel, encode_pairs, encode_reply, load_pair_records, pair_collate,
+                                  pair_loss, right_pad, run_rm, split_pairs)
+from llmlab.tokenizer import train_char
+
+transformers.logging.set_verbosity_error()
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny models run no faster on two threads, and a busy machine makes two threads much slower."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def save_lm(folder, tokenizer, seed=0, **overrides):
+    torch.manual_seed(seed)
+    cfg = preset("llama", vocab_size=len(tokenizer), n_layer=2, d_model=32, n_head=4, max_seq_len=256, **overrides)
+    return hub.save_model(build_model(cfg), folder, tokenizer, chat_template=TEMPLATES["llmlab"])
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    """The world's ``test`` preset, a character tokenizer over it, a tiny language model and easy pairs: the
+    chosen reply is the rejected one with a marker ``" !"`` at its end."""
+    root = tmp_path_factory.mktemp("rm")
+    world_dir = build_world(world_preset("test")).write(root / "world")
+    tokenizer = train_char([p.read_text() for p in world_dir.glob("*.jsonl")] + ["\n!"])
+    lm = save_lm(root / "lm", tokenizer)
+    for split in ("train", "eval"):
+        with open(root / f"easy_{split}.jsonl", "w") as f:
+            for line in open(world_dir / f"pairs_{split}.jsonl"):
+                pair = json.loads(line)
+                f.write(json.dumps({"prompt": pair["prompt"], "chosen": pair["chosen"] + " !",
+                                    "rejected": pair["chosen"]}) + "\n")
+    return {"root": root, "lm": lm, "tokenizer": tokenizer}
+
+
+@pytest.fixture(scope="module")
+def trained(setup):
+    root = setup["root"]
+    recipe = {"data": {"eval_path": str(root / "easy_eval.jsonl")},
+              "train": {"max_steps": 15, "lr": 3e-3, "warmup_steps": 0, "log_every": 1, "eval_every": 0,
+                        "checkpoint_every": 15, "progress": False}}
+    summary = run_rm(setup["lm"], root / "easy_train.jsonl", root / "run", recipe)
+    return summary, root / "run"
+
+
+def test_zero_head_gives_log2_and_a_short_run_learns_the_preference(setup, trained):
+    rm = RewardModel.from_language_model(setup["lm"])
+    assert torch.count_nonzero(rm.value_head.weight) == 0
+    rows = encode_pairs(load_pair_records(setup["root"] / "easy_train.jsonl")[:4], rm.tokenizer, rm.chat_template,
+                        256, 0.0, "easy")
+    loss, _, metrics = pair_loss(rm, pair_collate(rm.tokenizer.pad_token_id)(rows))
+    assert loss.item() == pytest.approx(math.log(2), abs=1e-7)
+
+    summary, run = trained
+    records = [json.loads(line) for line in open(run / "metrics.jsonl")]
+    assert records[0]["loss"] == pytest.approx(math.log(2), abs=1e-6)      # logged before the first update
+    assert summary["eval"]["val_accuracy"] >= 0.9                          # chance is 0.5
+    assert summary["eval"]["val_loss"] < 0.6 < math.log(2)
+    assert (run / "run.yaml").is_file() and (run / "loss.png").is_file() and (run / "checkpoints").is_dir()
+
+
+def test_saved_reward_model_scores_the_same_in_transformers(setup, trained):
+    _, run = trained
+    rm = RewardModel.load(run)                       # the run directory: its model/ folder
+    pairs = load_pair_records(setup["root"] / "easy_eval.jsonl")[:6]
+    prompts = [p["prompt"] for p in pairs]
+    ours = rm.score(prompts, [p["chosen"] for p in pairs], batch_size=4)
+    theirs_model = transformers.AutoModelForSequenceClassification.from_pretrained(run / "model").eval()
+    assert type(theirs_model).__name__ == "LlamaForSequenceClassification"
+    ids, mask = right_pad([encode_reply(rm.tokenizer, rm.chat_template, p["prompt"], p["chosen"]) for p in pairs],
+                          rm.tokenizer.pad_token_id)
+    with torch.no_grad():
+        theirs = theirs_model(input_ids=ids, attention_mask=mask).logits.squeeze(-1)
+    assert torch.allclose(torch.tensor(ours), theirs, atol=1e-4)
+    rejected = rm.score(prompts, [p["rejected"] for p in pairs])
+    assert sum(c > r for c, r in zip(ours, rejected)) >= 5
+    assert isinstance(rm.score(prompts[:1], [""])[0], float)        # an empty reply (a policy may stop at once)
+
+
+def test_reply_encoding_ends_at_the_end_of_turn_token(setup):
+    tok = setup["tokenizer"]
+    ids = encode_reply(tok, TEMPLATES["llmlab"], [{"role": "user", "content": "hi"}], "yes")
+    assert tok.decode(ids) == "<|bos|><|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\nyes<|im_end|>"
+    empty = encode_reply(tok, TEMPLATES["llmlab"], [{"role": "user", "content": "hi"}], "")
+    assert tok.decode(empty) == "<|bos|><|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n<|im_end|>"
+
+
+def test_per_pair_margin_and_eval_split(setup, tmp_path):
+    rm = RewardModel.from_language_model(setup["lm"])
+    path = tmp_path / "margin.jsonl"
+    path.write_text("".join(json.dumps({"prompt": "q", "chosen": "a", "rejected": "b", "margin": m}) + "\n"
+                            for m in (1.0, 3.0)))
+    rows = encode_pairs(load_pair_records(path), rm.tokenizer, rm.chat_template, 256, 0.0, "margins")
+    loss, _, _ = pair_loss(rm, pair_collate(rm.tokenizer.pad_token_id)(rows))
+    expected = (math.log1p(math.exp(1.0)) + math.log1p(math.exp(3.0))) / 2    # −log σ(0 − m), rewards all 0
+    assert loss.item() == pytest.approx(expected, rel=1e-6)
+
+    pairs = load_pair_records(setup["root"] / "easy_train.jsonl")
+    recipe = {"data": {"eval_path": None, "eval_fraction": 0.25}}
+    train, held = split_pairs(pairs, recipe, seed=3)
+    again = split_pairs(pairs, recipe, seed=3)
+    assert (train, held) == again and len(held) == round(0.25 * len(pairs)) and len(train) + len(held) == len(pairs)
+    assert not {json.dumps(p) for p in held} & {json.dumps(p) for p in train}
+
+
+def test_directories_without_a_reward_head_are_refused(setup, tmp_path):
+    with pytest.raises(LLMLabError, match="no reward head"):
+        RewardModel.load(setup["lm"])                 # a plain language model
+    save_lm(tmp_path / "two", setup["tokenizer"], num_labels=2)
+    with pytest.raises(LLMLabError, match="num_labels=2"):
+        RewardModel.load(tmp_path / "two")
+    with pytest.raises(LLMLabError, match="not found"):
+        RewardModel.load(tmp_path / "missing")
