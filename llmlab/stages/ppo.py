@@ -120,7 +120,7 @@ class PPOConfig:
                 raise LLMLabError(f"ppo.{name} must be ≥ 0, got {getattr(self, name)}")
         if not (0 <= self.gamma <= 1 and 0 <= self.lam <= 1):
             raise LLMLabError(f"ppo.gamma and ppo.lam must lie in [0, 1], got {self.gamma} and {self.lam}")
-        if self.kl_target is not None and float(self.kl_target) <= 0:
+        if self.kl_target is not None and self.kl_target <= 0:
             raise LLMLabError(f"ppo.kl_target must be > 0 (or null for a fixed β), got {self.kl_target}")
 
 
@@ -166,7 +166,7 @@ def per_token_rewards(scores: torch.Tensor, logprobs: torch.Tensor, ref_logprobs
     kl = (logprobs.float() - ref_logprobs.float()) * mask
     rewards = -kl_coef * kl
     last = (mask.sum(-1).long() - 1).clamp_min(0)
-    rewards[torch.arange(rewards.shape[0]), last] += scores.float()
+    rewards[torch.arange(rewards.shape[0], device=rewards.device), last] += scores.float()
     return rewards * mask, kl
 
 
@@ -251,6 +251,14 @@ def make_scorer(reward, recipe: dict, data, prompts: list[dict], device) -> Scor
 
 
 # ----------------------------------------------------------------------------------------------- rollouts
+
+def rollout_engine(policy: nn.Module, tokenizer, template: str) -> Engine:
+    """An engine on the policy itself (no decode copy: the weights change every step) that stops at the model's
+    end-of-sequence ids and at the template's end-of-turn token."""
+    eos = set(default_eos_ids(policy, tokenizer))
+    turn_end = hub.end_of_turn_id(tokenizer, template)
+    return Engine(policy, tokenizer, eos_token_ids=sorted(eos | ({turn_end} if turn_end is not None else set())))
+
 
 def sample_responses(engine: Engine, prompts: list[list[int]], max_new_tokens: int, seed: int) -> list[list[int]]:
     """One sampled response per prompt (its end-of-sequence token included when it stopped)."""
@@ -427,9 +435,7 @@ def run_ppo(model_dir, data_path, out_dir, reward=None, recipe: dict | None = No
 
     ref = copy.deepcopy(policy).to(device).eval().requires_grad_(False)
     net = PolicyWithValue(policy).to(device).eval()
-    eos = set(default_eos_ids(policy, tokenizer))
-    turn_end = hub.end_of_turn_id(tokenizer, template)
-    engine = Engine(policy, tokenizer, eos_token_ids=sorted(eos | ({turn_end} if turn_end is not None else set())))
+    engine = rollout_engine(policy, tokenizer, template)
     optimizer = make_optimizer(net, train_cfg, device)
     sampler = BatchSampler(prompts, cfg.rollout_batch, seed=train_cfg.seed, collate=list)
     kl = KLController(cfg.kl_coef, cfg.kl_target, cfg.kl_horizon)
@@ -452,7 +458,8 @@ def run_ppo(model_dir, data_path, out_dir, reward=None, recipe: dict | None = No
             elapsed = elapsed_before + time.perf_counter() - start
             record.update(step=step, lr=lr, elapsed=elapsed)
             final = step == train_cfg.max_steps
-            evaluated = bool(eval_items) and (final or (train_cfg.eval_every > 0 and step % train_cfg.eval_every == 0))
+            periodic = train_cfg.eval_every > 0 and step % train_cfg.eval_every == 0
+            evaluated = bool(eval_items) and (final or periodic)
             if evaluated:
                 last_eval = evaluate(engine, eval_items, scorer, cfg)
                 record.update(last_eval)
