@@ -38,6 +38,7 @@ from ..errors import LLMLabError
 from ..losses import IGNORE_INDEX, token_logprobs
 from ..lora import LoRAConfig, apply_lora, merge_lora
 from ..model import hub
+from ..model.decoder import Decoder
 from ..train import dist
 from ..train.loop import to_device, train
 from .common import resolve_recipe, start_run, train_config
@@ -96,11 +97,15 @@ def token_logps(model: nn.Module, batch: dict) -> tuple[torch.Tensor, torch.Tens
     """log p(y_t | x_≤t) for every target of ``batch["labels"]`` that is not ``IGNORE_INDEX``.
 
     Returns the flat log-probs (N,) in row-major order and the boolean target mask (B, T). Only the N target
-    positions go through log-softmax, so the float32 (B·T·V) log-probabilities are never materialised."""
+    positions go through log-softmax, so the float32 (B·T·V) log-probabilities are never materialised; for our
+    (unwrapped) Decoder only they go through the LM head at all."""
     labels = batch["labels"]
     keep = labels != IGNORE_INDEX
-    logits = causal_logits(model, batch["input_ids"])
-    return token_logprobs(logits[keep], labels[keep]), keep
+    if isinstance(model, Decoder):     # not wrapped (DDP must be called whole): project only the targets
+        logits = model.lm_head(model.hidden_states(batch["input_ids"])[keep])
+    else:
+        logits = causal_logits(model, batch["input_ids"])[keep]
+    return token_logprobs(logits, labels[keep]), keep
 
 
 def sequence_logps(model: nn.Module, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
