@@ -1,0 +1,100 @@
+"""Training throughput of ``llmlab pretrain``'s step (our Llama-style model, its CausalLM objective and the shared
+training loop: AdamW, clipping, logging) against a plain PyTorch loop over transformers' ``LlamaForCausalLM`` of the
+same configuration, in the same run and on the same batches.
+
+    python bench/pretrain.py [--steps 30] [--warmup 5]
+
+tokens/s = steps · batch · block / seconds, timed after ``--warmup`` untimed steps. The load average is printed
+because this machine may be shared: compare the ratio, not the absolute numbers, across runs.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import tempfile
+import time
+
+import torch
+import torch.nn.functional as F
+from transformers import LlamaForCausalLM
+
+from common import machine
+from llmlab.data.shards import BatchSampler
+from llmlab.model.config import preset
+from llmlab.model.decoder import build_model
+from llmlab.model.hub import config_to_hf
+from llmlab.stages.pretrain import CausalLM, loss_fn
+from llmlab.train.loop import TrainConfig, train
+
+SIZES = {  # name: (model overrides, block, batch)
+    "shakespeare-char (≈0.8M)": (dict(vocab_size=71, n_layer=4, n_head=4, d_model=128, max_seq_len=64), 64, 12),
+    "≈10M, BPE 8k": (dict(vocab_size=8192, n_layer=8, n_head=8, d_model=256, max_seq_len=256), 256, 8),
+}
+
+
+def random_rows(vocab: int, block: int, n: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    g = torch.Generator().manual_seed(0)
+    rows = torch.randint(0, vocab, (n, block + 1), generator=g)
+    return [(r[:-1].clone(), r[1:].clone()) for r in rows]
+
+
+def ours_tokens_per_s(cfg, rows, batch: int, block: int, steps: int, warmup: int) -> float:
+    """Our model + objective through ``llmlab.train.loop.train``, timed from the end of step ``warmup``."""
+    marks = {}
+    tc = TrainConfig(max_steps=warmup + steps, lr=1e-3, warmup_steps=0, eval_every=0, log_every=10 ** 6,
+                     checkpoint_every=0, progress=False, device="cpu")
+
+    def on_step(step, record):
+        if step in (warmup, warmup + steps):
+            marks[step] = time.perf_counter()
+
+    with tempfile.TemporaryDirectory() as out:
+        train(CausalLM(build_model(cfg)), loss_fn, BatchSampler(rows, batch, seed=0), tc, out, on_step=on_step)
+    return steps * batch * block / (marks[warmup + steps] - marks[warmup])
+
+
+def hf_tokens_per_s(cfg, rows, batch: int, block: int, steps: int, warmup: int) -> float:
+    """The plain loop: forward, cross-entropy, backward, clip, AdamW step, on the same batches."""
+    model = LlamaForCausalLM(config_to_hf(cfg)).train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, betas=(0.9, 0.95), weight_decay=0.1)
+    sampler = BatchSampler(rows, batch, seed=0)
+
+    def step():
+        x, y = sampler.next_batch()
+        logits = model(input_ids=x).logits
+        loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), y.reshape(-1))
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        return loss.item()
+
+    for _ in range(warmup):
+        step()
+    start = time.perf_counter()
+    for _ in range(steps):
+        step()
+    return steps * batch * block / (time.perf_counter() - start)
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--steps", type=int, default=30)
+    ap.add_argument("--warmup", type=int, default=5)
+    args = ap.parse_args()
+    torch.manual_seed(0)
+    print(f"machine: {machine()}\nload average at start (1, 5, 15 min): {os.getloadavg()}\n")
+    print("| size | params | block × batch | llmlab pretrain tok/s | transformers loop tok/s | ratio |")
+    print("|---|---|---|---|---|---|")
+    for name, (over, block, batch) in SIZES.items():
+        cfg = preset("llama", **over)
+        rows = random_rows(cfg.vocab_size, block, 64 * batch)
+        ours = ours_tokens_per_s(cfg, rows, batch, block, args.steps, args.warmup)
+        hf = hf_tokens_per_s(cfg, rows, batch, block, args.steps, args.warmup)
+        n = cfg.num_params()
+        print(f"| {name} | {n / 1e6:.2f} M | {block} × {batch} | {ours:,.0f} | {hf:,.0f} | {ours / hf:.2f}× |")
+    print(f"\nload average at end: {os.getloadavg()}")
+
+
+if __name__ == "__main__":
+    main()
