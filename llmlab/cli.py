@@ -17,6 +17,7 @@ COMMAND_MODULES = [
     "data.shards",
     "infer.client",
     "infer.chat_cli", "infer.server",
+    "infer.chat_cli", "infer.server",
     "data.world",
     "stages.pretrain",
     "stages.experiment",
