@@ -17,7 +17,6 @@ COMMAND_MODULES = [
     "data.shards",
     "infer.client",
     "infer.chat_cli", "infer.server",
-    "infer.chat_cli", "infer.server",
     "data.world",
     "stages.pretrain",
     "stages.experiment",
