@@ -94,6 +94,8 @@ def test_saved_reward_model_scores_the_same_in_transformers(setup, trained):
     rejected = rm.score(prompts, [p["rejected"] for p in pairs])
     assert sum(c > r for c, r in zip(ours, rejected)) >= 5
     assert isinstance(rm.score(prompts[:1], [""])[0], float)        # an empty reply (a policy may stop at once)
+    context = rm.backbone.config.max_seq_len                        # a reply longer than the context is cut
+    assert math.isfinite(rm.score(prompts[:1], ["a" * (2 * context)])[0])
 
 
 def test_reply_encoding_ends_at_the_end_of_turn_token(setup):

@@ -182,13 +182,15 @@ class RewardModel(nn.Module):
 
     @torch.no_grad()
     def score(self, prompts: list[list[dict]], responses: list[str], batch_size: int = 16) -> list[float]:
-        """The reward of each (prompt messages, assistant reply) pair."""
+        """The reward of each (prompt messages, assistant reply) pair. A pair longer than the model's context is
+        scored on its first ``max_seq_len`` tokens (the prompt and the start of the reply)."""
         if self.tokenizer is None or self.chat_template is None:
             raise LLMLabError("RewardModel.score needs the tokenizer and chat template (use RewardModel.load)")
         if len(prompts) != len(responses):
             raise LLMLabError(f"score: {len(prompts)} prompts but {len(responses)} responses")
         device = next(self.parameters()).device
-        rows = [encode_reply(self.tokenizer, self.chat_template, p, r) for p, r in zip(prompts, responses)]
+        context = self.backbone.config.max_seq_len
+        rows = [encode_reply(self.tokenizer, self.chat_template, p, r)[:context] for p, r in zip(prompts, responses)]
         scores = []
         for i in range(0, len(rows), batch_size):
             ids, mask = right_pad(rows[i:i + batch_size], self.tokenizer.pad_token_id)
