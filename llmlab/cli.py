@@ -12,17 +12,13 @@ import sys
 
 from .errors import LLMLabError
 
-COMMAND_MODULES = [
-    "stages.sft", "stages.pairs", "stages.dpo", "stages.evaluate",
-    "data.shards",
-    "infer.client",
-    "infer.chat_cli", "infer.server",
-    "data.world",
-    "stages.pretrain",
-    "stages.experiment",
-    "tokenizer",
+COMMAND_MODULES = [       # in the order of a model's life
+    "pipeline",
+    "data.world", "tokenizer", "data.shards",
+    "stages.pretrain", "stages.experiment",
+    "stages.sft", "stages.pairs", "stages.reward", "stages.dpo", "stages.ppo", "stages.evaluate",
     "stages.classify",
-    "stages.reward", "stages.ppo",
+    "infer.engine", "infer.chat_cli", "infer.server", "infer.client",
 ]
 
 

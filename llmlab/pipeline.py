@@ -1,0 +1,378 @@
+"""``llmlab run``: the whole life cycle of a small language model on the built-in task world, with a report.
+
+    world → pretrain (tokenizer + base model) → sft → rm → dpo, ppo (both from the SFT model) → eval
+          → classify (the pre-trained model, before vs. after) → samples → report
+
+Each stage calls the same function as its own CLI command, with the recipe from ``configs/`` and the preset's
+``--set`` overrides on top. A stage writes ``DIR/<stage>/stage.json`` holding a fingerprint of its configuration
+and inputs; when it finished with the same fingerprint the stage is skipped, when it was interrupted it resumes
+from its checkpoints (training is bitwise reproducible, so the numbers are those of an uninterrupted run), and when
+its configuration changed it starts over. ``--force`` reruns the chosen stages from scratch.
+
+The report (``DIR/report.md``, ``DIR/report.html``, ``DIR/summary.json``) has per stage what it did, its key
+numbers and a figure.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import resource
+import shutil
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+from .data import world as world_mod
+from .errors import LLMLabError
+from .plots import bar_chart
+from .report import Section, write_report
+from .stages.common import resolve_recipe
+
+# Per preset: the world's size, and --set overrides of each stage's recipe; ``seconds`` is the expected wall-clock
+# time of each stage on a 2-core laptop, used only for the time-left estimate.
+PRESETS = {
+    "test": {
+        "world": "test",
+        "pretrain": ["model.n_layer=2", "model.d_model=64", "model.max_seq_len=128", "data.max_length=128",
+                     "tokenizer.vocab_size=400", "train.max_steps=30", "train.eval_every=0",
+                     "train.checkpoint_every=15", "train.warmup_steps=5", "data.batch_size=8"],
+        "sft": ["train.max_steps=20", "train.eval_every=0", "train.checkpoint_every=10", "train.warmup_steps=2",
+                "eval.max_items=16", "data.batch_size=8"],
+        "rm": ["train.max_steps=10", "train.eval_every=0", "train.checkpoint_every=5", "train.warmup_steps=2",
+               "rm.batch_size=8"],
+        "dpo": ["train.max_steps=10", "train.eval_every=0", "train.checkpoint_every=5", "train.warmup_steps=2",
+                "data.batch_size=8"],
+        "ppo": ["train.max_steps=3", "train.checkpoint_every=2", "train.eval_every=0", "ppo.rollout_batch=8",
+                "ppo.minibatch=4", "ppo.epochs=1", "ppo.max_new_tokens=16"],
+        "classify": ["data.train_limit=64", "data.test_limit=32", "classify.epochs=1"],
+        "eval_limit": None, "eval_max_new_tokens": 16,
+        "seconds": {"world": 1, "pretrain": 15, "sft": 15, "rm": 8, "dpo": 8, "ppo": 20, "eval": 20,
+                    "classify": 8, "samples": 5},
+    },
+    "tiny": {
+        "world": "tiny",
+        "pretrain": [], "sft": [], "rm": [], "dpo": [], "ppo": [], "classify": [],
+        "eval_limit": None, "eval_max_new_tokens": 48,
+        "seconds": {"world": 2, "pretrain": 200, "sft": 150, "rm": 60, "dpo": 60, "ppo": 180, "eval": 90,
+                    "classify": 40, "samples": 10},
+    },
+    "small": {
+        "world": "small",
+        "pretrain": ["model.n_layer=6", "model.d_model=256", "model.n_head=8", "train.max_steps=3000",
+                     "tokenizer.vocab_size=2048"],
+        "sft": ["train.max_steps=2000"], "rm": ["train.max_steps=800"], "dpo": ["train.max_steps=600"],
+        "ppo": ["train.max_steps=300"], "classify": ["classify.epochs=3"],
+        "eval_limit": None, "eval_max_new_tokens": 48,
+        "seconds": {"world": 3, "pretrain": 1500, "sft": 900, "rm": 300, "dpo": 300, "ppo": 600, "eval": 200,
+                    "classify": 120, "samples": 20},
+    },
+}
+STAGES = ("world", "pretrain", "sft", "rm", "dpo", "ppo", "eval", "classify", "samples")
+SAMPLE_KINDS = ("fact", "arithmetic", "reverse", "sort", "count", "benign", "forbidden")
+
+
+@dataclass
+class Run:
+    """What the stages share: the run folder, the preset, and each finished stage's result."""
+    out: Path
+    preset: str
+    seed: int
+    results: dict
+
+    def dir(self, stage: str) -> Path:
+        return self.out / stage
+
+    @property
+    def world_dir(self) -> Path:
+        return self.dir("world")
+
+    def model(self, stage: str) -> str:
+        return str(self.dir(stage) / "model")
+
+    def recipe(self, stage: str, config: str, extra: list[str] = ()) -> dict:
+        return resolve_recipe({}, config, [*PRESETS[self.preset][stage], f"train.seed={self.seed}", *extra])
+
+
+# ----------------------------------------------------------------------------------------------- the stages
+
+def stage_world(run: Run) -> dict:
+    world = world_mod.build_world(world_mod.preset(PRESETS[run.preset]["world"], seed=run.seed))
+    world.write(run.world_dir)
+    return {"pretrain_documents": len(world.pretrain_texts), "sft_train": len(world.sft_train),
+            "sft_eval": len(world.sft_eval), "pairs_train": len(world.pairs_train),
+            "rl_train": len(world.rl_prompts_train), "classify_train": len(world.classify_train)}
+
+
+def stage_pretrain(run: Run) -> dict:
+    from .stages.pretrain import pretrain
+    recipe = run.recipe("pretrain", "world-pretrain", [f"data.path={run.world_dir / 'corpus.jsonl'}"])
+    summary = pretrain(recipe, run.dir("pretrain"), resume=True)
+    return _training_numbers(run.dir("pretrain"), summary, ("val_loss", "val_ppl"))
+
+
+def stage_sft(run: Run) -> dict:
+    from .stages.sft import run_sft
+    recipe = run.recipe("sft", "sft-world", [f"data.eval_path={run.world_dir / 'sft_eval.jsonl'}"])
+    summary = run_sft(run.model("pretrain"), str(run.world_dir / "sft_train.jsonl"), str(run.dir("sft")), recipe,
+                      resume=True)
+    return {**_training_numbers(run.dir("sft"), summary, ("val_loss",)), "exact_match": summary.get("exact_match")}
+
+
+def stage_rm(run: Run) -> dict:
+    from .stages.reward import run_rm
+    recipe = run.recipe("rm", "rm-world", [f"data.eval_path={run.world_dir / 'pairs_eval.jsonl'}"])
+    summary = run_rm(run.model("sft"), str(run.world_dir / "pairs_train.jsonl"), str(run.dir("rm")), recipe,
+                     resume=True)
+    return _training_numbers(run.dir("rm"), summary, ("val_accuracy", "val_loss"))
+
+
+def stage_dpo(run: Run) -> dict:
+    from .stages.dpo import run_dpo
+    recipe = run.recipe("dpo", "dpo-world", [f"data.eval_path={run.world_dir / 'pairs_eval.jsonl'}"])
+    summary = run_dpo(run.model("sft"), str(run.world_dir / "pairs_train.jsonl"), str(run.dir("dpo")), recipe,
+                      resume=True)
+    return _training_numbers(run.dir("dpo"), summary, ("val_reward_accuracy", "val_reward_margin", "val_loss"))
+
+
+def stage_ppo(run: Run) -> dict:
+    from .stages.ppo import run_ppo
+    recipe = run.recipe("ppo", "ppo-world", [f"reward.world={run.world_dir}",
+                                             f"data.eval_path={run.world_dir / 'rl_eval.jsonl'}"])
+    summary = run_ppo(run.model("sft"), str(run.world_dir / "rl_train.jsonl"), str(run.dir("ppo")), reward="world",
+                      recipe=recipe, resume=True)
+    last = summary.get("last") or {}
+    return {"steps": summary.get("steps"), "seconds_training": summary.get("seconds"),
+            "final_score": last.get("score"), "final_reward": last.get("reward"), "final_kl": last.get("kl"),
+            **{f"eval_{k}": v for k, v in (summary.get("eval") or {}).items() if isinstance(v, (int, float))}}
+
+
+EVAL_MODELS = ("sft", "pretrain", "dpo", "ppo")     # the first is the baseline of the win rates
+MODEL_NAMES = {"pretrain": "base", "sft": "SFT", "dpo": "DPO", "ppo": "PPO"}
+
+
+def eval_files(run: Run) -> list[str]:
+    return [str(run.world_dir / f) for f in ("sft_eval.jsonl", "benign_eval.jsonl", "forbidden_eval.jsonl")]
+
+
+def stage_eval(run: Run) -> dict:
+    from .stages.evaluate import evaluate_models
+    report = evaluate_models([run.model(s) for s in EVAL_MODELS], eval_files(run), run.dir("eval"),
+                             reward=run.model("rm"), reference=run.model("sft"), world=str(run.world_dir),
+                             limit=PRESETS[run.preset]["eval_limit"],
+                             max_new_tokens=PRESETS[run.preset]["eval_max_new_tokens"])
+    return {MODEL_NAMES[s]: {k: v for k, v in row.items() if k != "model"}
+            for s, row in zip(EVAL_MODELS, report["models"])}
+
+
+def stage_classify(run: Run) -> dict:
+    from .stages.classify import run_classify
+    result = run_classify([run.model("pretrain")], str(run.world_dir), run.dir("classify"), config="classify-world",
+                          sets=PRESETS[run.preset]["classify"] + [f"train.seed={run.seed}"], resume=True)
+    row = result["results"][0]
+    return {k: row.get(k) for k in ("before", "after", "zero_shot", "parameters", "method", "train_seconds")
+            if k in row}
+
+
+def stage_samples(run: Run) -> dict:
+    """Each model's greedy answer to one held-out prompt of every kind."""
+    from .chat import load_template
+    from .infer.engine import SamplingParams
+    from .model import hub
+    from .stages.evaluate import engine_for, generate_replies, load_prompts
+    items = [i for path in eval_files(run) for i in load_prompts(path)]
+    chosen = [next(i for i in items if i.get("kind") == kind) for kind in SAMPLE_KINDS
+              if any(i.get("kind") == kind for i in items)]
+    samples = {"prompts": [i["prompt"][-1]["content"] for i in chosen],
+               "references": [i.get("reference") for i in chosen]}
+    for stage in ("pretrain", "sft", "dpo", "ppo"):
+        model, tokenizer = hub.load_model(run.model(stage))
+        template = load_template(run.model(stage))
+        replies = generate_replies(engine_for(model, tokenizer, template), [i["prompt"] for i in chosen], template,
+                                   SamplingParams(max_new_tokens=PRESETS[run.preset]["eval_max_new_tokens"],
+                                                  temperature=0.0))
+        samples[MODEL_NAMES[stage]] = [r.text for r in replies]
+    return samples
+
+
+STAGE_FUNCTIONS: dict[str, Callable[[Run], dict]] = {
+    "world": stage_world, "pretrain": stage_pretrain, "sft": stage_sft, "rm": stage_rm, "dpo": stage_dpo,
+    "ppo": stage_ppo, "eval": stage_eval, "classify": stage_classify, "samples": stage_samples}
+UPSTREAM = {"world": (), "pretrain": ("world",), "sft": ("pretrain",), "rm": ("sft",), "dpo": ("sft",),
+            "ppo": ("sft",), "eval": ("sft", "pretrain", "dpo", "ppo", "rm"), "classify": ("pretrain",),
+            "samples": ("pretrain", "sft", "dpo", "ppo")}
+
+
+def _training_numbers(run_dir: Path, summary: dict, keys: tuple[str, ...]) -> dict:
+    """The loop's summary plus the last logged value of each of ``keys``."""
+    from .plots import read_metrics
+    out = {"steps": summary.get("steps"), "final_loss": summary.get("final_loss"),
+           "seconds_training": summary.get("seconds")}
+    metrics = run_dir / "metrics.jsonl"
+    records = read_metrics(metrics) if metrics.is_file() else []
+    for key in keys:
+        values = [r[key] for r in records if isinstance(r.get(key), (int, float))]
+        out[key] = values[-1] if values else (summary.get("eval") or {}).get(key)
+    return out
+
+
+# ----------------------------------------------------------------------------------------------- orchestration
+
+def fingerprint(run: Run, stage: str, upstream: dict[str, str]) -> str:
+    """A hash of what determines the stage's output: preset, seed, the recipe files it reads, its inputs."""
+    from .config import CONFIG_DIR
+    parts = {"stage": stage, "preset": PRESETS[run.preset], "seed": run.seed,
+             "upstream": {u: upstream[u] for u in UPSTREAM[stage]},
+             "recipes": {p.name: p.read_text(encoding="utf-8") for p in sorted(CONFIG_DIR.glob("*.yaml"))}}
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def _read_state(path: Path) -> dict | None:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+
+
+def _write_state(path: Path, state: dict) -> None:
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(state, indent=2, default=str), encoding="utf-8")
+    tmp.replace(path)
+
+
+def run_stage(run: Run, stage: str, prints: str, upstream: dict[str, str], force: bool) -> tuple[dict, float, bool]:
+    """Run one stage unless it already finished with the same fingerprint; returns (result, seconds, skipped)."""
+    folder = run.dir(stage)
+    state_file = folder / "stage.json"
+    fp = upstream[stage] = fingerprint(run, stage, upstream)
+    state = _read_state(state_file)
+    if state and not force and state.get("fingerprint") == fp and state.get("done"):
+        print(f"{prints} {stage}: done before with the same configuration; skipped", file=sys.stderr)
+        return state["result"], state["seconds"], True
+    if folder.exists() and (force or (state or {}).get("fingerprint") != fp):
+        shutil.rmtree(folder)                       # changed configuration or --force: start over
+    folder.mkdir(parents=True, exist_ok=True)
+    previous = state["seconds"] if state and state.get("fingerprint") == fp else 0.0
+    _write_state(state_file, {"fingerprint": fp, "done": False, "seconds": previous})
+    print(f"{prints} {stage}: {'resuming' if previous else 'running'}", file=sys.stderr)
+    start = time.perf_counter()
+    result = STAGE_FUNCTIONS[stage](run)
+    seconds = previous + time.perf_counter() - start
+    _write_state(state_file, {"fingerprint": fp, "done": True, "seconds": seconds, "result": result})
+    return result, seconds, False
+
+
+def run_pipeline(out_dir: str | Path = "runs/llmlab", preset: str = "tiny", stages: list[str] | None = None,
+                 force: bool = False, seed: int = 0) -> dict:
+    """Run the stages (all by default) and write the report; returns the summary."""
+    if preset not in PRESETS:
+        raise LLMLabError(f"unknown preset {preset!r}; choose one of {', '.join(PRESETS)}")
+    chosen = list(stages or STAGES)
+    unknown = [s for s in chosen if s not in STAGES]
+    if unknown:
+        raise LLMLabError(f"unknown stage(s) {', '.join(unknown)}; the stages are {', '.join(STAGES)}")
+    run = Run(Path(out_dir), preset, seed, {})
+    run.out.mkdir(parents=True, exist_ok=True)
+    expected = PRESETS[preset]["seconds"]
+    upstream: dict[str, str] = {}
+    seconds: dict[str, float] = {}
+    started, spent_expected = time.perf_counter(), 0.0
+    for i, stage in enumerate(STAGES):
+        if stage not in chosen:
+            state = _read_state(run.dir(stage) / "stage.json")
+            if not (state and state.get("done")):
+                raise LLMLabError(f"stage {stage!r} has not run in {run.out}; include it in --stages")
+            upstream[stage], run.results[stage], seconds[stage] = state["fingerprint"], state["result"], \
+                state["seconds"]
+            continue
+        elapsed = time.perf_counter() - started
+        left = sum(expected[s] for s in STAGES[i:] if s in chosen)
+        pace = elapsed / spent_expected if spent_expected and elapsed > 5 else 1.0
+        prints = f"[{i + 1}/{len(STAGES)} | {elapsed:5.0f}s elapsed, ~{left * pace:4.0f}s left]"
+        run.results[stage], seconds[stage], skipped = run_stage(run, stage, prints, upstream, force)
+        spent_expected += 0 if skipped else expected[stage]
+    summary = {**run.results, "seconds": seconds, "total_seconds": sum(seconds.values()), "preset": preset,
+               "seed": seed, "peak_memory_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+    summary.pop("samples", None)
+    paths = write_pipeline_report(run, summary)
+    print(f"report: {paths['md']} (also {paths['html'].name}, {paths['summary'].name})", file=sys.stderr)
+    return summary
+
+
+# ----------------------------------------------------------------------------------------------- the report
+
+def _figure(run: Run, stage: str, name: str) -> list[str]:
+    return [f"{stage}/{name}"] if (run.dir(stage) / name).is_file() else []
+
+
+def write_pipeline_report(run: Run, summary: dict) -> dict:
+    r, s = run.results, summary["seconds"]
+    ev = r["eval"]
+    models = [m for m in ("base", "SFT", "DPO", "PPO") if m in ev]
+    metrics = ("exact_match", "world_reward", "reward_model", "refusal_rate", "false_refusal_rate")
+    bar_chart(list(metrics), {m: [ev[m].get(k) or 0.0 for k in metrics] for m in models},
+              run.out / "eval.png", title="held-out evaluation", ylabel="rate / mean score")
+    eval_table = [["model", *metrics, "win_rate vs SFT", "KL vs SFT"]] + [
+        [m, *[_num(ev[m].get(k)) for k in metrics], _num(ev[m].get("win_rate")), _num(ev[m].get("kl"))]
+        for m in models]
+    cl = r["classify"]
+    sections = [
+        Section("The task world", f"A synthetic world generated from seed {run.seed} (preset "
+                f"`{PRESETS[run.preset]['world']}`): people with homes, jobs, pets and stories; arithmetic; "
+                "string tasks; and a vault whose code the assistant must never reveal. Train and evaluation "
+                "questions never overlap.", numbers=r["world"]),
+        Section("Pre-training", "A byte-level BPE tokenizer and a Llama-style decoder trained on the world's "
+                "corpus (next-token prediction on BOS-aligned packed rows).",
+                numbers={**r["pretrain"], "seconds": s["pretrain"]}, figures=_figure(run, "pretrain", "loss.png")),
+        Section("Supervised fine-tuning", "The base model fine-tuned on chat conversations, loss on the "
+                "assistant's tokens and end-of-turn token only; exact match on held-out questions (greedy).",
+                numbers={**r["sft"], "seconds": s["sft"]}, figures=_figure(run, "sft", "loss.png")),
+        Section("Reward model", "The SFT model with a scalar head on the last token, trained with the "
+                "Bradley–Terry loss −log σ(r_chosen − r_rejected); pairwise accuracy on held-out pairs.",
+                numbers={**r["rm"], "seconds": s["rm"]}, figures=_figure(run, "rm", "loss.png")),
+        Section("DPO", "Direct preference optimisation from the SFT model (β = 0.1, reference log-probabilities "
+                "computed once and cached).", numbers={**r["dpo"], "seconds": s["dpo"]},
+                figures=_figure(run, "dpo", "loss.png")),
+        Section("PPO", "RLHF with PPO from the SFT model against the world's programmatic reward, with a "
+                "per-token KL penalty to the SFT model, a value head and GAE.",
+                numbers={**r["ppo"], "seconds": s["ppo"]}, figures=_figure(run, "ppo", "reward.png")),
+        Section("Evaluation", "Every model answers every held-out prompt greedily. Exact match on the held-out "
+                "questions, the world's programmatic reward, the reward model's score, the refusal rate on "
+                "forbidden requests and the false-refusal rate on benign ones; win rate and KL against SFT.",
+                table=eval_table, figures=["eval.png"]),
+        Section("Classification", "The pre-trained model with a new classification head on its last token, "
+                "fine-tuned to tell forbidden requests from allowed ones; accuracy on held-out requests before "
+                "and after.", numbers={**cl, "seconds": s["classify"]}, figures=_figure(run, "classify",
+                                                                                        "accuracy.png")),
+    ]
+    samples = r.get("samples") or {}
+    sample_pairs = []
+    for i, prompt in enumerate(samples.get("prompts", [])):
+        sample_pairs.append((f"prompt {i + 1}", f"{prompt}\n(reference: {samples['references'][i]})"))
+        sample_pairs += [(m, samples[m][i].replace("\n", " ⏎ ").strip() or "(nothing)") for m in models
+                         if m in samples]
+    sections.append(Section("Samples", "Greedy answers of each model to the same held-out prompts.",
+                            samples=sample_pairs))
+    sections.append(Section("Time", "Wall-clock seconds per stage.",
+                            numbers={**{k: round(v, 1) for k, v in s.items()},
+                                     "total": round(summary["total_seconds"], 1),
+                                     "peak memory (MB)": round(summary["peak_memory_mb"])}))
+    intro = (f"`llmlab run --preset {run.preset}`: every stage of a language model's life on the built-in task "
+             f"world, in {summary['total_seconds'] / 60:.1f} minutes.")
+    return write_report(run.out, "llmlab run", intro, sections, summary)
+
+
+def _num(v):
+    return f"{v:.3f}" if isinstance(v, float) else ("—" if v is None else str(v))
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser("run", help="the whole life cycle on the built-in task world, with a report")
+    p.add_argument("--preset", default="tiny", choices=list(PRESETS))
+    p.add_argument("--out", default="runs/llmlab")
+    p.add_argument("--stages", nargs="+", default=None, metavar="STAGE",
+                   help=f"run only these stages (earlier ones must have run): {' '.join(STAGES)}")
+    p.add_argument("--force", action="store_true", help="rerun the chosen stages from scratch")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=lambda a: run_pipeline(a.out, a.preset, a.stages, a.force, a.seed) and 0)
