@@ -39,11 +39,11 @@ class ChatSession:
     """A conversation with one engine: history, system prompt, context fitting and streamed answers."""
 
     def __init__(self, engine: Engine, template: str, params: SamplingParams, *, system: str | None = None,
-                 out: TextIO = sys.stdout, label: str = "assistant> "):
+                 out: TextIO | None = None, label: str = "assistant> "):
         if params.max_new_tokens >= engine.context:
             raise LLMLabError(f"--max-new-tokens {params.max_new_tokens} leaves no room for a prompt in this "
                               f"model's context of {engine.context} tokens")
-        self.engine, self.template, self.out, self.label = engine, template, out, label
+        self.engine, self.template, self.out, self.label = engine, template, out or sys.stdout, label
         tok = engine.tokenizer
         self.special = {"bos_token": tok.bos_token or "", "eos_token": tok.eos_token or ""}
         stops = [s for s in chat.stop_strings(template, tok.eos_token) if s not in params.stop]
