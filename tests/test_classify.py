@@ -139,7 +139,7 @@ def gpt2_folder(tmp_path: Path, byte_tokenizer) -> Path:
     return folder
 
 
-@pytest.mark.parametrize("backend,method", [("ours", "full"), ("transformers", "lora")])
+@pytest.mark.parametrize("backend,method", [("ours", "full"), ("ours", "lora"), ("transformers", "lora")])
 def test_padless_gpt2_trains_saves_and_reloads_with_same_logits(tmp_path, byte_tokenizer, backend, method):
     folder = gpt2_folder(tmp_path, byte_tokenizer)
     loaded = load_classifier(str(folder), 2, method=method, backend=backend)
