@@ -21,7 +21,7 @@ import math
 import re
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -199,7 +199,6 @@ class Loaded:
     folder: Path
     backend: str                 # ours | transformers
     is_decoder: bool
-    notes: list = field(default_factory=list)
 
 
 def resolve_model(path: str) -> Path:
