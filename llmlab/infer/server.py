@@ -179,6 +179,8 @@ class Server:
         """max_tokens, checked against the context (OpenAI's rule: prompt + max_tokens must fit); by default
         everything the context leaves."""
         context = self.engine.context
+        if prompt_len == 0:
+            raise APIError(400, "the prompt is empty once tokenized", param="prompt")
         if prompt_len >= context:
             raise APIError(400, f"the prompt has {prompt_len} tokens; this model's context is {context} tokens "
                                 "(at least one must be left for the answer)", param="messages",
