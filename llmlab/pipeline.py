@@ -47,14 +47,14 @@ PRESETS = {
         "ppo": ["train.max_steps=3", "train.checkpoint_every=2", "train.eval_every=0", "ppo.rollout_batch=8",
                 "ppo.minibatch=4", "ppo.epochs=1", "ppo.max_new_tokens=16"],
         "classify": ["data.train_limit=64", "data.test_limit=32", "classify.epochs=1"],
-        "eval_limit": None, "eval_max_new_tokens": 16,
+        "eval_max_new_tokens": 16,
         "seconds": {"world": 1, "pretrain": 15, "sft": 15, "rm": 8, "dpo": 8, "ppo": 20, "eval": 20,
                     "classify": 8, "samples": 5},
     },
     "tiny": {
         "world": "tiny",
         "pretrain": [], "sft": [], "rm": [], "dpo": [], "ppo": [], "classify": [],
-        "eval_limit": None, "eval_max_new_tokens": 48,
+        "eval_max_new_tokens": 48,
         "seconds": {"world": 2, "pretrain": 200, "sft": 150, "rm": 60, "dpo": 60, "ppo": 180, "eval": 90,
                     "classify": 40, "samples": 10},
     },
@@ -64,7 +64,7 @@ PRESETS = {
                      "tokenizer.vocab_size=2048"],
         "sft": ["train.max_steps=2000"], "rm": ["train.max_steps=800"], "dpo": ["train.max_steps=600"],
         "ppo": ["train.max_steps=300"], "classify": ["classify.epochs=3"],
-        "eval_limit": None, "eval_max_new_tokens": 48,
+        "eval_max_new_tokens": 48,
         "seconds": {"world": 3, "pretrain": 1500, "sft": 900, "rm": 300, "dpo": 300, "ppo": 600, "eval": 200,
                     "classify": 120, "samples": 20},
     },
@@ -160,7 +160,6 @@ def stage_eval(run: Run) -> dict:
     from .stages.evaluate import evaluate_models
     report = evaluate_models([run.model(s) for s in EVAL_MODELS], eval_files(run), run.dir("eval"),
                              reward=run.model("rm"), reference=run.model("sft"), world=str(run.world_dir),
-                             limit=PRESETS[run.preset]["eval_limit"],
                              max_new_tokens=PRESETS[run.preset]["eval_max_new_tokens"])
     return {MODEL_NAMES[s]: {k: v for k, v in row.items() if k != "model"}
             for s, row in zip(EVAL_MODELS, report["models"])}
