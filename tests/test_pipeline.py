@@ -1,0 +1,87 @@
+"""``llmlab run --preset test``: every stage, a complete report, and an interrupted run that continues to the same
+numbers."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from llmlab.pipeline import STAGES, run_pipeline
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+SECTIONS = ("The task world", "Pre-training", "Supervised fine-tuning", "Reward model", "DPO", "PPO", "Evaluation",
+            "Classification", "Samples", "Time")
+
+
+def numbers(summary: dict) -> dict:
+    """The report's numbers without wall-clock times."""
+    timing = {"seconds", "total_seconds", "peak_memory_mb", "seconds_training", "train_seconds", "examples_per_s"}
+
+    def strip(value):
+        if isinstance(value, dict):
+            return {k: strip(v) for k, v in value.items() if k not in timing}
+        return value
+    return strip(summary)
+
+
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory):
+    out = tmp_path_factory.mktemp("run") / "full"
+    return out, run_pipeline(out, preset="test")
+
+
+def test_every_stage_runs_and_the_report_is_complete(finished):
+    out, summary = finished
+    assert all(stage in summary or stage == "samples" for stage in STAGES)
+    assert set(summary["seconds"]) == set(STAGES)
+    report = (out / "report.md").read_text()
+    for title in SECTIONS:
+        assert f"## {title}" in report
+    figures = [line.split("](")[1].rstrip(")") for line in report.splitlines() if line.startswith("![")]
+    assert len(figures) >= 7
+    for fig in figures:
+        assert (out / fig).read_bytes()[:8] == PNG_MAGIC, fig
+    html = (out / "report.html").read_text()
+    assert html.count("data:image/png;base64,") == len(figures)
+    on_disk = json.loads((out / "summary.json").read_text())
+    assert on_disk["eval"]["SFT"]["exact_match"] == summary["eval"]["SFT"]["exact_match"]
+    for model in ("base", "SFT", "DPO", "PPO"):
+        assert {"exact_match", "refusal_rate", "false_refusal_rate", "reward_model"} <= set(summary["eval"][model])
+    assert 0 <= summary["classify"]["after"] <= 1 and summary["rm"]["val_accuracy"] is not None
+
+
+def test_a_second_run_skips_every_finished_stage(finished, capsys):
+    out, summary = finished
+    again = run_pipeline(out, preset="test")
+    assert numbers(again) == numbers(summary)
+    assert capsys.readouterr().err.count("skipped") == len(STAGES)
+
+
+def test_a_killed_run_continues_to_the_same_numbers(finished, tmp_path):
+    _, summary = finished
+    out = tmp_path / "killed"
+    proc = subprocess.Popen([sys.executable, "-m", "llmlab.cli", "run", "--preset", "test", "--out", str(out)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    latest = out / "sft" / "checkpoints" / "latest"
+    deadline = time.time() + 300
+    while not latest.exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert latest.exists(), "the run never reached its first SFT checkpoint"
+    assert not json.loads((out / "sft" / "stage.json").read_text())["done"]
+    resumed = run_pipeline(out, preset="test")
+    assert numbers(resumed) == numbers(summary)
+
+
+def test_unknown_preset_and_stage_are_rejected(tmp_path):
+    from llmlab.errors import LLMLabError
+    with pytest.raises(LLMLabError, match="unknown preset"):
+        run_pipeline(tmp_path, preset="huge")
+    with pytest.raises(LLMLabError, match="unknown stage"):
+        run_pipeline(tmp_path, preset="test", stages=["pretraining"])
+    with pytest.raises(LLMLabError, match="has not run"):
+        run_pipeline(tmp_path / "fresh", preset="test", stages=["sft"])
