@@ -94,6 +94,10 @@ class RotaryEmbedding(nn.Module):
         """(cos, sin) for positions of shape (B, T), each (B, 1, T, head_dim) to broadcast over heads."""
         return self.cos[position_ids].unsqueeze(1), self.sin[position_ids].unsqueeze(1)
 
+    def span(self, start: int, length: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(cos, sin) for the positions start … start+length−1 of every row: slices, no gather."""
+        return self.cos[start:start + length][None, None], self.sin[start:start + length][None, None]
+
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """Rotate channel pairs (x_i, x_{i+d/2}): x·cos + rotate_half(x)·sin, rotate_half(x) = [-x₂, x₁]."""

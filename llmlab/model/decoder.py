@@ -47,10 +47,8 @@ def attention_layout(attention_mask: torch.Tensor | None, t_q: int, t_k: int, de
     return (causal & keys) | self_pos, False
 
 
-def positions_from_mask(attention_mask: torch.Tensor | None, batch: int, past: int, t: int, device) -> torch.Tensor:
+def positions_from_mask(attention_mask: torch.Tensor, past: int, t: int) -> torch.Tensor:
     """Position ids of the t new tokens: counting only real tokens, so a left-padded prompt starts at 0."""
-    if attention_mask is None:
-        return torch.arange(past, past + t, device=device).expand(batch, t)
     return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, past:past + t]
 
 
@@ -82,13 +80,16 @@ class Decoder(nn.Module):
         if past + t > self.config.max_seq_len:
             raise ValueError(f"sequence of {past + t} tokens exceeds the model's context of "
                              f"{self.config.max_seq_len} (max_seq_len)")
-        if position_ids is None:
-            position_ids = positions_from_mask(attention_mask, b, past, t, input_ids.device)
+        contiguous = position_ids is None and attention_mask is None     # positions past … past+t−1 in every row
+        if position_ids is None and not contiguous:
+            position_ids = positions_from_mask(attention_mask, past, t)
         x = self.embed(input_ids)
         if self.pos_embed is not None:
-            x = x + self.pos_embed(position_ids)
+            x = x + (self.pos_embed.weight[past:past + t] if contiguous else self.pos_embed(position_ids))
         x = self.drop(x)
-        rope = self.rope(position_ids) if self.rope is not None else None
+        rope = None
+        if self.rope is not None:
+            rope = self.rope.span(past, t) if contiguous else self.rope(position_ids)
         mask, is_causal = attention_layout(attention_mask, t, past + t, input_ids.device)
         for i, block in enumerate(self.blocks):
             x = block(x, rope=rope, mask=mask, is_causal=is_causal, cache=cache, layer=i)
