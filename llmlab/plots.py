@@ -73,7 +73,7 @@ def bar_chart(categories: list[str], series: dict[str, list[float]], out_png: st
               title: str = "", ylabel: str = "", ylim: tuple[float, float] | None = None) -> Path:
     """Grouped bars: one group per category, one bar per series (e.g. before/after per model), values printed
     on the bars."""
-    fig = Figure(figsize=(max(5.0, 1.4 * len(categories) * max(1, len(series)) / 2 + 2), 4), dpi=110)
+    fig = Figure(figsize=(min(11.0, max(5.0, 0.7 * len(categories) * max(1, len(series)) + 2)), 4), dpi=110)
     FigureCanvasAgg(fig)
     ax = fig.add_subplot()
     width = 0.8 / max(1, len(series))
