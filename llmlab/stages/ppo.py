@@ -57,7 +57,7 @@ from ..model import hub
 from ..plots import plot_metrics
 from ..train.checkpoint import (capture_rng, list_checkpoints, load_latest, load_optimizer_state_by_name,
                                 optimizer_state_by_name, restore_rng, save_checkpoint)
-from ..train.loop import _MetricsLog, make_optimizer, seed_everything
+from ..train.loop import MetricsLog, make_optimizer, seed_everything
 from ..train.schedule import lr_at
 from .common import deep_merge, start_run, train_config
 from .sft import add_stage_args, stage_recipe
@@ -443,7 +443,7 @@ def run_ppo(model_dir, data_path, out_dir, reward=None, recipe: dict | None = No
     dtype = autocast_dtype(device)
     amp = torch.autocast(device.type, dtype=dtype) if dtype is not None else contextlib.nullcontext()
 
-    log = _MetricsLog(out, train_cfg, step if step else None, True)
+    log = MetricsLog(out, train_cfg, step if step else None, True)
     bar = tqdm(total=train_cfg.max_steps, initial=step, disable=not train_cfg.progress, desc=out.name,
                dynamic_ncols=True)
     start, record, last_eval = time.perf_counter(), {}, {}

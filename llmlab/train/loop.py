@@ -211,7 +211,7 @@ def _logged_step(line: str) -> int | None:
         return None
 
 
-class _MetricsLog:
+class MetricsLog:
     """``metrics.jsonl`` (+ TensorBoard) on rank 0; other ranks write nothing."""
 
     def __init__(self, out_dir: Path, cfg: TrainConfig, resume_step: int | None, main: bool):
@@ -427,7 +427,7 @@ def train(model: nn.Module, loss_fn: Callable, batches, cfg: TrainConfig, out_di
 
     dtype = autocast_dtype(device)
     amp = torch.autocast(device.type, dtype=dtype) if dtype is not None else contextlib.nullcontext()
-    log = _MetricsLog(out_dir, cfg, step if state else None, main)
+    log = MetricsLog(out_dir, cfg, step if state else None, main)
     bar = tqdm(total=cfg.max_steps, initial=step, disable=not (main and cfg.progress), desc=out_dir.name,
                dynamic_ncols=True)
     start = time.perf_counter()
