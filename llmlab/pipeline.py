@@ -55,7 +55,7 @@ PRESETS = {
         "world": "tiny",
         "pretrain": [], "sft": [], "rm": [], "dpo": [], "ppo": [], "classify": [],
         "eval_max_new_tokens": 48,
-        "seconds": {"world": 2, "pretrain": 130, "sft": 80, "rm": 105, "dpo": 45, "ppo": 200, "eval": 30,
+        "seconds": {"world": 2, "pretrain": 350, "sft": 80, "rm": 105, "dpo": 45, "ppo": 200, "eval": 30,
                     "classify": 10, "samples": 5},
     },
     "small": {
