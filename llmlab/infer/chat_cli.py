@@ -15,7 +15,7 @@ from typing import Callable, TextIO
 
 from .. import chat
 from ..errors import LLMLabError
-from .engine import Engine, SamplingParams, add_sampling_args, sampling_from_args
+from .engine import Engine, SamplingParams, add_sampling_args, engine_from_args, sampling_from_args
 
 HELP = ("commands: /reset (forget the conversation), /system TEXT (set the system prompt), "
         "/save FILE (write the messages as JSON), /quit; Ctrl-C stops an answer")
@@ -155,8 +155,7 @@ def repl(session: ChatSession, input_fn: Callable[[str], str] = input) -> None:
 
 
 def _chat_command(args) -> None:
-    from ..device import parse_dtype
-    engine = Engine.from_path(args.model, device=args.device, dtype=parse_dtype(args.dtype))
+    engine = engine_from_args(args)
     template = resolve_template(args.model, engine.tokenizer, args.template)
     params = sampling_from_args(args)
     if args.prompt is not None:

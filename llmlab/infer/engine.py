@@ -370,12 +370,17 @@ def sampling_from_args(args) -> SamplingParams:
                           seed=args.seed)
 
 
+def engine_from_args(args) -> Engine:
+    """The engine for ``--model`` with the precision flags of ``add_sampling_args``."""
+    from ..device import parse_dtype
+    return Engine.from_path(args.model, device=args.device, dtype=parse_dtype(args.dtype),
+                            decode_dtype=parse_dtype(args.decode_dtype), quantize=args.quantize)
+
+
 def _generate_command(args) -> None:
     import sys
 
-    from ..device import parse_dtype
-    engine = Engine.from_path(args.model, device=args.device, dtype=parse_dtype(args.dtype),
-                              decode_dtype=parse_dtype(args.decode_dtype), quantize=args.quantize)
+    engine = engine_from_args(args)
     for piece in engine.stream(args.prompt, sampling_from_args(args)):
         sys.stdout.write(piece)
         sys.stdout.flush()
