@@ -221,6 +221,13 @@ def test_openai_client_completions_n_seed_and_stop(client, server, engine):
     assert "".join(c.choices[0].text for c in streamed if c.choices) == ref.text
 
 
+def test_ask_the_local_server_without_naming_its_model(server, engine, model_dir):
+    from llmlab.infer.client import chat as ask
+    messages = [{"role": "user", "content": "hello"}]
+    text = ask(messages, provider="local", base_url=server.url + "/v1", api_key=KEY, temperature=0, max_tokens=8)
+    assert text == solo(engine, render_ids(engine, model_dir, messages), 8, server.state.chat_stops).text
+
+
 def test_models_health_and_page(client, server):
     assert [m.id for m in client.models.list().data] == ["tiny-chat"]
     assert httpx.get(server.url + "/health").json()["status"] == "ok"

@@ -128,6 +128,15 @@ def _complete(client: openai.OpenAI, request: dict, stream: bool, on_text: Calla
     return "".join(emitted)
 
 
+def _served_model(client: openai.OpenAI) -> str:
+    """The model a local server lists first (``llmlab serve`` serves one); ``llmlab`` when it cannot say."""
+    try:
+        listed = client.models.list().data
+    except openai.APIError:
+        return PROVIDERS["local"].model
+    return listed[0].id if listed else PROVIDERS["local"].model
+
+
 def chat(messages_or_text, *, provider: str = "zhipu", model: str | None = None, base_url: str | None = None,
          api_key: str | None = None, stream: bool = False, temperature: float | None = None,
          max_tokens: int | None = None, max_retries: int = 5, timeout: float = 60,
@@ -146,7 +155,9 @@ def chat(messages_or_text, *, provider: str = "zhipu", model: str | None = None,
     key = _resolve_key(provider, api_key)
     url = base_url or PROVIDERS[provider].base_url
     client = openai.OpenAI(api_key=key, base_url=url, max_retries=0, timeout=timeout)
-    request = {"model": model or PROVIDERS[provider].model, "messages": _as_messages(messages_or_text)}
+    if model is None:
+        model = _served_model(client) if provider == "local" else PROVIDERS[provider].model
+    request = {"model": model, "messages": _as_messages(messages_or_text)}
     if temperature is not None:
         request["temperature"] = temperature
     if max_tokens is not None:
