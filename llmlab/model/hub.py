@@ -622,9 +622,9 @@ def _convert_gguf(gguf_path: Path, dest: Path) -> None:
         (stage / "generation_config.json").write_text(json.dumps(settings, indent=2) + "\n")
 
 
-def _resolve(path) -> Path:
+def resolve_model_dir(path) -> Path:
     """A local folder for ``path``: a directory as is; a ``.gguf`` file converted once into the cache; a hub name
-    (``org/name``) from the local Hugging Face cache or a download."""
+    (``org/name`` or ``name``) from the local Hugging Face cache or a download."""
     p = Path(path).expanduser()
     if p.is_dir():
         return p
@@ -637,7 +637,7 @@ def _resolve(path) -> Path:
         return dest
     if p.exists():
         raise LLMLabError(f"{p} is neither a model directory nor a .gguf file")
-    if re.fullmatch(r"[\w.-]+/[\w.-]+", str(path)):
+    if re.fullmatch(r"[\w.-]+(/[\w.-]+)?", str(path)):
         from huggingface_hub import snapshot_download
         try:
             return Path(snapshot_download(str(path), allow_patterns=["*.json", "*.safetensors", "*.jinja",
@@ -655,7 +655,7 @@ def load_model(path, *, device="cpu", dtype=None):
     folder's ``generation_config`` attached as ``model.generation_config``); any other causal LM is returned as
     the ``transformers`` model itself (``AutoModelForCausalLM``, eval mode). ``dtype`` defaults to float32.
     """
-    folder = _resolve(path)
+    folder = resolve_model_dir(path)
     hf = _hf_config(folder)
     if hf.model_type == "bert":
         raise LLMLabError(f"{folder} is a BERT encoder, not a causal language model: use load_encoder")
@@ -673,7 +673,7 @@ def load_model(path, *, device="cpu", dtype=None):
 def load_our_model(path, **overrides) -> nn.Module:
     """Our Decoder or Encoder from our directory or a mappable Hugging Face folder, for training stages;
     ``overrides`` replace config fields (e.g. ``num_labels=2`` adds a fresh classification head)."""
-    folder = _resolve(path)
+    folder = resolve_model_dir(path)
     hf = _hf_config(folder)
     reason = _unsupported(hf)
     if reason:
@@ -685,7 +685,7 @@ def load_our_model(path, **overrides) -> nn.Module:
 def load_encoder(path, *, device="cpu", dtype=None, **overrides) -> nn.Module:
     """Our Encoder from our directory or a Hugging Face BERT folder (``BertModel``, ``BertForMaskedLM``,
     ``BertForSequenceClassification``)."""
-    folder = _resolve(path)
+    folder = resolve_model_dir(path)
     hf = _hf_config(folder)
     if hf.model_type != "bert":
         raise LLMLabError(f"{folder}/config.json: model_type {hf.model_type!r} is not a BERT encoder")

@@ -20,7 +20,6 @@ import json
 import math
 import re
 import sys
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -201,29 +200,6 @@ class Loaded:
     is_decoder: bool
 
 
-def resolve_model(path: str) -> Path:
-    """A local folder for ``path``: a directory; a ``.gguf`` file converted once through ``hub.load_model``'s
-    cache; or a Hugging Face hub name from the local cache or a download."""
-    p = Path(path).expanduser()
-    if p.is_dir():
-        return p
-    if p.suffix == ".gguf":
-        if not p.is_file():
-            raise LLMLabError(f"GGUF file not found: {p}")
-        if not (hub.gguf_cache_dir(p) / "config.json").is_file():
-            hub.load_model(p)                 # converts into the cache (minutes for a few hundred million weights)
-        return hub.gguf_cache_dir(p)
-    if p.exists() or not re.fullmatch(r"[\w.-]+(/[\w.-]+)?", path):
-        raise LLMLabError(f"model not found: {path} (a model folder, a .gguf file or a Hugging Face model name)")
-    try:
-        from huggingface_hub import snapshot_download
-        return Path(snapshot_download(path, allow_patterns=["*.json", "*.safetensors", "*.txt", "*.model",
-                                                            "tokenizer*", "*.jinja"]))
-    except Exception as e:    # offline, unknown repository: either way it cannot be had here
-        raise LLMLabError(f"{path}: not a local folder, and the Hugging Face hub (or its local cache) could not "
-                          f"provide it ({type(e).__name__})") from None
-
-
 def _head_only(model: nn.Module) -> None:
     """Freeze everything but the classification head (a top-level ``classifier`` or ``score`` module)."""
     for name, p in model.named_parameters():
@@ -252,7 +228,7 @@ def load_classifier(path: str, num_labels: int, method: str = "full", backend: s
                     lora: LoraSection | None = None) -> Loaded:
     """The model at ``path`` with a fresh ``num_labels``-way head, its tokenizer (given a pad token), ready
     for ``method``."""
-    folder = resolve_model(path)
+    folder = hub.resolve_model_dir(path)
     tokenizer = hub.load_tokenizer(folder)
     if tokenizer is None:
         raise LLMLabError(f"{folder}: no tokenizer files (tokenizer.json / tokenizer_config.json / vocab.txt)")
