@@ -33,8 +33,9 @@ from ..lora import LoRAConfig
 from ..train import dist
 from ..train.loop import to_device, train
 from .common import start_run, train_config
-from .sft import (Example, add_stage_args, batches_for, context_of, load_tokenizer_and_template, load_trainable,
-                  pad_collate, pad_id_of, save_trained, sequence_logps, split_heldout, stage_recipe, truncate)
+from .sft import (Example, ExampleData, add_stage_args, batches_for, context_of, load_tokenizer_and_template,
+                  load_trainable, pad_collate, pad_id_of, save_trained, sequence_logps, split_heldout, stage_recipe,
+                  truncate)
 
 REF_FILE = "ref_logps.safetensors"
 DEFAULTS = {
@@ -45,23 +46,6 @@ DEFAULTS = {
     "train": {"max_steps": 200, "lr": 5e-6, "warmup_steps": 10, "weight_decay": 0.0, "eval_every": 50,
               "log_every": 10},
 }
-
-
-@dataclass
-class PairData:
-    max_length: int | None = None   # None: the model's context
-    batch_size: int = 8
-    val_fraction: float = 0.05
-    eval_path: str | None = None
-    path: str | None = None
-
-    def __post_init__(self):
-        self.max_length = None if self.max_length is None else int(self.max_length)
-        self.batch_size, self.val_fraction = int(self.batch_size), float(self.val_fraction)
-        if (self.max_length is not None and self.max_length < 2) or self.batch_size < 1 \
-                or not 0 <= self.val_fraction < 1:
-            raise LLMLabError(f"data: need max_length ≥ 2, batch_size ≥ 1, val_fraction in [0, 1); got "
-                              f"{self.max_length}, {self.batch_size}, {self.val_fraction}")
 
 
 @dataclass
@@ -192,7 +176,7 @@ def run_dpo(model_dir: str, data_path: str, out_dir: str, recipe: dict, *, resum
     from ..data.chat_data import load_pairs
 
     recipe = {**recipe, "model": str(model_dir), "data": {**recipe.get("data", {}), "path": str(data_path)}}
-    data = from_dict(PairData, recipe.get("data"), "data")
+    data = from_dict(ExampleData, recipe.get("data"), "data")
     dpo = from_dict(DPOConfig, recipe.get("dpo"), "dpo")
     lora = from_dict(LoRAConfig, recipe.get("lora"), "lora")
     cfg = train_config(recipe)

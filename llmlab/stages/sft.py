@@ -56,12 +56,10 @@ DEFAULTS = {
 
 
 @dataclass
-class SFTData:
-    """The ``data:`` section: rows of at most ``max_length`` tokens; ``eval_path`` a held-out conversation file
-    (OpenAI ``messages`` or ``prompt`` + ``reference`` lines; else ``val_fraction`` of the training conversations is held
-    out)."""
+class ExampleData:
+    """The ``data:`` section shared by SFT and DPO: rows of at most ``max_length`` tokens; ``eval_path`` a held-out
+    file (else ``val_fraction`` of the training examples is held out)."""
     max_length: int | None = None   # None: the model's context
-    packing: bool = False
     batch_size: int = 8
     val_fraction: float = 0.05
     eval_path: str | None = None
@@ -74,6 +72,12 @@ class SFTData:
                 or not 0 <= self.val_fraction < 1:
             raise LLMLabError(f"data: need max_length ≥ 2, batch_size ≥ 1, val_fraction in [0, 1); got "
                               f"{self.max_length}, {self.batch_size}, {self.val_fraction}")
+
+
+@dataclass
+class SFTData(ExampleData):
+    """SFT's ``data:`` section; ``eval_path`` holds OpenAI ``messages`` or ``prompt`` + ``reference`` lines."""
+    packing: bool = False
 
 
 @dataclass
