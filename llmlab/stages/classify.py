@@ -376,8 +376,11 @@ def zero_shot_accuracy(lm: nn.Module, tokenizer, examples: list[Example], label_
 # ----------------------------------------------------------------------------------------------- one model
 
 def model_slug(path: str, taken: set[str]) -> str:
+    """A short, unique folder name for a model: its file or folder name, or the parent's when the folder is just
+    ``model`` (as in our run directories and some packages), e.g. ``runs/sft/model`` → ``sft``."""
     p = Path(path)
-    base = re.sub(r"[^\w.-]+", "-", (p.stem if p.suffix == ".gguf" else p.name) or "model").strip("-") or "model"
+    name = p.stem if p.suffix == ".gguf" else (p.parent.name if p.name == "model" and p.parent.name else p.name)
+    base = re.sub(r"[^\w.-]+", "-", name or "model").strip("-") or "model"
     slug, i = base, 2
     while slug in taken:
         slug, i = f"{base}-{i}", i + 1
