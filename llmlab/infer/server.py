@@ -28,6 +28,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from .. import chat
 from ..errors import LLMLabError
+from ..model.hub import model_name
 from .batcher import Batcher, Event
 from .engine import Engine, SamplingParams
 
@@ -420,7 +421,7 @@ def _serve_command(args) -> None:
         raise LLMLabError(f"--max-batch must be ≥ 1, got {args.max_batch}")
     engine = Engine.from_path(args.model, device=args.device, dtype=parse_dtype(args.dtype))
     template = resolve_template(args.model, engine.tokenizer, args.template)
-    name = args.model_name or Path(args.model.rstrip("/")).name
+    name = args.model_name or model_name(args.model)
     api_key = args.api_key or os.environ.get("LLMLAB_API_KEY") or None
     app = create_app(engine, model_name=name, template=template, api_key=api_key, max_batch=args.max_batch)
     print(f"serving {name!r} on http://{args.host}:{args.port} (chat page at /, API at /v1)"

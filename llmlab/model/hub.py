@@ -622,6 +622,15 @@ def _convert_gguf(gguf_path: Path, dest: Path) -> None:
         (stage / "generation_config.json").write_text(json.dumps(settings, indent=2) + "\n")
 
 
+def model_name(path) -> str:
+    """A readable name for a model path: the file's stem or the folder's name, or the parent's when the folder is
+    just ``model`` (our run directories, some packages): ``runs/sft/model`` → ``sft``."""
+    p = Path(str(path).rstrip("/"))
+    if p.suffix == ".gguf":
+        return p.stem
+    return p.parent.name if p.name == "model" and p.parent.name else p.name
+
+
 def resolve_model_dir(path) -> Path:
     """A local folder for ``path``: a directory as is; a ``.gguf`` file converted once into the cache; a hub name
     (``org/name`` or ``name``) from the local Hugging Face cache or a download."""

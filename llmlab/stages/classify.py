@@ -376,11 +376,8 @@ def zero_shot_accuracy(lm: nn.Module, tokenizer, examples: list[Example], label_
 # ----------------------------------------------------------------------------------------------- one model
 
 def model_slug(path: str, taken: set[str]) -> str:
-    """A short, unique folder name for a model: its file or folder name, or the parent's when the folder is just
-    ``model`` (as in our run directories and some packages), e.g. ``runs/sft/model`` → ``sft``."""
-    p = Path(path)
-    name = p.stem if p.suffix == ".gguf" else (p.parent.name if p.name == "model" and p.parent.name else p.name)
-    base = re.sub(r"[^\w.-]+", "-", name or "model").strip("-") or "model"
+    """A short, unique folder name for a model (``hub.model_name``, made safe for a path)."""
+    base = re.sub(r"[^\w.-]+", "-", hub.model_name(path) or "model").strip("-") or "model"
     slug, i = base, 2
     while slug in taken:
         slug, i = f"{base}-{i}", i + 1
