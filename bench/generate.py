@@ -13,13 +13,13 @@ import argparse
 import time
 
 import torch
-from transformers import LlamaForCausalLM
+from transformers import AutoModelForCausalLM, LlamaForCausalLM
 
 from common import machine
 from llmlab.infer.engine import Engine, SamplingParams
 from llmlab.model.config import preset
 from llmlab.model.decoder import build_model
-from llmlab.model.hub import config_to_hf, load_model, state_dict_to_hf
+from llmlab.model.hub import config_to_hf, load_model, resolve_model_dir, state_dict_to_hf
 from llmlab.tokenizer import train_bpe
 
 LLAMA_CPP_GEMMA_DECODE = 53.6   # tok/s, llama.cpp on this machine for the same GGUF (4-bit), from the issue
@@ -104,10 +104,11 @@ def main():
 
     path = None if args.skip_gemma else gemma_gguf()
     if path:
-        model, tokenizer = load_model(path)
+        model, tokenizer = load_model(path)          # our Decoder; transformers' own class for the baseline
+        theirs = AutoModelForCausalLM.from_pretrained(resolve_model_dir(path), dtype=torch.float32).eval()
         prompt = tokenizer.encode("The history of the printing press begins", add_special_tokens=True)
         long = (tokenizer.encode("The quick brown fox jumps over the lazy dog. " * 60))[:512]
-        variants = bench_model("Gemma 3 270M (GGUF → float32)", model, tokenizer, prompt, long, args.repeats, model)
+        variants = bench_model("Gemma 3 270M (GGUF → float32)", model, tokenizer, prompt, long, args.repeats, theirs)
         best = max(v[0] for v in variants.values())
         print(f"\nllama.cpp decode (4-bit GGUF, from the issue): {LLAMA_CPP_GEMMA_DECODE} tok/s; "
               f"best llmlab decode = {best / LLAMA_CPP_GEMMA_DECODE:.2f}× llama.cpp")

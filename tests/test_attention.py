@@ -59,6 +59,14 @@ def test_causal_is_bottom_right_aligned_for_decoding():
         assert (scaled_dot_product_attention(q, k, v, is_causal=True, fast=fast) - ref).abs().max() <= 1e-5
 
 
+def test_sliding_window_mask():
+    """Query i sees keys i − W < j ≤ i (transformers' sliding_window_overlay), bottom-right aligned like causal."""
+    i, j = torch.arange(6)[:, None], torch.arange(6)[None, :]
+    assert torch.equal(causal_mask(6, 6, window=3), (j <= i) & (j > i - 3))
+    assert torch.equal(causal_mask(1, 6, window=3), torch.tensor([[False, False, False, True, True, True]]))
+    assert torch.equal(causal_mask(6, 6, window=6), causal_mask(6, 6))
+
+
 def test_formula_path_rejects_bad_head_counts():
     q, k, v = _qkv(h=4, h_kv=3)
     with pytest.raises(ValueError, match="multiple"):

@@ -433,6 +433,10 @@ def test_error_weights_do_not_match_config(saved_llama, change, message):
     (dict(name="llama", norm_position="post"), "model.norm_position"),
     (dict(name="bert", mlp="gelu_tanh"), "model.mlp"),
     (dict(name="llama", qk_norm=True, bias=True), "model.bias"),
+    (dict(name="llama", layer_types=["sliding", "full"], sliding_window=4), "model.layer_types"),
+    (dict(name="llama", attn_scale=0.1), "model.attn_scale"),
+    (dict(name="gemma3", mlp="swiglu"), "model.mlp"),
+    (dict(name="gemma3", attn_scale=0.3), "model.attn_scale"),
 ])
 def test_error_config_without_hugging_face_equivalent(cfg, field):
     with pytest.raises(LLMLabError, match=field):

@@ -4,7 +4,8 @@
 
 Q has shape (batch, n_head, T_q, d_k); K and V have (batch, n_kv_head, T_k, d_k). When n_kv_head < n_head
 (grouped-query attention; n_kv_head = 1 is multi-query attention) each K/V head serves n_head / n_kv_head query
-heads. M is the mask: boolean (True = may attend) or additive (0 or -inf, added to the scores).
+heads. M is the mask: boolean (True = may attend) or additive (0 or -inf, added to the scores). A causal mask lets
+the query at position i see keys j ≤ i; a sliding window of W positions (Gemma's local layers) only i − W < j ≤ i.
 
 Multi-head attention projects the input into h heads, attends in each, concatenates and projects back:
 
@@ -25,15 +26,18 @@ import torch.nn.functional as F
 from torch import nn
 
 
-def causal_mask(t_q: int, t_k: int, device=None) -> torch.Tensor:
-    """Boolean (t_q, t_k) mask, True where query i may see key j.
+def causal_mask(t_q: int, t_k: int, device=None, window: int | None = None) -> torch.Tensor:
+    """Boolean (t_q, t_k) mask, True where query i may see key j: j ≤ i, and i − W < j with a sliding ``window`` W
+    (the query and its W − 1 predecessors, as transformers' ``sliding_window_overlay``: kv_idx > q_idx − W).
 
     Aligned to the bottom right: query i sits at absolute position t_k - t_q + i, so a decode step with a cache
-    (t_q = 1) sees every cached key, and t_q = t_k gives the usual lower triangle.
+    (t_q = 1) sees every cached key (the last W with a window), and t_q = t_k gives the usual lower triangle.
     """
     q_pos = torch.arange(t_k - t_q, t_k, device=device)[:, None]
     k_pos = torch.arange(t_k, device=device)[None, :]
-    return k_pos <= q_pos
+    if window is None:
+        return k_pos <= q_pos
+    return (k_pos <= q_pos) & (k_pos > q_pos - window)
 
 
 def scaled_dot_product_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
@@ -84,7 +88,8 @@ class RotaryEmbedding(nn.Module):
 
     def __init__(self, head_dim: int, max_seq_len: int, theta: float = 10000.0):
         super().__init__()
-        inv_freq = theta ** (-torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim)
+        # 1 / θ^(2i/d), computed as transformers does, so that the tables match its own bit for bit
+        inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim)
         angles = torch.outer(torch.arange(max_seq_len, dtype=torch.float32), inv_freq)
         angles = torch.cat([angles, angles], dim=-1)
         self.register_buffer("cos", angles.cos(), persistent=False)
@@ -144,14 +149,16 @@ class KVCache:
 
 
 class MultiHeadAttention(nn.Module):
-    """Multi-head attention with n_kv_head ≤ n_head key/value heads (MHA, GQA, MQA), optional RoPE and QK-norm.
+    """Multi-head attention with n_kv_head ≤ n_head key/value heads (MHA, GQA, MQA), optional RoPE and QK-norm;
+    ``scale`` replaces the softmax's 1/√head_dim (Gemma: query_pre_attn_scalar^-½).
 
     The three input projections are one matrix ``qkv`` (one matmul instead of three); its rows are
     [W_q (n_head·d), W_k (n_kv_head·d), W_v (n_kv_head·d)].
     """
 
     def __init__(self, d_model: int, n_head: int, n_kv_head: int, head_dim: int, *, bias: bool = False,
-                 qk_norm: bool = False, norm_eps: float = 1e-6, dropout: float = 0.0, fast: bool = True):
+                 qk_norm: bool = False, norm_eps: float = 1e-6, scale: float | None = None, dropout: float = 0.0,
+                 fast: bool = True):
         super().__init__()
         if n_head % n_kv_head:
             raise ValueError(f"n_head ({n_head}) must be a multiple of n_kv_head ({n_kv_head})")
@@ -160,6 +167,7 @@ class MultiHeadAttention(nn.Module):
         self.o_proj = nn.Linear(n_head * head_dim, d_model, bias=bias)
         self.q_norm = nn.RMSNorm(head_dim, eps=norm_eps) if qk_norm else None
         self.k_norm = nn.RMSNorm(head_dim, eps=norm_eps) if qk_norm else None
+        self.scale = scale
         self.dropout = dropout
         self.fast = fast
 
@@ -178,6 +186,6 @@ class MultiHeadAttention(nn.Module):
             q, k = apply_rope(q, *rope), apply_rope(k, *rope)
         if cache is not None:
             k, v = cache.update(layer, k, v)
-        y = scaled_dot_product_attention(q, k, v, mask=mask, is_causal=is_causal,
+        y = scaled_dot_product_attention(q, k, v, mask=mask, is_causal=is_causal, scale=self.scale,
                                          dropout_p=self.dropout if self.training else 0.0, fast=self.fast)
         return self.o_proj(y.transpose(1, 2).reshape(b, t, self.n_head * self.head_dim))

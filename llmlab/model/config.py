@@ -1,4 +1,4 @@
-"""One configuration for every network in llmlab; switches pick GPT-2-, Llama- or BERT-style parts."""
+"""One configuration for every network in llmlab; switches pick GPT-2-, Llama-, Gemma- or BERT-style parts."""
 from __future__ import annotations
 
 import dataclasses
@@ -11,8 +11,9 @@ CHOICES = {
     "norm": ("layernorm", "rmsnorm"),
     "norm_position": ("pre", "post"),
     "pos": ("learned", "rope"),
-    "mlp": ("gelu", "gelu_tanh", "swiglu"),
+    "mlp": ("gelu", "gelu_tanh", "swiglu", "geglu"),
 }
+LAYER_TYPES = ("full", "sliding")
 
 
 @dataclass
@@ -24,17 +25,23 @@ class ModelConfig:
     n_kv_head: int | None = None     # None: = n_head (MHA); fewer: GQA; 1: MQA
     d_model: int = 128
     head_dim: int | None = None      # None: d_model // n_head
-    d_ff: int | None = None          # None: 4·d_model (GELU) or ≈ 8/3·d_model rounded up to 32 (SwiGLU)
+    d_ff: int | None = None          # None: 4·d_model (GELU) or ≈ 8/3·d_model rounded up to 32 (SwiGLU, GeGLU)
     max_seq_len: int = 256
     norm: str = "rmsnorm"
     norm_eps: float = 1e-5
     norm_position: str = "pre"       # pre-norm (GPT-2, Llama) or post-norm (BERT)
+    post_block_norms: bool = False   # Gemma: also normalise the attention and MLP outputs before the residual add
     pos: str = "rope"
     rope_theta: float = 10000.0
+    rope_local_theta: float | None = None  # RoPE θ of the "sliding" layers (Gemma 3: 10⁴ there, 10⁶ global); None: same
     mlp: str = "swiglu"
     bias: bool = False               # biases in attention and MLP projections
     tie_embeddings: bool = True      # lm_head shares the token-embedding matrix
     qk_norm: bool = False            # RMSNorm on each query/key head before RoPE
+    attn_scale: float | None = None  # softmax(s·QKᵀ) scale s; None: 1/√head_dim (Gemma: query_pre_attn_scalar^-½)
+    layer_types: list[str] | None = None  # per layer "full" (causal) or "sliding" (sliding_window); None: all full
+    sliding_window: int | None = None  # W: a "sliding" layer's query at position i sees keys j with i − W < j ≤ i
+    embed_scale: bool = False        # Gemma: token embeddings × √d_model
     dropout: float = 0.0
     init_std: float = 0.02
     scale_residual_init: bool = False  # GPT-2: output projections start at init_std / √(2·n_layer)
@@ -61,10 +68,24 @@ class ModelConfig:
         if self.pos == "rope" and self.head_dim % 2:
             raise LLMLabError(f"RoPE needs an even head_dim, got {self.head_dim}")
         if self.d_ff is None:
-            self.d_ff = 4 * self.d_model if self.mlp != "swiglu" else 32 * -(-(8 * self.d_model // 3) // 32)
+            gated = self.mlp in ("swiglu", "geglu")
+            self.d_ff = 32 * -(-(8 * self.d_model // 3) // 32) if gated else 4 * self.d_model
+        if self.post_block_norms and self.norm_position != "pre":
+            raise LLMLabError("model.post_block_norms needs model.norm_position = 'pre'")
+        if self.layer_types is not None:
+            if len(self.layer_types) != self.n_layer or not set(self.layer_types) <= set(LAYER_TYPES):
+                raise LLMLabError(f"model.layer_types must list 'full' or 'sliding' for each of the {self.n_layer} "
+                                  f"layers, got {self.layer_types!r}")
+            if "sliding" in self.layer_types and (self.sliding_window is None or self.sliding_window <= 0):
+                raise LLMLabError(f"model.layer_types has sliding layers: model.sliding_window must be a positive "
+                                  f"number of positions, got {self.sliding_window!r}")
         for name in ("vocab_size", "n_layer", "n_head", "d_model", "max_seq_len"):
             if getattr(self, name) <= 0:
                 raise LLMLabError(f"model.{name} must be positive, got {getattr(self, name)}")
+
+    def window(self, layer: int) -> int | None:
+        """The sliding window W of ``layer``'s attention, or None when it attends to every earlier position."""
+        return self.sliding_window if self.layer_types is not None and self.layer_types[layer] == "sliding" else None
 
     def num_params(self) -> int:
         """Parameter count without building the model (embeddings counted once when tied)."""
@@ -78,6 +99,10 @@ PRESETS = {
                  norm_eps=1e-5, scale_residual_init=True),
     # Llama: RMSNorm, RoPE, SwiGLU, no biases, separate lm_head.
     "llama": dict(norm="rmsnorm", pos="rope", mlp="swiglu", bias=False, tie_embeddings=False, norm_eps=1e-5),
+    # Gemma 3: Llama plus QK-norm, GeGLU, normalised attention/MLP outputs, embeddings × √d_model, tied embeddings
+    # (the checkpoints' sliding-window layers, attention scale and local RoPE θ come from their config).
+    "gemma3": dict(norm="rmsnorm", pos="rope", mlp="geglu", bias=False, tie_embeddings=True, qk_norm=True,
+                   post_block_norms=True, embed_scale=True, norm_eps=1e-6),
     # BERT: bidirectional encoder, post-norm LayerNorm, learned positions and token types, exact GELU, biases.
     "bert": dict(arch="encoder", norm="layernorm", norm_position="post", pos="learned", mlp="gelu", bias=True,
                  tie_embeddings=True, norm_eps=1e-12, type_vocab_size=2),

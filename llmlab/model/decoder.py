@@ -1,7 +1,7 @@
 """The decoder-only language model: tokens → embedding → N × block → norm → lm_head → next-token logits.
 
-One class covers GPT-2 and Llama styles through ``ModelConfig`` switches (see ``model/config.py``). The model
-computes logits; losses live in ``llmlab/losses.py`` and generation in ``llmlab/infer/engine.py``.
+One class covers GPT-2, Llama and Gemma 3 styles through ``ModelConfig`` switches (see ``model/config.py``). The
+model computes logits; losses live in ``llmlab/losses.py`` and generation in ``llmlab/infer/engine.py``.
 """
 from __future__ import annotations
 
@@ -32,17 +32,22 @@ def init_weights(model: nn.Module, cfg: ModelConfig) -> None:
                 nn.init.zeros_(module.bias)
 
 
-def attention_layout(attention_mask: torch.Tensor | None, t_q: int, t_k: int, device) -> tuple[torch.Tensor | None, bool]:
+def attention_layout(attention_mask: torch.Tensor | None, t_q: int, t_k: int, device,
+                     window: int | None = None) -> tuple[torch.Tensor | None, bool]:
     """The mask for a causal step of ``t_q`` new tokens over ``t_k`` keys, as (mask, is_causal).
 
-    Without padding no mask tensor is built: prefill is plain causal and a one-token decode step sees every key.
-    With a (B, t_k) padding mask (1 = real token), mask = causal ∧ key_is_real; each position also sees itself so
-    that a padding query never has an empty row (its output is ignored anyway).
+    Without padding and without a window that cuts anything off (t_k ≤ W), no mask tensor is built: prefill is
+    plain causal and a one-token decode step sees every key. Otherwise mask = causal (with the sliding window W:
+    i − W < j ≤ i, see ``causal_mask``) ∧ key_is_real for a (B, t_k) padding mask (1 = real token); each position
+    also sees itself so that a padding query never has an empty row (its output is ignored anyway).
     """
-    if attention_mask is None or bool(attention_mask.all()):
+    padded = attention_mask is not None and not bool(attention_mask.all())
+    if not padded and (window is None or t_k <= window):
         return None, t_q > 1
+    causal = causal_mask(t_q, t_k, device, window)                       # (T_q, T_k)
+    if not padded:
+        return causal, False
     keys = attention_mask.bool()[:, None, None, :]                       # (B, 1, 1, T_k)
-    causal = causal_mask(t_q, t_k, device)                               # (T_q, T_k)
     self_pos = torch.arange(t_k - t_q, t_k, device=device)[:, None] == torch.arange(t_k, device=device)[None, :]
     return (causal & keys) | self_pos, False
 
@@ -59,6 +64,10 @@ class Decoder(nn.Module):
         self.embed = nn.Embedding(cfg.vocab_size, cfg.d_model)
         self.pos_embed = nn.Embedding(cfg.max_seq_len, cfg.d_model) if cfg.pos == "learned" else None
         self.rope = RotaryEmbedding(cfg.head_dim, cfg.max_seq_len, cfg.rope_theta) if cfg.pos == "rope" else None
+        self.windows = [cfg.window(i) for i in range(cfg.n_layer)]      # sliding window W per layer, or None
+        local_theta = cfg.rope_local_theta or cfg.rope_theta               # the sliding layers' own RoPE θ
+        self.rope_local = (RotaryEmbedding(cfg.head_dim, cfg.max_seq_len, local_theta)
+                           if self.rope is not None and local_theta != cfg.rope_theta and any(self.windows) else None)
         self.drop = nn.Dropout(cfg.dropout)
         self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer))
         self.final_norm = make_norm(cfg)
@@ -84,15 +93,22 @@ class Decoder(nn.Module):
         if position_ids is None and not contiguous:
             position_ids = positions_from_mask(attention_mask, past, t)
         x = self.embed(input_ids)
+        if self.config.embed_scale:     # × √d_model, rounded to the embedding's dtype as Gemma does
+            x = x * torch.tensor(self.config.d_model ** 0.5, dtype=x.dtype)
         if self.pos_embed is not None:
             x = x + (self.pos_embed.weight[past:past + t] if contiguous else self.pos_embed(position_ids))
         x = self.drop(x)
-        rope = None
-        if self.rope is not None:
-            rope = self.rope.span(past, t) if contiguous else self.rope(position_ids)
-        mask, is_causal = attention_layout(attention_mask, t, past + t, input_ids.device)
+
+        def angles(table):
+            return table.span(past, t) if contiguous else table(position_ids)
+
+        rope = angles(self.rope) if self.rope is not None else None
+        rope_local = angles(self.rope_local) if self.rope_local is not None else rope
+        layouts = {w: attention_layout(attention_mask, t, past + t, input_ids.device, w) for w in set(self.windows)}
         for i, block in enumerate(self.blocks):
-            x = block(x, rope=rope, mask=mask, is_causal=is_causal, cache=cache, layer=i)
+            window = self.windows[i]
+            mask, is_causal = layouts[window]
+            x = block(x, rope=rope_local if window else rope, mask=mask, is_causal=is_causal, cache=cache, layer=i)
         if cache is not None:
             cache.advance(t)
         return self.final_norm(x)

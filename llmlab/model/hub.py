@@ -2,10 +2,11 @@
 
 A model directory is a Hugging Face directory: ``config.json`` (a ``transformers`` config), ``model.safetensors``
 (weights under the Hugging Face names), the tokenizer files, ``chat_template.jinja`` and ``generation_config.json``.
-Our configurations map onto three Hugging Face families:
+Our configurations map onto four Hugging Face families:
 
     ours                                          Hugging Face
     decoder, rmsnorm + rope + swiglu              LlamaForCausalLM   (Qwen3ForCausalLM when qk_norm)
+    decoder, the gemma3 preset's switches         Gemma3ForCausalLM  (model_type gemma3_text; sliding-window layers)
     decoder, layernorm + learned + gelu(_tanh)    GPT2LMHeadModel
     encoder, post-norm layernorm + learned + gelu BertForMaskedLM
     ... with num_labels > 0                       *ForSequenceClassification (heads ``score`` / ``classifier``)
@@ -14,10 +15,11 @@ Weights map name by name through one table per family (``_plan``), used in both 
 are split into row ranges: ``qkv`` = [W_q; W_k; W_v] ↔ q_proj, k_proj, v_proj (query, key, value in BERT), and the
 SwiGLU ``up`` = [W_gate; W_up] ↔ gate_proj, up_proj. GPT-2 keeps its fused ``c_attn`` but stores every projection
 as a Conv1D, i.e. the transposed matrix Wᵀ. Tied weights (lm_head = embed, the BERT decoder = word embeddings)
-are written once, under the embedding's name, as ``save_pretrained`` does.
+are written once, under the embedding's name, as ``save_pretrained`` does. Gemma's RMSNorm scales by (1 + w) where
+ours scales by g, so its norm gains are folded on import, g = w + 1, and unfolded on export, w = g − 1.
 
 ``load_model`` returns our ``Decoder`` when the architecture maps, the ``transformers`` model itself when it does
-not (Gemma, Qwen2, ...), and converts a ``.gguf`` file once into a cached Hugging Face folder.
+not (Qwen2, Gemma 2, ...), and converts a ``.gguf`` file once into a cached Hugging Face folder.
 """
 from __future__ import annotations
 
@@ -41,10 +43,11 @@ from ..errors import LLMLabError
 from .config import ModelConfig, preset
 from .decoder import build_model
 
-FAMILIES = ("llama", "qwen3", "gpt2", "bert")
+FAMILIES = ("llama", "qwen3", "gemma3_text", "gpt2", "bert")      # transformers' model_type
 ARCHITECTURES = {   # family → (language-model head, classification head)
     "llama": ("LlamaForCausalLM", "LlamaForSequenceClassification"),
     "qwen3": ("Qwen3ForCausalLM", "Qwen3ForSequenceClassification"),
+    "gemma3_text": ("Gemma3ForCausalLM", "Gemma3TextForSequenceClassification"),
     "gpt2": ("GPT2LMHeadModel", "GPT2ForSequenceClassification"),
     "bert": ("BertForMaskedLM", "BertForSequenceClassification"),
 }
@@ -52,6 +55,8 @@ ARCHITECTURES = {   # family → (language-model head, classification head)
 REQUIRED_FIELDS = {
     "llama": ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads"),
     "qwen3": ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads"),
+    "gemma3_text": ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+                    "head_dim"),
     "gpt2": ("vocab_size", "n_embd|hidden_size", "n_layer|num_hidden_layers", "n_head|num_attention_heads"),
     "bert": ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads"),
 }
@@ -83,7 +88,18 @@ def _family(cfg: ModelConfig) -> str:
             raise LLMLabError("model.type_vocab_size = 0 has no Hugging Face equivalent: BERT always has token-type "
                               "embeddings (use type_vocab_size ≥ 1)")
         return "bert"
-    need("norm_position", "pre", "a decoder (Llama, GPT-2)")
+    need("norm_position", "pre", "a decoder (Llama, Gemma 3, GPT-2)")
+    if cfg.post_block_norms:
+        for field, value in (("norm", "rmsnorm"), ("pos", "rope"), ("mlp", "geglu"), ("bias", False),
+                             ("qk_norm", True), ("embed_scale", True)):
+            need(field, value, "Gemma 3 (post_block_norms)")
+        return "gemma3_text"
+    why = "a decoder without post_block_norms (Llama, GPT-2)"
+    for field, value in (("embed_scale", False), ("attn_scale", None)):
+        need(field, value, why)
+    if any(cfg.window(i) for i in range(cfg.n_layer)):
+        raise LLMLabError(f"model.layer_types = {cfg.layer_types!r} has no Hugging Face equivalent here: {why} "
+                          "needs every layer 'full'")
     if cfg.pos == "rope":
         for field, value in (("norm", "rmsnorm"), ("mlp", "swiglu")):
             need(field, value, "Llama (RoPE)")
@@ -120,6 +136,8 @@ def config_to_hf(cfg: ModelConfig):
             hf = transformers.LlamaConfig(mlp_bias=cfg.bias, **fields, **common)
         else:
             hf = transformers.Qwen3Config(**fields, **common)
+    elif family == "gemma3_text":
+        hf = transformers.Gemma3TextConfig(**_gemma3_fields(cfg), **common)
     elif family == "gpt2":
         hf = transformers.GPT2Config(n_embd=cfg.d_model, n_layer=cfg.n_layer, n_head=cfg.n_head, n_inner=cfg.d_ff,
                                      n_positions=cfg.max_seq_len, layer_norm_epsilon=cfg.norm_eps,
@@ -137,6 +155,25 @@ def config_to_hf(cfg: ModelConfig):
     return hf
 
 
+def _gemma3_fields(cfg: ModelConfig) -> dict:
+    """Gemma3TextConfig's fields for ``cfg``: attn_scale = query_pre_attn_scalar^-½ (an integer there), a RoPE θ
+    and a mask per layer type (full_attention: causal; sliding_attention: ``sliding_window``)."""
+    scalar = cfg.head_dim if cfg.attn_scale is None else cfg.attn_scale ** -2
+    if abs(scalar - round(scalar)) > 1e-6:
+        raise LLMLabError(f"model.attn_scale = {cfg.attn_scale!r} has no Hugging Face equivalent here: Gemma 3 needs "
+                          "attn_scale = n^-½ for an integer query_pre_attn_scalar n")
+    local_theta = cfg.rope_local_theta or cfg.rope_theta
+    return dict(hidden_size=cfg.d_model, intermediate_size=cfg.d_ff, num_hidden_layers=cfg.n_layer,
+                num_attention_heads=cfg.n_head, num_key_value_heads=cfg.n_kv_head, head_dim=cfg.head_dim,
+                max_position_embeddings=cfg.max_seq_len, rms_norm_eps=cfg.norm_eps,
+                hidden_activation="gelu_pytorch_tanh", query_pre_attn_scalar=round(scalar),
+                sliding_window=cfg.sliding_window,
+                layer_types=[f"{'sliding' if cfg.window(i) else 'full'}_attention" for i in range(cfg.n_layer)],
+                rope_parameters={"full_attention": {"rope_type": "default", "rope_theta": cfg.rope_theta},
+                                 "sliding_attention": {"rope_type": "default", "rope_theta": local_theta}},
+                attention_bias=False, attention_dropout=cfg.dropout)
+
+
 def _unsupported(hf) -> str | None:
     """Why ``hf`` (a transformers config) has no exact llmlab equivalent, or None when it has one."""
     family = hf.model_type
@@ -152,6 +189,16 @@ def _unsupported(hf) -> str | None:
         else:
             checks += [("attention_bias", hf.attention_bias, False),
                        ("use_sliding_window", hf.use_sliding_window, False)]
+    elif family == "gemma3_text":
+        rope = hf.rope_parameters or {}
+        checks += [("hidden_activation", hf.hidden_activation, "gelu_pytorch_tanh"),
+                   ("attention_bias", hf.attention_bias, False),
+                   ("use_bidirectional_attention", hf.use_bidirectional_attention, False),
+                   ("attn_logit_softcapping", hf.attn_logit_softcapping, None),
+                   ("final_logit_softcapping", hf.final_logit_softcapping, None),
+                   ("layer_types", set(hf.layer_types) <= {"full_attention", "sliding_attention"}, True)]
+        checks += [(f"rope_parameters.{kind}.rope_type", (rope.get(kind) or {}).get("rope_type"), "default")
+                   for kind in ("full_attention", "sliding_attention")]
     elif family == "gpt2":
         checks += [("activation_function", hf.activation_function in ("gelu", "gelu_new", "gelu_pytorch_tanh"), True),
                    ("scale_attn_by_inverse_layer_idx", hf.scale_attn_by_inverse_layer_idx, False),
@@ -167,7 +214,7 @@ def _unsupported(hf) -> str | None:
 
 
 def config_from_hf(hf_config) -> ModelConfig:
-    """Our ModelConfig for a ``transformers`` config of the Llama, Qwen3, GPT-2 or BERT family."""
+    """Our ModelConfig for a ``transformers`` config of the Llama, Qwen3, Gemma 3 (text), GPT-2 or BERT family."""
     reason = _unsupported(hf_config)
     if reason:
         raise LLMLabError(f"this Hugging Face config has no llmlab equivalent: {reason}")
@@ -183,6 +230,18 @@ def config_from_hf(hf_config) -> ModelConfig:
                       head_dim=getattr(hf, "head_dim", None), max_seq_len=hf.max_position_embeddings,
                       norm_eps=hf.rms_norm_eps, rope_theta=hf.rope_parameters["rope_theta"],
                       bias=hf.attention_bias, qk_norm=family == "qwen3", dropout=hf.attention_dropout, **common)
+    if family == "gemma3_text":
+        layer_types = ["sliding" if kind == "sliding_attention" else "full" for kind in hf.layer_types]
+        theta = {kind: hf.rope_parameters[kind]["rope_theta"] for kind in ("full_attention", "sliding_attention")}
+        scalar = hf.query_pre_attn_scalar
+        return preset("gemma3", d_model=hf.hidden_size, d_ff=hf.intermediate_size, n_layer=hf.num_hidden_layers,
+                      n_head=hf.num_attention_heads, n_kv_head=hf.num_key_value_heads, head_dim=hf.head_dim,
+                      max_seq_len=hf.max_position_embeddings, norm_eps=hf.rms_norm_eps,
+                      rope_theta=theta["full_attention"],
+                      rope_local_theta=theta["sliding_attention"] if "sliding" in layer_types else None,
+                      attn_scale=None if scalar == hf.head_dim else scalar ** -0.5,
+                      layer_types=layer_types if "sliding" in layer_types else None,
+                      sliding_window=hf.sliding_window, dropout=hf.attention_dropout, **common)
     if family == "gpt2":
         return preset("gpt2", d_model=hf.n_embd, d_ff=hf.n_inner or 4 * hf.n_embd, n_layer=hf.n_layer,
                       n_head=hf.n_head, max_seq_len=hf.n_positions, norm_eps=hf.layer_norm_epsilon,
@@ -198,11 +257,13 @@ def config_from_hf(hf_config) -> ModelConfig:
 
 @dataclass(frozen=True)
 class Entry:
-    """One Hugging Face tensor: ``ours[rows]`` (a row range of a fused matrix), transposed for GPT-2's Conv1D."""
+    """One Hugging Face tensor: ``ours[rows]`` (a row range of a fused matrix), transposed for GPT-2's Conv1D,
+    minus ``shift`` (Gemma's (1 + w) norm gains: hf = ours − 1)."""
     hf: str
     ours: str
     rows: tuple[int, int] | None = None
     transpose: bool = False
+    shift: float = 0.0
     export: bool = True      # written by state_dict_to_hf
     required: bool = True    # must be present in load_hf_state_dict
 
@@ -228,26 +289,34 @@ def _split(ours: str, names: list[str], sizes: list[int], hf_prefix: str, bias: 
     return out
 
 
+# Hugging Face → our norm names in a Llama/Qwen3 block and in a Gemma 3 ("sandwich") block
+BLOCK_NORMS = {"input_layernorm": "attn_norm", "post_attention_layernorm": "mlp_norm"}
+GEMMA3_BLOCK_NORMS = {"input_layernorm": "attn_norm", "post_attention_layernorm": "attn_out_norm",
+                      "pre_feedforward_layernorm": "mlp_norm", "post_feedforward_layernorm": "mlp_out_norm"}
+
+
 def _plan(cfg: ModelConfig) -> list[Entry]:
     """Every Hugging Face tensor of ``cfg``'s family, with where it lives in our model."""
     family = _family(cfg)
     qkv_sizes = [cfg.n_head * cfg.head_dim, cfg.n_kv_head * cfg.head_dim, cfg.n_kv_head * cfg.head_dim]
     classifier = cfg.num_labels > 0
     plan: list[Entry] = []
-    if family in ("llama", "qwen3"):
+    if family in ("llama", "qwen3", "gemma3_text"):
+        gemma = family == "gemma3_text"
+        shift = 1.0 if gemma else 0.0
         plan.append(Entry("model.embed_tokens.weight", "embed.weight"))
         for i in range(cfg.n_layer):
             hf, us = f"model.layers.{i}.", f"blocks.{i}."
             plan += _split(f"{us}attn.qkv", ["q_proj", "k_proj", "v_proj"], qkv_sizes, f"{hf}self_attn.", cfg.bias)
             plan += _linear(f"{hf}self_attn.o_proj", f"{us}attn.o_proj", cfg.bias)
             if cfg.qk_norm:
-                plan += [Entry(f"{hf}self_attn.q_norm.weight", f"{us}attn.q_norm.weight"),
-                         Entry(f"{hf}self_attn.k_norm.weight", f"{us}attn.k_norm.weight")]
+                plan += [Entry(f"{hf}self_attn.q_norm.weight", f"{us}attn.q_norm.weight", shift=shift),
+                         Entry(f"{hf}self_attn.k_norm.weight", f"{us}attn.k_norm.weight", shift=shift)]
             plan += _split(f"{us}mlp.up", ["gate_proj", "up_proj"], [cfg.d_ff, cfg.d_ff], f"{hf}mlp.", cfg.bias)
             plan += _linear(f"{hf}mlp.down_proj", f"{us}mlp.down", cfg.bias)
-            plan += _norm(f"{hf}input_layernorm", f"{us}attn_norm", cfg)
-            plan += _norm(f"{hf}post_attention_layernorm", f"{us}mlp_norm", cfg)
-        plan += _norm("model.norm", "final_norm", cfg)
+            for theirs, ours in (GEMMA3_BLOCK_NORMS if gemma else BLOCK_NORMS).items():
+                plan += _norm(f"{hf}{theirs}", f"{us}{ours}", cfg, shift=shift)
+        plan += _norm("model.norm", "final_norm", cfg, shift=shift)
     elif family == "gpt2":
         plan += [Entry("transformer.wte.weight", "embed.weight"), Entry("transformer.wpe.weight", "pos_embed.weight")]
         for i in range(cfg.n_layer):
@@ -304,14 +373,16 @@ def state_dict_to_hf(model: nn.Module) -> dict[str, torch.Tensor]:
         if e.export:
             t = params[e.ours].detach()
             t = t[e.rows[0]:e.rows[1]] if e.rows else t
-            out[e.hf] = (t.t() if e.transpose else t).contiguous().clone()
+            t = t.t() if e.transpose else t
+            out[e.hf] = (t - e.shift if e.shift else t).contiguous().clone()
     return out
 
 
 def _normalize_keys(family: str, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Drop non-weight buffers and add the body prefix that base-model checkpoints (``BertModel``, the original
     ``gpt2``) leave out; resolve tied duplicates some checkpoints store anyway."""
-    prefix = {"bert": "bert.", "gpt2": "transformer.", "llama": "model.", "qwen3": "model."}[family]
+    prefix = {"bert": "bert.", "gpt2": "transformer.", "llama": "model.", "qwen3": "model.",
+              "gemma3_text": "model."}[family]
     heads = ("cls.", "classifier.", "score.", "lm_head.")
     out = {}
     for name, t in state.items():
@@ -358,6 +429,8 @@ def load_hf_state_dict(model: nn.Module, hf_state_dict: dict[str, torch.Tensor])
                 continue
             target = params[e.ours][e.rows[0]:e.rows[1]] if e.rows else params[e.ours]
             source = state[e.hf].t() if e.transpose else state[e.hf]
+            if e.shift:    # in the model's precision: 1 + w of a bfloat16 checkpoint is not exact in bfloat16
+                source = source.to(target.dtype) + e.shift
             if source.shape != target.shape:
                 shown = tuple(state[e.hf].shape)
                 wanted = tuple(target.t().shape if e.transpose else target.shape)
@@ -660,9 +733,10 @@ def resolve_model_dir(path) -> Path:
 def load_model(path, *, device="cpu", dtype=None):
     """(model, tokenizer) for inference from our directory, a Hugging Face folder or hub name, or a ``.gguf`` file.
 
-    Llama, GPT-2 and Qwen3 (QK-norm) causal LMs become our ``Decoder`` with the weights imported (and the
-    folder's ``generation_config`` attached as ``model.generation_config``); any other causal LM is returned as
-    the ``transformers`` model itself (``AutoModelForCausalLM``, eval mode). ``dtype`` defaults to float32.
+    Llama, Qwen3 (QK-norm), Gemma 3 (text) and GPT-2 causal LMs become our ``Decoder`` with the weights imported
+    (and the folder's ``generation_config`` attached as ``model.generation_config``); any other causal LM is
+    returned as the ``transformers`` model itself (``AutoModelForCausalLM``, eval mode). ``dtype`` defaults to
+    float32.
     """
     folder = resolve_model_dir(path)
     hf = _hf_config(folder)
@@ -687,7 +761,7 @@ def load_our_model(path, **overrides) -> nn.Module:
     reason = _unsupported(hf)
     if reason:
         raise LLMLabError(f"{folder}: no llmlab model for this architecture: {reason}; training stages need a "
-                          "Llama, Qwen3, GPT-2 or BERT model")
+                          "Llama, Qwen3, Gemma 3, GPT-2 or BERT model")
     return _build_ours(folder, hf, overrides)
 
 

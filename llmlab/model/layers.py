@@ -11,7 +11,8 @@ from .config import ModelConfig
 
 def make_norm(cfg: ModelConfig) -> nn.Module:
     """LayerNorm  y = (x − mean(x)) / √(var(x) + ε) · g + b   (GPT-2, BERT), or
-    RMSNorm    y = x / √(mean(x²) + ε) · g                   (Llama: no centring, no bias)."""
+    RMSNorm    y = x / √(mean(x²) + ε) · g                   (Llama: no centring, no bias; Gemma's · (1 + w) is
+                                                             this with g = 1 + w, folded when its weights load)."""
     if cfg.norm == "rmsnorm":
         return nn.RMSNorm(cfg.d_model, eps=cfg.norm_eps)
     return nn.LayerNorm(cfg.d_model, eps=cfg.norm_eps, bias=True)
@@ -21,13 +22,14 @@ class MLP(nn.Module):
     """Feed-forward network applied to each position.
 
     GELU:   down(GELU(up(x)))                       (GPT-2 uses GELU's tanh approximation, BERT the exact one)
-    SwiGLU: down(SiLU(gate(x)) ⊙ up(x))             (Llama; gate and up are one fused matrix ``gate_up``)
+    SwiGLU: down(SiLU(gate(x)) ⊙ up(x))             (Llama; gate and up are one fused matrix ``up`` = [W_gate; W_up])
+    GeGLU:  down(GELU_tanh(gate(x)) ⊙ up(x))        (Gemma; fused the same way)
     """
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.kind = cfg.mlp
-        n_up = 2 * cfg.d_ff if cfg.mlp == "swiglu" else cfg.d_ff
+        n_up = 2 * cfg.d_ff if cfg.mlp in ("swiglu", "geglu") else cfg.d_ff
         self.up = nn.Linear(cfg.d_model, n_up, bias=cfg.bias)
         self.down = nn.Linear(cfg.d_ff, cfg.d_model, bias=cfg.bias)
 
@@ -36,6 +38,9 @@ class MLP(nn.Module):
         if self.kind == "swiglu":
             gate, up = h.chunk(2, dim=-1)
             h = F.silu(gate) * up
+        elif self.kind == "geglu":
+            gate, up = h.chunk(2, dim=-1)
+            h = F.gelu(gate, approximate="tanh") * up
         else:
             h = F.gelu(h, approximate="tanh" if self.kind == "gelu_tanh" else "none")
         return self.down(h)
@@ -46,6 +51,7 @@ class Block(nn.Module):
 
     pre-norm  (GPT-2, Llama): x = x + Attn(Norm(x));  x = x + MLP(Norm(x))
     post-norm (BERT):         x = Norm(x + Attn(x));  x = Norm(x + MLP(x))
+    pre-norm with post_block_norms (Gemma's "sandwich"): x = x + Norm(Attn(Norm(x)));  x = x + Norm(MLP(Norm(x)))
     """
 
     def __init__(self, cfg: ModelConfig):
@@ -53,10 +59,12 @@ class Block(nn.Module):
         self.pre_norm = cfg.norm_position == "pre"
         self.attn_norm = make_norm(cfg)
         self.attn = MultiHeadAttention(cfg.d_model, cfg.n_head, cfg.n_kv_head, cfg.head_dim, bias=cfg.bias,
-                                       qk_norm=cfg.qk_norm, norm_eps=cfg.norm_eps, dropout=cfg.dropout,
-                                       fast=cfg.attn_impl == "sdpa")
+                                       qk_norm=cfg.qk_norm, norm_eps=cfg.norm_eps, scale=cfg.attn_scale,
+                                       dropout=cfg.dropout, fast=cfg.attn_impl == "sdpa")
         self.mlp_norm = make_norm(cfg)
         self.mlp = MLP(cfg)
+        self.attn_out_norm = make_norm(cfg) if cfg.post_block_norms else nn.Identity()
+        self.mlp_out_norm = make_norm(cfg) if cfg.post_block_norms else nn.Identity()
         self.dropout = nn.Dropout(cfg.dropout)
 
     def forward(self, x: torch.Tensor, *, rope=None, mask: torch.Tensor | None = None, is_causal: bool = False,
@@ -65,7 +73,7 @@ class Block(nn.Module):
             return self.dropout(self.attn(h, rope=rope, mask=mask, is_causal=is_causal, cache=cache, layer=layer))
 
         if self.pre_norm:
-            x = x + attend(self.attn_norm(x))
-            return x + self.dropout(self.mlp(self.mlp_norm(x)))
+            x = x + self.attn_out_norm(attend(self.attn_norm(x)))
+            return x + self.mlp_out_norm(self.dropout(self.mlp(self.mlp_norm(x))))
         x = self.attn_norm(x + attend(x))
         return self.mlp_norm(x + self.dropout(self.mlp(x)))
