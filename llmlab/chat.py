@@ -13,7 +13,12 @@ The built-in templates were written from the formats' public descriptions:
 - ``chatml``   ``<|im_start|>{role}\\n{content}<|im_end|>\\n``
 - ``glm-4``    ``[gMASK]<sop><|system|>\\n{system}<|user|>\\n{user}<|assistant|>\\n{answer}``; an answer has no
   closing token: the model ends its turn by emitting ``<|user|>`` (or ``<|observation|>`` / ``<|endoftext|>``)
-- ``llmlab``   our default: ChatML with the tokenizer's BOS (``<|bos|>`` for our tokenizers) in front
+- ``llmlab``   our default: ChatML with the tokenizer's BOS (``<|bos|>`` for our tokenizers) in front and, as in
+  Llama-2's format, a space before each (trimmed) message content: ``<|im_start|>{role}\\n {content}<|im_end|>\\n``.
+  A byte-level BPE has different tokens for a word after a space (``" Zekro"``, ``" 33"``) and at the start of a
+  line (``"Zekro"``, ``"33"``); with the space, an answer begins with the token the model saw in running text and
+  in the question, which a small model trained on little data needs to copy a name or a number. The generation
+  prompt ends at the newline, so the model emits the space inside its first token; replies are left-stripped.
 
 Llama-2/3 and Gemma trim message contents, as their reference templates do.
 """
@@ -81,6 +86,14 @@ _CHATML_TURNS = (
     "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
 )
 
+_LLMLAB = (
+    "{{ bos_token }}"
+    "{% for message in messages %}"
+    "{{ '<|im_start|>' + message['role'] + '\\n ' + message['content'] | trim + '<|im_end|>\\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+)
+
 _GLM4 = (
     "[gMASK]<sop>"
     "{% for message in messages %}"
@@ -98,7 +111,7 @@ TEMPLATES: dict[str, str] = {
     "gemma": _GEMMA,
     "chatml": _CHATML_TURNS,
     "glm-4": _GLM4,
-    "llmlab": "{{ bos_token }}" + _CHATML_TURNS,
+    "llmlab": _LLMLAB,
 }
 DEFAULT_TEMPLATE = "llmlab"
 

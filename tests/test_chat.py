@@ -27,7 +27,7 @@ CONVERSATIONS = [SINGLE, MULTI, PROMPT, SINGLE[:1], MULTI[:4]]
 # What the model must produce for MULTI, per template: each answer and its end-of-turn token.
 EXPECTED_RUNS = {
     "chatml": ["It is 4.<|im_end|>", "It is 6.<|im_end|>"],
-    "llmlab": ["It is 4.<|im_end|>", "It is 6.<|im_end|>"],
+    "llmlab": [" It is 4.<|im_end|>", " It is 6.<|im_end|>"],
     "llama-3": ["It is 4.<|eot_id|>", "It is 6.<|eot_id|>"],
     "gemma": ["It is 4.<end_of_turn>", "It is 6.<end_of_turn>"],
     "llama-2": [" It is 4. <|eos|>", " It is 6. <|eos|>"],
@@ -51,7 +51,8 @@ def merging_tokenizer():
     backend = Tokenizer(models.BPE())
     backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
     backend.decoder = decoders.ByteLevel()
-    corpus = [render(c, t, bos_token="<|bos|>", eos_token="<|eos|>") for c in CONVERSATIONS for t in TEMPLATES.values()]
+    corpus = [render(c, TEMPLATES[name], bos_token="<|bos|>", eos_token="<|eos|>") for c in CONVERSATIONS
+              for name in ("llama-2", "llama-3", "gemma", "chatml", "glm-4")]
     trainer = trainers.BpeTrainer(vocab_size=330, special_tokens=list(SPECIAL_TOKENS[:2]),
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
     backend.train_from_iterator(corpus * 5, trainer)
@@ -98,7 +99,16 @@ def test_formats_by_hand():
     assert render(MULTI[:3], TEMPLATES["glm-4"]) == (
         "[gMASK]<sop><|system|>\nYou are brief.<|user|>\nWhat is 2+2?<|assistant|>\nIt is 4.")
     assert render(SINGLE, TEMPLATES["llmlab"], bos_token="<|bos|>") == (
-        "<|bos|><|im_start|>user\nWhat is 2+2?<|im_end|>\n<|im_start|>assistant\nIt is 4.<|im_end|>\n")
+        "<|bos|><|im_start|>user\n What is 2+2?<|im_end|>\n<|im_start|>assistant\n It is 4.<|im_end|>\n")
+
+
+def test_llmlab_answers_start_with_the_running_text_token(tokenizer):
+    """The space before each content makes a reply's first word the token it is inside a sentence."""
+    messages = [{"role": "user", "content": "Is it 4?"}, {"role": "assistant", "content": "It is 4."}]
+    ids, mask = encode_chat(tokenizer, messages, TEMPLATES["llmlab"])
+    first_answer_token = ids[mask.index(1)]
+    assert first_answer_token == tokenizer.encode("What is 2+2? It", add_special_tokens=False)[-1]
+    assert first_answer_token != tokenizer.encode("\nIt", add_special_tokens=False)[-1]
 
 
 def test_llama3_never_renders_as_llama2(tokenizer, tmp_path):

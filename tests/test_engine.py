@@ -92,6 +92,14 @@ def test_stream_holds_back_possible_stop_prefix(byte_tokenizer):
     assert "".join(pieces) == "abc" and stream.stopped
 
 
+def test_stream_can_drop_the_leading_space_of_a_chat_reply(byte_tokenizer):
+    ids = byte_tokenizer.encode("  It is 4. ", add_special_tokens=False)
+    stripped = TextStream(byte_tokenizer, stop=[], lstrip=True)
+    assert "".join([stripped.add(i) for i in ids] + [stripped.flush()]) == "It is 4. "
+    kept = TextStream(byte_tokenizer, stop=[])
+    assert "".join([kept.add(i) for i in ids] + [kept.flush()]) == "  It is 4. "
+
+
 def test_sampling_is_reproducible_with_a_seed(our_model, byte_tokenizer):
     engine = Engine(our_model, byte_tokenizer, eos_token_ids=[])
     params = SamplingParams(max_new_tokens=12, temperature=1.0, top_k=50, top_p=0.9, seed=123)

@@ -101,9 +101,9 @@ def test_saved_reward_model_scores_the_same_in_transformers(setup, trained):
 def test_reply_encoding_ends_at_the_end_of_turn_token(setup):
     tok = setup["tokenizer"]
     ids = encode_reply(tok, TEMPLATES["llmlab"], [{"role": "user", "content": "hi"}], "yes")
-    assert tok.decode(ids) == "<|bos|><|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\nyes<|im_end|>"
+    assert tok.decode(ids) == "<|bos|><|im_start|>user\n hi<|im_end|>\n<|im_start|>assistant\n yes<|im_end|>"
     empty = encode_reply(tok, TEMPLATES["llmlab"], [{"role": "user", "content": "hi"}], "")
-    assert tok.decode(empty) == "<|bos|><|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n<|im_end|>"
+    assert tok.decode(empty) == "<|bos|><|im_start|>user\n hi<|im_end|>\n<|im_start|>assistant\n<|im_end|>"
 
 
 def test_per_pair_margin_and_eval_split(setup, tmp_path):

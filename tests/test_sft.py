@@ -108,7 +108,7 @@ def test_labels_are_the_assistant_tokens_and_the_end_of_turn(tok_and_template):
     labels = batch["labels"][0]
     targets = [t for t, m in zip(ids[1:], mask[1:]) if m]
     assert labels[labels != -100].tolist() == targets
-    assert tok.decode(targets) == "5<|im_end|>c b a<|im_end|>"
+    assert tok.decode(targets) == " 5<|im_end|> c b a<|im_end|>"
     assert batch["input_ids"].shape == (2, len(ids) - 1)
     assert batch["attention_mask"][1].sum() == 19 and (batch["labels"][1, 19:] == -100).all()
 

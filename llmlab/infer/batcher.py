@@ -230,7 +230,7 @@ class Batcher:
         self.engine.check_prompt(prompt)
         seq = Sequence(prompt=list(prompt), params=params, sink=sink,
                        budget=min(params.max_new_tokens, self.engine.context - len(prompt)),
-                       stream=TextStream(self.engine.tokenizer, params.stop))
+                       stream=TextStream(self.engine.tokenizer, params.stop, params.lstrip))
         if params.seed is not None:
             seq.generator = torch.Generator(device=self.engine.device).manual_seed(params.seed)
         if seq.budget <= 0:

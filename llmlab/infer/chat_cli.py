@@ -47,7 +47,7 @@ class ChatSession:
         tok = engine.tokenizer
         self.special = {"bos_token": tok.bos_token or "", "eos_token": tok.eos_token or ""}
         stops = [s for s in chat.stop_strings(template, tok.eos_token) if s not in params.stop]
-        self.params = dataclasses.replace(params, stop=[*params.stop, *stops])
+        self.params = dataclasses.replace(params, stop=[*params.stop, *stops], lstrip=True)
         self.system = system
         self.history: list[dict] = []            # user/assistant messages, alternating
 

@@ -32,6 +32,7 @@ class SamplingParams:
     repetition_penalty: float = 1.0   # 1: off
     stop: list[str] = field(default_factory=list)
     seed: int | None = None
+    lstrip: bool = False              # drop whitespace at the start of the text (chat replies, see chat.py)
 
     def validate(self) -> None:
         if self.max_new_tokens < 0:
@@ -185,8 +186,8 @@ class TextStream:
     start of a stop string.
     """
 
-    def __init__(self, tokenizer, stop: list[str]):
-        self.tokenizer, self.stop = tokenizer, stop
+    def __init__(self, tokenizer, stop: list[str], lstrip: bool = False):
+        self.tokenizer, self.stop, self.lstrip = tokenizer, stop, lstrip
         self.ids: list[int] = []
         self.sent = 0                  # characters of the text already released
         self.text = ""
@@ -195,6 +196,8 @@ class TextStream:
     def add(self, token_id: int) -> str:
         self.ids.append(token_id)
         self.text = self.tokenizer.decode(self.ids, skip_special_tokens=True)
+        if self.lstrip:
+            self.text = self.text.lstrip()
         for s in self.stop:
             at = self.text.find(s, max(0, self.sent - len(s)))
             if at != -1:
@@ -298,7 +301,7 @@ class Engine:
         """Complete each prompt; returns texts (stop strings and EOS excluded), ids and why each stopped."""
         params = params or SamplingParams()
         encoded = [self.encode(p) for p in prompts]
-        streams = [TextStream(self.tokenizer, params.stop) for _ in encoded]
+        streams = [TextStream(self.tokenizer, params.stop, params.lstrip) for _ in encoded]
         reasons = ["length"] * len(encoded)
         for step in self.generate_ids(encoded, params):
             for row, token in enumerate(step):
@@ -318,7 +321,7 @@ class Engine:
     def stream(self, prompt: str | list[int], params: SamplingParams | None = None) -> Iterator[str]:
         """Yield the completion of one prompt as text pieces, as soon as each is complete."""
         params = params or SamplingParams()
-        stream = TextStream(self.tokenizer, params.stop)
+        stream = TextStream(self.tokenizer, params.stop, params.lstrip)
         for (token,) in self.generate_ids([self.encode(prompt)], params):
             if token is None or token in self.eos_token_ids:
                 break

@@ -18,7 +18,7 @@ import time
 import uuid
 from contextlib import asynccontextmanager
 from pathlib import Path
-from typing import Literal
+from typing import ClassVar, Literal
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -70,6 +70,8 @@ class GenerationRequest(BaseModel):
     stream: StrictBool = False
     stream_options: StreamOptions | None = None
 
+    is_chat: ClassVar[bool] = False
+
     def stops(self) -> list[str]:
         stops = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
         if len(stops) > 4 or not all(stops):
@@ -80,11 +82,12 @@ class GenerationRequest(BaseModel):
         """Engine parameters for choice ``choice`` (seeded choices get seed + choice so they differ)."""
         seed = None if self.seed is None else self.seed + choice
         return SamplingParams(max_new_tokens=budget, temperature=self.temperature, top_p=self.top_p,
-                              stop=self.stops() + extra_stops, seed=seed)
+                              stop=self.stops() + extra_stops, seed=seed, lstrip=self.is_chat)
 
 
 class ChatRequest(GenerationRequest):
     messages: list[Message] = Field(min_length=1)
+    is_chat: ClassVar[bool] = True          # a reply starts without the space some templates put before it
 
 
 class CompletionRequest(GenerationRequest):

@@ -338,7 +338,7 @@ def ppo_step(model: PolicyWithValue, ref: nn.Module, engine: Engine, optimizer, 
     """Rollout, score, rewards and advantages, then the PPO updates; returns the step's metrics."""
     device = engine.device
     responses = sample_responses(engine, [item["ids"] for item in items], cfg.max_new_tokens, seed)
-    texts = [engine.tokenizer.decode(r, skip_special_tokens=True) for r in responses]
+    texts = [engine.tokenizer.decode(r, skip_special_tokens=True).lstrip() for r in responses]
     scores = torch.tensor(scorer(items, texts), dtype=torch.float32, device=device)
     batch = {k: v.to(device) if isinstance(v, torch.Tensor) else v
              for k, v in pack([item["ids"] for item in items], responses, engine.pad_id).items()}
@@ -360,7 +360,7 @@ def ppo_step(model: PolicyWithValue, ref: nn.Module, engine: Engine, optimizer, 
 def evaluate(engine: Engine, items: list[dict], scorer: Scorer, cfg: PPOConfig) -> dict:
     """Mean score of the greedy responses to the held-out prompts."""
     scores = []
-    params = SamplingParams(max_new_tokens=cfg.max_new_tokens, temperature=0.0)
+    params = SamplingParams(max_new_tokens=cfg.max_new_tokens, temperature=0.0, lstrip=True)
     for i in range(0, len(items), cfg.rollout_batch):
         chunk = items[i:i + cfg.rollout_batch]
         done = engine.generate([item["ids"] for item in chunk], params)
