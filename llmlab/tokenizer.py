@@ -39,20 +39,24 @@ def _wrap(backend: Tokenizer) -> PreTrainedTokenizerFast:
     )
 
 
-def train_bpe(texts: Iterable[str], vocab_size: int, min_frequency: int = 2, *,
+def train_bpe(texts: Iterable[str], vocab_size: int, min_frequency: int = 2, *, split_digits: bool = True,
               show_progress: bool = False) -> PreTrainedTokenizerFast:
     """Train a byte-level BPE tokenizer (GPT-2 style) on ``texts``.
 
     Every one of the 256 bytes is in the vocabulary and text is split into bytes before merging, so
     ``decode(encode(x)) == x`` for every Unicode string; no normaliser, no prefix space. ``vocab_size`` counts
-    the specials and the byte alphabet, so it must be at least 256 + 6.
+    the specials and the byte alphabet, so it must be at least 256 + 6. With ``split_digits`` (the default, as
+    in Llama and DeepSeek) every digit is its own token, so ``"47"`` is ``4``, ``7`` and a model can learn
+    arithmetic digit by digit instead of memorising one token per number.
     """
     smallest = BYTE_ALPHABET_SIZE + len(SPECIAL_TOKENS)
     if vocab_size < smallest:
         raise LLMLabError(f"vocab_size {vocab_size} is too small for a byte-level BPE: it needs at least {smallest} "
                           f"(256 bytes + {len(SPECIAL_TOKENS)} special tokens)")
     backend = Tokenizer(models.BPE())
-    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.pre_tokenizer = (pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True), byte_level])
+                             if split_digits else byte_level)
     backend.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(vocab_size=vocab_size, min_frequency=min_frequency,
                                   special_tokens=list(SPECIAL_TOKENS),

@@ -61,6 +61,14 @@ def test_bpe_has_every_byte_and_learned_merges(bpe):
     assert len(bpe.encode("The quick brown fox")) < len("The quick brown fox".encode())
 
 
+def test_bpe_splits_digits_unless_asked_not_to():
+    numbers = ["I have 47 apples and 1234 pears, 47 + 12 = 59."] * 50
+    split = train_bpe(numbers, vocab_size=300)
+    assert [split.decode([i]) for i in split.encode("47 + 12")] == ["4", "7", " +", " ", "1", "2"]
+    whole = train_bpe(numbers, vocab_size=300, split_digits=False)
+    assert len(whole.encode("47 + 12")) < 6
+
+
 @pytest.mark.parametrize("text", HANDMADE)
 def test_bpe_round_trip_handmade(bpe, text):
     assert bpe.decode(bpe.encode(text)) == text
