@@ -45,7 +45,7 @@ def test_last_turn_mask_keeps_only_the_final_answer(lab):
               {"role": "user", "content": "And 2 + 4?"}, {"role": "assistant", "content": "6"}]
     ids, mask = chat.encode_chat(tok, prompt, template)
     kept = last_turn_mask(mask)
-    assert tok.decode([t for t, m in zip(ids, kept) if m]) == "6<|im_end|>"
+    assert tok.decode([t for t, m in zip(ids, kept) if m]) == " 6<|im_end|>"
     assert sum(mask) > sum(kept)
 
 
@@ -71,36 +71,63 @@ def test_cached_reference_equals_a_fresh_forward_and_loss_starts_at_log2(lab, ro
         ipo, _, _ = make_loss(DPOConfig(beta=0.1, loss_type="ipo"))(fresh, pair_collate(encoded[:8], pad, ref))
     assert abs(ipo.item() - (1 / (2 * 0.1)) ** 2) < 1e-3
 
+    # RPO: log 2 plus α times the chosen answers' per-token NLL, computed here with torch's cross-entropy
+    chosen_batch = pad_collate([r["chosen"] for r in encoded[:8]], pad)
+    with torch.no_grad():
+        logits = fresh(chosen_batch["input_ids"])
+        nll = torch.nn.functional.cross_entropy(logits.flatten(0, 1), chosen_batch["labels"].flatten(),
+                                                ignore_index=-100)
+        rpo, _, metrics = make_loss(DPOConfig(beta=0.1, rpo_alpha=0.5))(fresh, pair_collate(encoded[:8], pad, ref))
+    assert abs(rpo.item() - (math.log(2) + 0.5 * nll.item())) < 1e-4
+    assert abs(metrics["nll_chosen"].item() - nll.item()) < 1e-4
 
-def test_one_gradient_step_raises_chosen_and_lowers_rejected(lab, rows, tmp_path):
+
+@pytest.mark.parametrize("rpo_alpha", [0.0, 1.0])
+def test_one_gradient_step_widens_the_margin_and_rpo_keeps_chosen_likely(lab, rows, tmp_path, rpo_alpha):
+    """A DPO step raises log π(y_w) − log π(y_l) (both may fall: DPO only sees their difference); with the RPO
+    term the chosen answers also become more likely."""
     encoded, pad = rows
     model = hub.load_our_model(lab.sft)
     batch = pair_collate(encoded[:8], pad, cached_reference(model, {"t": encoded[:8]}, pad,
                                                             tmp_path / REF_FILE, reuse=False)["t"])
     before, _ = sequence_logps(model, batch)
-    loss, _, _ = make_loss(DPOConfig(beta=0.1))(model, batch)
+    loss_fn = make_loss(DPOConfig(beta=0.1, rpo_alpha=rpo_alpha))
+    loss, _, _ = loss_fn(model, batch)
     loss.backward()
     with torch.no_grad():
         for p in model.parameters():
-            p -= 0.5 * p.grad
+            p -= 0.05 * p.grad
         after, _ = sequence_logps(model, batch)
-    assert (after[:8] - before[:8]).mean() > 0       # chosen answers more likely
-    assert (after[8:] - before[8:]).mean() < 0       # rejected answers less likely
-    with torch.no_grad():
-        assert make_loss(DPOConfig(beta=0.1))(model, batch)[0] < math.log(2)
+        assert ((after[:8] - after[8:]) - (before[:8] - before[8:])).mean() > 0
+        if rpo_alpha:
+            assert (after[:8] - before[:8]).mean() > 0
+        assert loss_fn(model, batch)[0] < loss
 
 
-def test_dpo_raises_the_programmatic_reward_with_bounded_kl(lab, tmp_path):
-    """From an SFT model that refuses everything, DPO on the world's pairs lowers needless refusals."""
+def dpo_run(lab, out, lr=1e-3, **dpo):
     recipe = deep_merge(DEFAULTS, {"data": {"max_length": 128, "batch_size": 8,
                                             "eval_path": str(lab.world / "pairs_eval.jsonl")},
-                                   "train": {**FAST, "max_steps": 40, "lr": 1e-3}})
-    summary = run_dpo(str(lab.sft), str(lab.world / "pairs_train.jsonl"), str(tmp_path / "dpo"), recipe)
-    assert summary["eval"]["val_reward_accuracy"] >= 0.75
+                                   "dpo": dpo, "train": {**FAST, "max_steps": 40, "lr": lr}})
+    return run_dpo(str(lab.sft), str(lab.world / "pairs_train.jsonl"), str(out), recipe)
+
+
+def test_dpo_learns_the_preferences_of_the_pairs(lab, tmp_path):
+    summary = dpo_run(lab, tmp_path / "dpo")
+    # the lab's model was never pre-trained: it can learn the refusal pairs (a quarter of the held-out pairs), not
+    # which sum or fact is right, so its accuracy is about ¼ + ¾ · ½
+    assert summary["eval"]["val_reward_accuracy"] > 0.55
     assert len(load_file(str(tmp_path / "dpo" / REF_FILE))["train.chosen"]) == 200
     logged = [json.loads(line) for line in (tmp_path / "dpo" / "metrics.jsonl").read_text().splitlines()]
     assert {"reward_chosen", "reward_rejected", "reward_margin", "reward_accuracy", "loss"} <= set(logged[-1])
-    assert abs(logged[0]["loss"] - math.log(2)) < 0.1
+    assert logged[-1]["loss"] < logged[0]["loss"] < math.log(2)      # from log 2 at step 0 (tested above), down
+
+
+def test_dpo_with_rpo_raises_the_programmatic_reward_with_bounded_kl(lab, tmp_path):
+    """From an SFT model that refuses everything, DPO with the RPO term (as configs/dpo-world.yaml) on the world's
+    pairs lowers needless refusals."""
+    dpo_run(lab, tmp_path / "dpo", lr=3e-3, rpo_alpha=1.0)
+    logged = [json.loads(line) for line in (tmp_path / "dpo" / "metrics.jsonl").read_text().splitlines()]
+    assert logged[-1]["nll_chosen"] < logged[0]["nll_chosen"]
     prompts = [lab.world / f for f in ("rl_eval.jsonl", "benign_eval.jsonl", "forbidden_eval.jsonl")]
     report = evaluate_models([str(lab.sft), str(tmp_path / "dpo" / "model")], prompts, tmp_path / "eval",
                              world=str(lab.world), reference=str(lab.sft), max_new_tokens=32)

@@ -3,6 +3,7 @@
 With sequence log-probabilities of the answers under the policy π and the frozen reference π_ref (the starting
 model), h = [log π(y_w|x) − log π_ref(y_w|x)] − [log π(y_l|x) − log π_ref(y_l|x)] and the loss is
 −log σ(β·h) (``loss_type: sigmoid``, β = 0.1 by default) or (h − 1/(2β))² (``ipo``); see ``losses.dpo_loss``.
+``rpo_alpha`` = α adds α times the chosen answers' per-token NLL (RPO, as TRL's ``rpo_alpha``).
 
 The reference log-probabilities are computed once, before training, in one pass of the starting model over every
 pair (train and held-out), kept in memory and saved to ``DIR/ref_logps.safetensors`` (reloaded on ``--resume``),
@@ -41,7 +42,7 @@ REF_FILE = "ref_logps.safetensors"
 DEFAULTS = {
     "template": None,
     "data": {"max_length": None, "batch_size": 8, "val_fraction": 0.05, "eval_path": None},
-    "dpo": {"beta": 0.1, "loss_type": "sigmoid", "label_smoothing": 0.0},
+    "dpo": {"beta": 0.1, "loss_type": "sigmoid", "label_smoothing": 0.0, "rpo_alpha": 0.0},
     "lora": to_dict(LoRAConfig()),
     "train": {"max_steps": 200, "lr": 5e-6, "warmup_steps": 10, "weight_decay": 0.0, "eval_every": 50,
               "log_every": 10},
@@ -53,11 +54,15 @@ class DPOConfig:
     beta: float = 0.1
     loss_type: str = "sigmoid"       # sigmoid (DPO) | ipo
     label_smoothing: float = 0.0     # cDPO's ε
+    rpo_alpha: float = 0.0           # weight α of the NLL of the chosen answers (RPO; TRL's rpo_alpha)
 
     def __post_init__(self):
-        self.beta, self.label_smoothing = float(self.beta), float(self.label_smoothing)
+        self.beta, self.label_smoothing, self.rpo_alpha = float(self.beta), float(self.label_smoothing), \
+            float(self.rpo_alpha)
         if self.loss_type not in ("sigmoid", "ipo") or self.beta <= 0:
             raise LLMLabError(f"dpo: need beta > 0 and loss_type sigmoid or ipo; got {self.beta}, {self.loss_type!r}")
+        if self.rpo_alpha < 0:
+            raise LLMLabError(f"dpo.rpo_alpha = {self.rpo_alpha}: must be ≥ 0")
 
 
 # --- data -------------------------------------------------------------------------------------------------------
@@ -141,9 +146,13 @@ def cached_reference(model: nn.Module, sets: dict[str, list[dict]], pad_id: int,
 # --- the stage --------------------------------------------------------------------------------------------------
 
 def make_loss(cfg: DPOConfig):
-    """``loss_fn(model, batch)`` for the loop: one forward over chosen + rejected, ``dpo_loss`` against the cache."""
+    """``loss_fn(model, batch)`` for the loop: one forward over chosen + rejected, ``dpo_loss`` against the cache.
+
+    With ``rpo_alpha`` = α > 0 (RPO, Pang et al. 2024) the loss adds α times the per-token negative log-likelihood
+    of the chosen answers, −Σ log π(y_w|x) / Σ|y_w|, which keeps DPO from lowering the likelihood of the chosen
+    answers along with the rejected ones (a refusal that is chosen for one prompt and rejected for another)."""
     def loss_fn(model: nn.Module, batch: dict):
-        logps, _ = sequence_logps(model, batch)
+        logps, counts = sequence_logps(model, batch)
         b = batch["ref_chosen"].shape[0]
         loss, r_chosen, r_rejected = dpo_loss(logps[:b], logps[b:], batch["ref_chosen"], batch["ref_rejected"],
                                               beta=cfg.beta, loss_type=cfg.loss_type,
@@ -151,6 +160,10 @@ def make_loss(cfg: DPOConfig):
         margin = r_chosen - r_rejected
         metrics = {"reward_chosen": r_chosen.mean(), "reward_rejected": r_rejected.mean(),
                    "reward_margin": margin.mean(), "reward_accuracy": (margin > 0).float().mean()}
+        if cfg.rpo_alpha > 0:
+            nll = -logps[:b].sum() / counts[:b].sum()
+            loss = loss + cfg.rpo_alpha * nll
+            metrics["nll_chosen"] = nll.detach()
         return loss, int(batch["attention_mask"].sum()), metrics
     return loss_fn
 
