@@ -55,8 +55,8 @@ PRESETS = {
         "world": "tiny",
         "pretrain": [], "sft": [], "rm": [], "dpo": [], "ppo": [], "classify": [],
         "eval_max_new_tokens": 48,
-        "seconds": {"world": 2, "pretrain": 350, "sft": 80, "rm": 105, "dpo": 45, "ppo": 200, "eval": 30,
-                    "classify": 10, "samples": 5},
+        "seconds": {"world": 2, "pretrain": 420, "sft": 80, "rm": 55, "dpo": 60, "ppo": 135, "eval": 20,
+                    "classify": 6, "samples": 2},
     },
     "small": {
         "world": "small",
@@ -313,9 +313,13 @@ def write_pipeline_report(run: Run, summary: dict) -> dict:
     metrics = ("exact_match", "world_reward", "reward_model", "refusal_rate", "false_refusal_rate")
     bar_chart(list(metrics), {m: [ev[m].get(k) or 0.0 for k in metrics] for m in models},
               run.out / "eval.png", title="held-out evaluation", ylabel="rate / mean score")
-    eval_table = [["model", *metrics, "win_rate vs SFT", "KL vs SFT"]] + [
-        [m, *[_num(ev[m].get(k)) for k in metrics], _num(ev[m].get("win_rate")), _num(ev[m].get("kl"))]
+    eval_table = [["model", *metrics, "win_rate vs SFT", "win/tie/loss vs SFT", "KL vs SFT"]] + [
+        [m, *[_num(ev[m].get(k)) for k in metrics], _num(ev[m].get("win_rate")),
+         "/".join(f"{x:.2f}" for x in ev[m].get("win_tie_loss") or []) or "—", _num(ev[m].get("kl"))]
         for m in models]
+    by_kind = {m: ev[m].get("exact_match_by_kind") or {} for m in models}
+    kinds = list(dict.fromkeys(k for m in models for k in by_kind[m]))
+    kind_table = [["model", *kinds]] + [[m, *[_num(by_kind[m].get(k)) for k in kinds]] for m in models]
     cl = r["classify"]
     sections = [
         Section("The task world", f"A synthetic world generated from seed {run.seed} (preset "
@@ -332,7 +336,7 @@ def write_pipeline_report(run: Run, summary: dict) -> dict:
                 "Bradley–Terry loss −log σ(r_chosen − r_rejected); pairwise accuracy on held-out pairs.",
                 numbers={**r["rm"], "seconds": s["rm"]}, figures=_figure(run, "rm", "loss.png")),
         Section("DPO", "Direct preference optimisation from the SFT model (β = 0.1, reference log-probabilities "
-                "computed once and cached).", numbers={**r["dpo"], "seconds": s["dpo"]},
+                "computed once and cached, plus the chosen answers' NLL as in RPO).", numbers={**r["dpo"], "seconds": s["dpo"]},
                 figures=_figure(run, "dpo", "loss.png")),
         Section("PPO", "RLHF with PPO from the SFT model against the world's programmatic reward, with a "
                 "per-token KL penalty to the SFT model, a value head and GAE.",
@@ -341,6 +345,8 @@ def write_pipeline_report(run: Run, summary: dict) -> dict:
                 "questions, the world's programmatic reward, the reward model's score, the refusal rate on "
                 "forbidden requests and the false-refusal rate on benign ones; win rate and KL against SFT.",
                 table=eval_table, figures=["eval.png"]),
+        Section("Exact match by kind", "The exact match above, per kind of held-out question (for forbidden "
+                "requests the reference is the refusal).", table=kind_table),
         Section("Classification", "The pre-trained model with a new classification head on its last token, "
                 "fine-tuned to tell forbidden requests from allowed ones; accuracy on held-out requests before "
                 "and after.", numbers={**cl, "seconds": s["classify"]}, figures=_figure(run, "classify",

@@ -13,7 +13,7 @@ from llmlab.infer.engine import SamplingParams
 from llmlab.model import hub
 from llmlab.stages import pairs as pairs_stage
 from llmlab.stages.evaluate import (engine_for, evaluate_models, generate_replies, generated_kl, load_prompts,
-                                    prompt_ids, win_rates)
+                                    prompt_ids, win_rates, win_tie_loss)
 from test_sft import build_lab, one_thread, write_jsonl
 
 
@@ -39,6 +39,7 @@ def answers(model_dir, items, max_new_tokens=24):
 
 def test_win_rates_count_ties_as_half():
     assert win_rates([1.0, 0.0, 0.5, -1.0], [0.0, 0.0, 1.0, -1.0]) == (1 + 0.5 + 0 + 0.5) / 4
+    assert win_tie_loss([1.0, 0.0, 0.5, -1.0], [0.0, 0.0, 1.0, -1.0]) == [0.25, 0.5, 0.25]
 
 
 def test_evaluate_models_matches_a_hand_computation(lab, tmp_path):
@@ -57,6 +58,10 @@ def test_evaluate_models_matches_a_hand_computation(lab, tmp_path):
         benign = [is_refusal(t) for i, t in zip(items, texts) if i["kind"] == "benign"]
         assert row["refusal_rate"] == pytest.approx(sum(forbidden) / len(forbidden))
         assert row["false_refusal_rate"] == pytest.approx(sum(benign) / len(benign))
+        for kind, rate in row["exact_match_by_kind"].items():
+            hits = [exact_match(i, t) for i, t in zip(items, texts) if i["kind"] == kind]
+            assert rate == pytest.approx(sum(hits) / len(hits))
+        assert set(row["exact_match_by_kind"]) == {i["kind"] for i in items}
     base, sft = report["models"]
     assert base["win_rate"] is None and sft["win_rate"] == pytest.approx(win_rates(rewards[1], rewards[0]))
     assert sft["refusal_rate"] == 1.0 and base["refusal_rate"] == 0.0

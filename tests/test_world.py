@@ -74,7 +74,7 @@ def test_sizes_follow_the_config(world):
                  "benign_eval", "forbidden_eval"):
         assert len(getattr(world, name)) == getattr(cfg, f"n_{name}")
     assert len(world.rl_prompts_train) == cfg.n_rl_train and len(world.rl_prompts_eval) == cfg.n_rl_eval
-    assert 50_000 < sum(len(t) for t in world.pretrain_texts) < 400_000
+    assert 50_000 < sum(len(t) for t in world.pretrain_texts) < 1_500_000
     assert set(Counter(r["kind"] for r in world.sft_eval)) == set(KINDS)
 
 
@@ -113,6 +113,18 @@ def test_corpus_states_heldout_facts_but_not_heldout_questions(world):
         templates = ADD_PROSE if op in ("+", "plus") else SUB_PROSE
         for t in templates[:3]:
             assert " " + t.format(a=a, b=b, c=r["reference"]) not in corpus
+
+
+def test_corpus_never_works_a_heldout_string_problem(world):
+    """The corpus's string examples are fresh strings: a held-out one is neither worked in prose nor answered."""
+    corpus = "\n".join(world.pretrain_texts)
+    held = [r for r in world.sft_eval if r["kind"] in ("reverse", "sort", "count")]
+    assert held
+    for r in held:
+        assert f"Answer: {r['reference']}" not in corpus or question(r) not in corpus
+        letters = re.search(r"(?:letters|in) ((?:[a-z] )+[a-z])\b", question(r))
+        if letters and r["kind"] == "reverse":
+            assert f"the letters {letters[1]} read" not in corpus, question(r)
 
 
 # ---------------------------------------------------------------------------------------------------- pairs

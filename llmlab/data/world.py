@@ -39,6 +39,9 @@ TASK_KINDS = KINDS[:5]
 # Share of each kind in the SFT, pair and PPO sets.
 KIND_MIX = {"fact": 0.28, "arithmetic": 0.24, "reverse": 0.1, "sort": 0.1, "count": 0.1,
             "forbidden": 0.1, "benign": 0.08}
+# Share of each kind in the corpus's Question/Answer lines: the skills a small model finds hard get the most.
+CORPUS_QA_MIX = {"fact": 0.3, "arithmetic": 0.25, "reverse": 0.13, "sort": 0.13, "count": 0.13,
+                 "forbidden": 0.03, "benign": 0.03}
 CLASS_NAMES = ("allowed", "forbidden")
 SYSTEM_PROMPTS = (
     "You are a helpful assistant.",
@@ -65,14 +68,14 @@ TOWN_ENDINGS = ("tor", "mere", "wick", "dale", "holm", "ford")
 class WorldConfig:
     """Sizes of the world and of every split; the defaults are the ``tiny`` preset."""
     seed: int = 0
-    n_people: int = 40
-    max_operand: int = 50          # arithmetic operands lie in [0, max_operand)
+    n_people: int = 30
+    max_operand: int = 20          # arithmetic operands lie in [0, max_operand)
     heldout_frac: float = 0.2      # share of problem groups held out for evaluation
-    fact_repeats: int = 4          # phrasings of each fact in the corpus
+    fact_repeats: int = 12         # paragraphs stating each fact in the corpus (phrasings cycle)
     stories_per_person: int = 3    # distinct story templates per person (at most 6)
-    n_corpus_arithmetic: int = 1500
-    n_corpus_strings: int = 1500
-    n_corpus_qa: int = 300
+    n_corpus_arithmetic: int = 3000
+    n_corpus_strings: int = 3000
+    n_corpus_qa: int = 10000
     n_sft_train: int = 2000
     n_sft_eval: int = 200
     n_pairs_train: int = 1500
@@ -91,8 +94,8 @@ PRESETS = {
                  n_corpus_qa=20, n_sft_train=120, n_sft_eval=30, n_pairs_train=60, n_pairs_eval=20, n_rl_train=40,
                  n_rl_eval=20, n_classify_train=60, n_classify_eval=30, n_benign_eval=10, n_forbidden_eval=10),
     "tiny": {},
-    "small": dict(n_people=60, fact_repeats=5, stories_per_person=4, n_corpus_arithmetic=4000, n_corpus_strings=4000,
-                  n_corpus_qa=800, n_sft_train=6000, n_sft_eval=400, n_pairs_train=4000, n_pairs_eval=300,
+    "small": dict(n_people=40, stories_per_person=4, n_corpus_arithmetic=8000, n_corpus_strings=8000,
+                  n_corpus_qa=40000, n_sft_train=6000, n_sft_eval=400, n_pairs_train=4000, n_pairs_eval=300,
                   n_rl_train=1500, n_rl_eval=200, n_classify_train=3000, n_classify_eval=400, n_benign_eval=100,
                   n_forbidden_eval=100),
 }
@@ -348,9 +351,9 @@ def random_strings(rng: random.Random, n: int, lengths: range, alphabet: str, ok
 
 
 def reverse_tasks(rng: random.Random, n: int) -> list[Task]:
-    """Reverse 3-6 letters; palindromes are left out so that the unreversed copy is always wrong."""
+    """Reverse 3-4 letters; palindromes are left out so that the unreversed copy is always wrong."""
     tasks = []
-    for s in random_strings(rng, n, range(3, 7), LETTERS, lambda s: s != s[::-1]):
+    for s in random_strings(rng, n, range(3, 5), LETTERS, lambda s: s != s[::-1]):
         answer = spaced(s[::-1])
         for q in REVERSE_QUESTIONS:     # wrong: the letters copied unreversed
             tasks.append(Task("reverse", f"reverse:{s}", q.format(s=spaced(s)), answer, answer, spaced(s)))
@@ -512,8 +515,9 @@ def allocate(n: int, mix: dict[str, float]) -> dict[str, int]:
     return counts
 
 
-def draw_mixed(rng: random.Random, pools: dict[str, list[Task]], n: int) -> list[Task]:
-    tasks = [t for kind, count in allocate(n, KIND_MIX).items() for t in take(rng, pools[kind], count)]
+def draw_mixed(rng: random.Random, pools: dict[str, list[Task]], n: int,
+               mix: dict[str, float] = KIND_MIX) -> list[Task]:
+    tasks = [t for kind, count in allocate(n, mix).items() for t in take(rng, pools[kind], count)]
     rng.shuffle(tasks)
     return tasks
 
@@ -561,10 +565,30 @@ def classify_records(rng: random.Random, pools: dict[str, list[Task]], n: int) -
 
 # ------------------------------------------------------------------------------------------------ the corpus
 
+def fresh_string_tasks(rng: random.Random, n_per_kind: int, held_groups: set[str]) -> dict[str, list[Task]]:
+    """Per string kind (reverse, sort, count), up to ``n_per_kind`` problems on newly drawn strings, each in one
+    random phrasing, none of them a held-out group.
+
+    The corpus's string examples come from here rather than from the training questions: each problem is seen a
+    few times at most, so the model cannot memorise answers and must learn to read the letters it is given (the
+    copying that reversing, sorting and counting need)."""
+    fresh = {}
+    for kind, make in (("reverse", reverse_tasks), ("sort", sort_tasks), ("count", count_tasks)):
+        groups: dict[str, list[Task]] = {}
+        for t in make(rng, n_per_kind):
+            if t.group not in held_groups:
+                groups.setdefault(t.group, []).append(t)
+        fresh[kind] = [rng.choice(phrasings) for phrasings in groups.values()]
+    return fresh
+
+
 def build_corpus(rng: random.Random, cfg: WorldConfig, people: list[Person], vault: Vault,
-                 train: dict[str, list[Task]]) -> list[str]:
-    """Documents: fact paragraphs and stories per person, vault notes, worked sums and string examples (training
-    problems only), and a few Question/Answer lines; shuffled."""
+                 train: dict[str, list[Task]], held_groups: set[str]) -> list[str]:
+    """Documents: fact paragraphs and stories per person, vault notes, worked sums (training problems only),
+    string examples (fresh strings, never a held-out one), and Question/Answer lines in the SFT questions' words
+    (training problems and fresh strings, mixed by ``CORPUS_QA_MIX``), which teach the skills in the form the
+    assistant is later asked to use them (as "mixed training" does in Allen-Zhu & Li's Physics of LMs 3.1);
+    shuffled."""
     docs: list[str] = []
     for p in people:
         docs += fact_paragraph(rng, p, cfg.fact_repeats)
@@ -576,10 +600,13 @@ def build_corpus(rng: random.Random, cfg: WorldConfig, people: list[Person], vau
             for g in dict.fromkeys(t.group for t in train["arithmetic"])]
     lines = [arithmetic_prose(rng, int(a), op, int(b), rng.choice(people))
              for a, op, b in take(rng, sums, cfg.n_corpus_arithmetic)]
-    strings = list({t.group: t for kind in ("reverse", "sort", "count") for t in train[kind]}.values())
-    lines_s = [string_prose(t) for t in take(rng, strings, cfg.n_corpus_strings)]
+    strings = [t for tasks in fresh_string_tasks(rng, cfg.n_corpus_strings // 3 + 1, held_groups).values()
+               for t in tasks]
+    rng.shuffle(strings)
+    lines_s = [string_prose(t) for t in strings[:cfg.n_corpus_strings]]
     docs += chunk(lines, 8) + chunk(lines_s, 8)
-    qa = take(rng, [t for kind in KINDS for t in train[kind]], cfg.n_corpus_qa)
+    qa_pools = {**train, **fresh_string_tasks(rng, cfg.n_corpus_qa // 4 + 1, held_groups)}
+    qa = draw_mixed(rng, qa_pools, cfg.n_corpus_qa, CORPUS_QA_MIX)
     docs += chunk([f"Question: {t.question}\nAnswer: {t.reference}" for t in qa], 4, sep="\n\n")
     rng.shuffle(docs)
     return docs
@@ -696,7 +723,7 @@ def build_world(cfg: WorldConfig | None = None) -> World:
     sf = cfg.system_prompt_frac
     return World(
         config=cfg, vault_code=vault.code, people=[dataclasses.asdict(p) for p in people],
-        pretrain_texts=build_corpus(rng, cfg, people, vault, train),
+        pretrain_texts=build_corpus(rng, cfg, people, vault, train, {t.group for ts in held.values() for t in ts}),
         sft_train=[sft_record(rng, t, sf, False) for t in draw_mixed(rng, train, cfg.n_sft_train)],
         sft_eval=[sft_record(rng, t, sf, True) for t in draw_mixed(rng, held, cfg.n_sft_eval)],
         pairs_train=[pair_record(rng, t, sf) for t in draw_mixed(rng, train, cfg.n_pairs_train)],

@@ -10,6 +10,8 @@ Every model answers every prompt greedily (through the engine, with its own chat
   (``world.is_refusal``);
 - ``win_rate`` against the first model: per prompt, 1 when the judge scores this model's answer higher, ½ on a
   tie, 0 otherwise, averaged; the judge is the programmatic reward when ``--world`` is given, else the reward model;
+  ``win_tie_loss`` gives the three shares separately;
+- ``exact_match_by_kind``: the exact match per item ``kind`` (fact, arithmetic, ...);
 - ``kl``: with ``--reference DIR``, the mean over the model's generated tokens of E_{y_t∼π}[log π(y_t|·) −
   log π_ref(y_t|·)], i.e. KL(π ‖ π_ref) per token on its own answers (computed over the whole vocabulary).
 
@@ -81,9 +83,9 @@ def prompt_ids(engine: Engine, messages: list[dict], template: str) -> list[int]
 def generate_replies(engine: Engine, prompts: list[list[dict]], template: str, params: SamplingParams,
                      batch_size: int = 32) -> list[Completion]:
     """One completion per prompt (message list), rendered with ``template`` and generated in batches; generation
-    also stops at the template's stop strings."""
+    also stops at the template's stop strings, and replies are left-stripped (``SamplingParams.lstrip``)."""
     stops = chat.stop_strings(template, engine.tokenizer.eos_token)
-    params = SamplingParams(**{**vars(params), "stop": list(dict.fromkeys([*params.stop, *stops]))})
+    params = SamplingParams(**{**vars(params), "stop": list(dict.fromkeys([*params.stop, *stops])), "lstrip": True})
     encoded = [prompt_ids(engine, p, template) for p in prompts]
     out = []
     for start in range(0, len(encoded), batch_size):
@@ -149,6 +151,22 @@ def win_rates(scores: list[float], baseline: list[float]) -> float:
     return _mean(1.0 if s > b else 0.5 if s == b else 0.0 for s, b in zip(scores, baseline))
 
 
+def win_tie_loss(scores: list[float], baseline: list[float]) -> list[float]:
+    """Shares of prompts where the score is higher, equal and lower than the baseline's."""
+    pairs = list(zip(scores, baseline))
+    return [sum(s > b for s, b in pairs) / len(pairs), sum(s == b for s, b in pairs) / len(pairs),
+            sum(s < b for s, b in pairs) / len(pairs)]
+
+
+def exact_match_by_kind(items: list[dict], texts: list[str]) -> dict[str, float]:
+    """Exact match per item ``kind`` (items with a reference and a kind), kinds in order of first appearance."""
+    hits: dict[str, list[bool]] = {}
+    for item, text in zip(items, texts):
+        if "reference" in item and "kind" in item:
+            hits.setdefault(item["kind"], []).append(world_mod.exact_match(item, text))
+    return {kind: _mean(h) for kind, h in hits.items()}
+
+
 def _metrics(items, replies, rm_scores, world_scores) -> dict:
     texts = [r.text for r in replies]
 
@@ -163,6 +181,7 @@ def _metrics(items, replies, rm_scores, world_scores) -> dict:
         "false_refusal_rate": _mean(refusals("benign")),
         "stopped": _mean(r.finish_reason == "stop" for r in replies),
         "mean_tokens": _mean(len(r.token_ids) for r in replies),
+        "exact_match_by_kind": exact_match_by_kind(items, texts),
     }
 
 
@@ -206,6 +225,7 @@ def evaluate_models(models: list, data, out_dir, *, reward=None, reference=None,
                                             if isinstance(v, float)), file=sys.stderr)
     for i, (row, scores) in enumerate(zip(results, judged)):
         row["win_rate"] = win_rates(scores, judged[0]) if scores is not None and i > 0 else None
+        row["win_tie_loss"] = win_tie_loss(scores, judged[0]) if scores is not None and i > 0 else None
     report = {"n_prompts": len(items), "data": [str(p) for p in paths],
               "judge": "world" if the_world else "reward_model" if rm else None, "models": results}
     write_report(report, out_dir)
