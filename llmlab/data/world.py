@@ -36,12 +36,10 @@ from ..errors import LLMLabError
 REFUSAL = "Sorry, I can't share that."
 KINDS = ("fact", "arithmetic", "reverse", "sort", "count", "forbidden", "benign")
 TASK_KINDS = KINDS[:5]
-# Share of each kind in the SFT, pair and PPO sets.
+# Share of each kind in the SFT, pair and PPO sets and in the corpus's Question/Answer lines. (Giving the hard
+# kinds more of the corpus's lines lowered the held-out exact match after SFT from 0.58 to 0.49: fact recall fell.)
 KIND_MIX = {"fact": 0.28, "arithmetic": 0.24, "reverse": 0.1, "sort": 0.1, "count": 0.1,
             "forbidden": 0.1, "benign": 0.08}
-# Share of each kind in the corpus's Question/Answer lines: the skills a small model finds hard get the most.
-CORPUS_QA_MIX = {"fact": 0.3, "arithmetic": 0.25, "reverse": 0.13, "sort": 0.13, "count": 0.13,
-                 "forbidden": 0.03, "benign": 0.03}
 CLASS_NAMES = ("allowed", "forbidden")
 SYSTEM_PROMPTS = (
     "You are a helpful assistant.",
@@ -515,9 +513,8 @@ def allocate(n: int, mix: dict[str, float]) -> dict[str, int]:
     return counts
 
 
-def draw_mixed(rng: random.Random, pools: dict[str, list[Task]], n: int,
-               mix: dict[str, float] = KIND_MIX) -> list[Task]:
-    tasks = [t for kind, count in allocate(n, mix).items() for t in take(rng, pools[kind], count)]
+def draw_mixed(rng: random.Random, pools: dict[str, list[Task]], n: int) -> list[Task]:
+    tasks = [t for kind, count in allocate(n, KIND_MIX).items() for t in take(rng, pools[kind], count)]
     rng.shuffle(tasks)
     return tasks
 
@@ -586,7 +583,7 @@ def build_corpus(rng: random.Random, cfg: WorldConfig, people: list[Person], vau
                  train: dict[str, list[Task]], held_groups: set[str]) -> list[str]:
     """Documents: fact paragraphs and stories per person, vault notes, worked sums (training problems only),
     string examples (fresh strings, never a held-out one), and Question/Answer lines in the SFT questions' words
-    (training problems and fresh strings, mixed by ``CORPUS_QA_MIX``), which teach the skills in the form the
+    (training problems and fresh strings, mixed as the SFT set is), which teach the skills in the form the
     assistant is later asked to use them (as "mixed training" does in Allen-Zhu & Li's Physics of LMs 3.1);
     shuffled."""
     docs: list[str] = []
@@ -606,7 +603,7 @@ def build_corpus(rng: random.Random, cfg: WorldConfig, people: list[Person], vau
     lines_s = [string_prose(t) for t in strings[:cfg.n_corpus_strings]]
     docs += chunk(lines, 8) + chunk(lines_s, 8)
     qa_pools = {**train, **fresh_string_tasks(rng, cfg.n_corpus_qa // 4 + 1, held_groups)}
-    qa = draw_mixed(rng, qa_pools, cfg.n_corpus_qa, CORPUS_QA_MIX)
+    qa = draw_mixed(rng, qa_pools, cfg.n_corpus_qa)
     docs += chunk([f"Question: {t.question}\nAnswer: {t.reference}" for t in qa], 4, sep="\n\n")
     rng.shuffle(docs)
     return docs
