@@ -26,6 +26,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from torch import nn
+from tqdm import tqdm
 
 from ..config import from_dict
 from ..data.classification import ClassificationData, Example, balanced_subset, load_classification
@@ -323,7 +324,8 @@ def accuracy(model: nn.Module, rows: list[dict], pad_id: int, batch_size: int, d
     was_training = model.training
     model.eval()
     correct = 0
-    for bucket in length_buckets(rows, batch_size):
+    for bucket in tqdm(length_buckets(rows, batch_size), desc="accuracy", unit="batch", leave=False,
+                       disable=not dist.is_main()):
         batch = collate(bucket, pad_id)
         logits = model(batch["input_ids"].to(device), batch["attention_mask"].to(device))
         correct += int((logits.argmax(-1).cpu() == batch["labels"]).sum())
@@ -360,7 +362,8 @@ def zero_shot_accuracy(lm: nn.Module, tokenizer, examples: list[Example], label_
     pad_id = tokenizer.pad_token_id
     rows = prompt_rows(tokenizer, examples, template, label_names, max_length)
     correct = 0
-    for bucket in length_buckets(rows, batch_size):
+    for bucket in tqdm(length_buckets(rows, batch_size), desc="zero-shot", unit="batch", leave=False,
+                       disable=not dist.is_main()):
         batch = collate(bucket, pad_id)
         ids, mask = batch["input_ids"].to(device), batch["attention_mask"].to(device)
         if hasattr(lm, "hidden_states"):
