@@ -336,7 +336,8 @@ def write_pipeline_report(run: Run, summary: dict) -> dict:
                 "Bradley–Terry loss −log σ(r_chosen − r_rejected); pairwise accuracy on held-out pairs.",
                 numbers={**r["rm"], "seconds": s["rm"]}, figures=_figure(run, "rm", "loss.png")),
         Section("DPO", "Direct preference optimisation from the SFT model (β = 0.1, reference log-probabilities "
-                "computed once and cached, plus the chosen answers' NLL as in RPO).", numbers={**r["dpo"], "seconds": s["dpo"]},
+                "computed once and cached, plus the chosen answers' NLL as in RPO).",
+                numbers={**r["dpo"], "seconds": s["dpo"]},
                 figures=_figure(run, "dpo", "loss.png")),
         Section("PPO", "RLHF with PPO from the SFT model against the world's programmatic reward, with a "
                 "per-token KL penalty to the SFT model, a value head and GAE.",

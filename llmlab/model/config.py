@@ -33,7 +33,7 @@ class ModelConfig:
     post_block_norms: bool = False   # Gemma: also normalise the attention and MLP outputs before the residual add
     pos: str = "rope"
     rope_theta: float = 10000.0
-    rope_local_theta: float | None = None  # RoPE θ of the "sliding" layers (Gemma 3: 10⁴ there, 10⁶ global); None: same
+    rope_local_theta: float | None = None  # θ of the "sliding" layers (Gemma 3: 10⁴, global 10⁶); None: rope_theta
     mlp: str = "swiglu"
     bias: bool = False               # biases in attention and MLP projections
     tie_embeddings: bool = True      # lm_head shares the token-embedding matrix

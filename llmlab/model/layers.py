@@ -35,12 +35,9 @@ class MLP(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = self.up(x)
-        if self.kind == "swiglu":
+        if self.kind in ("swiglu", "geglu"):
             gate, up = h.chunk(2, dim=-1)
-            h = F.silu(gate) * up
-        elif self.kind == "geglu":
-            gate, up = h.chunk(2, dim=-1)
-            h = F.gelu(gate, approximate="tanh") * up
+            h = (F.silu(gate) if self.kind == "swiglu" else F.gelu(gate, approximate="tanh")) * up
         else:
             h = F.gelu(h, approximate="tanh" if self.kind == "gelu_tanh" else "none")
         return self.down(h)

@@ -57,8 +57,8 @@ class DPOConfig:
     rpo_alpha: float = 0.0           # weight α of the NLL of the chosen answers (RPO; TRL's rpo_alpha)
 
     def __post_init__(self):
-        self.beta, self.label_smoothing, self.rpo_alpha = float(self.beta), float(self.label_smoothing), \
-            float(self.rpo_alpha)
+        self.beta, self.label_smoothing = float(self.beta), float(self.label_smoothing)
+        self.rpo_alpha = float(self.rpo_alpha)
         if self.loss_type not in ("sigmoid", "ipo") or self.beta <= 0:
             raise LLMLabError(f"dpo: need beta > 0 and loss_type sigmoid or ipo; got {self.beta}, {self.loss_type!r}")
         if self.rpo_alpha < 0:

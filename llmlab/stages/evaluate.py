@@ -20,6 +20,7 @@ calls.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import sys
 from pathlib import Path
@@ -85,7 +86,7 @@ def generate_replies(engine: Engine, prompts: list[list[dict]], template: str, p
     """One completion per prompt (message list), rendered with ``template`` and generated in batches; generation
     also stops at the template's stop strings, and replies are left-stripped (``SamplingParams.lstrip``)."""
     stops = chat.stop_strings(template, engine.tokenizer.eos_token)
-    params = SamplingParams(**{**vars(params), "stop": list(dict.fromkeys([*params.stop, *stops])), "lstrip": True})
+    params = dataclasses.replace(params, stop=list(dict.fromkeys([*params.stop, *stops])), lstrip=True)
     encoded = [prompt_ids(engine, p, template) for p in prompts]
     out = []
     for start in range(0, len(encoded), batch_size):
@@ -146,16 +147,17 @@ def _mean(values) -> float | None:
     return sum(values) / len(values) if values else None
 
 
-def win_rates(scores: list[float], baseline: list[float]) -> float:
-    """Mean over prompts of 1 (higher score), ½ (tie) or 0."""
-    return _mean(1.0 if s > b else 0.5 if s == b else 0.0 for s, b in zip(scores, baseline))
-
-
 def win_tie_loss(scores: list[float], baseline: list[float]) -> list[float]:
     """Shares of prompts where the score is higher, equal and lower than the baseline's."""
     pairs = list(zip(scores, baseline))
     return [sum(s > b for s, b in pairs) / len(pairs), sum(s == b for s, b in pairs) / len(pairs),
             sum(s < b for s, b in pairs) / len(pairs)]
+
+
+def win_rates(scores: list[float], baseline: list[float]) -> float:
+    """Mean over prompts of 1 (higher score), ½ (tie) or 0: wins + ties / 2."""
+    wins, ties, _ = win_tie_loss(scores, baseline)
+    return wins + ties / 2
 
 
 def exact_match_by_kind(items: list[dict], texts: list[str]) -> dict[str, float]:
