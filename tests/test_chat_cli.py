@@ -77,6 +77,11 @@ def run_command(argv):
     args.func(args)
 
 
+def test_replies_are_left_stripped_and_stop_at_the_end_of_turn(engine, model_dir):
+    s, _ = session(engine, model_dir)
+    assert s.params.lstrip and "<|im_end|>" in s.params.stop
+
+
 def test_prompt_answers_once_and_exits(engine, model_dir, capsys):
     run_command(["chat", "--model", str(model_dir), "--prompt", "hello world", "--system", "be brief",
                  "--temperature", "0", "--max-new-tokens", "12"])

@@ -20,7 +20,7 @@ from llmlab.infer.engine import Engine, SamplingParams
 from llmlab.model.config import preset
 from llmlab.model.decoder import build_model
 from llmlab.model.hub import save_model
-from llmlab.infer.server import create_app
+from llmlab.infer.server import ChatRequest, CompletionRequest, create_app
 from llmlab.tokenizer import train_bpe
 
 KEY = "test-key-123"
@@ -343,3 +343,9 @@ def test_disconnect_mid_stream_frees_the_slot(server):
             assert batcher.active == 1        # greedy on this prompt runs to the context's end without a stop
     wait_until_idle(batcher)
     assert batcher.cancelled == before + 1
+
+
+def test_chat_replies_drop_the_templates_leading_space_and_completions_keep_it():
+    chat_req = ChatRequest(model="m", messages=[{"role": "user", "content": "hi"}])
+    completion_req = CompletionRequest(model="m", prompt="The capital of France is")
+    assert chat_req.sampling(8, [], 0).lstrip and not completion_req.sampling(8, [], 0).lstrip
