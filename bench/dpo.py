@@ -5,7 +5,7 @@ Both run float32 on CPU, no gradient checkpointing, no evaluation, no saving dur
 llmlab computes the reference log-probs once up front; TRL is measured in its fast configuration as it ships
 (the reference model runs every step) and, as a second row, with ``precompute_ref_log_probs=True``.
 
-    python bench/dpo.py [--steps 10] [--batch 8] [--threads 1]
+    python bench/dpo.py [--steps 30] [--batch 8] [--threads 1]
 """
 from __future__ import annotations
 
@@ -98,7 +98,7 @@ def run_trl(model_dir: Path, pairs: Path, out: Path, steps: int, batch: int,
 
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("--steps", type=int, default=10)
+    ap.add_argument("--steps", type=int, default=30)
     ap.add_argument("--batch", type=int, default=8, help="pairs per step")
     ap.add_argument("--threads", type=int, default=1, help="torch threads for both (1: steadiest on a shared machine)")
     args = ap.parse_args()

@@ -2,9 +2,10 @@
 same run. Both pad each batch (no packing), float32 on CPU, loss on the answers only (TRL: prompt/completion data,
 ``completion_only_loss``), no evaluation, no saving during training, logging off. Tokens/s counts the real
 (non-pad) tokens of the average batch: batch × mean conversation length / seconds per step. ``llmlab sft`` with
-packing is shown as a third column.
+``data.packing`` (rows of 256 tokens, each conversation attending only to itself: the same loss as padded rows, no
+compute on padding) is the third column.
 
-    python bench/sft.py [--steps 10] [--batch 16] [--threads 1]
+    python bench/sft.py [--steps 30] [--batch 16] [--threads 1]
 """
 from __future__ import annotations
 
@@ -70,7 +71,7 @@ def run_trl(model_dir: Path, data: Path, out: Path, steps: int, batch: int) -> f
 
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("--steps", type=int, default=10)
+    ap.add_argument("--steps", type=int, default=30)
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--threads", type=int, default=1, help="torch threads for both (1: steadiest on a shared machine)")
     args = ap.parse_args()

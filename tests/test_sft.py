@@ -129,19 +129,27 @@ def test_sft_loss_matches_cross_entropy_on_assistant_positions(lab, tok_and_temp
     assert counts.tolist() == [sum(m[1:]) for _, m in examples]
 
 
-def test_packing_keeps_each_examples_mask(tok_and_template):
+def test_packing_keeps_each_examples_mask_and_loss(lab, tok_and_template):
     tok, template = tok_and_template
     convs = [CONVERSATION[1:3], CONVERSATION, CONVERSATION[1:3], CONVERSATION[3:5]]
     examples, _ = encode_conversations(convs, tok, template, max_length=80)
     rows = pack(examples, max_length=80)
-    assert all(len(ids) <= 80 for ids, _ in rows) and len(rows) < len(examples)
-    assert sum(len(ids) for ids, _ in rows) == sum(len(ids) for ids, _ in examples)
+    assert all(len(ids) <= 80 for ids, _, _ in rows) and len(rows) < len(examples)
+    assert sum(len(ids) for ids, _, _ in rows) == sum(len(ids) for ids, _ in examples)
     packed, padded = pad_collate(rows, 2), pad_collate(examples, 2)
     # the targets are the same tokens; the only ones lost are none, since every example starts with BOS (mask 0)
     assert sorted(packed["labels"][packed["labels"] != -100].tolist()) == \
         sorted(padded["labels"][padded["labels"] != -100].tolist())
-    bos = tok.bos_token_id
-    assert not (packed["labels"] == bos).any()
+    assert not (packed["labels"] == tok.bos_token_id).any()
+    # segment ids number the examples across the batch, in order; padding is -1
+    segments = packed["segment_ids"][packed["attention_mask"].bool()]
+    assert segments.unique_consecutive().tolist() == list(range(len(examples)))
+    assert (packed["segment_ids"][~packed["attention_mask"].bool()] == -1).all()
+    # each packed conversation attends only to itself: the same loss and log-probs as padded rows
+    model = hub.load_our_model(lab.base)
+    assert torch.allclose(sft_loss(model, packed)[0], sft_loss(model, padded)[0], atol=1e-5)
+    (packed_sums, packed_counts), (sums, counts) = sequence_logps(model, packed), sequence_logps(model, padded)
+    assert torch.allclose(packed_sums, sums, atol=1e-4) and packed_counts.tolist() == counts.tolist()
 
 
 def test_truncation_cuts_or_drops_and_never_gives_nan(lab, tok_and_template, tmp_path):

@@ -76,7 +76,7 @@ class WorldConfig:
     n_corpus_qa: int = 10000
     n_sft_train: int = 2000
     n_sft_eval: int = 200
-    n_pairs_train: int = 1500
+    n_pairs_train: int = 6000       # fresh pairs: the reward model generalises better than from repeats
     n_pairs_eval: int = 150
     n_rl_train: int = 500
     n_rl_eval: int = 100
@@ -93,7 +93,7 @@ PRESETS = {
                  n_rl_eval=20, n_classify_train=60, n_classify_eval=30, n_benign_eval=10, n_forbidden_eval=10),
     "tiny": {},
     "small": dict(n_people=40, stories_per_person=4, n_corpus_arithmetic=8000, n_corpus_strings=8000,
-                  n_corpus_qa=40000, n_sft_train=6000, n_sft_eval=400, n_pairs_train=4000, n_pairs_eval=300,
+                  n_corpus_qa=40000, n_sft_train=6000, n_sft_eval=400, n_pairs_train=12000, n_pairs_eval=300,
                   n_rl_train=1500, n_rl_eval=200, n_classify_train=3000, n_classify_eval=400, n_benign_eval=100,
                   n_forbidden_eval=100),
 }

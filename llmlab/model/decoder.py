@@ -57,6 +57,23 @@ def positions_from_mask(attention_mask: torch.Tensor, past: int, t: int) -> torc
     return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, past:past + t]
 
 
+def segment_layout(segment_ids: torch.Tensor, window: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(mask (B, 1, T, T), position ids (B, T)) for rows that pack several sequences, ``segment_ids`` (B, T) giving
+    each token's sequence (contiguous runs; any value, e.g. −1, for padding).
+
+    Query i sees key j when j ≤ i (within the window W) and both belong to the same segment, and positions restart
+    at 0 where a segment starts: each packed sequence is computed exactly as if it were alone in its row (document
+    masking, what TRL calls padding-free batches).
+    """
+    b, t = segment_ids.shape
+    index = torch.arange(t, device=segment_ids.device).expand(b, t)
+    starts = torch.ones_like(segment_ids, dtype=torch.bool)
+    starts[:, 1:] = segment_ids[:, 1:] != segment_ids[:, :-1]
+    positions = index - torch.where(starts, index, torch.zeros_like(index)).cummax(-1).values
+    same = segment_ids[:, :, None] == segment_ids[:, None, :]
+    return (causal_mask(t, t, segment_ids.device, window) & same)[:, None], positions
+
+
 class Decoder(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -78,17 +95,24 @@ class Decoder(nn.Module):
             self.lm_head.weight = self.embed.weight
 
     def hidden_states(self, input_ids: torch.Tensor, *, attention_mask: torch.Tensor | None = None,
-                      position_ids: torch.Tensor | None = None, cache: KVCache | None = None) -> torch.Tensor:
+                      position_ids: torch.Tensor | None = None, cache: KVCache | None = None,
+                      segment_ids: torch.Tensor | None = None) -> torch.Tensor:
         """Final-norm hidden states (B, T, d_model) for ``input_ids`` (B, T).
 
         ``attention_mask`` (B, past + T) marks real tokens with 1 (left padding for batched prompts);
-        ``cache`` holds earlier positions and is advanced by T.
+        ``cache`` holds earlier positions and is advanced by T. ``segment_ids`` (B, T) packs several sequences
+        per row, each attending only to itself (``segment_layout``; training and scoring, not with a cache).
         """
         b, t = input_ids.shape
         past = cache.length if cache is not None else 0
         if past + t > self.config.max_seq_len:
             raise ValueError(f"sequence of {past + t} tokens exceeds the model's context of "
                              f"{self.config.max_seq_len} (max_seq_len)")
+        if segment_ids is not None and (cache is not None or attention_mask is not None or position_ids is not None):
+            raise ValueError("segment_ids replaces attention_mask and position_ids, and takes no cache")
+        segments = {w: segment_layout(segment_ids, w) for w in set(self.windows)} if segment_ids is not None else None
+        if segments is not None:
+            position_ids = next(iter(segments.values()))[1]
         contiguous = position_ids is None and attention_mask is None     # positions past … past+t−1 in every row
         if position_ids is None and not contiguous:
             position_ids = positions_from_mask(attention_mask, past, t)
@@ -104,7 +128,8 @@ class Decoder(nn.Module):
 
         rope = angles(self.rope) if self.rope is not None else None
         rope_local = angles(self.rope_local) if self.rope_local is not None else rope
-        layouts = {w: attention_layout(attention_mask, t, past + t, input_ids.device, w) for w in set(self.windows)}
+        layouts = ({w: (mask, False) for w, (mask, _) in segments.items()} if segments is not None else
+                   {w: attention_layout(attention_mask, t, past + t, input_ids.device, w) for w in set(self.windows)})
         for i, block in enumerate(self.blocks):
             window = self.windows[i]
             mask, is_causal = layouts[window]

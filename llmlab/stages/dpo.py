@@ -8,7 +8,9 @@ model), h = [log π(y_w|x) − log π_ref(y_w|x)] − [log π(y_l|x) − log π_
 The reference log-probabilities are computed once, before training, in one pass of the starting model over every
 pair (train and held-out), kept in memory and saved to ``DIR/ref_logps.safetensors`` (reloaded on ``--resume``),
 so no second model is held or run during training. Each step runs chosen and rejected answers of the batch in one
-forward pass (2B right-padded rows). Logged beside the loss: the implicit rewards β·(log π − log π_ref) of the
+forward pass: with ``data.packing`` (the default, for our decoder) the 2B sequences are packed into rows of up to
+``data.max_length`` tokens, each attending only to itself (``segment_ids``), so no compute goes to padding and the
+log-probabilities equal those of 2B right-padded rows (what a ``transformers`` model gets). Logged beside the loss: the implicit rewards β·(log π − log π_ref) of the
 chosen and rejected answers, their margin, and the accuracy (share of pairs with margin > 0).
 
 The log-probability of an answer covers its tokens and the end-of-turn token after it (the last assistant span
@@ -35,18 +37,24 @@ from ..train import dist
 from ..train.loop import to_device, train
 from .common import start_run, train_config
 from .sft import (Example, ExampleData, add_stage_args, batches_for, context_of, load_tokenizer_and_template,
-                  load_trainable, pad_collate, pad_id_of, save_trained, sequence_logps, split_heldout, stage_recipe,
-                  truncate)
+                  load_trainable, pack, pad_collate, pad_id_of, save_trained, sequence_logps, split_heldout,
+                  stage_recipe, truncate)
 
 REF_FILE = "ref_logps.safetensors"
 DEFAULTS = {
     "template": None,
-    "data": {"max_length": None, "batch_size": 8, "val_fraction": 0.05, "eval_path": None},
+    "data": {"max_length": None, "batch_size": 8, "val_fraction": 0.05, "eval_path": None, "packing": True},
     "dpo": {"beta": 0.1, "loss_type": "sigmoid", "label_smoothing": 0.0, "rpo_alpha": 0.0},
     "lora": to_dict(LoRAConfig()),
     "train": {"max_steps": 200, "lr": 5e-6, "warmup_steps": 10, "weight_decay": 0.0, "eval_every": 50,
               "log_every": 10},
 }
+
+
+@dataclass
+class DPOData(ExampleData):
+    """DPO's ``data:`` section; ``packing`` packs each batch's 2B sequences into segment-masked rows."""
+    packing: bool = True
 
 
 @dataclass
@@ -95,10 +103,13 @@ def encode_pairs(pairs: list[dict], tokenizer, template: str, max_length: int) -
     return rows, dropped
 
 
-def pair_collate(rows: list[dict], pad_id: int, ref: dict[str, torch.Tensor] | None = None) -> dict:
-    """The B chosen answers then the B rejected ones as one padded batch of 2B rows (``pad_collate``), plus the
-    cached reference log-probs ``ref_chosen`` / ``ref_rejected`` (B,) of these pairs when ``ref`` is given."""
-    batch = pad_collate([r["chosen"] for r in rows] + [r["rejected"] for r in rows], pad_id)
+def pair_collate(rows: list[dict], pad_id: int, ref: dict[str, torch.Tensor] | None = None,
+                 pack_length: int | None = None) -> dict:
+    """The B chosen answers then the B rejected ones as one padded batch of 2B rows (``pad_collate``), or packed
+    into rows of up to ``pack_length`` tokens (``pack``; sequence i is segment i), plus the cached reference
+    log-probs ``ref_chosen`` / ``ref_rejected`` (B,) of these pairs when ``ref`` is given."""
+    sequences = [r["chosen"] for r in rows] + [r["rejected"] for r in rows]
+    batch = pad_collate(pack(sequences, pack_length) if pack_length else sequences, pad_id)
     if ref is not None:
         index = torch.tensor([r["index"] for r in rows])
         batch["ref_chosen"], batch["ref_rejected"] = ref["chosen"][index], ref["rejected"][index]
@@ -108,7 +119,8 @@ def pair_collate(rows: list[dict], pad_id: int, ref: dict[str, torch.Tensor] | N
 # --- reference log-probabilities --------------------------------------------------------------------------------
 
 @torch.no_grad()
-def reference_logps(model: nn.Module, rows: list[dict], pad_id: int, batch_size: int = 16) -> dict[str, torch.Tensor]:
+def reference_logps(model: nn.Module, rows: list[dict], pad_id: int, batch_size: int = 16,
+                    pack_length: int | None = None) -> dict[str, torch.Tensor]:
     """``{"chosen", "rejected"}``: log π_ref of every pair's answers (float32, CPU), in one pass of ``model``, under
     the autocast the training loop uses on this device (so that at step 0 the policy equals the reference)."""
     was_training = model.training
@@ -120,7 +132,7 @@ def reference_logps(model: nn.Module, rows: list[dict], pad_id: int, batch_size:
     with amp:
         for start in range(0, len(rows), batch_size):
             part = rows[start:start + batch_size]
-            logps, _ = sequence_logps(model, to_device(pair_collate(part, pad_id), device))
+            logps, _ = sequence_logps(model, to_device(pair_collate(part, pad_id, pack_length=pack_length), device))
             chosen.append(logps[:len(part)].float().cpu())
             rejected.append(logps[len(part):].float().cpu())
     model.train(was_training)
@@ -128,7 +140,7 @@ def reference_logps(model: nn.Module, rows: list[dict], pad_id: int, batch_size:
 
 
 def cached_reference(model: nn.Module, sets: dict[str, list[dict]], pad_id: int, path: Path,
-                     reuse: bool) -> dict[str, dict[str, torch.Tensor]]:
+                     reuse: bool, pack_length: int | None = None) -> dict[str, dict[str, torch.Tensor]]:
     """Reference log-probs of each non-empty named row set (``train``, ``eval``), loaded from ``path`` when
     ``reuse`` and the sizes match, else computed with ``reference_logps`` and saved there (keys ``{set}.chosen``,
     ``{set}.rejected``)."""
@@ -137,7 +149,7 @@ def cached_reference(model: nn.Module, sets: dict[str, list[dict]], pad_id: int,
         flat = load_file(str(path))
         if all(f"{name}.chosen" in flat and len(flat[f"{name}.chosen"]) == len(rows) for name, rows in sets.items()):
             return {name: {k: flat[f"{name}.{k}"] for k in ("chosen", "rejected")} for name in sets}
-    cache = {name: reference_logps(model, rows, pad_id) for name, rows in sets.items()}
+    cache = {name: reference_logps(model, rows, pad_id, pack_length=pack_length) for name, rows in sets.items()}
     if dist.is_main():
         save_file({f"{name}.{k}": v.contiguous() for name, d in cache.items() for k, v in d.items()}, str(path))
     return cache
@@ -189,7 +201,7 @@ def run_dpo(model_dir: str, data_path: str, out_dir: str, recipe: dict, *, resum
     from ..data.chat_data import load_pairs
 
     recipe = {**recipe, "model": str(model_dir), "data": {**recipe.get("data", {}), "path": str(data_path)}}
-    data = from_dict(ExampleData, recipe.get("data"), "data")
+    data = from_dict(DPOData, recipe.get("data"), "data")
     dpo = from_dict(DPOConfig, recipe.get("dpo"), "dpo")
     lora = from_dict(LoRAConfig, recipe.get("lora"), "lora")
     cfg = train_config(recipe)
@@ -214,14 +226,16 @@ def run_dpo(model_dir: str, data_path: str, out_dir: str, recipe: dict, *, resum
         raise LLMLabError(f"{data_path}: no pair left after truncation to data.max_length={data.max_length}")
 
     pad_id = pad_id_of(tokenizer)
-    ref = cached_reference(model, {"train": rows, "eval": held}, pad_id, out / REF_FILE, reuse=resume)
+    pack_length = data.max_length if data.packing and is_ours else None     # transformers models: padded rows
+    ref = cached_reference(model, {"train": rows, "eval": held}, pad_id, out / REF_FILE, reuse=resume,
+                           pack_length=pack_length)
     loss_fn = make_loss(dpo)
 
     def collate(part):
-        return pair_collate(part, pad_id, ref["train"])
+        return pair_collate(part, pad_id, ref["train"], pack_length)
 
     def eval_collate(part):
-        return pair_collate(part, pad_id, ref.get("eval"))
+        return pair_collate(part, pad_id, ref.get("eval"), pack_length)
 
     def eval_fn(m):
         return heldout_metrics(m, held, eval_collate, loss_fn, data.batch_size, cfg.eval_batches) if held else {}

@@ -8,10 +8,10 @@ With inputs x_0 … x_{T-2} and targets x_1 … x_{T-1}, the loss is
 
 over the micro-batch. Rows are right-padded per batch (padding is never a target), or with
 ``data.packing=true`` several conversations share one row of up to ``data.max_length`` tokens, each keeping its
-own mask. In a packed row attention is plain causal over the whole row, so a conversation also attends to the
-ones packed before it and position ids run on across them; the first token of each conversation (BOS) is not a
-target, so no loss crosses a boundary. This is the usual trade (no per-example attention masks, no wasted
-padding) and works well when conversations are independent.
+own mask, so no compute goes to padding. For our decoder a packed row carries ``segment_ids``: each conversation
+attends only to itself and its positions start at 0 (document masking, TRL's "padding-free" batches), so the loss
+equals that of the same conversations padded. A ``transformers`` model has no such input: its packed rows are
+plain causal (a conversation also sees the ones packed before it, as TRL's packing without ``padding_free``).
 
 A conversation longer than ``data.max_length`` is cut at the end; one whose assistant tokens would all be cut is
 dropped (counted in the log), so no row has an empty mask and the loss is never 0/0.
@@ -44,6 +44,7 @@ from ..train.loop import to_device, train
 from .common import resolve_recipe, start_run, train_config
 
 Example = tuple[list[int], list[int]]      # (token ids, assistant mask), same length
+# a packed row is (ids, mask, segments): segments[t] numbers the example token t belongs to (0, 1, … in the row)
 
 DEFAULTS = {
     "template": None,          # built-in name or .jinja path; default: the model folder's template
@@ -90,9 +91,12 @@ class GenEval:
 
 # --- log-probabilities (shared with DPO / reward / PPO) ---------------------------------------------------------
 
-def causal_logits(model: nn.Module, input_ids: torch.Tensor) -> torch.Tensor:
+def causal_logits(model: nn.Module, input_ids: torch.Tensor, segment_ids: torch.Tensor | None = None) -> torch.Tensor:
     """Next-token logits (B, T, V) from our ``Decoder`` or a ``transformers`` causal LM (also inside DDP or peft).
-    No attention mask is passed: batches are right-padded, so causal attention never lets a real token see a pad."""
+    No attention mask is passed: batches are right-padded, so causal attention never lets a real token see a pad.
+    ``segment_ids`` (packed rows) reach our decoder only; a ``transformers`` model sees plain causal rows."""
+    if segment_ids is not None and isinstance(getattr(model, "module", model), Decoder):
+        return model(input_ids, segment_ids=segment_ids)
     out = model(input_ids)
     return out if isinstance(out, torch.Tensor) else out.logits
 
@@ -103,39 +107,54 @@ def token_logps(model: nn.Module, batch: dict) -> tuple[torch.Tensor, torch.Tens
     Returns the flat log-probs (N,) in row-major order and the boolean target mask (B, T). Only the N target
     positions go through log-softmax, so the float32 (B·T·V) log-probabilities are never materialised; for our
     (unwrapped) Decoder only they go through the LM head at all."""
-    labels = batch["labels"]
+    labels, segments = batch["labels"], batch.get("segment_ids")
     keep = labels != IGNORE_INDEX
     if isinstance(model, Decoder):     # not wrapped (DDP must be called whole): project only the targets
-        logits = model.lm_head(model.hidden_states(batch["input_ids"])[keep])
+        logits = model.lm_head(model.hidden_states(batch["input_ids"], segment_ids=segments)[keep])
     else:
-        logits = causal_logits(model, batch["input_ids"])[keep]
+        logits = causal_logits(model, batch["input_ids"], segments)[keep]
     return token_logprobs(logits, labels[keep]), keep
 
 
 def sequence_logps(model: nn.Module, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
-    """log π(y | x) = Σ_t log p(y_t | x, y_<t) over each row's targets, and the number of targets; both (B,)."""
+    """log π(y | x) = Σ_t log p(y_t | x, y_<t) over each sequence's targets, and the number of targets; both (B,).
+    A sequence is a row, or in packed batches a segment (``segment_ids`` numbers the B sequences 0 … B − 1)."""
     logps, keep = token_logps(model, batch)
-    rows = keep.nonzero(as_tuple=True)[0]
-    sums = torch.zeros(keep.shape[0], dtype=logps.dtype, device=logps.device).index_add(0, rows, logps)
-    return sums, keep.sum(-1)
+    segments = batch.get("segment_ids")
+    owner = segments[keep] if segments is not None else keep.nonzero(as_tuple=True)[0]
+    n = int(segments.max()) + 1 if segments is not None else keep.shape[0]
+    sums = torch.zeros(n, dtype=logps.dtype, device=logps.device).index_add(0, owner, logps)
+    counts = torch.zeros(n, dtype=torch.long, device=logps.device).index_add(0, owner, torch.ones_like(owner))
+    return sums, counts
 
 
-def pad_collate(examples: list[Example], pad_id: int) -> dict:
-    """Right-pad ``(ids, mask)`` examples into a batch for next-token prediction.
+def pad_collate(examples: list, pad_id: int) -> dict:
+    """Right-pad ``(ids, mask)`` examples, or packed ``(ids, mask, segments)`` rows, into a batch for next-token
+    prediction.
 
     ``input_ids`` = ids[:-1]; ``labels`` = ids[1:] where mask[1:] is 1, else ``IGNORE_INDEX`` (pads too);
-    ``attention_mask`` = 1 on real input tokens. All (B, max len − 1) tensors of dtype long."""
-    width = max(len(ids) for ids, _ in examples) - 1
+    ``attention_mask`` = 1 on real input tokens. All (B, max len − 1) tensors of dtype long. Packed rows add
+    ``segment_ids``: the example of each input token, numbered across the whole batch, −1 on padding. (The last
+    token of a packed example predicts the next example's first token, which is never a target.)"""
+    width = max(len(e[0]) for e in examples) - 1
     input_ids = torch.full((len(examples), width), pad_id, dtype=torch.long)
     labels = torch.full((len(examples), width), IGNORE_INDEX, dtype=torch.long)
     attention = torch.zeros((len(examples), width), dtype=torch.long)
-    for row, (ids, mask) in enumerate(examples):
+    segment_ids = torch.full((len(examples), width), -1, dtype=torch.long)
+    seen = 0
+    for row, (ids, mask, *segments) in enumerate(examples):
         n = len(ids) - 1
         ids_t, mask_t = torch.tensor(ids), torch.tensor(mask, dtype=torch.bool)
         input_ids[row, :n] = ids_t[:-1]
         labels[row, :n] = torch.where(mask_t[1:], ids_t[1:], IGNORE_INDEX)
         attention[row, :n] = 1
-    return {"input_ids": input_ids, "labels": labels, "attention_mask": attention}
+        if segments:
+            segment_ids[row, :n] = torch.tensor(segments[0][:-1]) + seen
+            seen += segments[0][-1] + 1
+    batch = {"input_ids": input_ids, "labels": labels, "attention_mask": attention}
+    if len(examples[0]) == 3:
+        batch["segment_ids"] = segment_ids
+    return batch
 
 
 def pad_id_of(tokenizer) -> int:
@@ -169,17 +188,19 @@ def encode_conversations(conversations: list[list[dict]], tokenizer, template: s
     return examples, counts
 
 
-def pack(examples: list[Example], max_length: int) -> list[Example]:
+def pack(examples: list[Example], max_length: int) -> list[tuple[list[int], list[int], list[int]]]:
     """Concatenate examples, in order, into rows of at most ``max_length`` tokens (a new row when the next one
-    does not fit); every example keeps its own mask."""
-    rows, ids, mask = [], [], []
+    does not fit): ``(ids, mask, segments)``, every example keeping its own mask, ``segments`` numbering the
+    examples of the row 0, 1, …"""
+    rows, ids, mask, segments = [], [], [], []
     for e_ids, e_mask in examples:
         if ids and len(ids) + len(e_ids) > max_length:
-            rows.append((ids, mask))
-            ids, mask = [], []
-        ids, mask = ids + e_ids, mask + e_mask
+            rows.append((ids, mask, segments))
+            ids, mask, segments = [], [], []
+        segment = segments[-1] + 1 if segments else 0
+        ids, mask, segments = ids + e_ids, mask + e_mask, segments + [segment] * len(e_ids)
     if ids:
-        rows.append((ids, mask))
+        rows.append((ids, mask, segments))
     return rows
 
 

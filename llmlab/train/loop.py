@@ -123,12 +123,13 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
 
 
 def make_optimizer(model: nn.Module, cfg: TrainConfig, device: torch.device) -> torch.optim.AdamW:
-    """AdamW over ``param_groups``; the fused kernel on CUDA, PyTorch's default implementation elsewhere."""
+    """AdamW over ``param_groups``; the fused kernel (one pass over all parameters) on CPU and CUDA, as
+    transformers' Trainer uses, PyTorch's default implementation elsewhere."""
     groups = param_groups(model, cfg.weight_decay)
     if not groups:
         raise LLMLabError("the model has no trainable parameters (all have requires_grad=False)")
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps,
-                             fused=True if device.type == "cuda" else None)
+                             fused=True if device.type in ("cpu", "cuda") else None)
 
 
 # --- small helpers ---------------------------------------------------------------------------------------------
