@@ -92,12 +92,12 @@ def test_pairs_judged_by_the_world_are_best_against_worst(lab, tmp_path, monkeyp
     items = load_prompts(lab.world / "rl_train.jsonl")[:12]
 
     def candidates(model_dir, items, k, params, template, batch_size):
-        assert k == 3
-        return [[i["reference"], world.refusal, "I do not know."] for i in items]
+        assert k == 4       # an empty answer (the model stopped at once) is never part of a pair
+        return [[i["reference"], world.refusal, "", "I do not know."] for i in items]
 
     monkeypatch.setattr(pairs_stage, "sample_responses", candidates)
     out = tmp_path / "pairs.jsonl"
-    stats = pairs_stage.make_pairs(str(lab.sft), str(lab.world / "rl_train.jsonl"), str(out), k=3, judge="world",
+    stats = pairs_stage.make_pairs(str(lab.sft), str(lab.world / "rl_train.jsonl"), str(out), k=4, judge="world",
                                    world_dir=str(lab.world), limit=12)
     written = [json.loads(line) for line in out.read_text().splitlines()]
     assert stats == {"prompts": 12, "pairs": len(written), "skipped": 0}

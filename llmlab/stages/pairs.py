@@ -28,9 +28,13 @@ from .evaluate import engine_for, generate_replies, load_prompts, load_reward_mo
 
 
 def best_and_worst(prompt: list[dict], responses: list[str], scores: list[float]) -> dict | None:
-    """The pair (highest score, lowest score); None on a tie or when both answers are the same text."""
-    best = max(range(len(scores)), key=lambda i: scores[i])
-    worst = min(range(len(scores)), key=lambda i: scores[i])
+    """The pair (highest score, lowest score) among the non-empty answers (a sampled answer may be empty, and pair
+    files need text on both sides); None on a tie or when both answers are the same text."""
+    candidates = [i for i, r in enumerate(responses) if r.strip()]
+    if not candidates:
+        return None
+    best = max(candidates, key=lambda i: scores[i])
+    worst = min(candidates, key=lambda i: scores[i])
     if scores[best] == scores[worst] or responses[best].strip() == responses[worst].strip():
         return None
     return {"prompt": prompt, "chosen": responses[best], "rejected": responses[worst],
