@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 
-from llmlab.data.chat_data import load_conversations, load_pairs
+from llmlab.data.chat_data import load_conversations, load_pairs, load_prompts
 from llmlab.errors import LLMLabError
 
 
@@ -140,6 +140,34 @@ def test_hh_pairs_that_do_not_share_a_prompt_are_skipped_with_a_warning(tmp_path
     assert pairs == [{"prompt": [{"role": "user", "content": "Q"}], "chosen": "good", "rejected": "bad"}]
 
 
+def test_prompts_from_every_form(tmp_path):
+    user = {"role": "user", "content": "Q"}
+    answer = {"role": "assistant", "content": "A"}
+    rows = [{"prompt": "Q", "kind": "fact", "reference": "A"},
+            {"messages": [{"role": "system", "content": "S"}, user, answer]},
+            {"instruction": "Do it.", "input": "X", "output": "done"},
+            {"conversations": [{"from": "human", "value": "Q"}, {"from": "gpt", "value": "A"}]},
+            {"prompt": [user], "chosen": "A", "rejected": "B"},
+            {"chosen": [user, answer], "rejected": [user, {"role": "assistant", "content": "B"}]},
+            {"chosen": "\n\nHuman: Q\n\nAssistant: A\n\nHuman: And?\n\nAssistant: A", "rejected": "..."}]
+    items = load_prompts(write_jsonl(tmp_path / "p.jsonl", rows))
+    assert [i["prompt"] for i in items] == [
+        [user], [{"role": "system", "content": "S"}, user], [{"role": "user", "content": "Do it.\n\nX"}], [user],
+        [user], [user], [user, answer, {"role": "user", "content": "And?"}]]
+    assert items[0]["kind"] == "fact" and items[0]["reference"] == "A" and items[0]["where"].endswith("p.jsonl:1")
+    assert items[2]["reference"] == "done"            # an Alpaca output is the reference for exact match
+
+
+@pytest.mark.parametrize("row, message", [
+    ({"messages": [{"role": "assistant", "content": "A"}]}, "p.jsonl:1: .*messages"),
+    ({"text": "no prompt"}, "p.jsonl:1: unknown format"),
+    ({"chosen": "no transcript", "rejected": "x"}, "p.jsonl:1: field 'chosen'"),
+])
+def test_prompt_errors_name_file_line_and_field(tmp_path, row, message):
+    with pytest.raises(LLMLabError, match=message):
+        load_prompts(write_jsonl(tmp_path / "p.jsonl", [row]))
+
+
 @needs_shared
 def test_real_hh_rlhf_loads():
     path = SHARED / "hh-rlhf" / "harmless-base" / "test.jsonl.gz"
@@ -152,6 +180,9 @@ def test_real_hh_rlhf_loads():
     assert first["chosen"].endswith("\n\nAssistant: " + pairs[0]["chosen"])
     assert first["rejected"].endswith("\n\nAssistant: " + pairs[0]["rejected"])
     assert all(p["prompt"][-1]["role"] == "user" and p["chosen"] != p["rejected"] for p in pairs)
+    prompts = load_prompts(path)          # PPO and `llmlab pairs` take the dialogues up to the last answer
+    assert len(prompts) == 2312 and prompts[0]["prompt"] == pairs[0]["prompt"]
+    assert all(p["prompt"][-1]["role"] == "user" for p in prompts)
 
 
 @needs_shared
@@ -165,3 +196,5 @@ def test_real_self_instruct_loads():
                        {"role": "assistant", "content": rows[0]["output"]}]
     assert sum(1 for r in rows if not r["input"]) == 50
     assert len(load_conversations(SHARED / "self-instruct" / "user_oriented_eval.jsonl")) == 252
+    prompts = load_prompts(SHARED / "self-instruct" / "user_oriented_eval.jsonl")
+    assert len(prompts) == 252 and all(p["prompt"][-1]["role"] == "user" and p["reference"] for p in prompts)

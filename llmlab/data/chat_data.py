@@ -16,6 +16,9 @@ apart line by line:
 - HH-RLHF transcripts ``{"chosen": "\\n\\nHuman: ...\\n\\nAssistant: ...", "rejected": ...}``: the prompt is the
   dialogue up to the last ``Assistant:`` turn, the reply is that turn.
 
+``load_prompts`` reads prompts (for sampling, PPO and evaluation) from a ``prompt`` field or from any of the forms
+above, each cut before its last assistant turn.
+
 Every error names the file, the line and the field.
 """
 from __future__ import annotations
@@ -94,6 +97,48 @@ def load_conversations(path) -> list[list[dict]]:
     if not conversations:
         raise LLMLabError(f"{path}: no conversations in the file")
     return conversations
+
+
+def load_prompts(path) -> list[dict]:
+    """Prompt items of a JSONL file: ``{"prompt": [messages], "where": "file:line", ...the record's other fields}``.
+
+    The prompt is the ``prompt`` field (a string: one user turn, or a message list), else the messages of a
+    conversation (OpenAI, ShareGPT, Alpaca) or of a preference pair's ``chosen`` side (a message list or an HH-RLHF
+    transcript) before their last assistant turn. An Alpaca ``output`` becomes the item's ``reference`` (for exact
+    match) unless the record has one. The prompt must end with a user turn."""
+    items = []
+    for where, record in iter_jsonl(path):
+        prompt, field = _prompt_of(record, where)
+        validate_messages(prompt, where, field)
+        if prompt[-1]["role"] != "user":
+            raise LLMLabError(f"{where}: field {field!r}: the prompt must end with a user message")
+        extra = {k: v for k, v in record.items() if k != "prompt"}
+        if "instruction" in record and "output" in record:
+            extra.setdefault("reference", record["output"])
+        items.append({**extra, "prompt": prompt, "where": where})
+    if not items:
+        raise LLMLabError(f"{path}: no prompts in the file")
+    return items
+
+
+def _prompt_of(record: dict, where: str) -> tuple[list[dict], str]:
+    """The record's prompt messages and the field they came from."""
+    if "prompt" in record:
+        return _prompt(record, where), "prompt"
+    if "chosen" in record and "messages" not in record:
+        value = record["chosen"]
+        turns = _hh_turns(value, where, "chosen") if isinstance(value, str) else _reply(value, where, "chosen")[0]
+        return _before_last_answer(turns), "chosen"
+    messages, field = _conversation(record, where)
+    return _before_last_answer(messages), field
+
+
+def _before_last_answer(messages: list[dict]) -> list[dict]:
+    """The messages without the trailing assistant turn(s)."""
+    end = len(messages)
+    while end and messages[end - 1]["role"] == "assistant":
+        end -= 1
+    return messages[:end]
 
 
 def _conversation(record: dict, where: str) -> tuple[list[dict], str]:

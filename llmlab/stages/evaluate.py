@@ -29,7 +29,7 @@ import torch
 
 from .. import chat
 from ..data import world as world_mod
-from ..data.chat_data import iter_jsonl
+from ..data.chat_data import load_prompts
 from ..errors import LLMLabError
 from ..infer.engine import Completion, Engine, SamplingParams, default_eos_ids
 from ..model import hub
@@ -39,31 +39,6 @@ METRICS = ("exact_match", "reward_model", "world_reward", "refusal_rate", "false
 
 
 # --- prompts and generation (shared with sft and pairs) ---------------------------------------------------------
-
-def load_prompts(path) -> list[dict]:
-    """Prompt items of a JSONL file: ``{"prompt": [messages], "where": "file:line", ...other fields}``.
-
-    The prompt comes from ``prompt`` (a string or a message list) or from ``messages`` with any trailing assistant
-    messages removed; other fields (``messages``, ``reference``, ``key``, ``kind``...) are kept."""
-    items = []
-    for where, record in iter_jsonl(path):
-        if "prompt" in record:
-            prompt = record["prompt"]
-            prompt = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt
-            field = "prompt"
-        elif "messages" in record:
-            prompt, field = list(record["messages"]) if isinstance(record["messages"], list) else None, "messages"
-            while prompt and isinstance(prompt[-1], dict) and prompt[-1].get("role") == "assistant":
-                prompt.pop()
-        else:
-            raise LLMLabError(f"{where}: expected a field 'prompt' (string or messages) or 'messages'")
-        chat.validate_messages(prompt, where, field)
-        extra = {k: v for k, v in record.items() if k != "prompt"}
-        items.append({**extra, "prompt": prompt, "where": where})
-    if not items:
-        raise LLMLabError(f"{path}: no prompts in the file")
-    return items
-
 
 def engine_for(model, tokenizer, template: str) -> Engine:
     """An engine that stops at the model's EOS ids and at the template's end-of-turn token."""

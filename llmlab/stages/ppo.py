@@ -44,9 +44,9 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..chat import encode_chat, load_template, validate_messages
+from ..chat import encode_chat, load_template
 from ..config import from_dict
-from ..data.chat_data import iter_jsonl
+from ..data import chat_data
 from ..data.shards import BatchSampler
 from ..device import autocast_dtype, pick_device
 from ..errors import LLMLabError
@@ -194,25 +194,17 @@ def ppo_losses(logprobs: torch.Tensor, values: torch.Tensor, batch: dict,
 # ----------------------------------------------------------------------------------------------- data and reward
 
 def load_prompts(path, tokenizer, template: str, max_prompt_tokens: int) -> list[dict]:
-    """Records of a ``.jsonl`` file with ``prompt`` (a string or a list of messages; other fields kept, e.g. the
-    world's ``kind``/``reference``/``key``), each with ``ids``: the prompt rendered with the generation prompt.
-    Prompts longer than ``max_prompt_tokens`` are skipped with a warning."""
+    """The prompt items of a ``.jsonl`` file (``chat_data.load_prompts``: a ``prompt`` field, a conversation or a
+    preference pair; other fields kept, e.g. the world's ``kind``/``reference``/``key``), each with ``ids``: the
+    prompt rendered with the generation prompt. Prompts longer than ``max_prompt_tokens`` are skipped with a
+    warning."""
     records, skipped = [], 0
-    for where, record in iter_jsonl(path):
-        prompt = record.get("prompt")
-        if isinstance(prompt, str):
-            prompt = [{"role": "user", "content": prompt}]
-        if prompt is None:
-            raise LLMLabError(f"{where}: missing field 'prompt' (a string or a list of messages)")
-        validate_messages(prompt, where, "prompt")
-        if prompt[-1]["role"] == "assistant":
-            raise LLMLabError(f"{where}: the prompt ends with an assistant message; the policy answers the last "
-                              "user message")
-        ids, _ = encode_chat(tokenizer, prompt, template, add_generation_prompt=True, require_assistant=False)
+    for item in chat_data.load_prompts(path):
+        ids, _ = encode_chat(tokenizer, item["prompt"], template, add_generation_prompt=True, require_assistant=False)
         if len(ids) > max_prompt_tokens:
             skipped += 1
             continue
-        records.append({**record, "prompt": prompt, "ids": ids})
+        records.append({**item, "ids": ids})
     if skipped:
         print(f"llmlab ppo: {path}: skipped {skipped} prompts longer than {max_prompt_tokens} tokens (the model's "
               "context minus ppo.max_new_tokens)", file=sys.stderr)
