@@ -10,9 +10,9 @@ pair (train and held-out), kept in memory and saved to ``DIR/ref_logps.safetenso
 so no second model is held or run during training. Each step runs chosen and rejected answers of the batch in one
 forward pass: with ``data.packing`` (the default, for our decoder) the 2B sequences are packed into rows of up to
 ``data.max_length`` tokens (and twice the batch's longest sequence), each attending only to itself (``segment_ids``),
-so almost no compute goes to padding and the
-log-probabilities equal those of 2B right-padded rows (what a ``transformers`` model gets). Logged beside the loss: the implicit rewards β·(log π − log π_ref) of the
-chosen and rejected answers, their margin, and the accuracy (share of pairs with margin > 0).
+so almost no compute goes to padding and the log-probabilities equal those of 2B right-padded rows (what a
+``transformers`` model gets). Logged beside the loss: the implicit rewards β·(log π − log π_ref) of the chosen and
+rejected answers, their margin, and the accuracy (share of pairs with margin > 0).
 
 The log-probability of an answer covers its tokens and the end-of-turn token after it (the last assistant span
 of ``chat.encode_chat``'s mask); a pair whose answer would be cut away entirely by ``data.max_length`` is dropped.
