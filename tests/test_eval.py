@@ -93,7 +93,7 @@ def test_pairs_judged_by_the_world_are_best_against_worst(lab, tmp_path, monkeyp
 
     def candidates(model_dir, items, k, params, template, batch_size):
         assert k == 4       # an empty answer (the model stopped at once) is never part of a pair
-        return [[i["reference"], world.refusal, "", "I do not know."] for i in items]
+        return items, [[i["reference"], world.refusal, "", "I do not know."] for i in items]
 
     monkeypatch.setattr(pairs_stage, "sample_responses", candidates)
     out = tmp_path / "pairs.jsonl"
@@ -125,6 +125,18 @@ def test_pairs_from_a_reward_model(lab, tmp_path, monkeypatch):
     assert stats["pairs"] == len(written) > 0
     for pair in written:
         assert len(pair["chosen"]) > len(pair["rejected"]) and pair["chosen_score"] == len(pair["chosen"])
+
+
+def test_prompts_longer_than_the_context_are_skipped_not_fatal(lab, tmp_path, capsys):
+    long = {"prompt": "word " * 2000, "kind": "fact", "reference": "x"}
+    data = write_jsonl(tmp_path / "p.jsonl", [long] + [json.loads(line) for line in
+                                                        (lab.world / "rl_eval.jsonl").read_text().splitlines()[:3]])
+    report = evaluate_models([str(lab.sft)], data, tmp_path / "eval", max_new_tokens=8)
+    assert report["n_prompts"] == 3
+    stats = pairs_stage.make_pairs(str(lab.sft), str(data), str(tmp_path / "pairs.jsonl"), k=2, judge="world",
+                                   world_dir=str(lab.world), params=SamplingParams(max_new_tokens=8, temperature=1.0))
+    assert stats["prompts"] == 3
+    assert capsys.readouterr().err.count("skipped 1 of 4 prompts that do not fit the model's context") == 2
 
 
 def test_pairs_from_human_rankings(tmp_path):

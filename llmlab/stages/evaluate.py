@@ -56,6 +56,18 @@ def prompt_ids(engine: Engine, messages: list[dict], template: str) -> list[int]
     return engine.encode(text)
 
 
+def prompts_that_fit(engine: Engine, items: list[dict], template: str, who: str) -> list[dict]:
+    """The items whose rendered prompt leaves the model room for at least one new token; the others are dropped
+    with a warning (one such prompt would stop the whole run)."""
+    kept = [item for item in items if len(prompt_ids(engine, item["prompt"], template)) < engine.context]
+    if len(kept) < len(items):
+        print(f"{who}: skipped {len(items) - len(kept)} of {len(items)} prompts that do not fit the model's context "
+              f"of {engine.context} tokens", file=sys.stderr)
+    if not kept:
+        raise LLMLabError(f"{who}: no prompt fits the model's context of {engine.context} tokens")
+    return kept
+
+
 def generate_replies(engine: Engine, prompts: list[list[dict]], template: str, params: SamplingParams,
                      batch_size: int = 32) -> list[Completion]:
     """One completion per prompt (message list), rendered with ``template`` and generated in batches; generation
@@ -188,6 +200,8 @@ def evaluate_models(models: list, data, out_dir, *, reward=None, reference=None,
             raise LLMLabError(f"{path}: no tokenizer in the model folder")
         tmpl = chat.load_template(path, template)
         engine = engine_for(model, tokenizer, tmpl)
+        if not results:         # the first model decides which prompts every model answers
+            items = prompts_that_fit(engine, items, tmpl, f"eval: {path}")
         replies = generate_replies(engine, [i["prompt"] for i in items], tmpl, params, batch_size)
         texts = [r.text for r in replies]
         world_scores = [the_world.reward(i, t) for i, t in zip(items, texts)] if the_world else None

@@ -24,7 +24,7 @@ from ..data.chat_data import iter_jsonl
 from ..errors import LLMLabError
 from ..infer.engine import SamplingParams
 from ..model import hub
-from .evaluate import engine_for, generate_replies, load_prompts, load_reward_model
+from .evaluate import engine_for, generate_replies, load_prompts, load_reward_model, prompts_that_fit
 
 
 def best_and_worst(prompt: list[dict], responses: list[str], scores: list[float]) -> dict | None:
@@ -42,16 +42,17 @@ def best_and_worst(prompt: list[dict], responses: list[str], scores: list[float]
 
 
 def sample_responses(model_dir: str, items: list[dict], k: int, params: SamplingParams, template: str | None,
-                     batch_size: int = 32) -> list[list[str]]:
-    """K sampled answers per prompt item."""
+                     batch_size: int = 32) -> tuple[list[dict], list[list[str]]]:
+    """(the items whose prompt fits the model's context, K sampled answers for each)."""
     if params.temperature <= 0:
         raise LLMLabError("pairs: sampling needs --temperature > 0, else the K answers are identical")
     model, tokenizer = hub.load_model(model_dir)
     tmpl = chat.load_template(model_dir, template)
     engine = engine_for(model, tokenizer, tmpl)
+    items = prompts_that_fit(engine, items, tmpl, "pairs")
     prompts = [item["prompt"] for item in items for _ in range(k)]
     texts = [c.text for c in generate_replies(engine, prompts, tmpl, params, batch_size)]
-    return [texts[i * k:(i + 1) * k] for i in range(len(items))]
+    return items, [texts[i * k:(i + 1) * k] for i in range(len(items))]
 
 
 def score(judge: str, items: list[dict], responses: list[list[str]], world_dir: str | None) -> list[list[float]]:
@@ -120,7 +121,7 @@ def make_pairs(model_dir: str | None, prompts_path: str | None, out_file: str, *
             raise LLMLabError(f"--k {k}: need at least two samples per prompt")
         items = load_prompts(prompts_path)[:limit]
         params = params or SamplingParams(max_new_tokens=64, temperature=1.0)
-        responses = sample_responses(model_dir, items, k, params, template, batch_size)
+        items, responses = sample_responses(model_dir, items, k, params, template, batch_size)
         scores = score(judge, items, responses, world_dir)
         found = [best_and_worst(item["prompt"], rs, ss) for item, rs, ss in zip(items, responses, scores)]
         pairs = [p for p in found if p is not None]
