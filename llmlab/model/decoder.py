@@ -57,21 +57,23 @@ def positions_from_mask(attention_mask: torch.Tensor, past: int, t: int) -> torc
     return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, past:past + t]
 
 
-def segment_layout(segment_ids: torch.Tensor, window: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """(mask (B, 1, T, T), position ids (B, T)) for rows that pack several sequences, ``segment_ids`` (B, T) giving
-    each token's sequence (contiguous runs; any value, e.g. −1, for padding).
-
-    Query i sees key j when j ≤ i (within the window W) and both belong to the same segment, and positions restart
-    at 0 where a segment starts: each packed sequence is computed exactly as if it were alone in its row (document
-    masking, what TRL calls padding-free batches).
-    """
+def segment_positions(segment_ids: torch.Tensor) -> torch.Tensor:
+    """Position ids (B, T) for rows that pack several sequences, ``segment_ids`` (B, T) giving each token's sequence
+    (contiguous runs; any value, e.g. −1, for padding): positions restart at 0 where a segment starts."""
     b, t = segment_ids.shape
     index = torch.arange(t, device=segment_ids.device).expand(b, t)
     starts = torch.ones_like(segment_ids, dtype=torch.bool)
     starts[:, 1:] = segment_ids[:, 1:] != segment_ids[:, :-1]
-    positions = index - torch.where(starts, index, torch.zeros_like(index)).cummax(-1).values
+    return index - torch.where(starts, index, torch.zeros_like(index)).cummax(-1).values
+
+
+def segment_mask(segment_ids: torch.Tensor, window: int | None = None) -> torch.Tensor:
+    """Boolean mask (B, 1, T, T) for packed rows: query i sees key j when j ≤ i (within the window W) and both
+    belong to the same segment. With ``segment_positions`` each packed sequence is computed exactly as if it were
+    alone in its row (document masking, what TRL calls padding-free batches)."""
+    t = segment_ids.shape[1]
     same = segment_ids[:, :, None] == segment_ids[:, None, :]
-    return (causal_mask(t, t, segment_ids.device, window) & same)[:, None], positions
+    return (causal_mask(t, t, segment_ids.device, window) & same)[:, None]
 
 
 class Decoder(nn.Module):
@@ -101,7 +103,7 @@ class Decoder(nn.Module):
 
         ``attention_mask`` (B, past + T) marks real tokens with 1 (left padding for batched prompts);
         ``cache`` holds earlier positions and is advanced by T. ``segment_ids`` (B, T) packs several sequences
-        per row, each attending only to itself (``segment_layout``; training and scoring, not with a cache).
+        per row, each attending only to itself (``segment_mask``; training and scoring, not with a cache).
         """
         b, t = input_ids.shape
         past = cache.length if cache is not None else 0
@@ -110,9 +112,8 @@ class Decoder(nn.Module):
                              f"{self.config.max_seq_len} (max_seq_len)")
         if segment_ids is not None and (cache is not None or attention_mask is not None or position_ids is not None):
             raise ValueError("segment_ids replaces attention_mask and position_ids, and takes no cache")
-        segments = {w: segment_layout(segment_ids, w) for w in set(self.windows)} if segment_ids is not None else None
-        if segments is not None:
-            position_ids = next(iter(segments.values()))[1]
+        if segment_ids is not None:
+            position_ids = segment_positions(segment_ids)
         contiguous = position_ids is None and attention_mask is None     # positions past … past+t−1 in every row
         if position_ids is None and not contiguous:
             position_ids = positions_from_mask(attention_mask, past, t)
@@ -128,8 +129,8 @@ class Decoder(nn.Module):
 
         rope = angles(self.rope) if self.rope is not None else None
         rope_local = angles(self.rope_local) if self.rope_local is not None else rope
-        layouts = ({w: (mask, False) for w, (mask, _) in segments.items()} if segments is not None else
-                   {w: attention_layout(attention_mask, t, past + t, input_ids.device, w) for w in set(self.windows)})
+        layouts = {w: (segment_mask(segment_ids, w), False) if segment_ids is not None else
+                   attention_layout(attention_mask, t, past + t, input_ids.device, w) for w in set(self.windows)}
         for i, block in enumerate(self.blocks):
             window = self.windows[i]
             mask, is_causal = layouts[window]
