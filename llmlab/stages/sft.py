@@ -140,20 +140,22 @@ def pad_collate(examples: list, pad_id: int) -> dict:
     input_ids = torch.full((len(examples), width), pad_id, dtype=torch.long)
     labels = torch.full((len(examples), width), IGNORE_INDEX, dtype=torch.long)
     attention = torch.zeros((len(examples), width), dtype=torch.long)
-    segment_ids = torch.full((len(examples), width), -1, dtype=torch.long)
+    batch = {"input_ids": input_ids, "labels": labels, "attention_mask": attention}
+    packed = len(examples[0]) == 3
+    if packed:
+        batch["segment_ids"] = torch.full((len(examples), width), -1, dtype=torch.long)
     seen = 0
-    for row, (ids, mask, *segments) in enumerate(examples):
+    for row, example in enumerate(examples):
+        ids, mask = example[0], example[1]
         n = len(ids) - 1
         ids_t, mask_t = torch.tensor(ids), torch.tensor(mask, dtype=torch.bool)
         input_ids[row, :n] = ids_t[:-1]
         labels[row, :n] = torch.where(mask_t[1:], ids_t[1:], IGNORE_INDEX)
         attention[row, :n] = 1
-        if segments:
-            segment_ids[row, :n] = torch.tensor(segments[0][:-1]) + seen
-            seen += segments[0][-1] + 1
-    batch = {"input_ids": input_ids, "labels": labels, "attention_mask": attention}
-    if len(examples[0]) == 3:
-        batch["segment_ids"] = segment_ids
+        if packed:
+            segments = example[2]
+            batch["segment_ids"][row, :n] = torch.tensor(segments[:-1]) + seen
+            seen += segments[-1] + 1
     return batch
 
 
@@ -192,15 +194,15 @@ def pack(examples: list[Example], max_length: int) -> list[tuple[list[int], list
     """Concatenate examples, in order, into rows of at most ``max_length`` tokens (a new row when the next one
     does not fit): ``(ids, mask, segments)``, every example keeping its own mask, ``segments`` numbering the
     examples of the row 0, 1, …"""
-    rows, ids, mask, segments = [], [], [], []
+    rows = []
     for e_ids, e_mask in examples:
-        if ids and len(ids) + len(e_ids) > max_length:
-            rows.append((ids, mask, segments))
-            ids, mask, segments = [], [], []
+        if not rows or len(rows[-1][0]) + len(e_ids) > max_length:
+            rows.append(([], [], []))
+        ids, mask, segments = rows[-1]
         segment = segments[-1] + 1 if segments else 0
-        ids, mask, segments = ids + e_ids, mask + e_mask, segments + [segment] * len(e_ids)
-    if ids:
-        rows.append((ids, mask, segments))
+        ids += e_ids
+        mask += e_mask
+        segments += [segment] * len(e_ids)
     return rows
 
 
