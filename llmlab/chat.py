@@ -24,6 +24,7 @@ Llama-2/3 and Gemma trim message contents, as their reference templates do.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import secrets
 from datetime import datetime
@@ -158,6 +159,14 @@ def stop_strings(name_or_template: str, eos_token: str | None = None) -> list[st
     if eos_token and eos_token not in stops:
         stops.append(eos_token)
     return stops
+
+
+def reply_params(params, name_or_template: str, eos_token: str | None = None):
+    """``params`` (``SamplingParams``) for an assistant reply under this template: generation also stops at the
+    template's stop strings (``stop_strings``), and the reply is left-stripped (templates such as ``llmlab`` and
+    Llama-2's write a space before each content)."""
+    stops = list(dict.fromkeys([*params.stop, *stop_strings(name_or_template, eos_token)]))
+    return dataclasses.replace(params, stop=stops, lstrip=True)
 
 
 def load_template(model_dir, override: str | None = None) -> str:

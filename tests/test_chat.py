@@ -5,7 +5,8 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast
 
 from llmlab.chat import (TEMPLATES, assistant_spans, encode_chat, end_of_turn, get_template, load_template,
-                         render, save_template, stop_strings, validate_messages)
+                         render, reply_params, save_template, stop_strings, validate_messages)
+from llmlab.infer.engine import SamplingParams
 from llmlab.errors import LLMLabError
 from llmlab.tokenizer import SPECIAL_TOKENS, train_bpe
 
@@ -241,6 +242,13 @@ def test_end_of_turn_and_stop_strings():
     assert stop_strings("llmlab", eos_token="<|eos|>") == ["<|im_end|>", "<|eos|>"]
     with pytest.raises(LLMLabError, match="end-of-turn"):
         end_of_turn("{% for m in messages %}{{ m['content'] }}{% endfor %}")
+
+
+def test_reply_params_add_the_templates_stops_once_and_strip_the_reply():
+    params = SamplingParams(max_new_tokens=5, temperature=0.7, stop=["END", "<|im_end|>"])
+    reply = reply_params(params, "llmlab", eos_token="<|eos|>")
+    assert reply.stop == ["END", "<|im_end|>", "<|eos|>"] and reply.lstrip
+    assert (reply.max_new_tokens, reply.temperature) == (5, 0.7) and not params.lstrip    # a copy
 
 
 def test_template_errors_are_clear():

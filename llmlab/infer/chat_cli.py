@@ -7,7 +7,6 @@ Ctrl-C stops the current answer and keeps the session; Ctrl-C twice at the promp
 """
 from __future__ import annotations
 
-import dataclasses
 import json
 import sys
 from pathlib import Path
@@ -46,8 +45,7 @@ class ChatSession:
         self.engine, self.template, self.out, self.label = engine, template, out or sys.stdout, label
         tok = engine.tokenizer
         self.special = {"bos_token": tok.bos_token or "", "eos_token": tok.eos_token or ""}
-        stops = [s for s in chat.stop_strings(template, tok.eos_token) if s not in params.stop]
-        self.params = dataclasses.replace(params, stop=[*params.stop, *stops], lstrip=True)
+        self.params = chat.reply_params(params, template, tok.eos_token)
         self.system = system
         self.history: list[dict] = []            # user/assistant messages, alternating
 

@@ -20,7 +20,6 @@ calls.
 """
 from __future__ import annotations
 
-import dataclasses
 import json
 import sys
 from pathlib import Path
@@ -72,8 +71,7 @@ def generate_replies(engine: Engine, prompts: list[list[dict]], template: str, p
                      batch_size: int = 32) -> list[Completion]:
     """One completion per prompt (message list), rendered with ``template`` and generated in batches; generation
     also stops at the template's stop strings, and replies are left-stripped (``SamplingParams.lstrip``)."""
-    stops = chat.stop_strings(template, engine.tokenizer.eos_token)
-    params = dataclasses.replace(params, stop=list(dict.fromkeys([*params.stop, *stops])), lstrip=True)
+    params = chat.reply_params(params, template, engine.tokenizer.eos_token)
     encoded = [prompt_ids(engine, p, template) for p in prompts]
     out = []
     for start in range(0, len(encoded), batch_size):
