@@ -1,9 +1,10 @@
 """Training tokens/s of ``llmlab sft`` against TRL's ``SFTTrainer``, same tiny model, conversations and batch, in the
-same run. Both pad each batch (no packing), float32 on CPU, loss on the answers only (TRL: prompt/completion data,
-``completion_only_loss``), no evaluation, no saving during training, logging off. Tokens/s counts the real
-(non-pad) tokens of the average batch: batch × mean conversation length / seconds per step. ``llmlab sft`` with
-``data.packing`` (rows of 256 tokens, each conversation attending only to itself: the same loss as padded rows, no
-compute on padding) is the third column.
+same run: float32 on CPU, loss on the answers only (TRL: prompt/completion data, ``completion_only_loss``), no
+evaluation, no saving during training, logging off. Tokens/s counts the real (non-pad) tokens of the average
+batch: batch × mean conversation length / seconds per step. Each trainer runs as shipped (llmlab: padding-free
+batches, each conversation attending only to itself; TRL: right-padded batches), then both padded, then both
+padding-free (TRL's ``padding_free=True``: one flattened row with position ids, which ``transformers`` turns into
+a block-diagonal attention mask).
 
     python bench/sft.py [--steps 30] [--batch 16] [--threads 1]
 """
@@ -25,7 +26,7 @@ from llmlab.stages import sft as sft_stage
 from llmlab.stages.common import deep_merge
 
 
-def run_ours(model_dir: Path, data: Path, out: Path, steps: int, batch: int, packing: bool) -> float:
+def run_ours(model_dir: Path, data: Path, out: Path, steps: int, batch: int, padding_free: bool) -> float:
     """Seconds per step of the real stage (``train`` wrapped to record each step's end)."""
     marks: list[float] = []
     real_train = sft_stage.train
@@ -34,7 +35,8 @@ def run_ours(model_dir: Path, data: Path, out: Path, steps: int, batch: int, pac
         return real_train(*args, on_step=lambda step, record: marks.append(time.perf_counter()), **kwargs)
 
     recipe = deep_merge(sft_stage.DEFAULTS, {
-        "data": {"max_length": 256, "batch_size": batch, "val_fraction": 0.0, "packing": packing},
+        "data": {"max_length": 256, "batch_size": batch, "val_fraction": 0.0,
+                 "padding_free": padding_free},
         "train": {"max_steps": WARMUP + steps, "lr": 1e-4, "warmup_steps": 0, "progress": False,
                   "checkpoint_every": 0, "eval_every": 0, "log_every": 1000, "device": "cpu"}})
     sft_stage.train = timed_train
@@ -45,7 +47,7 @@ def run_ours(model_dir: Path, data: Path, out: Path, steps: int, batch: int, pac
     return step_times(marks, steps)
 
 
-def run_trl(model_dir: Path, data: Path, out: Path, steps: int, batch: int) -> float:
+def run_trl(model_dir: Path, data: Path, out: Path, steps: int, batch: int, padding_free: bool) -> float:
     from datasets import Dataset
     from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
     from trl import SFTConfig, SFTTrainer
@@ -58,7 +60,8 @@ def run_trl(model_dir: Path, data: Path, out: Path, steps: int, batch: int) -> f
 
     rows = [{"prompt": c[:-1], "completion": c[-1:]} for c in load_conversations(data)]
     args = SFTConfig(output_dir=str(out), per_device_train_batch_size=batch, max_steps=WARMUP + steps,
-                     learning_rate=1e-4, lr_scheduler_type="constant", max_length=256, packing=False,
+                     learning_rate=1e-4, lr_scheduler_type="constant", packing=False, padding_free=padding_free,
+                     max_length=None if padding_free else 256,     # TRL: padding-free does not truncate
                      completion_only_loss=True, gradient_checkpointing=False, bf16=False, fp16=False, use_cpu=True,
                      report_to=[], logging_strategy="no", save_strategy="no", eval_strategy="no",
                      disable_tqdm=True, dataloader_num_workers=0, seed=0)
@@ -83,18 +86,19 @@ def main():
         tok, template = hub.load_tokenizer(model_dir), chat.load_template(model_dir)
         lengths = [len(chat.encode_chat(tok, c, template)[0]) for c in load_conversations(data)]
         tokens = args.batch * sum(lengths) / len(lengths)
-        ours = run_ours(model_dir, data, root / "ours", args.steps, args.batch, packing=False)
-        packed = run_ours(model_dir, data, root / "packed", args.steps, args.batch, packing=True)
-        packed_tokens = tokens * len(lengths) / len(sft_stage.pack(
-            [(list(range(n)), [1] * n) for n in lengths], 256))
-        trl = run_trl(model_dir, data, root / "trl", args.steps, args.batch)
+        times = {(who, free): run(model_dir, data, root / f"{who}-{free}", args.steps, args.batch, free)
+                 for who, run in (("llmlab", run_ours), ("trl", run_trl)) for free in (True, False)}
     print(f"machine: {machine()}\n")
     print(f"SFT, tiny Llama (4 layers, d=128), {len(lengths)} task-world conversations (mean "
           f"{sum(lengths) / len(lengths):.0f} tokens), batch {args.batch}, {args.steps} timed steps after {WARMUP} "
           f"warm-up steps\n")
-    print("| | llmlab sft | trl SFTTrainer | ratio | llmlab sft, packed rows of 256 |\n|---|---|---|---|---|")
-    print(f"| seconds per step | {ours:.4f} | {trl:.4f} | {trl / ours:.2f}× | {packed:.4f} |")
-    print(f"| tokens/s | {tokens / ours:,.0f} | {tokens / trl:,.0f} | {trl / ours:.2f}× | {packed_tokens / packed:,.0f} |")
+    print("| batches (llmlab, TRL) | llmlab s/step | TRL s/step | llmlab tokens/s | TRL tokens/s | ratio |")
+    print("|---|---|---|---|---|---|")
+    for label, ours, trl in (("as shipped (padding-free, padded)", True, False), ("both padded", False, False),
+                             ("both padding-free", True, True)):
+        t_ours, t_trl = times["llmlab", ours], times["trl", trl]
+        print(f"| {label} | {t_ours:.4f} | {t_trl:.4f} | {tokens / t_ours:,.0f} | {tokens / t_trl:,.0f} "
+              f"| {t_trl / t_ours:.2f}× |")
 
 
 if __name__ == "__main__":

@@ -26,8 +26,8 @@ from llmlab.model.config import preset
 from llmlab.model.decoder import build_model
 from llmlab.stages.common import deep_merge
 from llmlab.stages.evaluate import exact_match_rate, generate_replies, load_prompts
-from llmlab.stages.sft import (DEFAULTS, encode_conversations, pack, pad_collate, run_sft, sequence_logps,
-                               sft_loss, token_logps)
+from llmlab.stages.sft import (DEFAULTS, encode_conversations, pack, pack_batch, pad_collate, run_sft,
+                               sequence_logps, sft_loss, token_logps)
 from llmlab.tokenizer import train_bpe
 
 transformers.logging.set_verbosity_error()
@@ -150,6 +150,27 @@ def test_packing_keeps_each_examples_mask_and_loss(lab, tok_and_template):
     assert torch.allclose(sft_loss(model, packed)[0], sft_loss(model, padded)[0], atol=1e-5)
     (packed_sums, packed_counts), (sums, counts) = sequence_logps(model, packed), sequence_logps(model, padded)
     assert torch.allclose(packed_sums, sums, atol=1e-4) and packed_counts.tolist() == counts.tolist()
+
+
+def test_pack_batch_rows_fit_twice_the_longest_example():
+    examples = [([1] * n, [1] * n) for n in (5, 3, 9, 2, 4, 6)]
+    rows = pack_batch(examples, max_length=64)
+    assert [len(ids) for ids, _, _ in rows] == [17, 12]          # rows of at most 2 × 9 tokens, in order
+    assert [len(ids) for ids, _, _ in pack_batch(examples, max_length=10)] == [8, 9, 6, 6]
+
+
+def test_padding_free_batches_train_the_same_weights_as_padded_ones(lab, tmp_path):
+    """The same conversations per step, packed into segment-masked rows or right-padded: the same final weights."""
+    weights = {}
+    for padding_free in (True, False):
+        recipe = sft_recipe(data={"max_length": 128, "batch_size": 8, "val_fraction": 0.0,
+                                  "padding_free": padding_free}, train={"max_steps": 4, "lr": 3e-3})
+        run_sft(str(lab.base), str(lab.world / "sft_train.jsonl"), str(tmp_path / str(padding_free)), recipe)
+        weights[padding_free] = hub.load_our_model(tmp_path / str(padding_free) / "model").state_dict()
+    base = hub.load_our_model(lab.base).state_dict()
+    for name, w in weights[True].items():
+        assert not torch.equal(w, base[name]) or "norm" in name                # it trained
+        assert torch.allclose(w, weights[False][name], atol=1e-5), name
 
 
 def test_truncation_cuts_or_drops_and_never_gives_nan(lab, tok_and_template, tmp_path):

@@ -8,7 +8,7 @@ model), h = [log π(y_w|x) − log π_ref(y_w|x)] − [log π(y_l|x) − log π_
 The reference log-probabilities are computed once, before training, in one pass of the starting model over every
 pair (train and held-out), kept in memory and saved to ``DIR/ref_logps.safetensors`` (reloaded on ``--resume``),
 so no second model is held or run during training. Each step runs chosen and rejected answers of the batch in one
-forward pass: with ``data.packing`` (the default, for our decoder) the 2B sequences are packed into rows of up to
+forward pass: with ``data.padding_free`` (the default, for our decoder) the 2B sequences are packed into rows of up to
 ``data.max_length`` tokens (and twice the batch's longest sequence), each attending only to itself (``segment_ids``),
 so almost no compute goes to padding and the log-probabilities equal those of 2B right-padded rows (what a
 ``transformers`` model gets). Logged beside the loss: the implicit rewards β·(log π − log π_ref) of the chosen and
@@ -38,24 +38,18 @@ from ..train import dist
 from ..train.loop import to_device, train
 from .common import start_run, train_config
 from .sft import (Example, ExampleData, add_stage_args, batches_for, context_of, load_tokenizer_and_template,
-                  load_trainable, pack, pad_collate, pad_id_of, save_trained, sequence_logps, split_heldout,
+                  load_trainable, pack_batch, pad_collate, pad_id_of, save_trained, sequence_logps, split_heldout,
                   stage_recipe, truncate)
 
 REF_FILE = "ref_logps.safetensors"
 DEFAULTS = {
     "template": None,
-    "data": {"max_length": None, "batch_size": 8, "val_fraction": 0.05, "eval_path": None, "packing": True},
+    "data": {"max_length": None, "batch_size": 8, "val_fraction": 0.05, "eval_path": None, "padding_free": True},
     "dpo": {"beta": 0.1, "loss_type": "sigmoid", "label_smoothing": 0.0, "rpo_alpha": 0.0},
     "lora": to_dict(LoRAConfig()),
     "train": {"max_steps": 200, "lr": 5e-6, "warmup_steps": 10, "weight_decay": 0.0, "eval_every": 50,
               "log_every": 10},
 }
-
-
-@dataclass
-class DPOData(ExampleData):
-    """DPO's ``data:`` section; ``packing`` packs each batch's 2B sequences into segment-masked rows."""
-    packing: bool = True
 
 
 @dataclass
@@ -107,13 +101,11 @@ def encode_pairs(pairs: list[dict], tokenizer, template: str, max_length: int) -
 def pair_collate(rows: list[dict], pad_id: int, ref: dict[str, torch.Tensor] | None = None,
                  pack_length: int | None = None) -> dict:
     """The B chosen answers then the B rejected ones as one padded batch of 2B rows (``pad_collate``), or packed
-    (``pack``; sequence i is segment i) into rows of up to ``pack_length`` tokens and at most twice the longest
-    sequence (a packed row's attention costs grow with its length; on the task world's pairs rows of 2× run 1.4×
-    faster than rows of 256), plus the cached reference log-probs ``ref_chosen`` / ``ref_rejected`` (B,) of these
-    pairs when ``ref`` is given."""
+    (``pack_batch``; sequence i is segment i) into rows of up to ``pack_length`` tokens, plus the cached reference
+    log-probs ``ref_chosen`` / ``ref_rejected`` (B,) of these pairs when ``ref`` is given."""
     sequences = [r["chosen"] for r in rows] + [r["rejected"] for r in rows]
     if pack_length:
-        sequences = pack(sequences, min(pack_length, 2 * max(len(ids) for ids, _ in sequences)))
+        sequences = pack_batch(sequences, pack_length)
     batch = pad_collate(sequences, pad_id)
     if ref is not None:
         index = torch.tensor([r["index"] for r in rows])
@@ -206,7 +198,7 @@ def run_dpo(model_dir: str, data_path: str, out_dir: str, recipe: dict, *, resum
     from ..data.chat_data import load_pairs
 
     recipe = {**recipe, "model": str(model_dir), "data": {**recipe.get("data", {}), "path": str(data_path)}}
-    data = from_dict(DPOData, recipe.get("data"), "data")
+    data = from_dict(ExampleData, recipe.get("data"), "data")
     dpo = from_dict(DPOConfig, recipe.get("dpo"), "dpo")
     lora = from_dict(LoRAConfig, recipe.get("lora"), "lora")
     cfg = train_config(recipe)
@@ -231,7 +223,7 @@ def run_dpo(model_dir: str, data_path: str, out_dir: str, recipe: dict, *, resum
         raise LLMLabError(f"{data_path}: no pair left after truncation to data.max_length={data.max_length}")
 
     pad_id = pad_id_of(tokenizer)
-    pack_length = data.max_length if data.packing and is_ours else None     # transformers models: padded rows
+    pack_length = data.max_length if data.padding_free and is_ours else None     # transformers: padded rows
     ref = cached_reference(model, {"train": rows, "eval": held}, pad_id, out / REF_FILE, reuse=resume,
                            pack_length=pack_length)
     loss_fn = make_loss(dpo)
