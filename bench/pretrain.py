@@ -1,6 +1,7 @@
 """Training throughput of ``llmlab pretrain``'s step (our Llama-style model, its CausalLM objective and the shared
 training loop: AdamW, clipping, logging) against a plain PyTorch loop over transformers' ``LlamaForCausalLM`` of the
-same configuration, in the same run and on the same batches.
+same configuration, in the same run and on the same batches; each eager, then each under ``torch.compile``
+(llmlab: ``train.compile=true``; the plain loop: ``torch.compile(model)``).
 
     python bench/pretrain.py [--steps 30] [--warmup 5]
 
@@ -38,11 +39,11 @@ def random_rows(vocab: int, block: int, n: int) -> list[tuple[torch.Tensor, torc
     return [(r[:-1].clone(), r[1:].clone()) for r in rows]
 
 
-def ours_tokens_per_s(cfg, rows, batch: int, block: int, steps: int, warmup: int) -> float:
+def ours_tokens_per_s(cfg, rows, batch: int, block: int, steps: int, warmup: int, compile: bool) -> float:
     """Our model + objective through ``llmlab.train.loop.train``, timed from the end of step ``warmup``."""
     marks = {}
     tc = TrainConfig(max_steps=warmup + steps, lr=1e-3, warmup_steps=0, eval_every=0, log_every=10 ** 6,
-                     checkpoint_every=0, progress=False, device="cpu")
+                     checkpoint_every=0, progress=False, device="cpu", compile=compile)
 
     def on_step(step, record):
         if step in (warmup, warmup + steps):
@@ -53,16 +54,19 @@ def ours_tokens_per_s(cfg, rows, batch: int, block: int, steps: int, warmup: int
     return steps * batch * block / (marks[warmup + steps] - marks[warmup])
 
 
-def hf_tokens_per_s(cfg, rows, batch: int, block: int, steps: int, warmup: int) -> float:
+def hf_tokens_per_s(cfg, rows, batch: int, block: int, steps: int, warmup: int, compile: bool) -> float:
     """The plain loop: forward, cross-entropy, backward, clip, AdamW step, on the same batches."""
     model = LlamaForCausalLM(config_to_hf(cfg)).train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, betas=(0.9, 0.95), weight_decay=0.1)
     sampler = BatchSampler(rows, batch, seed=0)
 
-    def step():
-        x, y = sampler.next_batch()
+    def loss_of(x, y):
         logits = model(input_ids=x).logits
-        loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), y.reshape(-1))
+        return F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), y.reshape(-1))
+    loss_of = torch.compile(loss_of) if compile else loss_of
+
+    def step():
+        loss = loss_of(*sampler.next_batch())
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
@@ -84,15 +88,17 @@ def main():
     args = ap.parse_args()
     torch.manual_seed(0)
     print(f"machine: {machine()}\nload average at start (1, 5, 15 min): {os.getloadavg()}\n")
-    print("| size | params | block × batch | llmlab pretrain tok/s | transformers loop tok/s | ratio |")
-    print("|---|---|---|---|---|---|")
+    print("| size | params | block × batch | llmlab pretrain tok/s | transformers loop tok/s | ratio "
+          "| llmlab, compiled | transformers, compiled | compiled vs eager transformers |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for name, (over, block, batch) in SIZES.items():
         cfg = preset("llama", **over)
         rows = random_rows(cfg.vocab_size, block, 64 * batch)
-        ours = ours_tokens_per_s(cfg, rows, batch, block, args.steps, args.warmup)
-        hf = hf_tokens_per_s(cfg, rows, batch, block, args.steps, args.warmup)
+        ours, ours_c = (ours_tokens_per_s(cfg, rows, batch, block, args.steps, args.warmup, c) for c in (False, True))
+        hf, hf_c = (hf_tokens_per_s(cfg, rows, batch, block, args.steps, args.warmup, c) for c in (False, True))
         n = cfg.num_params()
-        print(f"| {name} | {n / 1e6:.2f} M | {block} × {batch} | {ours:,.0f} | {hf:,.0f} | {ours / hf:.2f}× |")
+        print(f"| {name} | {n / 1e6:.2f} M | {block} × {batch} | {ours:,.0f} | {hf:,.0f} | {ours / hf:.2f}× "
+              f"| {ours_c:,.0f} | {hf_c:,.0f} | {ours_c / hf:.2f}× |")
     print(f"\nload average at end: {os.getloadavg()}")
 
 

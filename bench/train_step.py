@@ -1,6 +1,8 @@
 """Tokens/s of one training step (forward + backward + AdamW) for llmlab's llama preset against
 transformers' LlamaForCausalLM with the identical configuration, in the same run, plus model FLOP utilisation
-against a measured float32 matmul ceiling.
+against a measured float32 matmul ceiling. llmlab's step is the one ``llmlab pretrain`` takes (its ``CausalLM``
+objective: the fused, chunked LM-head cross-entropy); transformers' is logits then ``F.cross_entropy``. Both run
+eager, then under ``torch.compile`` (llmlab: ``train.compile=true``).
 
     python bench/train_step.py [--repeats 10]
 """
@@ -16,6 +18,7 @@ from common import machine, matmul_ceiling, timed
 from llmlab.model.config import preset
 from llmlab.model.decoder import build_model
 from llmlab.model.hub import config_to_hf
+from llmlab.stages.pretrain import CausalLM
 
 SIZES = {  # name: (model overrides, block, batch)
     "≈1M": (dict(vocab_size=65, n_layer=4, n_head=4, d_model=128, max_seq_len=64), 64, 12),
@@ -23,12 +26,12 @@ SIZES = {  # name: (model overrides, block, batch)
 }
 
 
-def step_fn(model, forward, x, y):
+def step_fn(model, loss_of, x, y, compile: bool):
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.1)
+    loss_of = torch.compile(loss_of) if compile else loss_of
 
     def step():
-        logits = forward(x)
-        loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), y.reshape(-1))
+        loss = loss_of(x, y)
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
@@ -42,21 +45,29 @@ def main():
     torch.manual_seed(0)
     ceiling = matmul_ceiling()
     print(f"machine: {machine()}\nfloat32 matmul ceiling: {ceiling / 1e9:.1f} GFLOP/s\n")
-    print("| size | params | block × batch | llmlab tok/s | transformers tok/s | ratio | llmlab MFU |")
-    print("|---|---|---|---|---|---|---|")
+    print("| size | params | block × batch | llmlab tok/s | transformers tok/s | ratio | llmlab MFU "
+          "| llmlab compiled | transformers compiled | llmlab compiled vs transformers eager |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for name, (over, block, batch) in SIZES.items():
         cfg = preset("llama", **over)
-        ours = build_model(cfg).train()
-        hf = LlamaForCausalLM(config_to_hf(cfg)).train()
         x = torch.randint(0, cfg.vocab_size, (batch, block))
         y = torch.randint(0, cfg.vocab_size, (batch, block))
-        t_ours = timed(step_fn(ours, ours, x, y), 3, args.repeats)
-        t_hf = timed(step_fn(hf, lambda ids: hf(input_ids=ids).logits, x, y), 3, args.repeats)
+        t_ours, t_hf = {}, {}
+        for compile in (False, True):
+            ours = CausalLM(build_model(cfg)).train()
+            hf = LlamaForCausalLM(config_to_hf(cfg)).train()
+
+            def hf_loss(ids, targets):
+                logits = hf(input_ids=ids).logits
+                return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1))
+            t_ours[compile] = timed(step_fn(ours, ours, x, y, compile), 3, args.repeats)
+            t_hf[compile] = timed(step_fn(hf, hf_loss, x, y, compile), 3, args.repeats)
         tokens = batch * block
-        mfu = ours.flops_per_token(block) * tokens / t_ours / ceiling
+        mfu = ours.lm.flops_per_token(block) * tokens / t_ours[False] / ceiling
         n = sum(p.numel() for p in ours.parameters())
-        print(f"| {name} | {n / 1e6:.2f} M | {block} × {batch} | {tokens / t_ours:,.0f} | {tokens / t_hf:,.0f} "
-              f"| {t_hf / t_ours:.2f}× | {mfu:.0%} |")
+        print(f"| {name} | {n / 1e6:.2f} M | {block} × {batch} | {tokens / t_ours[False]:,.0f} "
+              f"| {tokens / t_hf[False]:,.0f} | {t_hf[False] / t_ours[False]:.2f}× | {mfu:.0%} "
+              f"| {tokens / t_ours[True]:,.0f} | {tokens / t_hf[True]:,.0f} | {t_hf[False] / t_ours[True]:.2f}× |")
 
 
 if __name__ == "__main__":

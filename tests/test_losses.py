@@ -53,29 +53,31 @@ def _hidden_weight_targets():
 def test_chunked_lm_loss_equals_full_loss_and_gradients():
     hidden, weight, targets = _hidden_weight_targets()
     full = lm_loss(hidden @ weight.T, targets)
-    full_grads = torch.autograd.grad(full, (hidden, weight))
+    full_grads = torch.autograd.grad(0.5 * full, (hidden, weight))      # a scaled loss, as under accumulation
     chunked = chunked_lm_loss(hidden, weight, targets, chunk_size=3)
-    chunked_grads = torch.autograd.grad(chunked, (hidden, weight))
+    chunked_grads = torch.autograd.grad(0.5 * chunked, (hidden, weight))
     assert chunked.item() == pytest.approx(full.item(), abs=1e-6)
     for a, b in zip(chunked_grads, full_grads):
         assert torch.allclose(a, b, atol=1e-6)
+    with torch.no_grad():                                               # evaluation: the loss alone
+        assert chunked_lm_loss(hidden, weight, targets, chunk_size=4).item() == pytest.approx(full.item(), abs=1e-6)
 
 
 def test_chunked_lm_loss_only_builds_chunk_sized_logits(monkeypatch):
     hidden, weight, targets = _hidden_weight_targets()
     rows = []
-    original = losses._chunk_ce_sum
+    original = losses._chunk_cross_entropy
 
-    def recording(h, w, y):
+    def recording(h, w, y, with_grad):
         rows.append(h.shape[0])
-        return original(h, w, y)
+        return original(h, w, y, with_grad)
 
-    monkeypatch.setattr(losses, "_chunk_ce_sum", recording)
+    monkeypatch.setattr(losses, "_chunk_cross_entropy", recording)
     loss = chunked_lm_loss(hidden, weight, targets, chunk_size=4)
     counted = int((targets != -100).sum())  # 10 counted tokens -> chunks of 4, 4, 2
     assert rows == [4, 4, 2] and sum(rows) == counted
-    loss.backward()  # the backward recomputes each chunk on its own
-    assert max(rows) <= 4 and len(rows) == 6
+    loss.backward()  # the gradients were computed with the forward: no chunk is recomputed
+    assert rows == [4, 4, 2] and hidden.grad is not None and weight.grad is not None
 
 
 def test_chunked_lm_loss_with_nothing_to_count():

@@ -104,6 +104,21 @@ def test_kill_then_resume_is_bitwise_identical(decoder_run, corpus, tmp_path):
     assert steps == [1, 2, 3, 4, 5, 6]
 
 
+def test_compiled_training_matches_eager(decoder_run, corpus, tmp_path):
+    """``train.compile=true`` runs the same training (inductor's fused kernels round differently: close, not equal);
+    a stage whose loss does not go through one forward call refuses the option."""
+    out = tmp_path / "compiled"
+    assert run_cli("--set", f"data.path={corpus}", *TINY, "--set", "model.preset=gpt2", "--set", "train.compile=true",
+                   "--out", str(out)) == 0
+    compiled, eager = hub.read_weights(out / "model"), hub.read_weights(decoder_run / "model")
+    for name, tensor in eager.items():
+        assert torch.allclose(compiled[name], tensor, atol=1e-4), name
+    from llmlab.stages.sft import DEFAULTS as SFT_DEFAULTS, run_sft
+    with pytest.raises(LLMLabError, match="train.compile=true is supported by `llmlab pretrain` only"):
+        run_sft(str(decoder_run / "model"), str(corpus), str(tmp_path / "sft"),
+                resolve_recipe(SFT_DEFAULTS, None, ["train.compile=true", "train.progress=false"]))
+
+
 def test_encoder_saves_a_bert_for_masked_lm(corpus, tmp_path):
     out = tmp_path / "encoder"
     assert run_cli("--set", f"data.path={corpus}", *TINY, "--set", "model.preset=bert", "--out", str(out)) == 0

@@ -9,6 +9,7 @@ import copy
 from pathlib import Path
 
 from ..config import apply_overrides, from_dict, load_recipe, save_yaml
+from ..errors import LLMLabError
 from ..train.loop import TrainConfig
 
 
@@ -35,5 +36,11 @@ def start_run(out_dir: str | Path, recipe: dict) -> Path:
     return out
 
 
-def train_config(recipe: dict) -> TrainConfig:
-    return from_dict(TrainConfig, recipe.get("train"), "train")
+def train_config(recipe: dict, compile_ok: bool = False) -> TrainConfig:
+    """The recipe's ``train:`` section. ``compile_ok``: the stage's loss is one call of the model's forward, which
+    ``train.compile`` can compile (only ``llmlab pretrain``'s is)."""
+    cfg = from_dict(TrainConfig, recipe.get("train"), "train")
+    if cfg.compile and not compile_ok:
+        raise LLMLabError("train.compile=true is supported by `llmlab pretrain` only (its loss is one forward call "
+                          "of the model); remove it from this stage's recipe")
+    return cfg

@@ -14,8 +14,9 @@ optionally sets ``chunk_size`` and ``mlm_probability``. The run directory ends u
     DIR/metrics.jsonl  DIR/loss.png  DIR/run.yaml
 
 The objective follows the architecture. A decoder learns the next token over packed rows (``x = row[:-1]``,
-``y = row[1:]``):  L = −(1/N) Σ_t log p(y_t | x_≤t), through ``losses.lm_loss`` or, with ``loss.chunk_size > 0``,
-``losses.chunked_lm_loss`` (never holds the B·T·V logits). An encoder (``--set model.preset=bert``) learns masked
+``y = row[1:]``):  L = −(1/N) Σ_t log p(y_t | x_≤t), through ``losses.chunked_lm_loss``: ``loss.chunk_size``
+(512) tokens at a time through the LM head, each chunk's gradient computed at once, so the B·T·V logits never
+exist whole (``loss.chunk_size=0``: ``losses.lm_loss`` on the full logits). An encoder (``--set model.preset=bert``) learns masked
 tokens: 15% of the non-special positions are chosen, 80% of them become ``<|mask|>``, 10% a random token, 10% stay
 (``losses.mlm_mask``), and  L = −(1/|M|) Σ_{t∈M} log p(x_t | x̃)  over the chosen set M; the model directory then
 loads as ``BertForMaskedLM``. Validation reports the loss and its perplexity exp(L) over ``train.eval_batches``
@@ -71,7 +72,7 @@ DEFAULTS = {
     "data": {"path": None, "text_field": "text", "max_length": 256, "bos_aligned": False, "val_fraction": 0.1,
              "batch_size": 16},
     "tokenizer": {"kind": "bpe", "vocab_size": 4096, "path": None},
-    "loss": {"chunk_size": 0, "mlm_probability": 0.15},
+    "loss": {"chunk_size": 512, "mlm_probability": 0.15},
     "train": {"max_steps": 1000, "lr": 1e-3, "warmup_steps": 100, "eval_every": 250, "eval_batches": 20,
               "log_every": 50, "checkpoint_every": 500},
 }
@@ -134,8 +135,8 @@ class TokenizerConfig:
 
 @dataclass
 class LossConfig:
-    """The ``loss:`` section. ``chunk_size > 0``: the decoder's loss through ``chunked_lm_loss``."""
-    chunk_size: int = 0
+    """The ``loss:`` section. ``chunk_size > 0``: the decoder's loss through ``chunked_lm_loss`` (0: ``lm_loss``)."""
+    chunk_size: int = 512
     mlm_probability: float = 0.15
 
     def __post_init__(self):
@@ -152,7 +153,7 @@ class LossConfig:
 class CausalLM(nn.Module):
     """Next-token objective around a ``Decoder``: ``forward(x, y)`` → mean cross-entropy over y ≠ -100."""
 
-    def __init__(self, lm: nn.Module, chunk_size: int = 0):
+    def __init__(self, lm: nn.Module, chunk_size: int = 512):
         super().__init__()
         self.lm, self.chunk_size = lm, chunk_size
 
@@ -312,7 +313,7 @@ def pretrain(recipe: dict, out_dir, *, resume: bool = False, model_dir: str | No
     data = from_dict(DataConfig, recipe.get("data"), "data")
     tok_cfg = from_dict(TokenizerConfig, recipe.get("tokenizer"), "tokenizer")
     loss_cfg = from_dict(LossConfig, recipe.get("loss"), "loss")
-    cfg = train_config(recipe)
+    cfg = train_config(recipe, compile_ok=True)
     out = Path(out_dir)
     rank, world, _, _ = dist.init_distributed(cfg.device)
     if resume and finished(out, cfg.max_steps):

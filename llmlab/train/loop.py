@@ -2,7 +2,7 @@
 
 A stage builds a model, a batch sampler and a loss function, then calls ``train``. The loop owns the rest:
 AdamW with decoupled weight decay on matrices only, the learning-rate schedule (``schedule.lr_at``), gradient
-accumulation, gradient clipping, bfloat16 autocast on CUDA, periodic evaluation, ``metrics.jsonl`` logging (plus
+accumulation, gradient clipping, bfloat16 autocast on CUDA, ``torch.compile`` of the training forward pass, periodic evaluation, ``metrics.jsonl`` logging (plus
 TensorBoard and a tqdm bar), atomic checkpoints with exact resume, and DDP/FSDP under ``torchrun``.
 
 Gradient accumulation: with ``k = grad_accum`` micro-batches whose mean losses are ``L_1 … L_k``, the loop
@@ -68,6 +68,7 @@ class TrainConfig:
     device: str = "auto"
     progress: bool = True
     peak_flops: float | None = None    # per device, FLOP/s, for MFU
+    compile: bool = False              # torch.compile the training forward (nanoGPT's compile); pretrain only
 
     def __post_init__(self):
         self._coerce_numbers()
@@ -156,6 +157,15 @@ def unwrap(model: nn.Module) -> nn.Module:
     return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
 
 
+def compiled(model: nn.Module, cfg: TrainConfig) -> nn.Module:
+    """``torch.compile(model)`` with ``train.compile`` (the module that computes the training loss: inductor fuses
+    its element-wise work, such as norms, RoPE, SwiGLU and the cross-entropy, into a few kernels), else ``model``.
+    The compiled module shares its parameters with ``model``, which evaluation, checkpoints and saving keep using.
+    Only ``model(...)`` calls are compiled: a ``loss_fn`` that calls other methods of the model runs them eagerly,
+    so stages whose loss does so refuse the option (``stages.common.train_config``)."""
+    return torch.compile(model) if cfg.compile else model
+
+
 def _is_fsdp(model: nn.Module) -> bool:
     from torch.distributed.fsdp import FSDPModule
     return isinstance(model, FSDPModule)
@@ -164,6 +174,7 @@ def _is_fsdp(model: nn.Module) -> bool:
 @contextlib.contextmanager
 def _gradient_sync(model: nn.Module, sync: bool):
     """Skip the gradient all-reduce on accumulation micro-steps (DDP ``no_sync``; FSDP2's switch)."""
+    model = getattr(model, "_orig_mod", model)        # inside torch.compile's wrapper
     if isinstance(model, nn.parallel.DistributedDataParallel) and not sync:
         with model.no_sync():
             yield
@@ -418,6 +429,7 @@ def train(model: nn.Module, loss_fn: Callable, batches, cfg: TrainConfig, out_di
     fsdp = world > 1 and cfg.parallel == "fsdp"
     template = copy.deepcopy(model).cpu() if fsdp and main else None
     model = _wrap(model.to(device), cfg, world, device)
+    step_model = compiled(model, cfg)
     optimizer = make_optimizer(unwrap(model), cfg, device)
     state = _restore(out_dir, model, optimizer, batches, extra_state) if resume else None
     if resume and state is None and main:
@@ -438,7 +450,7 @@ def train(model: nn.Module, loss_fn: Callable, batches, cfg: TrainConfig, out_di
     try:
         while step < cfg.max_steps:
             lr = lr_at(step, cfg)
-            result = _train_step(model, optimizer, loss_fn, batches, cfg, lr, device, amp)
+            result = _train_step(step_model, optimizer, loss_fn, batches, cfg, lr, device, amp)
             step += 1
             tokens += result["tokens"]
             tokens_since_log += result["tokens"]
