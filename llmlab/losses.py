@@ -99,7 +99,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
             chunk_total, grad_z = _chunk_cross_entropy(h, weight, targets[i:i + chunk_size], with_grad=True)
             total += chunk_total
             grad_z = grad_z.to(hidden.dtype)
-            torch.mm(grad_z, weight.to(hidden.dtype), out=grad_hidden[i:i + chunk_size])
+            grad_hidden[i:i + chunk_size] = grad_z @ weight.to(hidden.dtype)
             grad_weight.addmm_(grad_z.T.to(grad_weight.dtype), h.to(grad_weight.dtype))
         ctx.save_for_backward(grad_hidden, grad_weight.to(weight.dtype))
         return total

@@ -80,6 +80,23 @@ def test_chunked_lm_loss_only_builds_chunk_sized_logits(monkeypatch):
     assert rows == [4, 4, 2] and hidden.grad is not None and weight.grad is not None
 
 
+def test_chunked_lm_loss_under_bfloat16_autocast():
+    """As the loop trains on CUDA: the LM head in bfloat16, the softmax in float32, float32 gradients for the
+    float32 parameters; the same loss and gradients as the plain loss under the same autocast."""
+    torch.manual_seed(3)
+    hidden = torch.randn(2, 9, 16, requires_grad=True)
+    weight = torch.randn(40, 16, requires_grad=True)
+    targets = torch.randint(40, (2, 9))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        full = lm_loss(hidden @ weight.T, targets)
+        chunked = chunked_lm_loss(hidden, weight, targets, chunk_size=5)
+    full_grads = torch.autograd.grad(full, (hidden, weight))
+    chunked_grads = torch.autograd.grad(chunked, (hidden, weight))
+    assert chunked.item() == pytest.approx(full.item(), rel=1e-3)
+    for a, b in zip(chunked_grads, full_grads):
+        assert a.dtype == torch.float32 and torch.allclose(a, b, atol=2e-2, rtol=2e-2)
+
+
 def test_chunked_lm_loss_with_nothing_to_count():
     hidden, weight, _ = _hidden_weight_targets()
     loss = chunked_lm_loss(hidden, weight, torch.full((2, 7), -100))
