@@ -94,12 +94,13 @@ class _LinearCrossEntropy(torch.autograd.Function):
         grad_weight = torch.zeros(weight.shape, dtype=torch.promote_types(weight.dtype, torch.float32),
                                   device=weight.device)
         total = hidden.new_zeros((), dtype=torch.promote_types(hidden.dtype, torch.float32))
+        w = weight.to(hidden.dtype)                      # cast once, not per chunk (a no-op in float32)
         for i in range(0, len(targets), chunk_size):
             h = hidden[i:i + chunk_size]
-            chunk_total, grad_z = _chunk_cross_entropy(h, weight, targets[i:i + chunk_size], with_grad=True)
+            chunk_total, grad_z = _chunk_cross_entropy(h, w, targets[i:i + chunk_size], with_grad=True)
             total += chunk_total
             grad_z = grad_z.to(hidden.dtype)
-            grad_hidden[i:i + chunk_size] = grad_z @ weight.to(hidden.dtype)
+            grad_hidden[i:i + chunk_size] = grad_z @ w
             grad_weight.addmm_(grad_z.T.to(grad_weight.dtype), h.to(grad_weight.dtype))
         ctx.save_for_backward(grad_hidden, grad_weight.to(weight.dtype))
         return total

@@ -38,7 +38,7 @@ from ..train import dist
 from ..train.loop import to_device, train
 from .common import start_run, train_config
 from .sft import (Example, ExampleData, add_stage_args, batches_for, context_of, load_tokenizer_and_template,
-                  load_trainable, pack_batch, pad_collate, pad_id_of, save_trained, sequence_logps, split_heldout,
+                  load_trainable, pad_collate, pad_id_of, save_trained, sequence_logps, split_heldout,
                   stage_recipe, truncate)
 
 REF_FILE = "ref_logps.safetensors"
@@ -103,10 +103,7 @@ def pair_collate(rows: list[dict], pad_id: int, ref: dict[str, torch.Tensor] | N
     """The B chosen answers then the B rejected ones as one padded batch of 2B rows (``pad_collate``), or packed
     (``pack_batch``; sequence i is segment i) into rows of up to ``pack_length`` tokens, plus the cached reference
     log-probs ``ref_chosen`` / ``ref_rejected`` (B,) of these pairs when ``ref`` is given."""
-    sequences = [r["chosen"] for r in rows] + [r["rejected"] for r in rows]
-    if pack_length:
-        sequences = pack_batch(sequences, pack_length)
-    batch = pad_collate(sequences, pad_id)
+    batch = pad_collate([r["chosen"] for r in rows] + [r["rejected"] for r in rows], pad_id, pack_length)
     if ref is not None:
         index = torch.tensor([r["index"] for r in rows])
         batch["ref_chosen"], batch["ref_rejected"] = ref["chosen"][index], ref["rejected"][index]

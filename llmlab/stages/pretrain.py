@@ -16,10 +16,10 @@ optionally sets ``chunk_size`` and ``mlm_probability``. The run directory ends u
 The objective follows the architecture. A decoder learns the next token over packed rows (``x = row[:-1]``,
 ``y = row[1:]``):  L = −(1/N) Σ_t log p(y_t | x_≤t), through ``losses.chunked_lm_loss``: ``loss.chunk_size``
 (512) tokens at a time through the LM head, each chunk's gradient computed at once, so the B·T·V logits never
-exist whole (``loss.chunk_size=0``: ``losses.lm_loss`` on the full logits). An encoder (``--set model.preset=bert``) learns masked
-tokens: 15% of the non-special positions are chosen, 80% of them become ``<|mask|>``, 10% a random token, 10% stay
-(``losses.mlm_mask``), and  L = −(1/|M|) Σ_{t∈M} log p(x_t | x̃)  over the chosen set M; the model directory then
-loads as ``BertForMaskedLM``. Validation reports the loss and its perplexity exp(L) over ``train.eval_batches``
+exist whole (``loss.chunk_size=0``: ``losses.lm_loss`` on the full logits). An encoder
+(``--set model.preset=bert``) learns masked tokens: 15% of the non-special positions are chosen, 80% of them
+become ``<|mask|>``, 10% a random token, 10% stay (``losses.mlm_mask``), and  L = −(1/|M|) Σ_{t∈M} log p(x_t | x̃)
+over the chosen set M; the model directory then loads as ``BertForMaskedLM``. Validation reports the loss and its perplexity exp(L) over ``train.eval_batches``
 fixed batches of the val split (for the encoder, with a fixed masking seed, so the curve is comparable).
 
 Distributed: the same command under ``torchrun`` trains with DDP (``--set train.parallel=fsdp`` for FSDP). Rank 0

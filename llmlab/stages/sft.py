@@ -137,14 +137,17 @@ def sequence_logps(model: nn.Module, batch: dict) -> tuple[torch.Tensor, torch.T
     return sums, counts
 
 
-def pad_collate(examples: list, pad_id: int) -> dict:
+def pad_collate(examples: list, pad_id: int, pack_length: int | None = None) -> dict:
     """Right-pad ``(ids, mask)`` examples, or packed ``(ids, mask, segments)`` rows, into a batch for next-token
-    prediction.
+    prediction; with ``pack_length`` the examples are first packed into rows of at most that many tokens
+    (``pack_batch``: padding-free batches).
 
     ``input_ids`` = ids[:-1]; ``labels`` = ids[1:] where mask[1:] is 1, else ``IGNORE_INDEX`` (pads too);
     ``attention_mask`` = 1 on real input tokens. All (B, max len − 1) tensors of dtype long. Packed rows add
     ``segment_ids``: the example of each input token, numbered across the whole batch, −1 on padding. (The last
     token of a packed example predicts the next example's first token, which is never a target.)"""
+    if pack_length:
+        examples = pack_batch(examples, pack_length)
     width = max(len(e[0]) for e in examples) - 1
     input_ids = torch.full((len(examples), width), pad_id, dtype=torch.long)
     labels = torch.full((len(examples), width), IGNORE_INDEX, dtype=torch.long)
@@ -354,17 +357,14 @@ def run_sft(model_dir: str, data_path: str, out_dir: str, recipe: dict, *, resum
         train_convs, held_convs = split_heldout(conversations, data.val_fraction, cfg.seed)
     examples, counts = encode_conversations(train_convs, tokenizer, template, data.max_length)
     held, _ = encode_conversations(held_convs, tokenizer, template, data.max_length)
-    _report_data(len(train_convs), examples, counts, data)
+    pack_length = data.max_length if data.padding_free and is_ours and not data.packing else None
+    _report_data(len(train_convs), examples, counts, data.max_length,
+                 "packed" if data.packing else "padding-free" if pack_length else "padded")
     if not examples:
         raise LLMLabError(f"{data_path}: every conversation lost all its assistant tokens to data.max_length="
                           f"{data.max_length}; raise it")
     rows = pack(examples, data.max_length) if data.packing else examples
-    pad_id = pad_id_of(tokenizer)
-    if data.padding_free and is_ours and not data.packing:
-        def collate(part):
-            return pad_collate(pack_batch(part, data.max_length), pad_id)
-    else:
-        collate = partial(pad_collate, pad_id=pad_id)
+    collate = partial(pad_collate, pad_id=pad_id_of(tokenizer), pack_length=pack_length)
 
     def eval_fn(m):
         return {"val_loss": heldout_loss(m, held, collate, data.batch_size, cfg.eval_batches)} if held else {}
@@ -380,13 +380,13 @@ def run_sft(model_dir: str, data_path: str, out_dir: str, recipe: dict, *, resum
     return summary
 
 
-def _report_data(n_conversations: int, examples: list[Example], counts: dict, data: SFTData) -> None:
+def _report_data(n_conversations: int, examples: list[Example], counts: dict, max_length: int, rows: str) -> None:
     if not dist.is_main():
         return
     targets = sum(sum(mask[1:]) for _, mask in examples)
     print(f"sft: {len(examples)}/{n_conversations} conversations, {targets} assistant target tokens; "
-          f"{counts['truncated']} truncated to {data.max_length} tokens, {counts['dropped']} dropped "
-          f"(no assistant token left)" + (", packed" if data.packing else ", padding-free" if data.padding_free else ""), file=sys.stderr)
+          f"{counts['truncated']} truncated to {max_length} tokens, {counts['dropped']} dropped "
+          f"(no assistant token left); {rows} rows", file=sys.stderr)
 
 
 def _final_exact_match(out: Path, eval_path: str, gen: GenEval, step: int) -> dict:

@@ -2,8 +2,9 @@
 
 A stage builds a model, a batch sampler and a loss function, then calls ``train``. The loop owns the rest:
 AdamW with decoupled weight decay on matrices only, the learning-rate schedule (``schedule.lr_at``), gradient
-accumulation, gradient clipping, bfloat16 autocast on CUDA, ``torch.compile`` of the training forward pass, periodic evaluation, ``metrics.jsonl`` logging (plus
-TensorBoard and a tqdm bar), atomic checkpoints with exact resume, and DDP/FSDP under ``torchrun``.
+accumulation, gradient clipping, bfloat16 autocast on CUDA, ``torch.compile`` of the training forward pass,
+periodic evaluation, ``metrics.jsonl`` logging (plus TensorBoard and a tqdm bar), atomic checkpoints with exact
+resume, and DDP/FSDP under ``torchrun``.
 
 Gradient accumulation: with ``k = grad_accum`` micro-batches whose mean losses are ``L_1 … L_k``, the loop
 back-propagates ``Σ_i L_i / k``; when the micro-batches hold equal token counts this is exactly the gradient of
