@@ -65,13 +65,18 @@ def apply_overrides(recipe: dict, sets: Iterable[str]) -> dict:
 
 
 def from_dict(cls, data: dict | None, where: str = ""):
-    """Build dataclass ``cls`` from ``data``; unknown keys raise an error naming ``where.key``."""
+    """Build dataclass ``cls`` from ``data``; unknown keys, and a value that is not true/false for a ``bool``
+    field (``--set data.padding_free=maybe`` would otherwise count as true), raise an error naming ``where.key``."""
     data = dict(data or {})
     fields = {f.name: f for f in dataclasses.fields(cls)}
     unknown = sorted(set(data) - set(fields))
     if unknown:
         names = ", ".join(f"{where}.{k}" if where else k for k in unknown)
         raise LLMLabError(f"unknown config key(s) {names}; known: {', '.join(sorted(fields))}")
+    for name, value in data.items():
+        if fields[name].type in (bool, "bool") and not isinstance(value, bool):
+            raise LLMLabError(f"{where}.{name} = {value!r}: expected true or false" if where else
+                              f"{name} = {value!r}: expected true or false")
     return cls(**data)
 
 

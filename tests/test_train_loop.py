@@ -183,6 +183,14 @@ def test_bad_config_is_a_clear_error(bad, field):
         TrainConfig(**bad)
 
 
+@pytest.mark.parametrize("value", ["maybe", 1, None])
+def test_a_switch_takes_true_or_false_only(value):
+    """A string such as 'maybe' would otherwise switch train.compile on (any non-empty string is truthy)."""
+    with pytest.raises(LLMLabError, match=r"train\.compile = .*expected true or false"):
+        from_dict(TrainConfig, {"compile": value}, "train")
+    assert from_dict(TrainConfig, {"compile": True}, "train").compile is True
+
+
 def test_batch_source_without_sampler_interface(tmp_path):
     with pytest.raises(LLMLabError, match="next_batch"):
         train(TinyLM(), lm_loss, iter([]), TrainConfig(max_steps=1, warmup_steps=0, **FAST), tmp_path)
