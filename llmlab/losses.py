@@ -69,15 +69,15 @@ def lm_loss(logits: torch.Tensor, targets: torch.Tensor, ignore_index: int = IGN
 
 def _chunk_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
                          with_grad: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Σ_t CE(z_t, y_t) over one chunk of logits z = h Wᵀ (at least float32), and with ``with_grad`` its gradient
-    ∂/∂z = softmax(z) − onehot(y), computed in place of z."""
+    """Σ_t CE(z_t, y_t) = −Σ_t log softmax(z_t)[y_t] over one chunk of logits z = h Wᵀ (at least float32), and
+    with ``with_grad`` its gradient ∂/∂z = softmax(z) − onehot(y), computed in place of the log-probabilities
+    (one fused log-softmax: about twice as fast on CPU as logsumexp followed by z − lse)."""
     z = hidden @ weight.T
-    z = z.to(torch.promote_types(z.dtype, torch.float32))
-    lse = torch.logsumexp(z, dim=-1)
-    total = (lse - z.gather(1, targets[:, None]).squeeze(1)).sum()
+    logp = torch.log_softmax(z.to(torch.promote_types(z.dtype, torch.float32)), dim=-1)
+    total = -logp.gather(1, targets[:, None]).sum()
     if not with_grad:
         return total, None
-    grad = z.sub_(lse[:, None]).exp_()                                  # softmax(z)
+    grad = logp.exp_()                                                  # softmax(z)
     grad[torch.arange(len(targets), device=z.device), targets] -= 1.0   # − onehot(y)
     return total, grad
 
