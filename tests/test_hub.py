@@ -158,7 +158,14 @@ def test_state_dict_mapping_is_exact_and_round_trips(cfg, tmp_path):
     not_in_hf = ("lm_head", "pooler", "mlm_") if cfg.num_labels else ("pooler",) if cfg.arch == "encoder" else ()
     again = build_model(cfg)
     absent = hub.load_hf_state_dict(again, exported)
-    assert all(name.startswith(("bert.pooler", "cls.")) for name in absent) and (cfg.arch == "encoder") == bool(absent)
+    # absent: BERT's pooler or MLM head; a decoder classifier's language-model head, unless kept (a reward model)
+    lm_head_apart = cfg.arch == "decoder" and cfg.num_labels > 0 and not cfg.tie_embeddings
+    allowed = ("bert.pooler", "cls.") if cfg.arch == "encoder" else ("lm_head.",)
+    assert all(name.startswith(allowed) for name in absent) and bool(absent) == (cfg.arch == "encoder" or lm_head_apart)
+    if lm_head_apart:
+        kept = build_model(cfg)
+        assert hub.load_hf_state_dict(kept, hub.state_dict_to_hf(model, keep_lm_head=True)) == []
+        assert torch.equal(kept.lm_head.weight, model.lm_head.weight)
     for name, p in model.named_parameters():
         if not name.startswith(not_in_hf):
             assert torch.equal(p, again.get_parameter(name)), name
@@ -244,7 +251,7 @@ def test_save_is_atomic_and_keeps_run_files(tmp_path, monkeypatch):
     (out / "metrics.jsonl").write_text("{}\n")
     before = {p.name: p.read_bytes() for p in out.iterdir()}
 
-    def crash(model, path):
+    def crash(model, path, keep_lm_head):
         path.write_bytes(b"half a file")
         raise KeyboardInterrupt
     monkeypatch.setattr(hub, "_write_weights", crash)

@@ -86,7 +86,7 @@ def test_saved_reward_model_scores_the_same_in_transformers(setup, trained):
     ours = rm.score(prompts, [p["chosen"] for p in pairs], batch_size=4)
     theirs_model = transformers.AutoModelForSequenceClassification.from_pretrained(run / "model").eval()
     assert type(theirs_model).__name__ == "LlamaForSequenceClassification"
-    ids, mask = right_pad([encode_reply(rm.tokenizer, rm.chat_template, p["prompt"], p["chosen"]) for p in pairs],
+    ids, mask = right_pad([encode_reply(rm.tokenizer, rm.chat_template, p["prompt"], p["chosen"])[0] for p in pairs],
                           rm.tokenizer.pad_token_id)
     with torch.no_grad():
         theirs = theirs_model(input_ids=ids, attention_mask=mask).logits.squeeze(-1)
@@ -100,10 +100,12 @@ def test_saved_reward_model_scores_the_same_in_transformers(setup, trained):
 
 def test_reply_encoding_ends_at_the_end_of_turn_token(setup):
     tok = setup["tokenizer"]
-    ids = encode_reply(tok, TEMPLATES["llmlab"], [{"role": "user", "content": "hi"}], "yes")
+    ids, reply = encode_reply(tok, TEMPLATES["llmlab"], [{"role": "user", "content": "hi"}], "yes")
     assert tok.decode(ids) == "<|bos|><|im_start|>user\n hi<|im_end|>\n<|im_start|>assistant\n yes<|im_end|>"
-    empty = encode_reply(tok, TEMPLATES["llmlab"], [{"role": "user", "content": "hi"}], "")
+    assert len(reply) == len(ids) and tok.decode([i for i, m in zip(ids, reply) if m]) == " yes<|im_end|>"
+    empty, reply = encode_reply(tok, TEMPLATES["llmlab"], [{"role": "user", "content": "hi"}], "")
     assert tok.decode(empty) == "<|bos|><|im_start|>user\n hi<|im_end|>\n<|im_start|>assistant\n<|im_end|>"
+    assert tok.decode([i for i, m in zip(empty, reply) if m]) == "<|im_end|>"
 
 
 def test_per_pair_margin_and_eval_split(setup, tmp_path):
@@ -132,3 +134,48 @@ def test_directories_without_a_reward_head_are_refused(setup, tmp_path):
         RewardModel.load(tmp_path / "two")
     with pytest.raises(LLMLabError, match="not found"):
         RewardModel.load(tmp_path / "missing")
+
+
+def mean_reply_logprob_of(lm, ids, reply):
+    """The reference: the plain language model's log-softmax over its full logits, averaged over the reply."""
+    with torch.no_grad():
+        out = lm(torch.tensor([ids]))
+    logits = (out.logits if isinstance(lm, transformers.PreTrainedModel) else out)[0]
+    logp = torch.log_softmax(logits.float(), -1)
+    picked = [logp[t - 1, ids[t]] for t in range(1, len(ids)) if reply[t]]
+    return float(sum(picked) / len(picked))
+
+
+def test_likelihood_weighted_reward_reads_the_language_models_own_likelihood(setup, tmp_path):
+    """With rm.likelihood_weight = λ the reward is w · h_last + λ · mean log π(reply): with the zero head it is
+    exactly λ times the language model's mean log-likelihood; the trained folder keeps λ and its language-model
+    head, and transformers (sequence-classification score + λ × causal-LM likelihood) scores it the same."""
+    lm = hub.load_our_model(setup["lm"]).eval()
+    rm = RewardModel.from_language_model(setup["lm"], likelihood_weight=0.5).eval()
+    pairs = load_pair_records(setup["root"] / "easy_eval.jsonl")[:4]
+    prompts, replies = [p["prompt"] for p in pairs], [p["chosen"] for p in pairs]
+    encoded = [encode_reply(rm.tokenizer, rm.chat_template, p, r) for p, r in zip(prompts, replies)]
+    expected = [0.5 * mean_reply_logprob_of(lm, ids, reply) for ids, reply in encoded]
+    assert rm.score(prompts, replies, batch_size=3) == pytest.approx(expected, abs=1e-5)   # padded batches too
+
+    recipe = {"data": {"eval_path": str(setup["root"] / "easy_eval.jsonl")}, "rm": {"likelihood_weight": 0.5},
+              "train": {"max_steps": 3, "lr": 3e-3, "warmup_steps": 0, "eval_every": 0, "checkpoint_every": 0,
+                        "progress": False}}
+    run_rm(setup["lm"], setup["root"] / "easy_train.jsonl", tmp_path / "run", recipe)
+    trained = RewardModel.load(tmp_path / "run")
+    assert trained.likelihood_weight == 0.5
+    ours = trained.score(prompts, replies)
+    folder = tmp_path / "run" / "model"
+    head = transformers.AutoModelForSequenceClassification.from_pretrained(folder).eval()
+    causal = transformers.LlamaForCausalLM.from_pretrained(folder).eval()
+    assert not torch.equal(causal.lm_head.weight, lm.lm_head.weight)              # trained, and saved
+    for score, (ids, reply) in zip(ours, encoded):
+        with torch.no_grad():
+            value = head(input_ids=torch.tensor([ids])).logits.item()
+        assert score == pytest.approx(value + 0.5 * mean_reply_logprob_of(causal, ids, reply), abs=1e-4)
+
+    (folder / "reward_config.json").write_text('{"likelihood_weight": "high"}')
+    with pytest.raises(LLMLabError, match="reward_config.json: likelihood_weight must be a number"):
+        RewardModel.load(folder)
+    with pytest.raises(LLMLabError, match="rm.likelihood_weight must be a number"):
+        run_rm(setup["lm"], setup["root"] / "easy_train.jsonl", tmp_path / "bad", {"rm": {"likelihood_weight": -1}})

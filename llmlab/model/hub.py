@@ -332,8 +332,8 @@ def _plan(cfg: ModelConfig) -> list[Entry]:
         return _bert_plan(cfg, qkv_sizes)
     if classifier:
         plan.append(Entry("score.weight", "score.weight", required=False))   # a fresh head may start untrained
-    elif not cfg.tie_embeddings:
-        plan.append(Entry("lm_head.weight", "lm_head.weight"))
+    if not cfg.tie_embeddings:   # a classifier keeps its language-model head only when asked (see state_dict_to_hf)
+        plan.append(Entry("lm_head.weight", "lm_head.weight", required=not classifier, export=not classifier))
     return plan
 
 
@@ -365,12 +365,14 @@ def _bert_plan(cfg: ModelConfig, qkv_sizes: list[int]) -> list[Entry]:
     return plan
 
 
-def state_dict_to_hf(model: nn.Module) -> dict[str, torch.Tensor]:
-    """Our model's weights under the Hugging Face names and shapes (fresh contiguous tensors, tied ones once)."""
+def state_dict_to_hf(model: nn.Module, keep_lm_head: bool = False) -> dict[str, torch.Tensor]:
+    """Our model's weights under the Hugging Face names and shapes (fresh contiguous tensors, tied ones once).
+    A decoder with a classification head leaves out its language-model head unless ``keep_lm_head`` (a reward
+    model whose reward reads the model's own likelihood; ``transformers`` ignores the extra tensor)."""
     params = dict(model.named_parameters(remove_duplicate=False))
     out = {}
     for e in _plan(model.config):
-        if e.export:
+        if e.export or (keep_lm_head and e.hf == "lm_head.weight"):
             t = params[e.ours].detach()
             t = t[e.rows[0]:e.rows[1]] if e.rows else t
             t = t.t() if e.transpose else t
@@ -410,8 +412,6 @@ def load_hf_state_dict(model: nn.Module, hf_state_dict: dict[str, torch.Tensor])
     extras = {"cls.predictions.decoder.bias"}
     if cfg.tie_embeddings:
         extras |= {"lm_head.weight", "cls.predictions.decoder.weight"}
-    if cfg.num_labels:
-        extras.add("lm_head.weight")
     unknown = sorted(set(state) - {e.hf for e in plan} - extras)
     if unknown:
         raise LLMLabError(f"weights not part of a {family} model with this config: {', '.join(unknown[:5])}"
@@ -518,19 +518,21 @@ def generation_settings(hf_config, tokenizer=None, chat_template: str | None = N
     return {**settings, **(extra or {})}
 
 
-def _write_weights(model: nn.Module, path: Path) -> None:
+def _write_weights(model: nn.Module, path: Path, keep_lm_head: bool = False) -> None:
     from safetensors.torch import save_file
-    save_file(state_dict_to_hf(model), str(path), metadata={"format": "pt"})
+    save_file(state_dict_to_hf(model, keep_lm_head), str(path), metadata={"format": "pt"})
 
 
 def save_model(model: nn.Module, out_dir, tokenizer=None, chat_template: str | None = None,
-               generation_config: dict | None = None) -> Path:
+               generation_config: dict | None = None, keep_lm_head: bool = False,
+               extra_files: dict[str, str] | None = None) -> Path:
     """Write ``model`` (our Decoder or Encoder) as a Hugging Face directory, atomically.
 
     ``config.json`` and ``model.safetensors`` always; the tokenizer files when ``tokenizer`` is given (a
     transformers tokenizer or a ``tokenizers.Tokenizer``); ``chat_template.jinja`` when ``chat_template`` is given
     (else the tokenizer's own, if any); ``generation_config.json`` from the ids (``generation_config`` adds keys).
-    Token ids the model config leaves unset are taken from the tokenizer.
+    Token ids the model config leaves unset are taken from the tokenizer. ``keep_lm_head``: see
+    ``state_dict_to_hf``; ``extra_files`` (name → text) are written in the same atomic step.
     """
     if chat_template and tokenizer is None:
         raise LLMLabError("save_model: a chat_template needs the tokenizer (to find its end-of-turn token id)")
@@ -545,7 +547,9 @@ def save_model(model: nn.Module, out_dir, tokenizer=None, chat_template: str | N
     template = chat_template or getattr(tokenizer, "chat_template", None)
     with _atomic_dir(out_dir) as stage:
         hf.save_pretrained(stage)
-        _write_weights(model, stage / "model.safetensors")
+        _write_weights(model, stage / "model.safetensors", keep_lm_head)
+        for name, text in (extra_files or {}).items():
+            (stage / name).write_text(text, encoding="utf-8")
         if tokenizer is not None:
             tokenizer.save_pretrained(stage)
         if chat_template:

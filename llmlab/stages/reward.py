@@ -3,16 +3,24 @@
 The reward model is our decoder with a scalar head on the final hidden state of the last real token of
 ``prompt + reply + end-of-turn`` (the conversation rendered with the model's chat template):
 
-    r(x, y) = w · h_last(x, y),        L = −mean log σ(r(x, y_chosen) − r(x, y_rejected) − m)
+    r(x, y) = w · h_last(x, y)  [+ λ · (1/|y|) Σ_{t ∈ y} log π(y_t | x, y_<t)],
+    L = −mean log σ(r(x, y_chosen) − r(x, y_rejected) − m)
 
-The head ``w`` starts at zero, so every reward is 0 and the first loss is exactly log 2. Chosen and rejected
-replies go through the network in one forward pass (2B sequences, right-padded). Held-out pairs give the
-pairwise accuracy, the share of pairs where r(chosen) > r(rejected).
+The head ``w`` starts at zero. With λ = ``rm.likelihood_weight`` = 0 (the default, as TRL's RewardTrainer) every
+reward starts at 0 and the first loss is exactly log 2. With λ > 0 the reward also reads the mean log-likelihood
+the network's own language-model head gives the reply's tokens (and its end-of-turn token), so training starts
+from what the language model already knows: a small model that answers most of its facts right scores
+correct against wrong facts by likelihood at 0.97, while a head-only reward trained on a few thousand pairs
+stays near chance on facts it saw no pair about (the task world: 0.45). Chosen and rejected replies go through
+the network in one forward pass (2B sequences, right-padded). Held-out pairs give the pairwise accuracy, the share
+of pairs where r(chosen) > r(rejected).
 
 The head is the decoder's ``score`` layer with ``num_labels = 1``, so the saved directory is a
 ``LlamaForSequenceClassification`` / ``GPT2ForSequenceClassification`` / ``Qwen3ForSequenceClassification`` folder
-that ``transformers.AutoModelForSequenceClassification`` loads and scores identically (it reads the last token
-that is not the pad token, the same one as ours as long as pad is not the end-of-turn token).
+that ``transformers.AutoModelForSequenceClassification`` loads and scores identically when λ = 0 (it reads the last
+token that is not the pad token, the same one as ours as long as pad is not the end-of-turn token). λ is stored in
+``reward_config.json``; with λ > 0 the folder also keeps the language-model head, and the reward is that score plus
+λ times the reply's mean log-probability under ``transformers.AutoModelForCausalLM`` loaded from the same folder.
 """
 from __future__ import annotations
 
@@ -37,18 +45,20 @@ from .sft import add_stage_args, stage_recipe
 
 DEFAULTS = {
     "data": {"eval_path": None, "eval_fraction": 0.1, "max_length": None},   # None: the model's context
-    "rm": {"batch_size": 8, "margin": 0.0},
+    "rm": {"batch_size": 8, "margin": 0.0, "likelihood_weight": 0.0},
     "template": None,     # a built-in chat template name or a .jinja file; None: the model folder's own
     "train": {"max_steps": 300, "lr": 1e-5, "warmup_steps": 10, "weight_decay": 0.0, "log_every": 10,
               "eval_every": 100, "checkpoint_every": 100},
 }
 SCORE_WEIGHT = "score.weight"
+REWARD_CONFIG = "reward_config.json"
 
 
 # ------------------------------------------------------------------------------------------ encoding and batches
 
-def encode_reply(tokenizer, template: str, prompt: list[dict], reply: str) -> list[int]:
-    """Token ids of ``prompt`` + the assistant ``reply`` + its end-of-turn token, nothing after.
+def encode_reply(tokenizer, template: str, prompt: list[dict], reply: str) -> tuple[list[int], list[int]]:
+    """Token ids of ``prompt`` + the assistant ``reply`` + its end-of-turn token, nothing after, and the mask of
+    the reply's tokens (1 on the reply and its end-of-turn token).
 
     The conversation is rendered and tokenized as a whole (``encode_chat``), then cut after the last assistant
     token, so that the score is read at the end-of-turn token whatever the template writes after it. An empty
@@ -56,11 +66,14 @@ def encode_reply(tokenizer, template: str, prompt: list[dict], reply: str) -> li
     """
     if not reply.strip():
         ids, _ = encode_chat(tokenizer, prompt, template, add_generation_prompt=True, require_assistant=False)
-        eot = end_of_turn(template, tokenizer.eos_token)
-        return ids + tokenizer.encode(eot, add_special_tokens=False)
+        eot = tokenizer.encode(end_of_turn(template, tokenizer.eos_token), add_special_tokens=False)
+        return ids + eot, [0] * len(ids) + [1] * len(eot)
     ids, mask = encode_chat(tokenizer, prompt + [{"role": "assistant", "content": reply}], template)
     last = max(i for i, m in enumerate(mask) if m)
-    return ids[:last + 1]
+    first = last
+    while first > 0 and mask[first - 1]:
+        first -= 1
+    return ids[:last + 1], [0] * first + [1] * (last + 1 - first)
 
 
 def right_pad(rows: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -74,12 +87,18 @@ def right_pad(rows: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.T
     return ids, mask
 
 
+def reply_batch(replies: list[tuple[list[int], list[int]]], pad_id: int) -> dict:
+    """``encode_reply`` outputs as one right-padded batch: input_ids, attention_mask, reply_mask."""
+    ids, attention = right_pad([r[0] for r in replies], pad_id)
+    reply_mask, _ = right_pad([r[1] for r in replies], 0)
+    return {"input_ids": ids, "attention_mask": attention, "reply_mask": reply_mask}
+
+
 def pair_collate(pad_id: int):
     """Collate for encoded pairs: the chosen sequences, then the rejected ones, in one right-padded batch."""
     def collate(pairs: list[dict]) -> dict:
-        ids, mask = right_pad([p["chosen"] for p in pairs] + [p["rejected"] for p in pairs], pad_id)
-        return {"input_ids": ids, "attention_mask": mask,
-                "margin": torch.tensor([p["margin"] for p in pairs], dtype=torch.float32)}
+        batch = reply_batch([p["chosen"] for p in pairs] + [p["rejected"] for p in pairs], pad_id)
+        return {**batch, "margin": torch.tensor([p["margin"] for p in pairs], dtype=torch.float32)}
     return collate
 
 
@@ -93,7 +112,7 @@ def encode_pairs(pairs: list[dict], tokenizer, template: str, max_length: int, m
     for pair in pairs:
         chosen = encode_reply(tokenizer, template, pair["prompt"], pair["chosen"])
         rejected = encode_reply(tokenizer, template, pair["prompt"], pair["rejected"])
-        if max(len(chosen), len(rejected)) <= max_length:
+        if max(len(chosen[0]), len(rejected[0])) <= max_length:
             out.append({"chosen": chosen, "rejected": rejected, "margin": float(pair.get("margin", margin))})
     if not out:
         raise LLMLabError(f"{where}: every pair is longer than data.max_length={max_length} tokens")
@@ -125,29 +144,62 @@ def last_token_index(attention_mask: torch.Tensor) -> torch.Tensor:
     return (positions * attention_mask.long()).argmax(-1)
 
 
+def check_likelihood_weight(value, where: str) -> float:
+    if not isinstance(value, (int, float)) or isinstance(value, bool) or not 0 <= value < float("inf"):
+        raise LLMLabError(f"{where} must be a number ≥ 0, got {value!r}")
+    return float(value)
+
+
 class RewardModel(nn.Module):
     """Our decoder (``backbone``) and a scalar ``value_head`` (the decoder's ``score`` layer, d → 1) read on the
-    last real token. ``tokenizer`` and ``chat_template`` are kept for ``score``."""
+    last real token, plus ``likelihood_weight`` λ times the reply's mean log-likelihood under the decoder's own
+    language-model head. ``tokenizer`` and ``chat_template`` are kept for ``score``."""
 
-    def __init__(self, backbone: nn.Module, tokenizer=None, chat_template: str | None = None):
+    def __init__(self, backbone: nn.Module, tokenizer=None, chat_template: str | None = None,
+                 likelihood_weight: float = 0.0):
         super().__init__()
         if getattr(backbone, "score", None) is None or backbone.config.num_labels != 1:
             raise LLMLabError("RewardModel needs a decoder built with num_labels=1 (a one-output score head)")
         self.backbone = backbone
         self.tokenizer, self.chat_template = tokenizer, chat_template
+        self.likelihood_weight = check_likelihood_weight(likelihood_weight, "RewardModel: likelihood_weight")
 
     @property
     def value_head(self) -> nn.Linear:
         return self.backbone.score
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        """Rewards (B,) in float32."""
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                reply_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Rewards (B,) in float32; ``reply_mask`` (1 on the reply's tokens) is needed when λ > 0."""
         hidden = self.backbone.hidden_states(input_ids, attention_mask=attention_mask)
         last = hidden[torch.arange(hidden.shape[0], device=hidden.device), last_token_index(attention_mask)]
-        return self.value_head(last).squeeze(-1).float()
+        reward = self.value_head(last).squeeze(-1).float()
+        if not self.likelihood_weight:
+            return reward
+        if reply_mask is None:
+            raise LLMLabError("RewardModel with likelihood_weight > 0 needs the reply_mask of its inputs")
+        return reward + self.likelihood_weight * self.mean_reply_logprob(hidden, input_ids, reply_mask)
+
+    def mean_reply_logprob(self, hidden: torch.Tensor, input_ids: torch.Tensor,
+                           reply_mask: torch.Tensor) -> torch.Tensor:
+        """(1/|y|) Σ_{t ∈ y} log π(y_t | x, y_<t) per row, from the final hidden states: the language-model head
+        runs only on the positions that predict a reply token (position t − 1 predicts token t)."""
+        predicts = reply_mask[:, 1:].bool()
+        logits = self.backbone.lm_head(hidden[:, :-1][predicts]).float()
+        logp = torch.log_softmax(logits, dim=-1).gather(1, input_ids[:, 1:][predicts][:, None]).squeeze(1)
+        rows = torch.arange(len(input_ids), device=input_ids.device)[:, None].expand_as(predicts)[predicts]
+        total = torch.zeros(len(input_ids), device=logp.device).index_add_(0, rows, logp)
+        return total / predicts.sum(1).clamp_min(1)
+
+    def save(self, folder) -> Path:
+        """The Hugging Face folder (with the language-model head when λ > 0) and ``reward_config.json``."""
+        config = json.dumps({"likelihood_weight": self.likelihood_weight}, indent=2) + "\n"
+        return hub.save_model(self.backbone, folder, self.tokenizer, chat_template=self.chat_template,
+                              keep_lm_head=self.likelihood_weight > 0, extra_files={REWARD_CONFIG: config})
 
     @classmethod
-    def from_language_model(cls, path, chat_template: str | None = None) -> "RewardModel":
+    def from_language_model(cls, path, chat_template: str | None = None,
+                            likelihood_weight: float = 0.0) -> "RewardModel":
         """A reward model to train, from a language model (a zero-initialised head) or a reward-model folder
         (its head kept)."""
         folder = Path(path)
@@ -156,7 +208,7 @@ class RewardModel(nn.Module):
             raise LLMLabError(f"{folder} is an encoder; a reward model needs a decoder (causal LM)")
         if SCORE_WEIGHT not in stored_weight_names(folder):
             nn.init.zeros_(backbone.score.weight)
-        return cls(backbone, _tokenizer(folder), load_template(folder, chat_template))
+        return cls(backbone, _tokenizer(folder), load_template(folder, chat_template), likelihood_weight)
 
     @classmethod
     def load(cls, path, device="cpu") -> "RewardModel":
@@ -177,8 +229,18 @@ class RewardModel(nn.Module):
                               "weight): it is not a reward model; train one with `llmlab rm`")
         if labels != 1:
             raise LLMLabError(f"{folder}/config.json: a reward model has one output, this one has num_labels={labels}")
+        weight = 0.0
+        if (folder / REWARD_CONFIG).is_file():
+            try:
+                weight = json.loads((folder / REWARD_CONFIG).read_text(encoding="utf-8")).get("likelihood_weight", 0.0)
+            except (ValueError, AttributeError) as e:
+                raise LLMLabError(f"{folder / REWARD_CONFIG}: not a JSON object ({e})") from None
+            weight = check_likelihood_weight(weight, f"{folder / REWARD_CONFIG}: likelihood_weight")
         backbone = hub.load_our_model(folder)
-        return cls(backbone, _tokenizer(folder), load_template(folder)).to(device).eval()
+        if weight and not backbone.config.tie_embeddings and "lm_head.weight" not in stored_weight_names(folder):
+            raise LLMLabError(f"{folder}: {REWARD_CONFIG} sets likelihood_weight={weight} but the folder has no "
+                              "language-model head (lm_head.weight) to compute the likelihood with")
+        return cls(backbone, _tokenizer(folder), load_template(folder), weight).to(device).eval()
 
     @torch.no_grad()
     def score(self, prompts: list[list[dict]], responses: list[str], batch_size: int = 16) -> list[float]:
@@ -190,11 +252,12 @@ class RewardModel(nn.Module):
             raise LLMLabError(f"score: {len(prompts)} prompts but {len(responses)} responses")
         device = next(self.parameters()).device
         context = self.backbone.config.max_seq_len
-        rows = [encode_reply(self.tokenizer, self.chat_template, p, r)[:context] for p, r in zip(prompts, responses)]
+        rows = [tuple(part[:context] for part in encode_reply(self.tokenizer, self.chat_template, p, r))
+                for p, r in zip(prompts, responses)]
         scores = []
         for i in range(0, len(rows), batch_size):
-            ids, mask = right_pad(rows[i:i + batch_size], self.tokenizer.pad_token_id)
-            scores += self(ids.to(device), mask.to(device)).tolist()
+            batch = reply_batch(rows[i:i + batch_size], self.tokenizer.pad_token_id)
+            scores += self(**{k: v.to(device) for k, v in batch.items()}).tolist()
         return scores
 
 
@@ -223,7 +286,7 @@ def _tokenizer(folder: Path):
 
 def pair_loss(model, batch: dict) -> tuple[torch.Tensor, int, dict]:
     """Bradley–Terry loss of one batch (chosen rows first, then rejected), with accuracy and reward stats."""
-    rewards = model(batch["input_ids"], batch["attention_mask"])
+    rewards = model(batch["input_ids"], batch["attention_mask"], batch["reply_mask"])
     chosen, rejected = rewards.chunk(2)
     loss = bradley_terry_loss(chosen, rejected, batch["margin"])
     with torch.no_grad():
@@ -273,7 +336,9 @@ def run_rm(model_dir, data_path, out_dir, recipe: dict | None = None, *, resume:
     recipe = deep_merge(DEFAULTS, recipe or {})
     cfg = train_config(recipe)
     rm_cfg = recipe["rm"]
-    rm = RewardModel.from_language_model(model_dir, recipe.get("template"))
+    rm = RewardModel.from_language_model(model_dir, recipe.get("template"),
+                                         check_likelihood_weight(rm_cfg.get("likelihood_weight", 0.0),
+                                                                 "rm.likelihood_weight"))
     tokenizer, template = rm.tokenizer, rm.chat_template
     context = rm.backbone.config.max_seq_len
     max_length = int(recipe["data"].get("max_length") or context)
@@ -292,7 +357,7 @@ def run_rm(model_dir, data_path, out_dir, recipe: dict | None = None, *, resume:
         return pairwise_eval(m, eval_rows, tokenizer.pad_token_id, batch_size) if eval_rows else {}
 
     def save_fn(m, run_dir):
-        hub.save_model(m.backbone, Path(run_dir) / "model", tokenizer, chat_template=template)
+        m.save(Path(run_dir) / "model")
 
     return train(rm, pair_loss, sampler, cfg, out, eval_fn=eval_fn, save_fn=save_fn, resume=resume,
                  flops_per_token=rm.backbone.flops_per_token(max_length))
