@@ -57,7 +57,8 @@ def ours_tokens_per_s(cfg, rows, batch: int, block: int, steps: int, warmup: int
 def hf_tokens_per_s(cfg, rows, batch: int, block: int, steps: int, warmup: int, compile: bool) -> float:
     """The plain loop: forward, cross-entropy, backward, clip, AdamW step, on the same batches."""
     model = LlamaForCausalLM(config_to_hf(cfg)).train()
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, betas=(0.9, 0.95), weight_decay=0.1)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, betas=(0.9, 0.95), weight_decay=0.1,
+                                  fused=True)      # as llmlab's loop and transformers' Trainer
     sampler = BatchSampler(rows, batch, seed=0)
 
     def loss_of(x, y):

@@ -4,6 +4,10 @@ against a measured float32 matmul ceiling. llmlab's step is the one ``llmlab pre
 objective: the fused, chunked LM-head cross-entropy); transformers' is logits then ``F.cross_entropy``. Both run
 eager, then under ``torch.compile`` (llmlab: ``train.compile=true``).
 
+The last column bounds what any implementation built on torch's CPU kernels can reach: the time llmlab's eager
+step spends inside its matrix products and attention kernels alone (measured with ``torch.profiler``; the
+element-wise work, the optimizer and Python are left out), and transformers' eager step time divided by it.
+
     python bench/train_step.py [--repeats 10]
 """
 from __future__ import annotations
@@ -11,6 +15,7 @@ from __future__ import annotations
 import argparse
 
 import torch
+from torch.profiler import ProfilerActivity, profile
 import torch.nn.functional as F
 from transformers import LlamaForCausalLM
 
@@ -27,7 +32,7 @@ SIZES = {  # name: (model overrides, block, batch)
 
 
 def step_fn(model, loss_of, x, y, compile: bool):
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.1)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.1, fused=True)   # both: one fused kernel
     loss_of = torch.compile(loss_of) if compile else loss_of
 
     def step():
@@ -38,6 +43,18 @@ def step_fn(model, loss_of, x, y, compile: bool):
     return step
 
 
+KERNELS = ("aten::mm", "aten::addmm", "aten::addmm_", "aten::bmm", "aten::_scaled_dot_product_flash_attention_for_cpu",
+           "aten::_scaled_dot_product_flash_attention_for_cpu_backward")
+
+
+def kernel_seconds(step, repeats: int = 3) -> float:
+    """Seconds per call of ``step`` spent inside matrix-product and attention kernels (their self time)."""
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        for _ in range(repeats):
+            step()
+    return sum(e.self_cpu_time_total for e in prof.key_averages() if e.key in KERNELS) / 1e6 / repeats
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--repeats", type=int, default=10)
@@ -46,8 +63,9 @@ def main():
     ceiling = matmul_ceiling()
     print(f"machine: {machine()}\nfloat32 matmul ceiling: {ceiling / 1e9:.1f} GFLOP/s\n")
     print("| size | params | block × batch | llmlab tok/s | transformers tok/s | ratio | llmlab MFU "
-          "| llmlab compiled | transformers compiled | llmlab compiled vs transformers eager |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
+          "| llmlab compiled | transformers compiled | llmlab compiled vs transformers eager "
+          "| matmul + attention kernels alone | bound |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     for name, (over, block, batch) in SIZES.items():
         cfg = preset("llama", **over)
         x = torch.randint(0, cfg.vocab_size, (batch, block))
@@ -60,14 +78,18 @@ def main():
             def hf_loss(ids, targets):
                 logits = hf(input_ids=ids).logits
                 return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1))
-            t_ours[compile] = timed(step_fn(ours, ours, x, y, compile), 3, args.repeats)
+            ours_step = step_fn(ours, ours, x, y, compile)
+            t_ours[compile] = timed(ours_step, 3, args.repeats)
             t_hf[compile] = timed(step_fn(hf, hf_loss, x, y, compile), 3, args.repeats)
+            if not compile:
+                floor = kernel_seconds(ours_step)
         tokens = batch * block
         mfu = ours.lm.flops_per_token(block) * tokens / t_ours[False] / ceiling
         n = sum(p.numel() for p in ours.parameters())
         print(f"| {name} | {n / 1e6:.2f} M | {block} × {batch} | {tokens / t_ours[False]:,.0f} "
               f"| {tokens / t_hf[False]:,.0f} | {t_hf[False] / t_ours[False]:.2f}× | {mfu:.0%} "
-              f"| {tokens / t_ours[True]:,.0f} | {tokens / t_hf[True]:,.0f} | {t_hf[False] / t_ours[True]:.2f}× |")
+              f"| {tokens / t_ours[True]:,.0f} | {tokens / t_hf[True]:,.0f} | {t_hf[False] / t_ours[True]:.2f}× "
+              f"| {floor * 1e3:.0f} of {t_ours[False] * 1e3:.0f} ms | {t_hf[False] / floor:.2f}× |")
 
 
 if __name__ == "__main__":

@@ -67,19 +67,23 @@ def lm_loss(logits: torch.Tensor, targets: torch.Tensor, ignore_index: int = IGN
     return total / count.clamp_min(1)
 
 
-def _chunk_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
+def _chunk_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, ignore_index: int,
                          with_grad: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Σ_t CE(z_t, y_t) = −Σ_t log softmax(z_t)[y_t] over one chunk of logits z = h Wᵀ (at least float32), and
-    with ``with_grad`` its gradient ∂/∂z = softmax(z) − onehot(y), computed in place of the log-probabilities
-    (one fused log-softmax: about twice as fast on CPU as logsumexp followed by z − lse)."""
+    """Σ_t CE(z_t, y_t) = −Σ_t log softmax(z_t)[y_t] over the counted targets (y_t ≠ ignore_index) of one chunk of
+    logits z = h Wᵀ (at least float32), and with ``with_grad`` its gradient ∂/∂z = softmax(z) − onehot(y) (zero
+    on ignored rows), computed in place of the log-probabilities (one fused log-softmax: about twice as fast on
+    CPU as logsumexp followed by z − lse). Ignored rows are masked, not removed: no data-dependent shapes, so no
+    host synchronisation and no break in a ``torch.compile`` graph."""
     z = hidden @ weight.T
     logp = torch.log_softmax(z.to(torch.promote_types(z.dtype, torch.float32)), dim=-1)
-    total = -logp.gather(1, targets[:, None]).sum()
+    counted = targets != ignore_index
+    safe = torch.where(counted, targets, 0)[:, None]
+    total = -(logp.gather(1, safe).squeeze(1) * counted).sum()
     if not with_grad:
         return total, None
     grad = logp.exp_()                                                  # softmax(z)
-    grad[torch.arange(len(targets), device=z.device), targets] -= 1.0   # − onehot(y)
-    return total, grad
+    grad.scatter_add_(1, safe, torch.full_like(safe, -1.0, dtype=grad.dtype))   # − onehot(y)
+    return total, grad * counted[:, None]
 
 
 class _LinearCrossEntropy(torch.autograd.Function):
@@ -89,7 +93,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
     backward only scales the stored gradients by the incoming one (a scalar)."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, targets, chunk_size):
+    def forward(ctx, hidden, weight, targets, chunk_size, ignore_index):
         grad_hidden = torch.empty_like(hidden)
         grad_weight = torch.zeros(weight.shape, dtype=torch.promote_types(weight.dtype, torch.float32),
                                   device=weight.device)
@@ -97,7 +101,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
         w = weight.to(hidden.dtype)                      # cast once, not per chunk (a no-op in float32)
         for i in range(0, len(targets), chunk_size):
             h = hidden[i:i + chunk_size]
-            chunk_total, grad_z = _chunk_cross_entropy(h, w, targets[i:i + chunk_size], with_grad=True)
+            chunk_total, grad_z = _chunk_cross_entropy(h, w, targets[i:i + chunk_size], ignore_index, with_grad=True)
             total += chunk_total
             grad_z = grad_z.to(hidden.dtype)
             grad_hidden[i:i + chunk_size] = grad_z @ w
@@ -109,33 +113,31 @@ class _LinearCrossEntropy(torch.autograd.Function):
     def backward(ctx, grad_output):
         grad_hidden, grad_weight = ctx.saved_tensors
         return grad_hidden * grad_output.to(grad_hidden.dtype), grad_weight * grad_output.to(grad_weight.dtype), \
-            None, None
+            None, None, None
 
 
 def chunked_lm_loss(hidden: torch.Tensor, lm_head_weight: torch.Tensor, targets: torch.Tensor,
                     chunk_size: int = 512, ignore_index: int = IGNORE_INDEX) -> torch.Tensor:
     """``lm_loss(hidden @ W.T, targets)`` without ever holding the full (B·T·V) logits, and faster than it.
 
-    Only the positions with a counted target are kept; they go through the LM head ``chunk_size`` tokens at a
-    time: L = −(1/N) Σ_chunks Σ_{t ∈ chunk} log softmax(h_t Wᵀ)[y_t]. When gradients are needed, each chunk's
-    gradient is computed right away from its logits (``_LinearCrossEntropy``), so the peak memory is one chunk of
-    logits (chunk_size·V) and nothing is recomputed in the backward. hidden (B, T, C), W (V, C), targets (B, T).
+    All positions go through the LM head ``chunk_size`` tokens at a time, those whose target is ``ignore_index``
+    masked out: L = −(1/N) Σ_chunks Σ_{t ∈ chunk, y_t counted} log softmax(h_t Wᵀ)[y_t], N the number of counted
+    targets (0 when there are none, as ``lm_loss``). When gradients are needed, each chunk's gradient is computed
+    right away from its logits (``_LinearCrossEntropy``), so the peak memory is one chunk of logits (chunk_size·V)
+    and nothing is recomputed in the backward. hidden (B, T, C), W (V, C), targets (B, T).
     """
     if hidden.shape[:-1] != targets.shape or lm_head_weight.dim() != 2 or lm_head_weight.shape[1] != hidden.shape[-1]:
         raise LLMLabError(f"chunked_lm_loss: expected hidden (..., C), lm_head_weight (V, C), targets (...); got "
                           f"{tuple(hidden.shape)}, {tuple(lm_head_weight.shape)}, {tuple(targets.shape)}")
     if chunk_size < 1:
         raise LLMLabError(f"chunked_lm_loss: chunk_size must be >= 1, got {chunk_size}")
-    keep = targets.reshape(-1) != ignore_index
-    h = hidden.reshape(-1, hidden.shape[-1])[keep]
-    y = targets.reshape(-1)[keep]
-    if y.numel() == 0:
-        return hidden.float().sum() * 0.0
+    h, y = hidden.reshape(-1, hidden.shape[-1]), targets.reshape(-1)
+    count = (y != ignore_index).sum().clamp_min(1)
     if torch.is_grad_enabled() and (h.requires_grad or lm_head_weight.requires_grad):
-        return _LinearCrossEntropy.apply(h, lm_head_weight, y, chunk_size) / y.numel()
-    total = sum(_chunk_cross_entropy(h[i:i + chunk_size], lm_head_weight, y[i:i + chunk_size], with_grad=False)[0]
-                for i in range(0, y.numel(), chunk_size))
-    return total / y.numel()
+        return _LinearCrossEntropy.apply(h, lm_head_weight, y, chunk_size, ignore_index) / count
+    total = sum(_chunk_cross_entropy(h[i:i + chunk_size], lm_head_weight, y[i:i + chunk_size], ignore_index,
+                                     with_grad=False)[0] for i in range(0, len(y), chunk_size))
+    return total / count
 
 
 def token_logprobs(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:

@@ -68,16 +68,16 @@ def test_chunked_lm_loss_only_builds_chunk_sized_logits(monkeypatch):
     rows = []
     original = losses._chunk_cross_entropy
 
-    def recording(h, w, y, with_grad):
+    def recording(h, w, y, ignore_index, with_grad):
         rows.append(h.shape[0])
-        return original(h, w, y, with_grad)
+        return original(h, w, y, ignore_index, with_grad)
 
     monkeypatch.setattr(losses, "_chunk_cross_entropy", recording)
     loss = chunked_lm_loss(hidden, weight, targets, chunk_size=4)
-    counted = int((targets != -100).sum())  # 10 counted tokens -> chunks of 4, 4, 2
-    assert rows == [4, 4, 2] and sum(rows) == counted
+    assert rows == [4, 4, 4, 2]    # 14 positions (4 of them ignored, masked rather than removed): 4, 4, 4, 2
     loss.backward()  # the gradients were computed with the forward: no chunk is recomputed
-    assert rows == [4, 4, 2] and hidden.grad is not None and weight.grad is not None
+    assert rows == [4, 4, 4, 2] and hidden.grad is not None and weight.grad is not None
+    assert torch.count_nonzero(hidden.grad[0, :3]) == 0 and torch.count_nonzero(hidden.grad[1, -1]) == 0
 
 
 def test_chunked_lm_loss_under_bfloat16_autocast():
