@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import os
 import platform
+import statistics
 import time
 
 import torch
@@ -30,10 +31,18 @@ def matmul_ceiling(n: int = 1024, repeats: int = 10) -> float:
 
 
 def timed(fn, warmup: int, repeats: int) -> float:
-    """Seconds per call of ``fn``, after ``warmup`` untimed calls."""
+    """Seconds per call of ``fn``: the median over ``repeats`` timed calls, after ``warmup`` untimed ones (the
+    median, because on a shared machine a few calls can be slowed by other work)."""
     for _ in range(warmup):
         fn()
-    start = time.perf_counter()
+    times = []
     for _ in range(repeats):
+        start = time.perf_counter()
         fn()
-    return (time.perf_counter() - start) / repeats
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def median_gap(marks: list[float]) -> float:
+    """The median time between consecutive marks (e.g. the ends of training steps)."""
+    return statistics.median(b - a for a, b in zip(marks, marks[1:]))

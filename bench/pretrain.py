@@ -5,8 +5,9 @@ same configuration, in the same run and on the same batches; each eager, then ea
 
     python bench/pretrain.py [--steps 30] [--warmup 5]
 
-tokens/s = steps · batch · block / seconds, timed after ``--warmup`` untimed steps. The load average is printed
-because this machine may be shared: compare the ratio, not the absolute numbers, across runs.
+tokens/s = batch · block / the median step time over ``--steps`` steps after ``--warmup`` untimed ones (the median:
+a few steps slowed by other work on a shared machine do not move it). The load average is printed because this
+machine may be shared: compare the ratio, not the absolute numbers, across runs.
 """
 from __future__ import annotations
 
@@ -19,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from transformers import LlamaForCausalLM
 
-from common import machine
+from common import machine, median_gap
 from llmlab.data.shards import BatchSampler
 from llmlab.model.config import preset
 from llmlab.model.decoder import build_model
@@ -41,17 +42,17 @@ def random_rows(vocab: int, block: int, n: int) -> list[tuple[torch.Tensor, torc
 
 def ours_tokens_per_s(cfg, rows, batch: int, block: int, steps: int, warmup: int, compile: bool) -> float:
     """Our model + objective through ``llmlab.train.loop.train``, timed from the end of step ``warmup``."""
-    marks = {}
+    marks = []
     tc = TrainConfig(max_steps=warmup + steps, lr=1e-3, warmup_steps=0, eval_every=0, log_every=10 ** 6,
                      checkpoint_every=0, progress=False, device="cpu", compile=compile)
 
     def on_step(step, record):
-        if step in (warmup, warmup + steps):
-            marks[step] = time.perf_counter()
+        if step >= warmup:
+            marks.append(time.perf_counter())
 
     with tempfile.TemporaryDirectory() as out:
         train(CausalLM(build_model(cfg)), loss_fn, BatchSampler(rows, batch, seed=0), tc, out, on_step=on_step)
-    return steps * batch * block / (marks[warmup + steps] - marks[warmup])
+    return batch * block / median_gap(marks)
 
 
 def hf_tokens_per_s(cfg, rows, batch: int, block: int, steps: int, warmup: int, compile: bool) -> float:
@@ -76,10 +77,11 @@ def hf_tokens_per_s(cfg, rows, batch: int, block: int, steps: int, warmup: int, 
 
     for _ in range(warmup):
         step()
-    start = time.perf_counter()
+    marks = [time.perf_counter()]
     for _ in range(steps):
         step()
-    return steps * batch * block / (time.perf_counter() - start)
+        marks.append(time.perf_counter())
+    return batch * block / median_gap(marks)
 
 
 def main():
