@@ -3,7 +3,7 @@ training loop: AdamW, clipping, logging) against a plain PyTorch loop over trans
 same configuration, in the same run and on the same batches; each eager, then each under ``torch.compile``
 (llmlab: ``train.compile=true``; the plain loop: ``torch.compile(model)``).
 
-    python bench/pretrain.py [--steps 30] [--warmup 5]
+    python bench/pretrain.py [--steps 30] [--warmup 5] [--rounds 3]
 
 tokens/s = batch · block / the median step time over ``--steps`` steps after ``--warmup`` untimed ones (the median:
 a few steps slowed by other work on a shared machine do not move it). The load average is printed because this
@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import statistics
 import tempfile
 import time
 
@@ -88,20 +89,33 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--steps", type=int, default=30)
     ap.add_argument("--warmup", type=int, default=5)
+    ap.add_argument("--rounds", type=int, default=3)
     args = ap.parse_args()
     torch.manual_seed(0)
     print(f"machine: {machine()}\nload average at start (1, 5, 15 min): {os.getloadavg()}\n")
+    print(f"Each round measures the four loops one after the other; the table gives the median over {args.rounds} "
+          "rounds of each figure and of each round's ratios (this machine's speed drifts by up to 25% over minutes, "
+          "so a ratio is only taken between neighbouring measurements).\n")
     print("| size | params | block × batch | llmlab pretrain tok/s | transformers loop tok/s | ratio "
-          "| llmlab, compiled | transformers, compiled | compiled vs eager transformers |")
-    print("|---|---|---|---|---|---|---|---|---|")
+          "| llmlab, compiled | transformers, compiled | compiled vs eager transformers | compiled vs compiled |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for name, (over, block, batch) in SIZES.items():
         cfg = preset("llama", **over)
         rows = random_rows(cfg.vocab_size, block, 64 * batch)
-        ours, ours_c = (ours_tokens_per_s(cfg, rows, batch, block, args.steps, args.warmup, c) for c in (False, True))
-        hf, hf_c = (hf_tokens_per_s(cfg, rows, batch, block, args.steps, args.warmup, c) for c in (False, True))
-        n = cfg.num_params()
-        print(f"| {name} | {n / 1e6:.2f} M | {block} × {batch} | {ours:,.0f} | {hf:,.0f} | {ours / hf:.2f}× "
-              f"| {ours_c:,.0f} | {hf_c:,.0f} | {ours_c / hf:.2f}× |")
+        rounds = []
+        for _ in range(args.rounds):
+            measure = dict(cfg=cfg, rows=rows, batch=batch, block=block, steps=args.steps, warmup=args.warmup)
+            rounds.append({"ours": ours_tokens_per_s(**measure, compile=False),
+                           "hf": hf_tokens_per_s(**measure, compile=False),
+                           "ours_c": ours_tokens_per_s(**measure, compile=True),
+                           "hf_c": hf_tokens_per_s(**measure, compile=True)})
+
+        def med(f):
+            return statistics.median(f(r) for r in rounds)
+        print(f"| {name} | {cfg.num_params() / 1e6:.2f} M | {block} × {batch} | {med(lambda r: r['ours']):,.0f} "
+              f"| {med(lambda r: r['hf']):,.0f} | {med(lambda r: r['ours'] / r['hf']):.2f}× "
+              f"| {med(lambda r: r['ours_c']):,.0f} | {med(lambda r: r['hf_c']):,.0f} "
+              f"| {med(lambda r: r['ours_c'] / r['hf']):.2f}× | {med(lambda r: r['ours_c'] / r['hf_c']):.2f}× |")
     print(f"\nload average at end: {os.getloadavg()}")
 
 
