@@ -70,6 +70,8 @@ PRESETS = {
     },
 }
 STAGES = ("world", "pretrain", "sft", "rm", "dpo", "ppo", "eval", "classify", "samples")
+RECIPES = {"pretrain": "world-pretrain", "sft": "sft-world", "rm": "rm-world", "dpo": "dpo-world",
+           "ppo": "ppo-world", "classify": "classify-world"}     # configs/<name>.yaml of each training stage
 SAMPLE_KINDS = ("fact", "arithmetic", "reverse", "sort", "count", "benign", "forbidden")
 
 
@@ -91,8 +93,8 @@ class Run:
     def model(self, stage: str) -> str:
         return str(self.dir(stage) / "model")
 
-    def recipe(self, stage: str, config: str, extra: list[str] = ()) -> dict:
-        return resolve_recipe({}, config, [*PRESETS[self.preset][stage], f"train.seed={self.seed}", *extra])
+    def recipe(self, stage: str, extra: list[str] = ()) -> dict:
+        return resolve_recipe({}, RECIPES[stage], [*PRESETS[self.preset][stage], f"train.seed={self.seed}", *extra])
 
 
 # ----------------------------------------------------------------------------------------------- the stages
@@ -107,14 +109,14 @@ def stage_world(run: Run) -> dict:
 
 def stage_pretrain(run: Run) -> dict:
     from .stages.pretrain import pretrain
-    recipe = run.recipe("pretrain", "world-pretrain", [f"data.path={run.world_dir / 'corpus.jsonl'}"])
+    recipe = run.recipe("pretrain", [f"data.path={run.world_dir / 'corpus.jsonl'}"])
     summary = pretrain(recipe, run.dir("pretrain"), resume=True)
     return _training_numbers(run.dir("pretrain"), summary, ("val_loss", "val_ppl"))
 
 
 def stage_sft(run: Run) -> dict:
     from .stages.sft import run_sft
-    recipe = run.recipe("sft", "sft-world", [f"data.eval_path={run.world_dir / 'sft_eval.jsonl'}"])
+    recipe = run.recipe("sft", [f"data.eval_path={run.world_dir / 'sft_eval.jsonl'}"])
     summary = run_sft(run.model("pretrain"), str(run.world_dir / "sft_train.jsonl"), str(run.dir("sft")), recipe,
                       resume=True)
     return {**_training_numbers(run.dir("sft"), summary, ("val_loss",)), "exact_match": summary.get("exact_match")}
@@ -122,7 +124,7 @@ def stage_sft(run: Run) -> dict:
 
 def stage_rm(run: Run) -> dict:
     from .stages.reward import run_rm
-    recipe = run.recipe("rm", "rm-world", [f"data.eval_path={run.world_dir / 'pairs_eval.jsonl'}"])
+    recipe = run.recipe("rm", [f"data.eval_path={run.world_dir / 'pairs_eval.jsonl'}"])
     summary = run_rm(run.model("sft"), str(run.world_dir / "pairs_train.jsonl"), str(run.dir("rm")), recipe,
                      resume=True)
     return _training_numbers(run.dir("rm"), summary, ("val_accuracy", "val_loss"))
@@ -130,7 +132,7 @@ def stage_rm(run: Run) -> dict:
 
 def stage_dpo(run: Run) -> dict:
     from .stages.dpo import run_dpo
-    recipe = run.recipe("dpo", "dpo-world", [f"data.eval_path={run.world_dir / 'pairs_eval.jsonl'}"])
+    recipe = run.recipe("dpo", [f"data.eval_path={run.world_dir / 'pairs_eval.jsonl'}"])
     summary = run_dpo(run.model("sft"), str(run.world_dir / "pairs_train.jsonl"), str(run.dir("dpo")), recipe,
                       resume=True)
     return _training_numbers(run.dir("dpo"), summary, ("val_reward_accuracy", "val_reward_margin", "val_loss"))
@@ -138,7 +140,7 @@ def stage_dpo(run: Run) -> dict:
 
 def stage_ppo(run: Run) -> dict:
     from .stages.ppo import run_ppo
-    recipe = run.recipe("ppo", "ppo-world", [f"reward.world={run.world_dir}",
+    recipe = run.recipe("ppo", [f"reward.world={run.world_dir}",
                                              f"data.eval_path={run.world_dir / 'rl_eval.jsonl'}"])
     summary = run_ppo(run.model("sft"), str(run.world_dir / "rl_train.jsonl"), str(run.dir("ppo")), reward="world",
                       recipe=recipe, resume=True)
@@ -167,7 +169,7 @@ def stage_eval(run: Run) -> dict:
 
 def stage_classify(run: Run) -> dict:
     from .stages.classify import run_classify
-    result = run_classify([run.model("pretrain")], str(run.world_dir), run.dir("classify"), config="classify-world",
+    result = run_classify([run.model("pretrain")], str(run.world_dir), run.dir("classify"), config=RECIPES["classify"],
                           sets=PRESETS[run.preset]["classify"] + [f"train.seed={run.seed}"], resume=True)
     row = result["results"][0]
     return {k: row.get(k) for k in ("before", "after", "zero_shot", "parameters", "method", "train_seconds")
@@ -219,12 +221,15 @@ def _training_numbers(run_dir: Path, summary: dict, keys: tuple[str, ...]) -> di
 # ----------------------------------------------------------------------------------------------- orchestration
 
 def fingerprint(run: Run, stage: str, upstream: dict[str, str]) -> str:
-    """A hash of what determines the stage's output: preset, seed, the recipe files it reads, its inputs."""
+    """A hash of what determines the stage's output: preset, seed, the recipe file it reads, its inputs (the
+    fingerprints of the stages it reads from). Changing ``rm-world.yaml`` reruns the reward model and what reads
+    it, not the pre-training."""
     from .config import CONFIG_DIR
     settings = {k: v for k, v in PRESETS[run.preset].items() if k != "seconds"}    # estimates change nothing
+    recipe = CONFIG_DIR / f"{RECIPES[stage]}.yaml" if stage in RECIPES else None
     parts = {"stage": stage, "preset": settings, "seed": run.seed,
              "upstream": {u: upstream[u] for u in UPSTREAM[stage]},
-             "recipes": {p.name: p.read_text(encoding="utf-8") for p in sorted(CONFIG_DIR.glob("*.yaml"))}}
+             "recipe": recipe.read_text(encoding="utf-8") if recipe else None}
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 

@@ -60,6 +60,27 @@ def test_a_second_run_skips_every_finished_stage(finished, capsys):
     assert capsys.readouterr().err.count("skipped") == len(STAGES)
 
 
+def test_a_changed_recipe_reruns_its_stage_and_what_reads_it(finished, tmp_path, monkeypatch, capsys):
+    """Editing configs/rm-world.yaml reruns the reward model and the evaluation that scores with it; pre-training,
+    SFT, DPO, PPO and classification stay as they are."""
+    import shutil
+
+    import llmlab.config
+    out, _ = finished
+    configs = tmp_path / "configs"
+    shutil.copytree(llmlab.config.CONFIG_DIR, configs)
+    with open(configs / "rm-world.yaml", "a") as f:
+        f.write("# edited\n")
+    monkeypatch.setattr(llmlab.config, "CONFIG_DIR", configs)
+    copy = tmp_path / "run"
+    shutil.copytree(out, copy)
+    capsys.readouterr()
+    run_pipeline(copy, preset="test")
+    err = capsys.readouterr().err
+    rerun = {stage for stage in STAGES if f"{stage}: running" in err}
+    assert rerun == {"rm", "eval"}, err
+
+
 def test_a_killed_run_continues_to_the_same_numbers(finished, tmp_path):
     _, summary = finished
     out = tmp_path / "killed"
