@@ -19,6 +19,7 @@ from llmlab.model.decoder import build_model
 from llmlab.stages.ppo import (KLController, PolicyWithValue, PPOConfig, advantages_and_returns, load_prompts,
                                make_scorer, pack, per_token_rewards, ppo_losses, run_ppo)
 from llmlab.tokenizer import train_char
+from llmlab.train.checkpoint import load_latest
 
 transformers.logging.set_verbosity_error()
 LETTERS = set("abcdefghijklmnopqrstuvwxyz ")
@@ -187,6 +188,19 @@ def test_resume_continues_exactly(setup, trained, tmp_path):
     assert [r["step"] for r in resumed] == [1, 2, 3]
     for a, b in zip(resumed, straight):
         assert a["score"] == pytest.approx(b["score"], abs=1e-6) and a["kl"] == pytest.approx(b["kl"], abs=1e-4)
+
+
+def test_value_head_learns_at_its_own_rate(setup, tmp_path):
+    """ppo.value_lr_scale: the value head is its own AdamW group at that multiple of the policy's learning rate."""
+    run_ppo(setup["policy"], setup["world"] / "rl_train.jsonl", tmp_path, letter_share,
+            recipe(2, value_lr_scale=30))
+    groups = load_latest(tmp_path).optimizer["param_groups"]
+    assert [g["lr"] for g in groups] == pytest.approx([1e-2] * (len(groups) - 1) + [0.3])
+    assert sorted(groups[-1]["params"]) == ["value_head.bias", "value_head.weight"]
+    assert not any(name.startswith("value_head") for g in groups[:-1] for name in g["params"])
+    with pytest.raises(LLMLabError, match="ppo.value_lr_scale must be > 0"):
+        run_ppo(setup["policy"], setup["world"] / "rl_train.jsonl", tmp_path / "bad", letter_share,
+                recipe(1, value_lr_scale=0))
 
 
 # ----------------------------------------------------------------------------------------- rewards and errors

@@ -84,6 +84,7 @@ class PPOConfig:
     clip_range: float = 0.2        # ε of the policy ratio
     value_clip: float = 0.2        # ε_V of the value change
     vf_coef: float = 0.1
+    value_lr_scale: float = 1.0    # the value head's learning rate = this × train.lr
     gamma: float = 1.0
     lam: float = 0.95
     kl_coef: float = 0.05          # β (its initial value when adaptive)
@@ -115,6 +116,8 @@ class PPOConfig:
         if self.rollout_batch % self.minibatch:
             raise LLMLabError(f"ppo.rollout_batch ({self.rollout_batch}) must be a multiple of ppo.minibatch "
                               f"({self.minibatch})")
+        if self.value_lr_scale <= 0:
+            raise LLMLabError(f"ppo.value_lr_scale must be > 0, got {self.value_lr_scale}")
         for name in ("clip_range", "value_clip", "vf_coef", "kl_coef"):
             if float(getattr(self, name)) < 0:
                 raise LLMLabError(f"ppo.{name} must be ≥ 0, got {getattr(self, name)}")
@@ -298,6 +301,19 @@ def rollout_stats(model: PolicyWithValue, ref: nn.Module, batch: dict, chunk: in
 
 # ----------------------------------------------------------------------------------------------- one PPO step
 
+def ppo_optimizer(net: PolicyWithValue, train_cfg, cfg: PPOConfig, device) -> torch.optim.AdamW:
+    """The training loop's AdamW for the policy, plus the value head in its own group (no weight decay) whose
+    learning rate is ``value_lr_scale`` times the policy's. The head starts at zero; at the policy's small learning
+    rate it learns the per-prompt baseline too slowly, the advantages stay close to the whitened scores, and every
+    answer to a hard prompt gets pushed down, its entropy and the KL rising with no reward gained."""
+    optimizer = make_optimizer(net.policy, train_cfg, device)
+    for group in optimizer.param_groups:
+        group["lr_scale"] = 1.0
+    optimizer.add_param_group({"params": list(net.value_head.parameters()), "weight_decay": 0.0,
+                               "lr_scale": cfg.value_lr_scale})
+    return optimizer
+
+
 def ppo_update(model: PolicyWithValue, optimizer, batch: dict, cfg: PPOConfig, grad_clip: float,
                generator: torch.Generator, amp) -> dict[str, float]:
     """``cfg.epochs`` passes over the rollout batch in shuffled minibatches; mean statistics over the updates."""
@@ -428,7 +444,7 @@ def run_ppo(model_dir, data_path, out_dir, reward=None, recipe: dict | None = No
     ref = copy.deepcopy(policy).to(device).eval().requires_grad_(False)
     net = PolicyWithValue(policy).to(device).eval()
     engine = rollout_engine(policy, tokenizer, template)
-    optimizer = make_optimizer(net, train_cfg, device)
+    optimizer = ppo_optimizer(net, train_cfg, cfg, device)
     sampler = BatchSampler(prompts, cfg.rollout_batch, seed=train_cfg.seed, collate=list)
     kl = KLController(cfg.kl_coef, cfg.kl_target, cfg.kl_horizon)
     step, elapsed_before = _restore(out, net, optimizer, sampler, kl) if resume else (0, 0.0)
@@ -443,7 +459,7 @@ def run_ppo(model_dir, data_path, out_dir, reward=None, recipe: dict | None = No
         while step < train_cfg.max_steps:
             lr = lr_at(step, train_cfg)
             for group in optimizer.param_groups:
-                group["lr"] = lr
+                group["lr"] = lr * group["lr_scale"]
             record = ppo_step(net, ref, engine, optimizer, sampler.next_batch(), scorer, kl, cfg,
                               train_cfg.grad_clip, train_cfg.seed + step, amp)
             step += 1
