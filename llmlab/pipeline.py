@@ -337,8 +337,9 @@ def write_pipeline_report(run: Run, summary: dict) -> dict:
         Section("Supervised fine-tuning", "The base model fine-tuned on chat conversations, loss on the "
                 "assistant's tokens and end-of-turn token only; exact match on held-out questions (greedy).",
                 numbers={**r["sft"], "seconds": s["sft"]}, figures=_figure(run, "sft", "loss.png")),
-        Section("Reward model", "The SFT model with a scalar head on the last token, trained with the "
-                "Bradley–Terry loss −log σ(r_chosen − r_rejected); pairwise accuracy on held-out pairs.",
+        Section("Reward model", "The SFT model with a scalar head on the last token, plus (as "
+                "configs/rm-world.yaml sets rm.likelihood_weight) the reply's mean log-likelihood under the model's "
+                "own language-model head, trained with the Bradley–Terry loss −log σ(r_chosen − r_rejected); pairwise accuracy on held-out pairs.",
                 numbers={**r["rm"], "seconds": s["rm"]}, figures=_figure(run, "rm", "loss.png")),
         Section("DPO", "Direct preference optimisation from the SFT model (β = 0.1, reference log-probabilities "
                 "computed once and cached, plus the chosen answers' NLL as in RPO).",
