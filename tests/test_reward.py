@@ -174,6 +174,11 @@ def test_likelihood_weighted_reward_reads_the_language_models_own_likelihood(set
             value = head(input_ids=torch.tensor([ids])).logits.item()
         assert score == pytest.approx(value + 0.5 * mean_reply_logprob_of(causal, ids, reply), abs=1e-4)
 
+    headless = tmp_path / "headless"          # λ > 0 but saved without the language-model head
+    hub.save_model(trained.backbone, headless, trained.tokenizer, chat_template=trained.chat_template,
+                   extra_files={"reward_config.json": '{"likelihood_weight": 0.5}'})
+    with pytest.raises(LLMLabError, match="no language-model head"):
+        RewardModel.load(headless)
     (folder / "reward_config.json").write_text('{"likelihood_weight": "high"}')
     with pytest.raises(LLMLabError, match="reward_config.json: likelihood_weight must be a number"):
         RewardModel.load(folder)
