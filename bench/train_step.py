@@ -15,8 +15,8 @@ from __future__ import annotations
 import argparse
 
 import torch
-from torch.profiler import ProfilerActivity, profile
 import torch.nn.functional as F
+from torch.profiler import ProfilerActivity, profile
 from transformers import LlamaForCausalLM
 
 from common import machine, matmul_ceiling, timed

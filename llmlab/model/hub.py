@@ -408,7 +408,7 @@ def load_hf_state_dict(model: nn.Module, hf_state_dict: dict[str, torch.Tensor])
     family = _family(cfg)
     state = _normalize_keys(family, hf_state_dict)
     plan = _plan(cfg)
-    # tolerated extras: tied copies some checkpoints store anyway, a language-model head beside a classifier
+    # tolerated extras: tied copies some checkpoints store anyway (a classifier's own LM head is an optional entry)
     extras = {"cls.predictions.decoder.bias"}
     if cfg.tie_embeddings:
         extras |= {"lm_head.weight", "cls.predictions.decoder.weight"}
