@@ -390,6 +390,16 @@ def encode_chat(tokenizer, messages: list[dict], template: str, add_generation_p
     return list(encoded["input_ids"]), mask
 
 
+def last_turn_mask(mask: list[int]) -> list[int]:
+    """Keep only the last run of ones of an ``encode_chat`` mask: the final assistant answer and its end-of-turn
+    token."""
+    end = max(i for i, m in enumerate(mask) if m) + 1
+    start = end
+    while start > 0 and mask[start - 1]:
+        start -= 1
+    return [0] * start + [1] * (end - start) + [0] * (len(mask) - end)
+
+
 def _overlaps(offset: tuple[int, int], span: tuple[int, int]) -> bool:
     """Whether token characters ``[s, e)`` meet ``span``; a zero-width token counts at its position."""
     s, e = offset

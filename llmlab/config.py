@@ -69,14 +69,15 @@ def from_dict(cls, data: dict | None, where: str = ""):
     field (``--set data.padding_free=maybe`` would otherwise count as true), raise an error naming ``where.key``."""
     data = dict(data or {})
     fields = {f.name: f for f in dataclasses.fields(cls)}
+
+    def key(name: str) -> str:
+        return f"{where}.{name}" if where else name
     unknown = sorted(set(data) - set(fields))
     if unknown:
-        names = ", ".join(f"{where}.{k}" if where else k for k in unknown)
-        raise LLMLabError(f"unknown config key(s) {names}; known: {', '.join(sorted(fields))}")
+        raise LLMLabError(f"unknown config key(s) {', '.join(map(key, unknown))}; known: {', '.join(sorted(fields))}")
     for name, value in data.items():
         if fields[name].type in (bool, "bool") and not isinstance(value, bool):
-            raise LLMLabError(f"{where}.{name} = {value!r}: expected true or false" if where else
-                              f"{name} = {value!r}: expected true or false")
+            raise LLMLabError(f"{key(name)} = {value!r}: expected true or false")
     return cls(**data)
 
 

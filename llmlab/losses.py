@@ -83,7 +83,7 @@ def _chunk_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: to
         return total, None
     grad = logp.exp_()                                                  # softmax(z)
     grad.scatter_add_(1, safe, torch.full_like(safe, -1.0, dtype=grad.dtype))   # − onehot(y)
-    return total, grad * counted[:, None]
+    return total, grad.mul_(counted[:, None])
 
 
 class _LinearCrossEntropy(torch.autograd.Function):

@@ -140,8 +140,7 @@ def stage_dpo(run: Run) -> dict:
 
 def stage_ppo(run: Run) -> dict:
     from .stages.ppo import run_ppo
-    recipe = run.recipe("ppo", [f"reward.world={run.world_dir}",
-                                             f"data.eval_path={run.world_dir / 'rl_eval.jsonl'}"])
+    recipe = run.recipe("ppo", [f"reward.world={run.world_dir}", f"data.eval_path={run.world_dir / 'rl_eval.jsonl'}"])
     summary = run_ppo(run.model("sft"), str(run.world_dir / "rl_train.jsonl"), str(run.dir("ppo")), reward="world",
                       recipe=recipe, resume=True)
     last = summary.get("last") or {}
@@ -339,7 +338,8 @@ def write_pipeline_report(run: Run, summary: dict) -> dict:
                 numbers={**r["sft"], "seconds": s["sft"]}, figures=_figure(run, "sft", "loss.png")),
         Section("Reward model", "The SFT model with a scalar head on the last token, plus (as "
                 "configs/rm-world.yaml sets rm.likelihood_weight) the reply's mean log-likelihood under the model's "
-                "own language-model head, trained with the Bradley–Terry loss −log σ(r_chosen − r_rejected); pairwise accuracy on held-out pairs.",
+                "own language-model head, trained with the Bradley–Terry loss −log σ(r_chosen − r_rejected); "
+                "pairwise accuracy on held-out pairs.",
                 numbers={**r["rm"], "seconds": s["rm"]}, figures=_figure(run, "rm", "loss.png")),
         Section("DPO", "Direct preference optimisation from the SFT model (β = 0.1, reference log-probabilities "
                 "computed once and cached, plus the chosen answers' NLL as in RPO).",

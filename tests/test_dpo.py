@@ -12,7 +12,7 @@ from llmlab.data.chat_data import load_pairs
 from llmlab.infer.engine import Engine
 from llmlab.model import hub
 from llmlab.stages.common import deep_merge
-from llmlab.stages.dpo import (DEFAULTS, DPOConfig, REF_FILE, cached_reference, encode_pairs, last_turn_mask,
+from llmlab.stages.dpo import (DEFAULTS, DPOConfig, REF_FILE, cached_reference, encode_pairs,
                                make_loss, pair_collate, run_dpo)
 from llmlab.stages.evaluate import evaluate_models
 from llmlab.stages.sft import pad_collate, sequence_logps
@@ -44,7 +44,7 @@ def test_last_turn_mask_keeps_only_the_final_answer(lab):
     prompt = [{"role": "user", "content": "What is 2 + 3?"}, {"role": "assistant", "content": "5"},
               {"role": "user", "content": "And 2 + 4?"}, {"role": "assistant", "content": "6"}]
     ids, mask = chat.encode_chat(tok, prompt, template)
-    kept = last_turn_mask(mask)
+    kept = chat.last_turn_mask(mask)
     assert tok.decode([t for t, m in zip(ids, kept) if m]) == " 6<|im_end|>"
     assert sum(mask) > sum(kept)
 

@@ -70,19 +70,10 @@ class DPOConfig:
 
 # --- data -------------------------------------------------------------------------------------------------------
 
-def last_turn_mask(mask: list[int]) -> list[int]:
-    """Keep only the last run of ones: the final assistant answer and its end-of-turn token."""
-    end = max(i for i, m in enumerate(mask) if m) + 1
-    start = end
-    while start > 0 and mask[start - 1]:
-        start -= 1
-    return [0] * start + [1] * (end - start) + [0] * (len(mask) - end)
-
-
 def encode_answer(tokenizer, template: str, prompt: list[dict], answer: str, max_length: int) -> Example | None:
     """(ids, mask) of prompt + answer with the mask on the answer only, truncated; None if no answer token is left."""
     ids, mask = chat.encode_chat(tokenizer, prompt + [{"role": "assistant", "content": answer}], template)
-    return truncate((ids, last_turn_mask(mask)), max_length)
+    return truncate((ids, chat.last_turn_mask(mask)), max_length)
 
 
 def encode_pairs(pairs: list[dict], tokenizer, template: str, max_length: int) -> tuple[list[dict], int]:

@@ -32,7 +32,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..chat import encode_chat, end_of_turn, load_template
+from ..chat import encode_chat, end_of_turn, last_turn_mask, load_template
 from ..data.chat_data import iter_jsonl, load_pairs
 from ..data.shards import BatchSampler, check_context
 from ..errors import LLMLabError
@@ -69,11 +69,8 @@ def encode_reply(tokenizer, template: str, prompt: list[dict], reply: str) -> tu
         eot = tokenizer.encode(end_of_turn(template, tokenizer.eos_token), add_special_tokens=False)
         return ids + eot, [0] * len(ids) + [1] * len(eot)
     ids, mask = encode_chat(tokenizer, prompt + [{"role": "assistant", "content": reply}], template)
-    last = max(i for i, m in enumerate(mask) if m)
-    first = last
-    while first > 0 and mask[first - 1]:
-        first -= 1
-    return ids[:last + 1], [0] * first + [1] * (last + 1 - first)
+    end = max(i for i, m in enumerate(mask) if m) + 1
+    return ids[:end], last_turn_mask(mask)[:end]
 
 
 def right_pad(rows: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -145,6 +142,7 @@ def last_token_index(attention_mask: torch.Tensor) -> torch.Tensor:
 
 
 def check_likelihood_weight(value, where: str) -> float:
+    """``value`` as a float when it is a finite number ≥ 0, else an error naming ``where``."""
     if not isinstance(value, (int, float)) or isinstance(value, bool) or not 0 <= value < float("inf"):
         raise LLMLabError(f"{where} must be a number ≥ 0, got {value!r}")
     return float(value)
@@ -223,8 +221,8 @@ class RewardModel(nn.Module):
         archs = config.get("architectures") or []
         # transformers writes id2label unless it has its default of two labels
         labels = len(config["id2label"]) if config.get("id2label") else config.get("num_labels", 2)
-        if not any(a.endswith("ForSequenceClassification") for a in archs) or \
-                SCORE_WEIGHT not in stored_weight_names(folder):
+        stored = stored_weight_names(folder)
+        if not any(a.endswith("ForSequenceClassification") for a in archs) or SCORE_WEIGHT not in stored:
             raise LLMLabError(f"{folder} has no reward head (config architectures {archs}, no '{SCORE_WEIGHT}' "
                               "weight): it is not a reward model; train one with `llmlab rm`")
         if labels != 1:
@@ -237,7 +235,7 @@ class RewardModel(nn.Module):
                 raise LLMLabError(f"{folder / REWARD_CONFIG}: not a JSON object ({e})") from None
             weight = check_likelihood_weight(weight, f"{folder / REWARD_CONFIG}: likelihood_weight")
         backbone = hub.load_our_model(folder)
-        if weight and not backbone.config.tie_embeddings and "lm_head.weight" not in stored_weight_names(folder):
+        if weight and not backbone.config.tie_embeddings and "lm_head.weight" not in stored:
             raise LLMLabError(f"{folder}: {REWARD_CONFIG} sets likelihood_weight={weight} but the folder has no "
                               "language-model head (lm_head.weight) to compute the likelihood with")
         return cls(backbone, _tokenizer(folder), load_template(folder), weight).to(device).eval()
