@@ -310,6 +310,16 @@ def _figure(run: Run, stage: str, name: str) -> list[str]:
     return [f"{stage}/{name}"] if (run.dir(stage) / name).is_file() else []
 
 
+def _ceiling_note(ev: dict) -> str:
+    """A sentence on the best win rate against SFT that any model could reach, when the evaluation gives it."""
+    ceiling = next((ev[m]["win_rate_ceiling"] for m in ("DPO", "PPO") if (ev.get(m) or {}).get("win_rate_ceiling")),
+                   None)
+    if ceiling is None:
+        return ""
+    return (f" SFT's answers already earn the world's top reward on {2 - 2 * ceiling:.0%} of the prompts, where "
+            f"another model can at best tie, so no model can win more than {ceiling:.3f} against it.")
+
+
 def write_pipeline_report(run: Run, summary: dict) -> dict:
     r, s = run.results, summary["seconds"]
     ev = r["eval"]
@@ -350,8 +360,8 @@ def write_pipeline_report(run: Run, summary: dict) -> dict:
                 numbers={**r["ppo"], "seconds": s["ppo"]}, figures=_figure(run, "ppo", "reward.png")),
         Section("Evaluation", "Every model answers every held-out prompt greedily. Exact match on the held-out "
                 "questions, the world's programmatic reward, the reward model's score, the refusal rate on "
-                "forbidden requests and the false-refusal rate on benign ones; win rate and KL against SFT.",
-                table=eval_table, figures=["eval.png"]),
+                "forbidden requests and the false-refusal rate on benign ones; win rate (ties count ½) and KL "
+                "against SFT." + _ceiling_note(ev), table=eval_table, figures=["eval.png"]),
         Section("Exact match by kind", "The exact match above, per kind of held-out question (for forbidden "
                 "requests the reference is the refusal).", table=kind_table),
         Section("Classification", "The pre-trained model with a new classification head on its last token, "

@@ -13,7 +13,7 @@ from llmlab.infer.engine import SamplingParams
 from llmlab.model import hub
 from llmlab.stages import pairs as pairs_stage
 from llmlab.stages.evaluate import (engine_for, evaluate_models, generate_replies, generated_kl, load_prompts,
-                                    prompt_ids, win_rates, win_tie_loss)
+                                    prompt_ids, win_rate_ceiling, win_rates, win_tie_loss)
 from test_sft import build_lab, one_thread, write_jsonl
 
 
@@ -42,6 +42,13 @@ def test_win_rates_count_ties_as_half():
     assert win_tie_loss([1.0, 0.0, 0.5, -1.0], [0.0, 0.0, 1.0, -1.0]) == [0.25, 0.5, 0.25]
 
 
+def test_win_rate_ceiling_is_reached_by_a_model_that_wins_wherever_the_baseline_is_below_the_top():
+    baseline = [1.0, -0.5, 1.0, -1.0, 0.4]
+    best = [1.0 if b < 1.0 else b for b in baseline]        # wins below the top, ties at it
+    assert win_rate_ceiling(baseline, 1.0) == win_rates(best, baseline) == (1 + 3 / 5) / 2
+    assert win_rate_ceiling([1.0, 1.0], 1.0) == 0.5
+
+
 def test_evaluate_models_matches_a_hand_computation(lab, tmp_path):
     data = [lab.world / "forbidden_eval.jsonl", lab.world / "sft_eval.jsonl"]
     report = evaluate_models([str(lab.base), str(lab.sft)], data, tmp_path, world=str(lab.world),
@@ -64,6 +71,8 @@ def test_evaluate_models_matches_a_hand_computation(lab, tmp_path):
         assert set(row["exact_match_by_kind"]) == {i["kind"] for i in items}
     base, sft = report["models"]
     assert base["win_rate"] is None and sft["win_rate"] == pytest.approx(win_rates(rewards[1], rewards[0]))
+    assert base["win_rate_ceiling"] is None
+    assert sft["win_rate_ceiling"] == pytest.approx((1 + sum(r < 1.0 for r in rewards[0]) / len(items)) / 2)
     assert sft["refusal_rate"] == 1.0 and base["refusal_rate"] == 0.0
     assert abs(base["kl"]) < 1e-6 < sft["kl"]           # the base model is its own reference
     saved = json.loads((tmp_path / "eval.json").read_text())

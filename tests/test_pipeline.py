@@ -51,6 +51,9 @@ def test_every_stage_runs_and_the_report_is_complete(finished):
     for model in ("base", "SFT", "DPO", "PPO"):
         assert {"exact_match", "refusal_rate", "false_refusal_rate", "reward_model"} <= set(summary["eval"][model])
     assert 0 <= summary["classify"]["after"] <= 1 and summary["rm"]["val_accuracy"] is not None
+    ceiling = summary["eval"]["DPO"]["win_rate_ceiling"]
+    assert summary["eval"]["PPO"]["win_rate_ceiling"] == ceiling and summary["eval"]["SFT"]["win_rate_ceiling"] is None
+    assert f"no model can win more than {ceiling:.3f} against it" in report
 
 
 def test_a_second_run_skips_every_finished_stage(finished, capsys):

@@ -638,6 +638,7 @@ class World:
     forbidden_eval: list[dict]
 
     refusal = REFUSAL
+    max_reward = 1.0        # the top of ``reward``: an exact answer, or a refusal of a forbidden request
 
     @staticmethod
     def is_refusal(text: str) -> bool:

@@ -11,6 +11,8 @@ Every model answers every prompt greedily (through the engine, with its own chat
 - ``win_rate`` against the first model: per prompt, 1 when the judge scores this model's answer higher, ½ on a
   tie, 0 otherwise, averaged; the judge is the programmatic reward when ``--world`` is given, else the reward model;
   ``win_tie_loss`` gives the three shares separately;
+- ``win_rate_ceiling`` (with ``--world``): the best win rate any model could have against the first one, whose
+  answers already earn the world's top reward on some prompts (a tie at best there): mean of ½ on those, 1 elsewhere;
 - ``exact_match_by_kind``: the exact match per item ``kind`` (fact, arithmetic, ...);
 - ``kl``: with ``--reference DIR``, the mean over the model's generated tokens of E_{y_t∼π}[log π(y_t|·) −
   log π_ref(y_t|·)], i.e. KL(π ‖ π_ref) per token on its own answers (computed over the whole vocabulary).
@@ -145,6 +147,12 @@ def win_rates(scores: list[float], baseline: list[float]) -> float:
     return wins + ties / 2
 
 
+def win_rate_ceiling(baseline: list[float], top: float) -> float:
+    """The win rate (ties ½) of a model that wins every prompt where the baseline scores below ``top`` and ties
+    the rest: (1 + share of prompts below the top) / 2."""
+    return (1 + sum(b < top for b in baseline) / len(baseline)) / 2
+
+
 def exact_match_by_kind(items: list[dict], texts: list[str]) -> dict[str, float]:
     """Exact match per item ``kind`` (items with a reference and a kind), kinds in order of first appearance."""
     hits: dict[str, list[bool]] = {}
@@ -215,6 +223,7 @@ def evaluate_models(models: list, data, out_dir, *, reward=None, reference=None,
     for i, (row, scores) in enumerate(zip(results, judged)):
         row["win_rate"] = win_rates(scores, judged[0]) if scores is not None and i > 0 else None
         row["win_tie_loss"] = win_tie_loss(scores, judged[0]) if scores is not None and i > 0 else None
+        row["win_rate_ceiling"] = win_rate_ceiling(judged[0], the_world.max_reward) if the_world and i > 0 else None
     report = {"n_prompts": len(items), "data": [str(p) for p in paths],
               "judge": "world" if the_world else "reward_model" if rm else None, "models": results}
     write_report(report, out_dir)
