@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from transformers import LlamaForCausalLM
 
-from common import machine, median_gap
+from common import machine, median_gap, timed
 from llmlab.data.shards import BatchSampler
 from llmlab.model.config import preset
 from llmlab.model.decoder import build_model
@@ -80,13 +80,7 @@ def hf_tokens_per_s(cfg, rows, batch: int, block: int, steps: int, warmup: int, 
         optimizer.zero_grad(set_to_none=True)
         return loss.item()
 
-    for _ in range(warmup):
-        step()
-    marks = [time.perf_counter()]
-    for _ in range(steps):
-        step()
-        marks.append(time.perf_counter())
-    return batch * block / median_gap(marks)
+    return batch * block / timed(step, warmup, steps)
 
 
 def ours_forward_backward_tokens_per_s(cfg, rows, batch: int, block: int, steps: int, warmup: int) -> float:
@@ -99,13 +93,7 @@ def ours_forward_backward_tokens_per_s(cfg, rows, batch: int, block: int, steps:
         loss.backward()
         objective.zero_grad(set_to_none=True)
 
-    for _ in range(warmup):
-        step()
-    marks = [time.perf_counter()]
-    for _ in range(steps):
-        step()
-        marks.append(time.perf_counter())
-    return batch * block / median_gap(marks)
+    return batch * block / timed(step, warmup, steps)
 
 
 def main():
