@@ -36,7 +36,8 @@ from ..infer.engine import Completion, Engine, SamplingParams, default_eos_ids
 from ..model import hub
 from .sft import causal_logits, pad_collate
 
-METRICS = ("exact_match", "reward_model", "world_reward", "refusal_rate", "false_refusal_rate", "win_rate", "kl")
+METRICS = ("exact_match", "reward_model", "world_reward", "refusal_rate", "false_refusal_rate", "win_rate",
+           "win_rate_ceiling", "kl")
 
 
 # --- prompts and generation (shared with sft and pairs) ---------------------------------------------------------
