@@ -92,6 +92,18 @@ def test_stream_holds_back_possible_stop_prefix(byte_tokenizer):
     assert "".join(pieces) == "abc" and stream.stopped
 
 
+def test_stream_cuts_at_the_earliest_stop_string_when_one_token_holds_two():
+    class Pieces:                       # a tokenizer whose token 1 decodes to ".\n"
+        words = ["Hello", ".\n", " more"]
+
+        def decode(self, ids, skip_special_tokens=True):
+            return "".join(self.words[i] for i in ids)
+
+    for stop in (["\n", "."], [".", "\n"]):
+        stream = TextStream(Pieces(), stop=stop)
+        assert stream.add(0) + stream.add(1) == "Hello" and stream.stopped, stop
+
+
 def test_stream_can_drop_the_leading_space_of_a_chat_reply(byte_tokenizer):
     ids = byte_tokenizer.encode("  It is 4. ", add_special_tokens=False)
     stripped = TextStream(byte_tokenizer, stop=[], lstrip=True)

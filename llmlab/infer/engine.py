@@ -198,11 +198,10 @@ class TextStream:
         self.text = self.tokenizer.decode(self.ids, skip_special_tokens=True)
         if self.lstrip:
             self.text = self.text.lstrip()
-        for s in self.stop:
-            at = self.text.find(s, max(0, self.sent - len(s)))
-            if at != -1:
-                self.text, self.stopped = self.text[:at], True
-                return self.flush()
+        found = [at for s in self.stop if (at := self.text.find(s, max(0, self.sent - len(s)))) != -1]
+        if found:                       # cut at the earliest stop string, whichever of them it is
+            self.text, self.stopped = self.text[:min(found)], True
+            return self.flush()
         if self.text.endswith("\ufffd"):
             return ""
         hold = max((k for s in self.stop for k in range(1, len(s)) if self.text.endswith(s[:k])), default=0)
@@ -282,7 +281,9 @@ class Engine:
         seen = None
         if params.repetition_penalty != 1.0:     # which tokens each row has seen, for the penalty
             seen = torch.zeros(logits.shape, dtype=torch.bool, device=self.device)
-            seen.scatter_(1, ids, mask.bool())
+            rows = torch.arange(len(prompts), device=self.device)[:, None].expand_as(ids)
+            real = mask.bool()          # padding positions write nothing (a prompt may contain pad_id itself)
+            seen[rows[real], ids[real]] = True
         eos = torch.tensor(sorted(self.eos_token_ids), dtype=torch.long, device=self.device)
         for step in range(budget):
             tokens = next_tokens(logits, params, seen, generator)
