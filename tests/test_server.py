@@ -256,7 +256,8 @@ def bad_requests(url):
     for field, value in [("max_tokens", -1), ("max_tokens", 0), ("max_tokens", -100), ("temperature", -0.5),
                          ("temperature", 3), ("top_p", 0), ("top_p", 1.5), ("n", 0), ("n", 100),
                          ("stop", ["a", "b", "c", "d", "e"]), ("stop", [""]), ("max_tokens", 10 ** 6),
-                         ("max_tokens", 159), ("max_completion_tokens", -3)]:
+                         ("max_tokens", 159), ("max_completion_tokens", -3), ("seed", 2 ** 64 - 1),
+                         ("seed", 2 ** 63), ("seed", -2 ** 64)]:
         cases += [("POST", u, auth, {**b, field: value}, 400) for u, b in both]
     wrong_types = [("model", 5), ("model", None), ("max_tokens", "many"), ("max_tokens", 2.5),
                    ("temperature", "hot"), ("temperature", [1]), ("stream", "yes"), ("n", "two"), ("seed", "x"),
@@ -301,6 +302,14 @@ def test_bad_requests_get_openai_shaped_4xx_and_the_server_keeps_working(server,
     out = client.chat.completions.create(model="tiny-chat", messages=[{"role": "user", "content": "hi"}],
                                          max_tokens=3, temperature=0)
     assert out.choices[0].finish_reason in ("stop", "length")
+    long = "the quick brown fox " * 200
+    for route, body, param in [("chat/completions", {"messages": [{"role": "user", "content": long}]}, "messages"),
+                               ("completions", {"prompt": long}, "prompt")]:
+        r = httpx.post(f"{server.url}/v1/{route}", json={"model": "tiny-chat", **body},
+                       headers={"Authorization": f"Bearer {KEY}"}, timeout=10)
+        assert r.json()["error"]["param"] == param and r.json()["error"]["code"] == "context_length_exceeded"
+    seeded = client.completions.create(model="tiny-chat", prompt="hi", max_tokens=2, n=2, seed=2 ** 63 - 16)
+    assert len(seeded.choices) == 2
 
 
 def test_32_concurrent_streams_equal_solo_greedy(server, engine, model_dir):

@@ -66,7 +66,7 @@ class GenerationRequest(BaseModel):
     top_p: float = Field(1.0, gt=0, le=1)
     n: int = Field(1, ge=1, le=16)
     stop: str | list[str] | None = None
-    seed: int | None = None
+    seed: int | None = Field(None, ge=-2 ** 63, le=2 ** 63 - 16)     # choice c samples with seed + c (c < 16)
     stream: StrictBool = False
     stream_options: StreamOptions | None = None
 
@@ -187,8 +187,8 @@ class Server:
             raise APIError(400, "the prompt is empty once tokenized", param="prompt")
         if prompt_len >= context:
             raise APIError(400, f"the prompt has {prompt_len} tokens; this model's context is {context} tokens "
-                                "(at least one must be left for the answer)", param="messages",
-                           code="context_length_exceeded")
+                                "(at least one must be left for the answer)",
+                           param="messages" if body.is_chat else "prompt", code="context_length_exceeded")
         asked = body.max_completion_tokens or body.max_tokens
         if asked is None:
             return context - prompt_len
