@@ -37,6 +37,14 @@ def test_lr_schedule_closed_forms(schedule, step, expected):
     assert lr_at(step, cfg) == pytest.approx(expected, abs=1e-12)
 
 
+def test_wsd_decay_length_is_the_exact_floor_of_fraction_times_steps():
+    for fraction, steps in [(0.57, 100), (0.29, 100), (0.58, 100), (0.1, 30)]:
+        cfg = TrainConfig(max_steps=steps, lr=1.0, min_lr_ratio=0.0, warmup_steps=0, schedule="wsd",
+                          decay_fraction=fraction)
+        start = steps - round(fraction * steps)           # ⌊fraction · T⌋ of the decimal product, an integer here
+        assert lr_at(start - 1, cfg) == 1.0 and lr_at(start + 1, cfg) < 1.0, (fraction, steps)
+
+
 def test_no_warmup_starts_at_peak():
     cfg = TrainConfig(max_steps=10, lr=2.0, warmup_steps=0, min_lr_ratio=0.0)
     assert lr_at(0, cfg) == 2.0 and lr_at(5, cfg) == pytest.approx(1.0)

@@ -34,7 +34,8 @@ def lr_at(step: int, cfg) -> float:
         progress = min(1.0, (step - warmup) / max(1, total - warmup))
         return floor + (peak - floor) * 0.5 * (1.0 + math.cos(math.pi * progress))
     if cfg.schedule == "wsd":
-        decay_start = max(warmup, total - math.floor(cfg.decay_fraction * total))
+        decay_steps = math.floor(round(cfg.decay_fraction * total, 9))     # 0.57 · 100 is 56.99999… in floats
+        decay_start = max(warmup, total - decay_steps)
         if step < decay_start:
             return peak
         return floor + (peak - floor) * max(0, total - step) / max(1, total - decay_start)
