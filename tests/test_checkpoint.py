@@ -103,6 +103,20 @@ def test_killed_writes_and_incomplete_dirs_are_ignored(tmp_path):
     assert load_latest(tmp_path / "nothing-here") is None
 
 
+def test_a_crash_while_rewriting_a_step_keeps_that_step(tmp_path):
+    model, optimizer = trained_model_and_optimizer()
+    save(tmp_path, 10, model, optimizer, keep=1)
+    root = tmp_path / "checkpoints"
+    os.rename(root / "step_00000010", root / ".old-step_00000010-999")     # killed between the rewrite's renames
+    (root / ".tmp-step_00000010-999").mkdir()
+    assert load_latest(tmp_path).step == 10
+    assert sorted(p.name for p in root.iterdir()) == [".tmp-step_00000010-999", "latest", "step_00000010"]
+    save(tmp_path, 10, model, optimizer, keep=1)                             # the rewrite itself, completed
+    assert sorted(p.name for p in root.iterdir()) == ["latest", "step_00000010"]
+    (root / ".old-step_00000010-998").mkdir()                                # an aside copy the new one replaced
+    assert load_latest(tmp_path).step == 10 and not (root / ".old-step_00000010-998").exists()
+
+
 class Exploit:
     def __reduce__(self):
         return (os.system, ("echo pwned",))

@@ -7,12 +7,15 @@ Layout of ``OUT/checkpoints/``::
         optimizer.pt        optimizer state dict (parameter names as keys), read back with weights_only=True
         state.pt            step, RNG states of every rank, data-sampler position, the stage's extra state
         state.json          the human-readable part: step, learning rate, elapsed seconds, world size
-    latest                  text file naming the newest checkpoint directory
+    latest                  text file naming the newest checkpoint directory (for people and scripts;
+                            ``load_latest`` scans the step directories)
 
 A checkpoint is written into a hidden sibling ``.tmp-step_…`` directory, every file and the directory are
 fsynced, and only then is it renamed into place (``os.rename`` is atomic on one file system) and ``latest``
 replaced (write a temporary file, fsync, ``os.replace``). A crash at any moment therefore leaves the previous
-checkpoints untouched, and ``load_latest`` only ever sees complete ones.
+checkpoints untouched, and ``load_latest`` only ever sees complete ones. Writing a step that already exists moves
+the old copy aside to ``.old-step_…`` first; a crash between the two renames is repaired on the next read or
+write, which moves that copy back.
 """
 from __future__ import annotations
 
@@ -190,6 +193,7 @@ def save_checkpoint(out_dir: str | Path, step: int, model_state: dict, optimizer
     (all when ``keep`` is None or ≤ 0). Returns the checkpoint directory."""
     root = checkpoints_root(out_dir)
     root.mkdir(parents=True, exist_ok=True)
+    _restore_moved_aside(root)
     for stale in root.glob(".tmp-*"):          # left behind by a run killed mid-write
         shutil.rmtree(stale, ignore_errors=True)
     name = step_dir_name(step)
@@ -202,7 +206,7 @@ def save_checkpoint(out_dir: str | Path, step: int, model_state: dict, optimizer
         raise
     final = root / name
     if final.exists():                          # same step written again: move the old copy aside first
-        old = root / f".tmp-old-{name}-{os.getpid()}"
+        old = root / f".old-{name}-{os.getpid()}"
         os.rename(final, old)
         os.rename(tmp, final)
         shutil.rmtree(old, ignore_errors=True)
@@ -218,11 +222,23 @@ def save_checkpoint(out_dir: str | Path, step: int, model_state: dict, optimizer
 
 # --- reading ---------------------------------------------------------------------------------------------------
 
+def _restore_moved_aside(root: Path) -> None:
+    """Undo a same-step rewrite that a crash stopped between its two renames: the old copy, moved aside to
+    ``.old-step_…-PID``, goes back to its name when no new copy took it, and is dropped when one did."""
+    for old in root.glob(".old-step_*"):
+        final = root / old.name[len(".old-"):].rsplit("-", 1)[0]
+        if final.exists():
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.rename(old, final)
+
+
 def list_checkpoints(out_dir: str | Path) -> list[tuple[int, Path]]:
     """Complete checkpoints (every file present) as ``(step, path)``, oldest first."""
     root = checkpoints_root(out_dir)
     if not root.is_dir():
         return []
+    _restore_moved_aside(root)
     found = []
     for path in root.iterdir():
         match = _STEP_DIR.match(path.name)
