@@ -11,9 +11,10 @@ from llmlab.cli import main as cli_main
 from llmlab.data.chat_data import load_pairs
 from llmlab.infer.engine import Engine
 from llmlab.model import hub
-from llmlab.stages.common import deep_merge
+from llmlab.errors import LLMLabError
+from llmlab.stages.common import deep_merge, disable_dropout
 from llmlab.stages.dpo import (DEFAULTS, DPOConfig, REF_FILE, cached_reference, encode_pairs,
-                               make_loss, pair_collate, run_dpo)
+                               make_loss, pair_collate, reference_logps, run_dpo)
 from llmlab.stages.evaluate import evaluate_models
 from llmlab.stages.sft import pad_collate, sequence_logps
 from test_sft import FAST, build_lab, one_thread, write_jsonl
@@ -162,3 +163,29 @@ def test_identical_chosen_and_rejected_is_reported_through_the_cli(lab, tmp_path
     assert cli_main(["dpo", "--model", str(lab.sft), "--data", str(bad), "--out", str(tmp_path / "o")]) == 2
     err = capsys.readouterr().err
     assert f"{bad}:2" in err and "same reply" in err
+
+
+def test_dropout_is_off_so_the_policy_starts_equal_to_the_reference(lab, rows):
+    encoded, pad = rows
+    model = hub.load_our_model(lab.sft, dropout=0.5).train()
+    batch = pair_collate(encoded[:4], pad)
+    with torch.no_grad():
+        assert not torch.equal(sequence_logps(model, batch)[0], sequence_logps(model, batch)[0])   # dropout on
+        disable_dropout(model)
+        ref = reference_logps(model, encoded[:4], pad)
+        logps, _ = sequence_logps(model.train(), batch)
+    assert torch.allclose(logps[:4], ref["chosen"], atol=1e-5)
+    assert torch.allclose(logps[4:], ref["rejected"], atol=1e-5)
+    assert model.config.dropout == 0.5                                 # a saved model keeps its own setting
+
+
+def test_a_run_folder_with_checkpoints_is_refused_before_its_reference_cache_is_touched(lab, tmp_path):
+    out = tmp_path / "dpo"
+    recipe = deep_merge(DEFAULTS, {"data": {"max_length": 128, "batch_size": 8},
+                                   "train": {**FAST, "max_steps": 2, "checkpoint_every": 2}})
+    run_dpo(str(lab.sft), str(lab.world / "pairs_eval.jsonl"), str(out), recipe)
+    cache = (out / REF_FILE).stat().st_mtime_ns
+    with pytest.raises(LLMLabError, match="already holds checkpoints"):
+        run_dpo(str(lab.sft), str(lab.world / "pairs_eval.jsonl"), str(out), recipe)
+    assert (out / REF_FILE).stat().st_mtime_ns == cache
+

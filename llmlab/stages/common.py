@@ -1,4 +1,4 @@
-"""Plumbing every training stage shares: resolving its recipe and opening its run directory.
+"""Plumbing every training stage shares: resolving its recipe, opening its run directory, switching dropout off.
 
 A stage's recipe is built in three layers, later ones winning: the stage's own defaults, the recipe file
 (``--config NAME|PATH``), and the ``--set key=value`` overrides. The resolved recipe is saved as ``run.yaml``.
@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import copy
 from pathlib import Path
+
+from torch import nn
 
 from ..config import apply_overrides, from_dict, load_recipe, save_yaml
 from ..errors import LLMLabError
@@ -44,3 +46,18 @@ def train_config(recipe: dict, compile_ok: bool = False) -> TrainConfig:
         raise LLMLabError("train.compile=true is supported by `llmlab pretrain` only (its loss is one forward call "
                           "of the model); remove it from this stage's recipe")
     return cfg
+
+
+def disable_dropout(model: nn.Module) -> nn.Module:
+    """Set every dropout of ``model`` to 0 (TRL's ``disable_dropout``, on by default in its DPO and reward trainers):
+    ``nn.Dropout`` modules and the attention-dropout rates that attention modules keep as numbers (llmlab's
+    ``dropout``, transformers' ``attention_dropout``). Preference losses compare log-probabilities of two answers,
+    and DPO compares them with a reference computed without dropout; random masks would only add noise to both.
+    The model's config keeps its dropout, so a saved model trains as before in other stages."""
+    for module in model.modules():
+        if isinstance(module, nn.Dropout):
+            module.p = 0.0
+        for name in ("dropout", "attention_dropout"):
+            if isinstance(getattr(module, name, None), float):
+                setattr(module, name, 0.0)
+    return model

@@ -7,7 +7,8 @@ model), h = [log π(y_w|x) − log π_ref(y_w|x)] − [log π(y_l|x) − log π_
 
 The reference log-probabilities are computed once, before training, in one pass of the starting model over every
 pair (train and held-out), kept in memory and saved to ``DIR/ref_logps.safetensors`` (reloaded on ``--resume``),
-so no second model is held or run during training. Each step runs chosen and rejected answers of the batch in one
+so no second model is held or run during training. Dropout is switched off for the whole stage (TRL's
+``disable_dropout``), so that at step 0 the policy's log-probabilities equal the cached reference. Each step runs chosen and rejected answers of the batch in one
 forward pass: with ``data.padding_free`` (the default, for our decoder) the 2B sequences are packed into rows of up to
 ``data.max_length`` tokens (and twice the batch's longest sequence), each attending only to itself (``segment_ids``),
 so almost no compute goes to padding and the log-probabilities equal those of 2B right-padded rows (what a
@@ -35,8 +36,8 @@ from ..errors import LLMLabError
 from ..losses import dpo_loss
 from ..lora import LoRAConfig
 from ..train import dist
-from ..train.loop import to_device, train
-from .common import start_run, train_config
+from ..train.loop import refuse_existing_checkpoints, to_device, train
+from .common import disable_dropout, start_run, train_config
 from .sft import (Example, ExampleData, add_stage_args, batches_for, context_of, load_tokenizer_and_template,
                   load_trainable, pad_collate, pad_id_of, save_trained, sequence_logps, split_heldout,
                   stage_recipe, truncate)
@@ -194,8 +195,10 @@ def run_dpo(model_dir: str, data_path: str, out_dir: str, recipe: dict, *, resum
     tokenizer, template = load_tokenizer_and_template(model_dir, recipe.get("template"))
     pairs = load_pairs(data_path)
     held_pairs = load_pairs(data.eval_path) if data.eval_path else []
+    refuse_existing_checkpoints(out_dir, resume)         # before the reference pass overwrites the run's cache
     out = start_run(out_dir, recipe)
     model, is_ours = load_trainable(model_dir, lora)
+    disable_dropout(model)
     model.to(device)
     data.max_length = data.max_length or context_of(model)
     if data.max_length > context_of(model):

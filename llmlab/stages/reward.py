@@ -40,7 +40,7 @@ from ..losses import bradley_terry_loss
 from ..model import hub
 from ..train import dist
 from ..train.loop import train
-from .common import deep_merge, start_run, train_config
+from .common import deep_merge, disable_dropout, start_run, train_config
 from .sft import add_stage_args, stage_recipe
 
 DEFAULTS = {
@@ -337,6 +337,7 @@ def run_rm(model_dir, data_path, out_dir, recipe: dict | None = None, *, resume:
     rm = RewardModel.from_language_model(model_dir, recipe.get("template"),
                                          check_likelihood_weight(rm_cfg.get("likelihood_weight", 0.0),
                                                                  "rm.likelihood_weight"))
+    disable_dropout(rm)
     tokenizer, template = rm.tokenizer, rm.chat_template
     context = rm.backbone.config.max_seq_len
     max_length = int(recipe["data"].get("max_length") or context)

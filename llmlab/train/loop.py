@@ -391,6 +391,14 @@ def _final_model(model: nn.Module, fsdp: bool, template: nn.Module | None) -> nn
 
 # --- the loop --------------------------------------------------------------------------------------------------
 
+def refuse_existing_checkpoints(out_dir: str | Path, resume: bool) -> None:
+    """A run directory that holds checkpoints is only continued (``--resume``), never silently overwritten."""
+    existing = list_checkpoints(out_dir)
+    if existing and not resume:
+        raise LLMLabError(f"{Path(out_dir) / 'checkpoints'} already holds checkpoints (newest: step "
+                          f"{existing[-1][0]}); pass --resume to continue that run, or choose another --out")
+
+
 def train(model: nn.Module, loss_fn: Callable, batches, cfg: TrainConfig, out_dir: str | Path, *,
           eval_fn: Callable | None = None, save_fn: Callable | None = None, resume: bool = False,
           flops_per_token: float | None = None, extra_state: dict | None = None,
@@ -421,10 +429,7 @@ def train(model: nn.Module, loss_fn: Callable, batches, cfg: TrainConfig, out_di
     main = rank == 0
     if main:
         out_dir.mkdir(parents=True, exist_ok=True)
-    existing = list_checkpoints(out_dir)
-    if existing and not resume:
-        raise LLMLabError(f"{out_dir / 'checkpoints'} already holds checkpoints (newest: step {existing[-1][0]}); "
-                          "pass --resume to continue that run, or choose another --out")
+    refuse_existing_checkpoints(out_dir, resume)
     seed_everything(cfg.seed + rank)
 
     fsdp = world > 1 and cfg.parallel == "fsdp"
