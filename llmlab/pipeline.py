@@ -254,12 +254,14 @@ def run_stage(run: Run, stage: str, prints: str, upstream: dict[str, str], force
     if state and not force and state.get("fingerprint") == fp and state.get("done"):
         print(f"{prints} {stage}: done before with the same configuration; skipped", file=sys.stderr)
         return state["result"], state["seconds"], True
-    if folder.exists() and (force or (state or {}).get("fingerprint") != fp):
+    fresh = force or (state or {}).get("fingerprint") != fp
+    if folder.exists() and fresh:
         shutil.rmtree(folder)                       # changed configuration or --force: start over
     folder.mkdir(parents=True, exist_ok=True)
-    previous = state["seconds"] if state and state.get("fingerprint") == fp else 0.0
+    resuming = state is not None and not fresh      # an attempt with this configuration was interrupted
+    previous = state["seconds"] if resuming else 0.0
     _write_state(state_file, {"fingerprint": fp, "done": False, "seconds": previous})
-    print(f"{prints} {stage}: {'resuming' if previous else 'running'}", file=sys.stderr)
+    print(f"{prints} {stage}: {'resuming' if resuming else 'running'}", file=sys.stderr)
     start = time.perf_counter()
     result = STAGE_FUNCTIONS[stage](run)
     seconds = previous + time.perf_counter() - start

@@ -84,7 +84,7 @@ def test_a_changed_recipe_reruns_its_stage_and_what_reads_it(finished, tmp_path,
     assert rerun == {"rm", "eval"}, err
 
 
-def test_a_killed_run_continues_to_the_same_numbers(finished, tmp_path):
+def test_a_killed_run_continues_to_the_same_numbers(finished, tmp_path, capsys):
     _, summary = finished
     out = tmp_path / "killed"
     proc = subprocess.Popen([sys.executable, "-m", "llmlab.cli", "run", "--preset", "test", "--out", str(out)],
@@ -97,7 +97,10 @@ def test_a_killed_run_continues_to_the_same_numbers(finished, tmp_path):
     proc.wait()
     assert latest.exists(), "the run never reached its first SFT checkpoint"
     assert not json.loads((out / "sft" / "stage.json").read_text())["done"]
+    capsys.readouterr()
     resumed = run_pipeline(out, preset="test")
+    err = capsys.readouterr().err
+    assert "sft: resuming" in err and "pretrain: done before" in err and "rm: running" in err
     assert numbers(resumed) == numbers(summary)
 
 
