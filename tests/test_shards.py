@@ -391,6 +391,14 @@ def test_source_errors(tmp_path, monkeypatch):
     bad.write_text('{"text": "ok"}\n\n{"text": broken}\n', encoding="utf-8")
     with pytest.raises(LLMLabError, match=r"bad.jsonl, line 3: not valid JSON"):
         list(iter_documents(str(bad)))
+    (tmp_path / "latin1.jsonl").write_bytes('{"text": "ok"}\n{"text": "fine"}\n{"text": "café"}\n'.encode("latin-1"))
+    with pytest.raises(LLMLabError, match=r"latin1.jsonl, line 3: not UTF-8 text"):
+        list(iter_documents(str(tmp_path / "latin1.jsonl")))
+    packed = bytearray(gzip.compress(b'{"text": "ok"}\n' * 200))
+    packed[len(packed) // 2] ^= 0xFF                        # a corrupted block inside a well-formed gzip header
+    (tmp_path / "broken.jsonl.gz").write_bytes(bytes(packed))
+    with pytest.raises(LLMLabError, match=r"broken.jsonl.gz: not a readable gzip file"):
+        list(iter_documents(str(tmp_path / "broken.jsonl.gz")))
     (tmp_path / "field.jsonl").write_text('{"text": "ok"}\n{"body": "x"}\n')
     with pytest.raises(LLMLabError, match=r"field.jsonl, line 2: no field 'text' \(fields: body\)"):
         list(iter_documents(str(tmp_path / "field.jsonl")))

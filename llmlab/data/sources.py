@@ -17,6 +17,7 @@ from __future__ import annotations
 import gzip
 import json
 import re
+import zlib
 from pathlib import Path
 from typing import Iterable, Iterator
 
@@ -86,15 +87,19 @@ def _read_text(path: Path) -> str:
 
 
 def _iter_jsonl(path: Path, text_field: str) -> Iterator[str]:
+    """Each line's text field; lines are read as bytes and decoded one by one, so that a bad byte is reported
+    with its line number."""
     opener = gzip.open if path.name.lower().endswith(".gz") else open
     try:
-        with opener(path, "rt", encoding="utf-8") as f:
-            for line_no, line in enumerate(f, start=1):
+        with opener(path, "rb") as f:
+            for line_no, raw in enumerate(f, start=1):
+                try:
+                    line = raw.decode("utf-8")
+                except UnicodeDecodeError as e:
+                    raise LLMLabError(f"{path}, line {line_no}: not UTF-8 text ({e})") from None
                 if line.strip():
                     yield _jsonl_text(path, line_no, line, text_field)
-    except UnicodeDecodeError as e:
-        raise LLMLabError(f"{path}: not UTF-8 text ({e})") from None
-    except (gzip.BadGzipFile, EOFError) as e:
+    except (gzip.BadGzipFile, EOFError, zlib.error) as e:
         raise LLMLabError(f"{path}: not a readable gzip file ({e})") from None
 
 
