@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 
-from llmlab.data.chat_data import load_conversations, load_pairs, load_prompts
+from llmlab.data.chat_data import load_conversations, load_heldout_conversations, load_pairs, load_prompts
 from llmlab.errors import LLMLabError
 
 
@@ -156,6 +156,21 @@ def test_prompts_from_every_form(tmp_path):
         [user], [user], [user, answer, {"role": "user", "content": "And?"}]]
     assert items[0]["kind"] == "fact" and items[0]["reference"] == "A" and items[0]["where"].endswith("p.jsonl:1")
     assert items[2]["reference"] == "done"            # an Alpaca output is the reference for exact match
+
+
+def test_heldout_conversations_from_every_form(tmp_path):
+    user = {"role": "user", "content": "Q"}
+    answer = {"role": "assistant", "content": "A"}
+    rows = [{"messages": [user, answer], "reference": "A", "kind": "fact"},
+            {"conversations": [{"from": "human", "value": "Q"}, {"from": "gpt", "value": "A"}]},
+            {"instruction": "Q", "output": "A"},
+            {"prompt": "Q", "reference": "A"},
+            {"prompt": "Q"}]                                   # nothing to score: skipped
+    assert load_heldout_conversations(write_jsonl(tmp_path / "h.jsonl", rows)) == [[user, answer]] * 4
+    with pytest.raises(LLMLabError, match="h.jsonl: no held-out conversation"):
+        load_heldout_conversations(write_jsonl(tmp_path / "h.jsonl", [{"prompt": "Q"}]))
+    with pytest.raises(LLMLabError, match="h.jsonl:2: .*content"):
+        load_heldout_conversations(write_jsonl(tmp_path / "h.jsonl", [rows[0], {"prompt": "Q", "reference": ""}]))
 
 
 @pytest.mark.parametrize("row, message", [

@@ -99,6 +99,29 @@ def load_conversations(path) -> list[list[dict]]:
     return conversations
 
 
+def load_heldout_conversations(path) -> list[list[dict]]:
+    """Conversations to measure held-out loss on: a record's conversation (OpenAI, ShareGPT or Alpaca) when it has
+    an assistant turn, else its prompt followed by its ``reference`` as the answer (the task world's eval files).
+    Records with neither are skipped; every conversation is checked, and errors name the file and line."""
+    conversations = []
+    for where, record in iter_jsonl(path):
+        if "prompt" not in record and any(k in record for k in ("messages", "conversations", "instruction")):
+            messages, field = _conversation(record, where)
+            if any(m.get("role") == "assistant" for m in messages):
+                validate_messages(messages, where, field)
+                conversations.append(messages)
+                continue
+        if isinstance(record.get("reference"), str):
+            prompt, field = _prompt_of(record, where)
+            messages = prompt + [{"role": "assistant", "content": record["reference"]}]
+            validate_messages(messages, where, f"{field} + reference")
+            conversations.append(messages)
+    if not conversations:
+        raise LLMLabError(f"{path}: no held-out conversation (a conversation with an assistant turn, or a prompt "
+                          "with a 'reference')")
+    return conversations
+
+
 def load_prompts(path) -> list[dict]:
     """Prompt items of a JSONL file: ``{"prompt": [messages], "where": "file:line", ...the record's other fields}``.
 

@@ -238,19 +238,6 @@ def split_heldout(items: list, fraction: float, seed: int) -> tuple[list, list]:
     return [items[i] for i in order[:-n_held]], [items[i] for i in order[-n_held:]]
 
 
-def heldout_conversations(path) -> list[list[dict]]:
-    """Held-out conversations from a file of ``messages`` (OpenAI form) or ``prompt`` + ``reference`` items (the
-    task world's eval files); items with neither an assistant turn nor a reference are skipped."""
-    from .evaluate import load_prompts
-    conversations = []
-    for item in load_prompts(path):
-        if any(m.get("role") == "assistant" for m in item.get("messages", [])):
-            conversations.append(item["messages"])
-        elif isinstance(item.get("reference"), str):
-            conversations.append(item["prompt"] + [{"role": "assistant", "content": item["reference"]}])
-    return conversations
-
-
 def batches_for(rows: list, batch_size: int, collate, seed: int):
     from ..data.shards import BatchSampler
     return BatchSampler(rows, batch_size, seed=seed, shuffle=True, rank=dist.rank(), world_size=dist.world_size(),
@@ -335,7 +322,7 @@ def sft_loss(model: nn.Module, batch: dict):
 def run_sft(model_dir: str, data_path: str, out_dir: str, recipe: dict, *, resume: bool = False) -> dict:
     """Fine-tune ``model_dir`` on the conversations of ``data_path``; writes ``out_dir/model`` and the run files.
     Returns the loop's summary plus ``exact_match`` when the held-out file has references."""
-    from ..data.chat_data import load_conversations
+    from ..data.chat_data import load_conversations, load_heldout_conversations
 
     recipe = {**recipe, "model": str(model_dir), "data": {**recipe.get("data", {}), "path": str(data_path)}}
     data = from_dict(SFTData, recipe.get("data"), "data")
@@ -352,7 +339,7 @@ def run_sft(model_dir: str, data_path: str, out_dir: str, recipe: dict, *, resum
 
     conversations = load_conversations(data_path)
     if data.eval_path:
-        train_convs, held_convs = conversations, heldout_conversations(data.eval_path)
+        train_convs, held_convs = conversations, load_heldout_conversations(data.eval_path)
     else:
         train_convs, held_convs = split_heldout(conversations, data.val_fraction, cfg.seed)
     examples, counts = encode_conversations(train_convs, tokenizer, template, data.max_length)
