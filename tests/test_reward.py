@@ -124,6 +124,8 @@ def test_per_pair_margin_and_eval_split(setup, tmp_path):
     again = split_pairs(pairs, recipe, seed=3)
     assert (train, held) == again and len(held) == round(0.25 * len(pairs)) and len(train) + len(held) == len(pairs)
     assert not {json.dumps(p) for p in held} & {json.dumps(p) for p in train}
+    with pytest.raises(LLMLabError, match="eval_fraction=0.25 leaves no training pairs"):
+        split_pairs(pairs[:1], recipe, seed=3)
 
 
 def test_directories_without_a_reward_head_are_refused(setup, tmp_path):

@@ -318,6 +318,9 @@ def split_pairs(pairs: list[dict], recipe: dict, seed: int) -> tuple[list[dict],
     n_eval = round(len(pairs) * fraction)
     if fraction and n_eval == 0:
         n_eval = 1
+    if n_eval >= len(pairs):
+        raise LLMLabError(f"data.eval_fraction={fraction} leaves no training pairs ({len(pairs)} pairs); lower it "
+                          "or give data.eval_path")
     order = list(range(len(pairs)))
     random.Random(seed).shuffle(order)
     held = set(order[:n_eval])
@@ -345,7 +348,8 @@ def run_rm(model_dir, data_path, out_dir, recipe: dict | None = None, *, resume:
     margin = float(rm_cfg.get("margin") or 0.0)
     train_pairs, eval_pairs = split_pairs(load_pair_records(data_path), recipe, cfg.seed)
     train_rows = encode_pairs(train_pairs, tokenizer, template, max_length, margin, str(data_path))
-    eval_rows = encode_pairs(eval_pairs, tokenizer, template, max_length, margin, "eval pairs") if eval_pairs else []
+    eval_where = recipe["data"].get("eval_path") or f"{data_path} (the data.eval_fraction held out)"
+    eval_rows = encode_pairs(eval_pairs, tokenizer, template, max_length, margin, str(eval_where)) if eval_pairs else []
     out = start_run(out_dir, recipe)
     rank, world, _, _ = dist.init_distributed(cfg.device)
     batch_size = int(rm_cfg["batch_size"])
