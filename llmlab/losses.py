@@ -153,17 +153,6 @@ def token_logprobs(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     return logits.gather(-1, index).squeeze(-1) - torch.logsumexp(logits, dim=-1)
 
 
-def sequence_logprobs(logits: torch.Tensor, labels: torch.Tensor,
-                      mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """log π(y | x) = Σ_t m_t · log p(y_t | ...) per sequence, and the counted tokens Σ_t m_t; both shape (B,).
-
-    logits (B, T, V) aligned with labels (B, T); mask (B, T) marks the response tokens (as used by DPO).
-    """
-    _check_same_shape(labels=labels, mask=mask)
-    mask = mask.float()
-    return (token_logprobs(logits, labels) * mask).sum(-1), mask.sum(-1)
-
-
 def mlm_mask(input_ids: torch.Tensor, *, mask_token_id: int, vocab_size: int, special_ids,
              prob: float = 0.15, generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """BERT masking: returns (inputs, labels) for the masked-LM loss.

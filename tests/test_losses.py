@@ -9,7 +9,7 @@ from llmlab import losses
 from llmlab.errors import LLMLabError
 from llmlab.losses import (bradley_terry_loss, chunked_lm_loss, dpo_loss, entropy_from_logits, gae, kl_per_token,
                            lm_loss, masked_mean, masked_whiten, mlm_mask, ppo_policy_loss, ppo_value_loss,
-                           sequence_logprobs, token_logprobs)
+                           token_logprobs)
 
 
 def test_masked_mean_and_whiten():
@@ -104,17 +104,12 @@ def test_chunked_lm_loss_with_nothing_to_count():
     assert loss.item() == 0.0 and hidden.grad.abs().sum() == 0
 
 
-def test_token_and_sequence_logprobs():
+def test_token_logprobs():
     torch.manual_seed(2)
     logits = torch.randn(2, 4, 9)
     labels = torch.randint(9, (2, 4))
     ref = torch.log_softmax(logits, -1).gather(-1, labels.unsqueeze(-1)).squeeze(-1)
     assert torch.allclose(token_logprobs(logits, labels), ref, atol=1e-6)
-    mask = torch.tensor([[0, 1, 1, 0], [1, 1, 1, 1]])
-    labels_ignored = torch.where(mask.bool(), labels, -100)
-    total, count = sequence_logprobs(logits, labels_ignored, mask)
-    assert total.tolist() == pytest.approx([ref[0, 1:3].sum().item(), ref[1].sum().item()], abs=1e-5)
-    assert count.tolist() == [2.0, 4.0]
 
 
 def test_mlm_mask_proportions():

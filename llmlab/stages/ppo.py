@@ -51,8 +51,8 @@ from ..data.shards import BatchSampler
 from ..device import autocast_dtype, pick_device
 from ..errors import LLMLabError
 from ..infer.engine import Engine, SamplingParams, default_eos_ids
-from ..losses import (entropy_from_logits, gae, masked_mean, masked_whiten, ppo_policy_loss, ppo_value_loss,
-                      token_logprobs)
+from ..losses import (entropy_from_logits, gae, kl_per_token, masked_mean, masked_whiten, ppo_policy_loss,
+                      ppo_value_loss, token_logprobs)
 from ..model import hub
 from ..plots import plot_metrics
 from ..train.checkpoint import (capture_rng, list_checkpoints, load_latest, load_optimizer_state_by_name,
@@ -166,7 +166,7 @@ def per_token_rewards(scores: torch.Tensor, logprobs: torch.Tensor, ref_logprobs
     """(rewards, kl), both (B, R) and 0 outside the mask: kl_t = log π(y_t) − log π_ref(y_t) and
     r_t = −β · kl_t, plus the sequence score s on the last response token (responses start at column 0)."""
     mask = mask.float()
-    kl = (logprobs.float() - ref_logprobs.float()) * mask
+    kl = kl_per_token(logprobs, ref_logprobs, "k1") * mask
     rewards = -kl_coef * kl
     last = (mask.sum(-1).long() - 1).clamp_min(0)
     rewards[torch.arange(rewards.shape[0], device=rewards.device), last] += scores.float()
