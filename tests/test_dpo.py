@@ -71,6 +71,12 @@ def test_cached_reference_equals_a_fresh_forward_and_loss_starts_at_log2(lab, ro
     with torch.no_grad():
         ipo, _, _ = make_loss(DPOConfig(beta=0.1, loss_type="ipo"))(fresh, pair_collate(encoded[:8], pad, ref))
     assert abs(ipo.item() - (1 / (2 * 0.1)) ** 2) < 1e-3
+    shifted = {k: v - 1.0 for k, v in ref.items()}            # h in per-token means: 1/|y_w| − 1/|y_l| per pair
+    with torch.no_grad():
+        ipo, _, _ = make_loss(DPOConfig(beta=0.1, loss_type="ipo"))(fresh, pair_collate(encoded[:8], pad, shifted))
+    lengths = [(sum(r["chosen"][1]), sum(r["rejected"][1])) for r in encoded[:8]]
+    expected = sum((1 / c - 1 / r - 5.0) ** 2 for c, r in lengths) / 8
+    assert abs(ipo.item() - expected) < 1e-3
 
     # RPO: log 2 plus α times the chosen answers' per-token NLL, computed here with torch's cross-entropy
     chosen_batch = pad_collate([r["chosen"] for r in encoded[:8]], pad)

@@ -2,7 +2,8 @@
 
 With sequence log-probabilities of the answers under the policy π and the frozen reference π_ref (the starting
 model), h = [log π(y_w|x) − log π_ref(y_w|x)] − [log π(y_l|x) − log π_ref(y_l|x)] and the loss is
-−log σ(β·h) (``loss_type: sigmoid``, β = 0.1 by default) or (h − 1/(2β))² (``ipo``); see ``losses.dpo_loss``.
+−log σ(β·h) (``loss_type: sigmoid``, β = 0.1 by default) or (h − 1/(2β))² (``ipo``, with each log-probability
+divided by its answer's token count, as TRL does); see ``losses.dpo_loss``.
 ``rpo_alpha`` = α adds α times the chosen answers' per-token NLL (RPO, as TRL's ``rpo_alpha``).
 
 The reference log-probabilities are computed once, before training, in one pass of the starting model over every
@@ -152,9 +153,11 @@ def make_loss(cfg: DPOConfig):
     def loss_fn(model: nn.Module, batch: dict):
         logps, counts = sequence_logps(model, batch)
         b = batch["ref_chosen"].shape[0]
-        loss, r_chosen, r_rejected = dpo_loss(logps[:b], logps[b:], batch["ref_chosen"], batch["ref_rejected"],
-                                              beta=cfg.beta, loss_type=cfg.loss_type,
-                                              label_smoothing=cfg.label_smoothing)
+        policy, ref = logps, torch.cat([batch["ref_chosen"], batch["ref_rejected"]])
+        if cfg.loss_type == "ipo":      # IPO compares per-token means (TRL, as in the IPO paper's code)
+            policy, ref = policy / counts, ref / counts
+        loss, r_chosen, r_rejected = dpo_loss(policy[:b], policy[b:], ref[:b], ref[b:], beta=cfg.beta,
+                                              loss_type=cfg.loss_type, label_smoothing=cfg.label_smoothing)
         margin = r_chosen - r_rejected
         metrics = {"reward_chosen": r_chosen.mean(), "reward_rejected": r_rejected.mean(),
                    "reward_margin": margin.mean(), "reward_accuracy": (margin > 0).float().mean()}
