@@ -314,6 +314,15 @@ def assistant_spans(messages: list[dict], template: str, *, bos_token: str = "",
     return text, spans
 
 
+def reply_closing(template: str, eos_token: str = "") -> str:
+    """The string that closes a final assistant reply in ``assistant_spans``: the template's end-of-turn string,
+    or, for a template that leaves the last answer open (GLM-4), the ``eos_token`` appended there."""
+    probe = [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]
+    rendered = render(probe, template, eos_token=eos_token)
+    text, _ = assistant_spans(probe, template, eos_token=eos_token)
+    return text[len(rendered):] if len(text) > len(rendered) else end_of_turn(template, eos_token or None)
+
+
 def _locate_contents(messages, template, text, add_generation_prompt, kw) -> dict[int, tuple[int, int]]:
     """Character span of each assistant content in ``text``, by rendering with markers instead of the contents."""
     tag = secrets.token_hex(8)

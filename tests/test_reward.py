@@ -7,7 +7,7 @@ import pytest
 import torch
 import transformers
 
-from llmlab.chat import TEMPLATES
+from llmlab.chat import TEMPLATES, assistant_spans, reply_closing
 from llmlab.data.world import build_world, preset as world_preset
 from llmlab.errors import LLMLabError
 from llmlab.model import hub
@@ -106,6 +106,13 @@ def test_reply_encoding_ends_at_the_end_of_turn_token(setup):
     empty, reply = encode_reply(tok, TEMPLATES["llmlab"], [{"role": "user", "content": "hi"}], "")
     assert tok.decode(empty) == "<|bos|><|im_start|>user\n hi<|im_end|>\n<|im_start|>assistant\n<|im_end|>"
     assert tok.decode([i for i, m in zip(empty, reply) if m]) == "<|im_end|>"
+    # what closes an empty reply is what closes a non-empty final one (GLM-4 leaves the last answer open: its EOS)
+    closings = {name: reply_closing(TEMPLATES[name], "<|eos|>") for name in ("glm-4", "chatml", "llama-3", "gemma")}
+    assert closings == {"glm-4": "<|eos|>", "chatml": "<|im_end|>", "llama-3": "<|eot_id|>", "gemma": "<end_of_turn>"}
+    for name, closing in closings.items():
+        text, spans = assistant_spans([{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yes"}],
+                                      TEMPLATES[name], eos_token="<|eos|>")
+        assert text[:spans[-1][1]].endswith("yes" + closing), name
 
 
 def test_per_pair_margin_and_eval_split(setup, tmp_path):

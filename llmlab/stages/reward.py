@@ -32,7 +32,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..chat import encode_chat, end_of_turn, last_turn_mask, load_template
+from ..chat import encode_chat, last_turn_mask, load_template, reply_closing
 from ..data.chat_data import iter_jsonl, load_pairs
 from ..data.shards import BatchSampler, check_context
 from ..errors import LLMLabError
@@ -62,11 +62,12 @@ def encode_reply(tokenizer, template: str, prompt: list[dict], reply: str) -> tu
 
     The conversation is rendered and tokenized as a whole (``encode_chat``), then cut after the last assistant
     token, so that the score is read at the end-of-turn token whatever the template writes after it. An empty
-    reply (a policy may stop at once) is the generation prompt followed by the end-of-turn string.
+    reply (a policy may stop at once) is the generation prompt followed by what closes any final reply
+    (``chat.reply_closing``: the end-of-turn string, or GLM-4's EOS).
     """
     if not reply.strip():
         ids, _ = encode_chat(tokenizer, prompt, template, add_generation_prompt=True, require_assistant=False)
-        eot = tokenizer.encode(end_of_turn(template, tokenizer.eos_token), add_special_tokens=False)
+        eot = tokenizer.encode(reply_closing(template, tokenizer.eos_token or ""), add_special_tokens=False)
         return ids + eot, [0] * len(ids) + [1] * len(eot)
     ids, mask = encode_chat(tokenizer, prompt + [{"role": "assistant", "content": reply}], template)
     end = max(i for i, m in enumerate(mask) if m) + 1
