@@ -180,12 +180,16 @@ def test_nan_loss_skip_leaves_weights_untouched(tmp_path):
 def test_config_from_recipe_coerces_yaml_strings():
     cfg = from_dict(TrainConfig, {"lr": "3e-4", "betas": [0.9, "0.99"], "max_steps": "20"}, "train")
     assert cfg.lr == 3e-4 and cfg.betas == (0.9, 0.99) and cfg.max_steps == 20
+    assert from_dict(TrainConfig, {"max_steps": "1e3", "warmup_steps": 10.0}, "train").max_steps == 1000
+    assert from_dict(TrainConfig, {"seed": "123456789012345678"}, "train").seed == 123456789012345678
 
 
 @pytest.mark.parametrize("bad, field", [({"schedule": "linear"}, "schedule"), ({"on_nan": "retry"}, "on_nan"),
                                         ({"grad_accum": 0}, "grad_accum"), ({"lr": "fast"}, "lr"),
                                         ({"warmup_steps": -1}, "warmup_steps"),
-                                        ({"parallel": "tp"}, "parallel")])
+                                        ({"parallel": "tp"}, "parallel"),
+                                        ({"max_steps": 2.5}, "max_steps: expected a whole number"),
+                                        ({"grad_accum": "1.5"}, "grad_accum: expected a whole number")])
 def test_bad_config_is_a_clear_error(bad, field):
     with pytest.raises(LLMLabError, match=field):
         TrainConfig(**bad)
