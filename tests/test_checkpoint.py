@@ -172,6 +172,20 @@ def test_resume_restores_extra_state_and_refuses_to_overwrite(tmp_path):
         == [1, 2, 3, 4, 5, 6]
 
 
+def test_resuming_a_finished_run_reevaluates_without_logging_the_final_step_twice(tmp_path):
+    cfg = TrainConfig(max_steps=2, lr=1e-2, warmup_steps=0, checkpoint_every=2, log_every=1, eval_every=2,
+                      device="cpu", progress=False)
+
+    def eval_fn(model):
+        return {"val_loss": 1.5}
+
+    first = train(TinyLM(), lm_loss, TinySampler(4), cfg, tmp_path, eval_fn=eval_fn)
+    again = train(TinyLM(), lm_loss, TinySampler(4), cfg, tmp_path, eval_fn=eval_fn, resume=True)
+    assert first["val_loss"] == again["val_loss"] == 1.5 and again["steps"] == 2
+    logged = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in logged] == [1, 2] and logged[-1]["val_loss"] == 1.5
+
+
 def start_script(out, *args):
     return subprocess.Popen([sys.executable, str(SCRIPT), "--out", str(out), "--steps", "20", *args],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)

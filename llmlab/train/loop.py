@@ -502,9 +502,10 @@ def train(model: nn.Module, loss_fn: Callable, batches, cfg: TrainConfig, out_di
                 _save(out_dir, model, optimizer, batches, cfg, step, lr, tokens, elapsed, extra_state)
             if on_step is not None:
                 on_step(step, record)
-        if eval_fn is not None and last_eval is None:      # resumed at max_steps: evaluate the final weights
+        # Resumed at max_steps: evaluate the final weights for the summary; metrics.jsonl already holds that
+        # evaluation, logged before the final checkpoint was written.
+        if eval_fn is not None and last_eval is None:
             last_eval = _evaluate(model, eval_fn, amp, device)
-            log.write({"step": step, **last_eval})
         final_model = _final_model(model, fsdp, template)
         if main and save_fn is not None:
             save_fn(final_model, out_dir)
