@@ -314,6 +314,7 @@ def assistant_spans(messages: list[dict], template: str, *, bos_token: str = "",
     return text, spans
 
 
+@lru_cache(maxsize=32)
 def reply_closing(template: str, eos_token: str = "") -> str:
     """The string that closes a final assistant reply in ``assistant_spans``: the template's end-of-turn string,
     or, for a template that leaves the last answer open (GLM-4), the ``eos_token`` appended there."""

@@ -9,8 +9,8 @@ divided by its answer's token count, as TRL does); see ``losses.dpo_loss``.
 The reference log-probabilities are computed once, before training, in one pass of the starting model over every
 pair (train and held-out), kept in memory and saved to ``DIR/ref_logps.safetensors`` (reloaded on ``--resume``),
 so no second model is held or run during training. Dropout is switched off for the whole stage (TRL's
-``disable_dropout``), so that at step 0 the policy's log-probabilities equal the cached reference. Each step runs chosen and rejected answers of the batch in one
-forward pass: with ``data.padding_free`` (the default, for our decoder) the 2B sequences are packed into rows of up to
+``disable_dropout``), so that at step 0 the policy's log-probabilities equal the cached reference. Each step runs
+chosen and rejected answers of the batch in one forward pass: with ``data.padding_free`` (the default, for our decoder) the 2B sequences are packed into rows of up to
 ``data.max_length`` tokens (and twice the batch's longest sequence), each attending only to itself (``segment_ids``),
 so almost no compute goes to padding and the log-probabilities equal those of 2B right-padded rows (what a
 ``transformers`` model gets). Logged beside the loss: the implicit rewards β·(log π − log π_ref) of the chosen and

@@ -55,9 +55,9 @@ from ..losses import (entropy_from_logits, gae, kl_per_token, masked_mean, maske
                       ppo_value_loss, token_logprobs)
 from ..model import hub
 from ..plots import plot_metrics
-from ..train.checkpoint import (capture_rng, list_checkpoints, load_latest, load_optimizer_state_by_name,
+from ..train.checkpoint import (capture_rng, load_latest, load_optimizer_state_by_name,
                                 optimizer_state_by_name, restore_rng, save_checkpoint)
-from ..train.loop import MetricsLog, make_optimizer, seed_everything
+from ..train.loop import MetricsLog, make_optimizer, refuse_existing_checkpoints, seed_everything
 from ..train.schedule import lr_at
 from .common import deep_merge, start_run, train_config
 from .sft import add_stage_args, stage_recipe
@@ -427,9 +427,7 @@ def run_ppo(model_dir, data_path, out_dir, reward=None, recipe: dict | None = No
     if not reward and not callable(reward):
         raise LLMLabError(NO_REWARD)
     model, data, out = model_dir, data_path, Path(out_dir)
-    if list_checkpoints(out) and not resume:
-        raise LLMLabError(f"{out / 'checkpoints'} already holds checkpoints; pass --resume to continue that run, "
-                          "or choose another --out")
+    refuse_existing_checkpoints(out, resume)
     device = pick_device(train_cfg.device)
     seed_everything(train_cfg.seed)
     policy, tokenizer = _load_policy(model)

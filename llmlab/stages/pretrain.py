@@ -20,7 +20,8 @@ exist whole (``loss.chunk_size=0``: ``losses.lm_loss`` on the full logits). An e
 (``--set model.preset=bert``) learns masked tokens: 15% of the non-special positions are chosen, 80% of them
 become ``<|mask|>``, 10% a random token, 10% stay (``losses.mlm_mask``), and  L = −(1/|M|) Σ_{t∈M} log p(x_t | x̃)
 over the chosen set M; the model directory then loads as ``BertForMaskedLM``. Validation reports the loss and its
-perplexity exp(L) over ``train.eval_batches`` fixed batches of the val split (for the encoder, with a fixed masking seed, so the curve is comparable).
+perplexity exp(L) over ``train.eval_batches`` fixed batches of the val split (for the encoder, with a fixed
+masking seed, so the curve is comparable).
 
 Distributed: the same command under ``torchrun`` trains with DDP (``--set train.parallel=fsdp`` for FSDP). Rank 0
 trains the tokenizer and builds the shards while the other ranks wait at a barrier; each rank then draws its share
