@@ -81,6 +81,21 @@ def from_dict(cls, data: dict | None, where: str = ""):
     return cls(**data)
 
 
+def whole_number(value, field: str) -> int:
+    """An int from an int, a whole float (10.0) or a string ("20", "1e3"); 2.5 is an error naming ``field``, not 2.
+    A string that is no number raises ``ValueError`` for the caller to report."""
+    if isinstance(value, str):
+        try:
+            return int(value)
+        except ValueError:
+            value = float(value)
+    if isinstance(value, float):
+        if not value.is_integer():
+            raise LLMLabError(f"{field}: expected a whole number, got {value!r}")
+        return int(value)
+    return int(value)
+
+
 def to_dict(obj: Any) -> Any:
     """Dataclasses (nested) to plain dicts, for ``run.yaml``."""
     if dataclasses.is_dataclass(obj):

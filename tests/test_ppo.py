@@ -203,6 +203,14 @@ def test_value_head_learns_at_its_own_rate(setup, tmp_path):
                 recipe(1, value_lr_scale=0))
 
 
+def test_ppo_whole_number_fields_refuse_fractions():
+    with pytest.raises(LLMLabError, match=r"ppo.rollout_batch: expected a whole number, got 2.5"):
+        PPOConfig(rollout_batch=2.5)
+    assert PPOConfig(rollout_batch="1e1", minibatch=5.0).rollout_batch == 10
+    with pytest.raises(LLMLabError, match="ppo.epochs: expected a number"):
+        PPOConfig(epochs="many")
+
+
 # ----------------------------------------------------------------------------------------- rewards and errors
 
 def test_world_and_reward_model_scorers(setup, tmp_path):

@@ -45,7 +45,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..chat import encode_chat, load_template
-from ..config import from_dict
+from ..config import from_dict, whole_number
 from ..data import chat_data
 from ..data.shards import BatchSampler
 from ..device import autocast_dtype, pick_device
@@ -103,7 +103,8 @@ class PPOConfig:
             if value is None or isinstance(f.default, bool):
                 continue
             try:
-                setattr(self, f.name, (int if isinstance(f.default, int) else float)(value))
+                setattr(self, f.name, whole_number(value, f"ppo.{f.name}") if isinstance(f.default, int)
+                        else float(value))
             except (TypeError, ValueError):
                 raise LLMLabError(f"ppo.{f.name}: expected a number, got {value!r}") from None
         if not isinstance(self.whiten_advantages, bool):

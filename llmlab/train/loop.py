@@ -31,6 +31,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from ..config import whole_number
 from ..device import autocast_dtype
 from ..errors import LLMLabError
 from . import dist
@@ -40,20 +41,6 @@ from .schedule import SCHEDULES, lr_at
 
 PARALLEL = ("none", "ddp", "fsdp")
 ON_NAN = ("stop", "skip")
-
-
-def _whole_number(value, field: str) -> int:
-    """An int from an int, a whole float (10.0) or a string ("20", "1e3"); 2.5 is an error, not 2."""
-    if isinstance(value, str):
-        try:
-            return int(value)
-        except ValueError:
-            value = float(value)
-    if isinstance(value, float):
-        if not value.is_integer():
-            raise LLMLabError(f"{field}: expected a whole number, got {value!r}")
-        return int(value)
-    return int(value)
 
 
 @dataclass
@@ -99,7 +86,7 @@ class TrainConfig:
                 if isinstance(default, float) or f.name == "peak_flops":
                     setattr(self, f.name, float(value))
                 elif isinstance(default, int):
-                    setattr(self, f.name, _whole_number(value, f"train.{f.name}"))
+                    setattr(self, f.name, whole_number(value, f"train.{f.name}"))
                 elif f.name == "betas":
                     setattr(self, f.name, tuple(float(b) for b in value))
             except (TypeError, ValueError):
