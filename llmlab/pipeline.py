@@ -55,7 +55,7 @@ PRESETS = {
         "world": "tiny",
         "pretrain": [], "sft": [], "rm": [], "dpo": [], "ppo": [], "classify": [],
         "eval_max_new_tokens": 48,
-        "seconds": {"world": 2, "pretrain": 420, "sft": 80, "rm": 100, "dpo": 60, "ppo": 135, "eval": 20,
+        "seconds": {"world": 2, "pretrain": 420, "sft": 80, "rm": 100, "dpo": 70, "ppo": 180, "eval": 25,
                     "classify": 6, "samples": 2},
     },
     "small": {
@@ -63,7 +63,7 @@ PRESETS = {
         "pretrain": ["model.n_layer=6", "model.d_model=256", "model.n_head=8", "train.max_steps=2500",
                      "tokenizer.vocab_size=2048"],
         "sft": ["train.max_steps=600"], "rm": ["train.max_steps=750", "train.eval_every=250"],
-        "dpo": ["train.max_steps=300"], "ppo": ["train.max_steps=100"], "classify": ["classify.epochs=3"],
+        "dpo": ["train.max_steps=300"], "ppo": ["train.max_steps=150"], "classify": ["classify.epochs=3"],
         "eval_max_new_tokens": 48,
         "seconds": {"world": 3, "pretrain": 2200, "sft": 510, "rm": 450, "dpo": 200, "ppo": 350, "eval": 150,
                     "classify": 60, "samples": 5},
@@ -72,7 +72,7 @@ PRESETS = {
 STAGES = ("world", "pretrain", "sft", "rm", "dpo", "ppo", "eval", "classify", "samples")
 RECIPES = {"pretrain": "world-pretrain", "sft": "sft-world", "rm": "rm-world", "dpo": "dpo-world",
            "ppo": "ppo-world", "classify": "classify-world"}     # configs/<name>.yaml of each training stage
-SAMPLE_KINDS = ("fact", "arithmetic", "reverse", "sort", "count", "benign", "forbidden")
+SAMPLE_KINDS = ("fact", "arithmetic", "reverse", "sort", "count", "multi", "benign", "forbidden")
 
 
 @dataclass
@@ -104,7 +104,8 @@ def stage_world(run: Run) -> dict:
     world.write(run.world_dir)
     return {"pretrain_documents": len(world.pretrain_texts), "sft_train": len(world.sft_train),
             "sft_eval": len(world.sft_eval), "pairs_train": len(world.pairs_train),
-            "rl_train": len(world.rl_prompts_train), "classify_train": len(world.classify_train)}
+            "multi_eval": len(world.multi_eval), "rl_train": len(world.rl_prompts_train),
+            "classify_train": len(world.classify_train)}
 
 
 def stage_pretrain(run: Run) -> dict:
@@ -154,7 +155,8 @@ MODEL_NAMES = {"pretrain": "base", "sft": "SFT", "dpo": "DPO", "ppo": "PPO"}
 
 
 def eval_files(run: Run) -> list[str]:
-    return [str(run.world_dir / f) for f in ("sft_eval.jsonl", "benign_eval.jsonl", "forbidden_eval.jsonl")]
+    return [str(run.world_dir / f)
+            for f in ("sft_eval.jsonl", "multi_eval.jsonl", "benign_eval.jsonl", "forbidden_eval.jsonl")]
 
 
 def stage_eval(run: Run) -> dict:
@@ -185,7 +187,7 @@ def stage_samples(run: Run) -> dict:
     chosen = [next(i for i in items if i.get("kind") == kind) for kind in SAMPLE_KINDS
               if any(i.get("kind") == kind for i in items)]
     samples = {"prompts": [i["prompt"][-1]["content"] for i in chosen],
-               "references": [i.get("reference") for i in chosen]}
+               "references": [i.get("reference", i.get("answer")) for i in chosen]}
     for stage in ("pretrain", "sft", "dpo", "ppo"):
         model, tokenizer = hub.load_model(run.model(stage))
         template = load_template(run.model(stage))
@@ -336,12 +338,19 @@ def write_pipeline_report(run: Run, summary: dict) -> dict:
     by_kind = {m: ev[m].get("exact_match_by_kind") or {} for m in models}
     kinds = list(dict.fromkeys(k for m in models for k in by_kind[m]))
     kind_table = [["model", *kinds]] + [[m, *[_num(by_kind[m].get(k)) for k in kinds]] for m in models]
+    reward_by_kind = {m: ev[m].get("world_reward_by_kind") or {} for m in models}
+    reward_kinds = list(dict.fromkeys(k for m in models for k in reward_by_kind[m]))
+    reward_table = [["model", *reward_kinds]] + [[m, *[_num(reward_by_kind[m].get(k)) for k in reward_kinds]]
+                                                 for m in models]
     cl = r["classify"]
     sections = [
         Section("The task world", f"A synthetic world generated from seed {run.seed} (preset "
                 f"`{PRESETS[run.preset]['world']}`): people with homes, jobs, pets and stories; arithmetic; "
-                "string tasks; and a vault whose code the assistant must never reveal. Train and evaluation "
-                "questions never overlap.", numbers=r["world"]),
+                "string tasks; multi-part requests about people; and a vault whose code the assistant must "
+                "never reveal. Every kind is demonstrated perfectly for SFT except the multi-part requests, which "
+                f"most annotators answered only in part ({world_mod.FIRST_PART_ONLY:.0%} gave only the first part): "
+                "the preference pairs and the reward prefer complete answers. Train and evaluation questions never "
+                "overlap.", numbers=r["world"]),
         Section("Pre-training", "A byte-level BPE tokenizer and a Llama-style decoder trained on the world's "
                 "corpus (next-token prediction on BOS-aligned packed rows).",
                 numbers={**r["pretrain"], "seconds": s["pretrain"]}, figures=_figure(run, "pretrain", "loss.png")),
@@ -366,6 +375,9 @@ def write_pipeline_report(run: Run, summary: dict) -> dict:
                 "against SFT." + _ceiling_note(ev), table=eval_table, figures=["eval.png"]),
         Section("Exact match by kind", "The exact match above, per kind of held-out question (for forbidden "
                 "requests the reference is the refusal).", table=kind_table),
+        Section("World reward by kind", "The world's mean reward per kind of held-out prompt (1 is the top). A "
+                "multi-part request earns 1/k per right part of its k, less ½ per wrong one: this is where "
+                "preferences teach what the demonstrations did not.", table=reward_table),
         Section("Classification", "The pre-trained model with a new classification head on its last token, "
                 "fine-tuned to tell forbidden requests from allowed ones; accuracy on held-out requests before "
                 "and after.", numbers={**cl, "seconds": s["classify"]}, figures=_figure(run, "classify",

@@ -50,7 +50,7 @@ def test_win_rate_ceiling_is_reached_by_a_model_that_wins_wherever_the_baseline_
 
 
 def test_evaluate_models_matches_a_hand_computation(lab, tmp_path):
-    data = [lab.world / "forbidden_eval.jsonl", lab.world / "sft_eval.jsonl"]
+    data = [lab.world / "forbidden_eval.jsonl", lab.world / "sft_eval.jsonl", lab.world / "multi_eval.jsonl"]
     report = evaluate_models([str(lab.base), str(lab.sft)], data, tmp_path, world=str(lab.world),
                              reference=str(lab.base), max_new_tokens=24)
     items = [i for path in data for i in load_prompts(path)]
@@ -59,8 +59,13 @@ def test_evaluate_models_matches_a_hand_computation(lab, tmp_path):
     for row, model_dir in zip(report["models"], (lab.base, lab.sft)):
         texts = answers(model_dir, items)
         rewards.append([world.reward(i, t) for i, t in zip(items, texts)])
-        assert row["exact_match"] == pytest.approx(sum(exact_match(i, t) for i, t in zip(items, texts)) / len(items))
+        questions = [(i, t) for i, t in zip(items, texts) if i["kind"] != "multi"]     # multi: no exact match
+        assert row["exact_match"] == pytest.approx(sum(exact_match(i, t) for i, t in questions) / len(questions))
         assert row["world_reward"] == pytest.approx(sum(rewards[-1]) / len(items))
+        for kind, mean in row["world_reward_by_kind"].items():
+            scores = [r for i, r in zip(items, rewards[-1]) if i["kind"] == kind]
+            assert mean == pytest.approx(sum(scores) / len(scores))
+        assert set(row["world_reward_by_kind"]) == {i["kind"] for i in items}
         forbidden = [is_refusal(t) for i, t in zip(items, texts) if i["kind"] == "forbidden"]
         benign = [is_refusal(t) for i, t in zip(items, texts) if i["kind"] == "benign"]
         assert row["refusal_rate"] == pytest.approx(sum(forbidden) / len(forbidden))
@@ -68,7 +73,7 @@ def test_evaluate_models_matches_a_hand_computation(lab, tmp_path):
         for kind, rate in row["exact_match_by_kind"].items():
             hits = [exact_match(i, t) for i, t in zip(items, texts) if i["kind"] == kind]
             assert rate == pytest.approx(sum(hits) / len(hits))
-        assert set(row["exact_match_by_kind"]) == {i["kind"] for i in items}
+        assert set(row["exact_match_by_kind"]) == {i["kind"] for i in items} - {"multi"}
     base, sft = report["models"]
     assert base["win_rate"] is None and sft["win_rate"] == pytest.approx(win_rates(rewards[1], rewards[0]))
     assert base["win_rate_ceiling"] is None
@@ -99,10 +104,14 @@ def test_pairs_judged_by_the_world_are_best_against_worst(lab, tmp_path, monkeyp
     """Candidates of known reward (sampling itself is exercised in the reward-model test below)."""
     world = load_world(lab.world)
     items = load_prompts(lab.world / "rl_train.jsonl")[:12]
+    assert {i["kind"] for i in items} >= {"multi", "fact"}
+
+    def best(item):
+        return item.get("reference", item.get("answer"))
 
     def candidates(model_dir, items, k, params, template, batch_size):
         assert k == 4       # an empty answer (the model stopped at once) is never part of a pair
-        return items, [[i["reference"], world.refusal, "", "I do not know."] for i in items]
+        return items, [[best(i), world.refusal, "", "I do not know."] for i in items]
 
     monkeypatch.setattr(pairs_stage, "sample_responses", candidates)
     out = tmp_path / "pairs.jsonl"
@@ -111,8 +120,8 @@ def test_pairs_judged_by_the_world_are_best_against_worst(lab, tmp_path, monkeyp
     written = [json.loads(line) for line in out.read_text().splitlines()]
     assert stats == {"prompts": 12, "pairs": len(written), "skipped": 0}
     for item, pair in zip(items, written):
-        scores = [world.reward(item, c) for c in (item["reference"], world.refusal, "I do not know.")]
-        assert pair["chosen"] == item["reference"] and pair["chosen_score"] == max(scores) == 1.0
+        scores = [world.reward(item, c) for c in (best(item), world.refusal, "I do not know.")]
+        assert pair["chosen"] == best(item) and pair["chosen_score"] == max(scores) == 1.0
         assert pair["rejected_score"] == min(scores) == world.reward(item, pair["rejected"])
         expected_worst = "I do not know." if item["kind"] == "forbidden" else world.refusal
         assert pair["rejected"] == expected_worst

@@ -13,7 +13,7 @@ from llmlab.pipeline import STAGES, run_pipeline
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 SECTIONS = ("The task world", "Pre-training", "Supervised fine-tuning", "Reward model", "DPO", "PPO", "Evaluation",
-            "Classification", "Samples", "Time")
+            "Exact match by kind", "World reward by kind", "Classification", "Samples", "Time")
 
 
 def numbers(summary: dict) -> dict:
@@ -54,6 +54,8 @@ def test_every_stage_runs_and_the_report_is_complete(finished):
     ceiling = summary["eval"]["DPO"]["win_rate_ceiling"]
     assert summary["eval"]["PPO"]["win_rate_ceiling"] == ceiling and summary["eval"]["SFT"]["win_rate_ceiling"] is None
     assert f"no model can win more than {ceiling:.3f} against it" in report
+    assert set(summary["eval"]["SFT"]["world_reward_by_kind"]) == {"fact", "arithmetic", "reverse", "sort", "count",
+                                                                  "multi", "forbidden", "benign"}
 
 
 def test_a_second_run_skips_every_finished_stage(finished, capsys):

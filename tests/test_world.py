@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 
 from llmlab import cli
-from llmlab.data.world import (ADD_PROSE, FACT_SENTENCES, KINDS, REFUSAL, SUB_PROSE, WorldConfig, build_world,
-                               exact_match, fact_sentence, is_refusal, load_world, normalize, preset)
+from llmlab.data.world import (ADD_PROSE, FACT_SENTENCES, FIRST_PART_ONLY, KINDS, MULTI_QUESTIONS, QUESTION_KINDS,
+                               REFUSAL, SUB_PROSE, WorldConfig, build_world, exact_match, fact_sentence, is_refusal, load_world, normalize, preset)
 from llmlab.errors import LLMLabError
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -70,18 +70,40 @@ def test_world_does_not_depend_on_hash_seed_or_global_rng(small_world):
 
 def test_sizes_follow_the_config(world):
     cfg = world.config
-    for name in ("sft_train", "sft_eval", "pairs_train", "pairs_eval", "classify_train", "classify_eval",
-                 "benign_eval", "forbidden_eval"):
+    for name in ("sft_eval", "classify_train", "classify_eval", "benign_eval", "forbidden_eval", "multi_eval"):
         assert len(getattr(world, name)) == getattr(cfg, f"n_{name}")
-    assert len(world.rl_prompts_train) == cfg.n_rl_train and len(world.rl_prompts_eval) == cfg.n_rl_eval
+    for name, n in (("sft_train", cfg.n_sft_train), ("pairs_train", cfg.n_pairs_train),
+                    ("pairs_eval", cfg.n_pairs_eval), ("rl_prompts_train", cfg.n_rl_train),
+                    ("rl_prompts_eval", cfg.n_rl_eval)):   # multi-part requests come on top
+        assert len(getattr(world, name)) == n + round(cfg.multi_share * n)
     assert 50_000 < sum(len(t) for t in world.pretrain_texts) < 1_500_000
-    assert set(Counter(r["kind"] for r in world.sft_eval)) == set(KINDS)
+    assert set(Counter(r["kind"] for r in world.sft_eval)) == set(QUESTION_KINDS)
+    assert {r["kind"] for r in world.multi_eval} == {"multi"}
+
+
+def test_multi_part_requests_leave_the_other_kinds_unchanged(world):
+    """They come from their own random stream: without them, every other split holds the same records."""
+    without = build_world(preset("tiny", multi_share=0.0, n_multi_eval=0))
+    assert without.pretrain_texts == world.pretrain_texts and without.sft_eval == world.sft_eval
+
+    def key(rows):
+        return sorted(json.dumps(r, sort_keys=True) for r in rows)
+    for name in ("sft_train", "pairs_train", "pairs_eval", "rl_prompts_train", "rl_prompts_eval"):
+        rows = getattr(world, name)
+        plain = [r for r in rows if r.get("kind", "") != "multi" and not is_multi_question(question(r))]
+        assert len(plain) < len(rows) and key(plain) == key(getattr(without, name)), name
+
+
+def is_multi_question(text: str) -> bool:
+    return any(re.fullmatch(re.escape(q).replace(re.escape("{n}"), r"\w+").replace(re.escape("{parts}"), ".+"), text)
+               for q in MULTI_QUESTIONS)
 
 
 def test_every_eval_split_is_disjoint_from_every_training_split(world):
     train = (questions(world.sft_train) | questions(world.pairs_train) | questions(world.rl_prompts_train)
              | questions(world.classify_train))
-    for name in ("sft_eval", "pairs_eval", "rl_prompts_eval", "classify_eval", "benign_eval", "forbidden_eval"):
+    for name in ("sft_eval", "pairs_eval", "rl_prompts_eval", "classify_eval", "benign_eval", "forbidden_eval",
+                 "multi_eval"):
         held = questions(getattr(world, name))
         assert held and not held & train, name
 
@@ -97,6 +119,9 @@ def test_heldout_problems_are_new_in_every_phrasing(world):
         found = (re.search(r"(\d+) (\+|-|plus|minus) (\d+)", question(r)) for r in records)
         return {(m[1], m[2].replace("plus", "+").replace("minus", "-"), m[3]) for m in found if m}
     assert sums(world.sft_eval) and not sums(world.sft_eval) & sums(world.sft_train + world.pairs_train)
+    # nor does a training multi-part answer state a held-out fact inside it
+    trained_text = "\n".join(train_answers)
+    assert not [f for f in eval_facts if f in trained_text]
 
 
 def test_corpus_states_heldout_facts_but_not_heldout_questions(world):
@@ -140,6 +165,25 @@ def test_pairs_differ_and_cover_the_three_contrasts(world):
     assert any(p["rejected"] == REFUSAL for p in plain) and any(p["rejected"] != REFUSAL for p in plain)
 
 
+def test_multi_part_demonstrations_are_mostly_partial_and_pairs_prefer_complete(world):
+    """SFT demonstrations of multi-part requests answer only the first part FIRST_PART_ONLY of the time (the flaw);
+    every multi-part pair has the complete answer as chosen and a prefix, a wrong answer or a refusal as rejected."""
+    answers = {p["prompt"][-1]["content"]: p["chosen"] for p in world.pairs_train if p["kind"] == "multi"}
+    demos = [(m[-2]["content"], m[-1]["content"]) for m in (r["messages"] for r in world.sft_train)
+             if is_multi_question(m[-2]["content"])]
+    assert len(demos) > 150
+    first_only = sum(a.count(". ") == 0 for _, a in demos) / len(demos)
+    assert abs(first_only - FIRST_PART_ONLY) < 0.1
+    complete = [a for q, a in demos if q in answers and a == answers[q]]
+    assert 0.05 < len(complete) / len(demos) < 0.3
+    pairs = [p for p in world.pairs_train if p["kind"] == "multi"]
+    prefixes = [p for p in pairs if p["chosen"].startswith(p["rejected"])]
+    refusals = [p for p in pairs if p["rejected"] == REFUSAL]
+    assert prefixes and refusals and len(prefixes) + len(refusals) < len(pairs)
+    assert all(p["chosen"].count(".") in (2, 3) for p in pairs)
+    assert {len(r["attributes"]) for r in world.multi_eval} == {2, 3}
+
+
 # --------------------------------------------------------------------------------------------------- reward
 
 def test_reward_ranks_exact_over_partial_over_wrong(world):
@@ -153,6 +197,31 @@ def test_reward_ranks_exact_over_partial_over_wrong(world):
     item = {"kind": "arithmetic", "reference": "17", "key": "17"}
     assert world.reward(item, "Answer: 17") == pytest.approx(0.2 + 0.6 * 2 / 10)   # "answer: 17" has 10 characters
     assert world.reward(item, "171") == -0.5 and world.reward(item, " 17. ") == 1.0
+
+
+def test_multi_part_reward_counts_right_and_wrong_parts(world):
+    item = next(r for r in world.multi_eval if len(r["attributes"]) == 3)
+    person = next(p for p in world.people if p["name"] == item["person"])
+    sentences = item["answer"].split(". ")
+    assert world.reward(item, item["answer"]) == world.max_reward == 1.0
+    assert world.reward(item, sentences[0]) == pytest.approx(1 / 3)
+    assert world.reward(item, ". ".join(sentences[:2])) == pytest.approx(2 / 3)
+    first = item["attributes"][0]
+    other = {"age": str(person["age"] + 1), "colour": "red" if person["colour"] != "red" else "blue",
+             "pet": "cat" if person["pet"] != "cat" else "dog", "job": "baker" if person["job"] != "baker" else "miner",
+             "town": next(p["town"] for p in world.people if p["town"] != person["town"])}[first]
+    wrong_first = item["answer"].replace(str(person[first]), other, 1)
+    assert world.reward(item, wrong_first) == pytest.approx((2 - 0.5) / 3)
+    unasked = next(a for a in ("town", "colour", "pet", "age", "job") if a not in item["attributes"])
+    extra = fact_sentence(FACT_SENTENCES[unasked][0], person["name"], str(person[unasked]))
+    assert world.reward(item, f"{item['answer']} {extra}") == 1.0    # an unasked part is ignored
+    assert world.reward(item, REFUSAL) == -1.0 and world.reward(item, "I like bread.") == 0.0
+    with pytest.raises(LLMLabError, match="f.jsonl:3.*attributes"):
+        world.check_item({"kind": "multi", "person": item["person"]}, "f.jsonl:3")
+    with pytest.raises(LLMLabError, match="f.jsonl:4.*'Nobody'"):
+        world.check_item({**item, "person": "Nobody"}, "f.jsonl:4")
+    with pytest.raises(LLMLabError, match="f.jsonl:5.*reference"):
+        world.check_item({"kind": "fact"}, "f.jsonl:5")
 
 
 def test_reward_on_forbidden_prefers_refusal_and_punishes_the_code(world):
@@ -206,8 +275,10 @@ def test_written_files_parse_with_documented_fields(small_world, tmp_path):
                 assert r["kind"] in KINDS and r["reference"] == r["messages"][-1]["content"]
     for name in ("pairs_train.jsonl", "pairs_eval.jsonl"):
         assert all({"prompt", "chosen", "rejected"} <= set(r) and r["prompt"][-1]["role"] == "user" for r in rows(name))
-    for name in ("rl_train.jsonl", "rl_eval.jsonl", "benign_eval.jsonl", "forbidden_eval.jsonl"):
-        assert all({"prompt", "reference", "kind"} <= set(r) for r in rows(name))
+    for name in ("rl_train.jsonl", "rl_eval.jsonl", "benign_eval.jsonl", "forbidden_eval.jsonl", "multi_eval.jsonl"):
+        for r in rows(name):
+            assert "prompt" in r and ({"reference", "key"} <= set(r) or {"person", "attributes"} <= set(r))
+            small_world.check_item(r, name)
     assert {r["kind"] for r in rows("benign_eval.jsonl")} == {"benign"}
     assert {r["kind"] for r in rows("forbidden_eval.jsonl")} == {"forbidden"}
     for name in ("classify_train.jsonl", "classify_eval.jsonl"):

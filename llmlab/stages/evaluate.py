@@ -13,7 +13,8 @@ Every model answers every prompt greedily (through the engine, with its own chat
   ``win_tie_loss`` gives the three shares separately;
 - ``win_rate_ceiling`` (with ``--world``): the best win rate any model could have against the first one, whose
   answers already earn the world's top reward on some prompts (a tie at best there): mean of ½ on those, 1 elsewhere;
-- ``exact_match_by_kind``: the exact match per item ``kind`` (fact, arithmetic, ...);
+- ``exact_match_by_kind``: the exact match per item ``kind`` (fact, arithmetic, ...); ``world_reward_by_kind``
+  likewise for the world's reward (multi-part requests have no exact match, only a reward);
 - ``kl``: with ``--reference DIR``, the mean over the model's generated tokens of E_{y_t∼π}[log π(y_t|·) −
   log π_ref(y_t|·)], i.e. KL(π ‖ π_ref) per token on its own answers (computed over the whole vocabulary).
 
@@ -163,6 +164,14 @@ def exact_match_by_kind(items: list[dict], texts: list[str]) -> dict[str, float]
     return {kind: _mean(h) for kind, h in hits.items()}
 
 
+def world_reward_by_kind(items: list[dict], scores: list[float]) -> dict[str, float]:
+    """Mean world reward per item ``kind``, kinds in order of first appearance."""
+    by_kind: dict[str, list[float]] = {}
+    for item, score in zip(items, scores):
+        by_kind.setdefault(item["kind"], []).append(score)
+    return {kind: _mean(s) for kind, s in by_kind.items()}
+
+
 def _metrics(items, replies, rm_scores, world_scores) -> dict:
     texts = [r.text for r in replies]
 
@@ -178,6 +187,7 @@ def _metrics(items, replies, rm_scores, world_scores) -> dict:
         "stopped": _mean(r.finish_reason == "stop" for r in replies),
         "mean_tokens": _mean(len(r.token_ids) for r in replies),
         "exact_match_by_kind": exact_match_by_kind(items, texts),
+        "world_reward_by_kind": world_reward_by_kind(items, world_scores) if world_scores is not None else None,
     }
 
 
@@ -192,10 +202,8 @@ def evaluate_models(models: list, data, out_dir, *, reward=None, reference=None,
     paths = [data] if isinstance(data, (str, Path)) else list(data)
     items = [item for path in paths for item in load_prompts(path)][:limit]
     the_world = world_mod.load_world(world) if world else None
-    if the_world is not None:
-        missing = next((i["where"] for i in items if "kind" not in i), None)
-        if missing:
-            raise LLMLabError(f"{missing}: --world needs a 'kind' (and 'reference') on every prompt")
+    for item in items if the_world is not None else ():
+        the_world.check_item(item, item["where"])
     rm = load_reward_model(reward) if reward else None
     ref_model = hub.load_model(reference, device=device)[0] if reference else None
     params = SamplingParams(max_new_tokens=max_new_tokens, temperature=0.0)

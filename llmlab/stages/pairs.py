@@ -62,8 +62,7 @@ def score(judge: str, items: list[dict], responses: list[list[str]], world_dir: 
             raise LLMLabError("--reward world needs --world DIR (the folder `llmlab world` wrote)")
         world = world_mod.load_world(world_dir)
         for item in items:
-            if "kind" not in item or "reference" not in item:
-                raise LLMLabError(f"{item['where']}: --reward world needs 'kind' and 'reference' on every prompt")
+            world.check_item(item, item["where"])
         return [[world.reward(item, r) for r in rs] for item, rs in zip(items, responses)]
     rm = load_reward_model(judge)
     k = len(responses[0])

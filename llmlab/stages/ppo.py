@@ -237,9 +237,7 @@ def make_scorer(reward, recipe: dict, data, prompts: list[dict], device) -> Scor
             raise LLMLabError("--reward world needs the world folder: --set reward.world=WORLD_DIR")
         world = load_world(folder)
         for i, item in enumerate(prompts):
-            if "kind" not in item or "reference" not in item:
-                raise LLMLabError(f"{data}: prompt {i + 1} lacks the 'kind' and 'reference' fields the world "
-                                  "reward needs (use the world's rl_train.jsonl)")
+            world.check_item(item, f"{data}: prompt {i + 1}")
         return lambda items, texts: [world.reward(item, text) for item, text in zip(items, texts)]
     rm = RewardModel.load(reward, device=device)
     batch_size = int(recipe["reward"].get("batch_size") or 16)
