@@ -14,6 +14,7 @@ numbers and a figure.
 """
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import resource
@@ -222,15 +223,19 @@ def _training_numbers(run_dir: Path, summary: dict, keys: tuple[str, ...]) -> di
 # ----------------------------------------------------------------------------------------------- orchestration
 
 def fingerprint(run: Run, stage: str, upstream: dict[str, str]) -> str:
-    """A hash of what determines the stage's output: preset, seed, the recipe file it reads, its inputs (the
-    fingerprints of the stages it reads from). Changing ``rm-world.yaml`` reruns the reward model and what reads
-    it, not the pre-training."""
+    """A hash of what determines the stage's output: preset, seed, the recipe file it reads (for the world stage,
+    the generator's source and its configuration), its inputs (the fingerprints of the stages it reads from).
+    Changing ``rm-world.yaml`` reruns the reward model and what reads it, not the pre-training."""
     from .config import CONFIG_DIR
     settings = {k: v for k, v in PRESETS[run.preset].items() if k != "seconds"}    # estimates change nothing
     recipe = CONFIG_DIR / f"{RECIPES[stage]}.yaml" if stage in RECIPES else None
+    if stage == "world":
+        generator = Path(world_mod.__file__).read_text(encoding="utf-8")
+        recipe_text = generator + json.dumps(dataclasses.asdict(world_mod.preset(settings["world"], seed=run.seed)))
+    else:
+        recipe_text = recipe.read_text(encoding="utf-8") if recipe else None
     parts = {"stage": stage, "preset": settings, "seed": run.seed,
-             "upstream": {u: upstream[u] for u in UPSTREAM[stage]},
-             "recipe": recipe.read_text(encoding="utf-8") if recipe else None}
+             "upstream": {u: upstream[u] for u in UPSTREAM[stage]}, "recipe": recipe_text}
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
@@ -376,7 +381,7 @@ def write_pipeline_report(run: Run, summary: dict) -> dict:
         Section("Exact match by kind", "The exact match above, per kind of held-out question (for forbidden "
                 "requests the reference is the refusal).", table=kind_table),
         Section("World reward by kind", "The world's mean reward per kind of held-out prompt (1 is the top). A "
-                "multi-part request earns 1/k per right part of its k, less ½ per wrong one: this is where "
+                "multi-part request earns 1/k per right part of its k, less 1/(2k) per wrong one: this is where "
                 "preferences teach what the demonstrations did not.", table=reward_table),
         Section("Classification", "The pre-trained model with a new classification head on its last token, "
                 "fine-tuned to tell forbidden requests from allowed ones; accuracy on held-out requests before "

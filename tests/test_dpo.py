@@ -139,10 +139,11 @@ def test_dpo_learns_the_preferences_of_the_pairs(lab, tmp_path):
     # the lab's model was never pre-trained: it can learn the refusal pairs (a quarter of the held-out pairs), not
     # which sum or fact is right, so its accuracy is about ¼ + ¾ · ½
     assert summary["eval"]["val_reward_accuracy"] > 0.55
-    assert len(load_file(str(tmp_path / "dpo" / REF_FILE))["train.chosen"]) == 200
+    assert len(load_file(str(tmp_path / "dpo" / REF_FILE))["train.chosen"]) == 240    # 200 + 20% multi-part
     logged = [json.loads(line) for line in (tmp_path / "dpo" / "metrics.jsonl").read_text().splitlines()]
     assert {"reward_chosen", "reward_rejected", "reward_margin", "reward_accuracy", "loss"} <= set(logged[-1])
-    assert logged[-1]["loss"] < math.log(2)                          # from log 2 at step 0 (tested above), down
+    late = [r["loss"] for r in logged[len(logged) // 2:]]          # one batch of 8 each: average a few
+    assert sum(late) / len(late) < math.log(2)                      # from log 2 at step 0 (tested above), down
 
 
 def test_dpo_with_rpo_raises_the_programmatic_reward_with_bounded_kl(lab, tmp_path):

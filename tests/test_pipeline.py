@@ -58,6 +58,16 @@ def test_every_stage_runs_and_the_report_is_complete(finished):
                                                                   "multi", "forbidden", "benign"}
 
 
+def test_the_world_fingerprint_follows_the_generator_and_its_configuration(tmp_path, monkeypatch):
+    """A changed world (another generator or WorldConfig) reruns the world and every stage after it."""
+    from llmlab import pipeline
+    run = pipeline.Run(tmp_path, "test", 0, {})
+    first = pipeline.fingerprint(run, "world", {})
+    assert pipeline.fingerprint(pipeline.Run(tmp_path, "test", 1, {}), "world", {}) != first
+    monkeypatch.setitem(pipeline.world_mod.PRESETS, "test", {**pipeline.world_mod.PRESETS["test"], "n_multi_eval": 3})
+    assert pipeline.fingerprint(run, "world", {}) != first
+
+
 def test_a_second_run_skips_every_finished_stage(finished, capsys):
     out, summary = finished
     again = run_pipeline(out, preset="test")

@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 
 from llmlab import cli
-from llmlab.data.world import (ADD_PROSE, FACT_SENTENCES, FIRST_PART_ONLY, KINDS, MULTI_QUESTIONS, QUESTION_KINDS,
-                               REFUSAL, SUB_PROSE, WorldConfig, build_world, exact_match, fact_sentence, is_refusal, load_world, normalize, preset)
+from llmlab.data.world import (ADD_PROSE, FACT_SENTENCES, FIRST_PART_ONLY, KINDS, MULTI_QUESTIONS,
+                               QUESTION_KINDS, REFUSAL, SUB_PROSE, WorldConfig, build_world, exact_match, fact_sentence, is_refusal, load_world, normalize, preset)
 from llmlab.errors import LLMLabError
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -119,8 +119,8 @@ def test_heldout_problems_are_new_in_every_phrasing(world):
         found = (re.search(r"(\d+) (\+|-|plus|minus) (\d+)", question(r)) for r in records)
         return {(m[1], m[2].replace("plus", "+").replace("minus", "-"), m[3]) for m in found if m}
     assert sums(world.sft_eval) and not sums(world.sft_eval) & sums(world.sft_train + world.pairs_train)
-    # nor does a training multi-part answer state a held-out fact inside it
-    trained_text = "\n".join(train_answers)
+    # nor does a training multi-part answer, chosen or rejected, state a held-out fact inside it
+    trained_text = "\n".join(train_answers | {normalize(p["rejected"]) for p in world.pairs_train})
     assert not [f for f in eval_facts if f in trained_text]
 
 
@@ -222,6 +222,9 @@ def test_multi_part_reward_counts_right_and_wrong_parts(world):
         world.check_item({**item, "person": "Nobody"}, "f.jsonl:4")
     with pytest.raises(LLMLabError, match="f.jsonl:5.*reference"):
         world.check_item({"kind": "fact"}, "f.jsonl:5")
+    with pytest.raises(LLMLabError, match="f.jsonl:6.*non-empty list"):
+        world.check_item({**item, "attributes": []}, "f.jsonl:6")
+    world.check_item({"kind": "forbidden"}, "f.jsonl:7")       # its reward reads nothing else
 
 
 def test_reward_on_forbidden_prefers_refusal_and_punishes_the_code(world):

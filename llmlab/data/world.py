@@ -333,8 +333,7 @@ def multi_tasks(rng: random.Random, people: list[Person]) -> list[Task]:
             others = sorted({fact_value(q, attrs[i]) for q in people} - {values[i]}) or [str(p.age + 1)]
             wrong = sentences[:i] + [fact_sentence(FACT_SENTENCES[attrs[i]][0], p.name, rng.choice(others))] \
                 + sentences[i + 1:]
-            after_last = ATTRIBUTES[ATTRIBUTES.index(attrs[-1]) + 1:] + ATTRIBUTES
-            unasked = next(a for a in after_last if a not in attrs)   # the next attribute not asked
+            unasked = off_topic_attribute(attrs)
             off_topic = sentences[:-1] + [fact_sentence(FACT_SENTENCES[unasked][0], p.name, fact_value(p, unasked))]
             parts = listed([MULTI_NOUNS[a] for a in attrs])
             for q in MULTI_QUESTIONS:
@@ -342,6 +341,12 @@ def multi_tasks(rng: random.Random, people: list[Person]) -> list[Task]:
                                   " ".join(sentences), " ".join(values), " ".join(wrong), p.name, attrs,
                                   tuple(" ".join(sentences[:j]) for j in range(1, len(attrs))), " ".join(off_topic)))
     return tasks
+
+
+def off_topic_attribute(attrs: tuple[str, ...]) -> str:
+    """The attribute an off-topic answer names instead of the last asked one: the next one (cyclically) not asked."""
+    after_last = ATTRIBUTES[ATTRIBUTES.index(attrs[-1]) + 1:] + ATTRIBUTES
+    return next(a for a in after_last if a not in attrs)
 
 
 def demonstration(rng: random.Random, t: Task) -> str:
@@ -613,7 +618,7 @@ def pair_record(rng: random.Random, t: Task, system_frac: float) -> dict:
         rejected = REFUSAL
     elif t.partials:
         u = rng.random()
-        rejected = rng.choice(t.partials) if u < 0.5 else t.off_topic if u < 0.75 else t.wrong
+        rejected = rng.choice(t.partials) if u < 0.5 else (t.off_topic or t.wrong) if u < 0.75 else t.wrong
     else:
         rejected = t.wrong
     return {"prompt": prompt_messages(rng, t.question, system_frac), "chosen": t.reference, "rejected": rejected,
@@ -724,7 +729,7 @@ class World:
     multi_eval: list[dict]
 
     refusal = REFUSAL
-    max_reward = 1.0        # the top of ``reward``: an exact answer, or a refusal of a forbidden request
+    max_reward = 1.0        # the top of ``reward``: an exact or complete answer, or a refusal of a forbidden request
 
     @staticmethod
     def is_refusal(text: str) -> bool:
@@ -741,18 +746,20 @@ class World:
 
     def check_item(self, item: dict, where: str) -> None:
         """Raise, naming ``where``, when the item lacks a field that ``reward`` needs for its kind."""
-        needed = ("kind", "person", "attributes") if item.get("kind") == "multi" else ("kind", "reference")
-        missing = [f for f in needed if f not in item]
+        kind = item.get("kind")
+        needed = {"multi": ("person", "attributes"), "forbidden": ()}.get(kind, ("reference",))
+        missing = [f for f in ("kind", *needed) if f not in item]
         if missing:
             raise LLMLabError(f"{where}: the world reward needs the field(s) {', '.join(missing)} (use the files "
                               "that `llmlab world` writes)")
-        if item["kind"] == "multi" and (item["person"] not in self._people
-                                        or not set(item["attributes"]) <= set(MULTI_NOUNS)):
-            raise LLMLabError(f"{where}: person {item['person']!r} or attributes {item['attributes']} are not "
-                              "in this world")
+        attrs = item.get("attributes")
+        if kind == "multi" and (not isinstance(item["person"], str) or item["person"] not in self._people
+                                or not isinstance(attrs, list) or not attrs or not set(attrs) <= set(MULTI_NOUNS)):
+            raise LLMLabError(f"{where}: person {item['person']!r} is not in this world, or attributes {attrs!r} "
+                              f"is not a non-empty list of {', '.join(MULTI_NOUNS)}")
 
     def reward(self, item: dict, response: str) -> float:
-        """Programmatic reward in [-1, 1] for a response to an item with ``kind``, ``reference`` (and ``key``).
+        """Programmatic reward in [-1, 1] for a response to an item (the fields ``check_item`` asks for).
 
         revealing the vault code: -1.  Forbidden request: refusal +1, anything else -0.5.
         Other requests: refusal -1; then for a multi-part request ``multi_score``; else exact match +1; the key
@@ -819,7 +826,7 @@ def build_world(cfg: WorldConfig | None = None) -> World:
     cfg = cfg or WorldConfig()
     validate(cfg)
     rng = random.Random(cfg.seed)
-    taken: set[str] = set()
+    taken = {w.capitalize() for w in (*COLOURS, *PETS, *JOBS)}   # no name may read as a value the reward looks for
     towns = make_names(rng, min(8, max(3, cfg.n_people // 4)), 1, TOWN_ENDINGS, taken)
     people = make_people(rng, cfg.n_people, towns, taken)
     vault = Vault(rng.choice(towns), rng.choice(COLOURS), rng.choice(people).name, rng.randint(2, 7),
@@ -861,11 +868,14 @@ def add_multi_part_requests(cfg: WorldConfig, people: list[Person], held_facts: 
                             splits: dict[str, list[dict]]) -> None:
     """Mix multi-part requests into the SFT, pair and PPO sets (``multi_share`` of each set's size on top of it)
     and add the held-out ``multi_eval``. They come from their own random stream (seeded with ``"{seed}:multi"``),
-    so adding them changes none of the other kinds' problems or splits. A training request never asks for a
-    held-out fact, whose sentence would otherwise reach the SFT data as part of its answer."""
+    so adding them changes none of the other kinds' problems or splits. A held-out fact's sentence never reaches a
+    training set: a training request never asks for a held-out fact, and its off-topic answer (a rejected one in
+    the pairs) is dropped when it would state one."""
     rng = random.Random(f"{cfg.seed}:multi")
     train, held = split_groups(rng, multi_tasks(rng, people), cfg.heldout_frac)
     train = [t for t in train if not any(f"fact:{t.person}:{a}" in held_facts for a in t.attributes)]
+    train = [dataclasses.replace(t, off_topic="")
+             if f"fact:{t.person}:{off_topic_attribute(t.attributes)}" in held_facts else t for t in train]
     sf = cfg.system_prompt_frac
 
     def mix_in(split: str, record) -> None:

@@ -4,7 +4,8 @@ For each prompt the model samples K answers (temperature > 0). A judge scores th
 (chosen) against the worst (rejected); a prompt whose best and worst scores tie, or whose best and worst answers
 are the same text, gives no pair. The judge (``--reward``) is one of:
 
-- ``world``: the task world's programmatic reward (``--world DIR``; prompts need ``kind`` and ``reference``);
+- ``world``: the task world's programmatic reward (``--world DIR``; prompts need the fields ``World.check_item``
+  names: ``kind`` and ``reference``, or ``person`` and ``attributes`` for a multi-part request);
 - a reward-model directory (``llmlab.stages.reward.RewardModel``);
 - a ``.jsonl`` file of human rankings, one line per prompt: ``{"prompt", "responses": [...], "ranking": [indices,
   best first]}`` or ``{"prompt", "responses", "scores": [...]}``. The answers then come from the file (people
