@@ -235,5 +235,5 @@ def test_missing_or_wrong_reward_is_a_clear_error(setup, tmp_path, capsys):
     other.write_text(json.dumps({"prompt": "hi"}) + "\n")
     with pytest.raises(LLMLabError, match="reward.world"):
         run_ppo(setup["policy"], other, tmp_path / "d", "world", recipe(1))
-    with pytest.raises(LLMLabError, match="needs the field\(s\) kind, reference"):
+    with pytest.raises(LLMLabError, match=r"needs the field\(s\) kind, reference"):
         run_ppo(setup["policy"], other, tmp_path / "e", "world", {**recipe(1), "reward": {"world": str(setup["world"])}})

@@ -64,8 +64,10 @@ def barrier() -> None:
 
 
 def cleanup() -> None:
-    """Leave the process group (call once, at the very end of a ``torchrun`` script)."""
+    """Leave the process group (call once, at the very end of a ``torchrun`` script), after a barrier, so that no
+    rank tears its connections down while another still uses them."""
     if dist.is_available() and dist.is_initialized():
+        dist.barrier()
         dist.destroy_process_group()
 
 
