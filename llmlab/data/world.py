@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import itertools
 import json
 import random
@@ -782,17 +783,21 @@ class World:
             return 0.2 + 0.6 * len(key) / len(text)
         return -0.5
 
-    @property
+    @functools.cached_property
     def _people(self) -> dict[str, dict]:
         return {p["name"]: p for p in self.people}
+
+    @functools.cached_property
+    def _values(self) -> dict[str, set[str]]:
+        """The words ``multi_score`` looks for, per attribute other than the age."""
+        return {"town": {normalize(p["town"]) for p in self.people}, "colour": set(COLOURS), "pet": set(PETS),
+                "job": set(JOBS)}
 
     def multi_score(self, item: dict, response: str) -> float:
         """(1/k) Σ over the k asked attributes of [+1 if the person's value is named] − [0.5 if another value of
         that attribute is named] (another town, colour, pet or job, or another number for the age); so 1 for a
         complete right answer, 1/k for one right part alone, and an omitted part costs less than a wrong one."""
-        person, text = self._people[item["person"]], normalize(response)
-        vocab = {"town": {normalize(p["town"]) for p in self.people}, "colour": set(COLOURS), "pet": set(PETS),
-                 "job": set(JOBS)}
+        person, text, vocab = self._people[item["person"]], normalize(response), self._values
         total = 0.0
         for attr in item["attributes"]:
             named = (set(re.findall(r"\d+", text)) if attr == "age" else
