@@ -340,6 +340,9 @@ def test_sampler_errors(packed):
         BatchSampler(packed, 1, rank=2, world_size=2)
     with pytest.raises(LLMLabError, match="position"):
         BatchSampler(packed, 2).load_state_dict({"epoch": 0, "position": 10**6})
+    for drop_last in (True, False):
+        with pytest.raises(LLMLabError, match="empty"):
+            BatchSampler([], 2, drop_last=drop_last)
 
 
 # --- sources ------------------------------------------------------------------------------------------------------

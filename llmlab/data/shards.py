@@ -502,6 +502,8 @@ class BatchSampler:
         self.batch_size, self.seed, self.shuffle = batch_size, seed, shuffle
         self.rank, self.world_size, self.drop_last = rank, world_size, drop_last
         self.global_batch = batch_size * world_size
+        if len(rows) == 0:
+            raise LLMLabError("no rows to sample batches from: the data set is empty")
         if drop_last and len(rows) < self.global_batch:
             raise LLMLabError(f"only {len(rows)} rows, but one global batch needs "
                               f"batch_size {batch_size} x world_size {world_size} = {self.global_batch} rows; "

@@ -759,6 +759,11 @@ class World:
             raise LLMLabError(f"{where}: person {item['person']!r} is not in this world, or attributes {attrs!r} "
                               f"is not a non-empty list of {', '.join(MULTI_NOUNS)}")
 
+    def check_items(self, items: list[dict]) -> None:
+        """``check_item`` for every item, each named by the file:line it was read from (its ``where``)."""
+        for item in items:
+            self.check_item(item, item.get("where", "an item"))
+
     def reward(self, item: dict, response: str) -> float:
         """Programmatic reward in [-1, 1] for a response to an item (the fields ``check_item`` asks for).
 

@@ -202,8 +202,8 @@ def evaluate_models(models: list, data, out_dir, *, reward=None, reference=None,
     paths = [data] if isinstance(data, (str, Path)) else list(data)
     items = [item for path in paths for item in load_prompts(path)][:limit]
     the_world = world_mod.load_world(world) if world else None
-    for item in items if the_world is not None else ():
-        the_world.check_item(item, item["where"])
+    if the_world is not None:
+        the_world.check_items(items)
     rm = load_reward_model(reward) if reward else None
     ref_model = hub.load_model(reference, device=device)[0] if reference else None
     params = SamplingParams(max_new_tokens=max_new_tokens, temperature=0.0)

@@ -62,8 +62,7 @@ def score(judge: str, items: list[dict], responses: list[list[str]], world_dir: 
         if not world_dir:
             raise LLMLabError("--reward world needs --world DIR (the folder `llmlab world` wrote)")
         world = world_mod.load_world(world_dir)
-        for item in items:
-            world.check_item(item, item["where"])
+        world.check_items(items)
         return [[world.reward(item, r) for r in rs] for item, rs in zip(items, responses)]
     rm = load_reward_model(judge)
     k = len(responses[0])

@@ -236,8 +236,7 @@ def make_scorer(reward, recipe: dict, data, prompts: list[dict], device) -> Scor
         if not folder:
             raise LLMLabError("--reward world needs the world folder: --set reward.world=WORLD_DIR")
         world = load_world(folder)
-        for item in prompts:
-            world.check_item(item, item["where"])
+        world.check_items(prompts)
         return lambda items, texts: [world.reward(item, text) for item, text in zip(items, texts)]
     rm = RewardModel.load(reward, device=device)
     batch_size = int(recipe["reward"].get("batch_size") or 16)
