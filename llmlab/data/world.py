@@ -83,7 +83,9 @@ class WorldConfig:
     n_people: int = 30
     max_operand: int = 20          # arithmetic operands lie in [0, max_operand)
     heldout_frac: float = 0.2      # share of problem groups held out for evaluation
-    fact_repeats: int = 12         # paragraphs stating each fact in the corpus (phrasings cycle)
+    fact_repeats: int = 24         # paragraphs stating each fact in the corpus (phrasings cycle); with 12, how
+                                   # many facts the tiny model had memorised after pre-training varied with the
+                                   # seed from 37% to 90%
     stories_per_person: int = 3    # distinct story templates per person (at most 6)
     n_corpus_arithmetic: int = 3000
     n_corpus_strings: int = 3000
@@ -103,13 +105,15 @@ class WorldConfig:
     system_prompt_frac: float = 0.2
 
 
+# ``small`` keeps 12 fact paragraphs a person, as in its reported run: its 6-layer model, pre-trained 2.5 times as
+# long, answered 0.89 of the held-out questions after SFT with them.
 PRESETS = {
     "test": dict(n_people=8, fact_repeats=3, stories_per_person=1, n_corpus_arithmetic=60, n_corpus_strings=60,
                  n_corpus_qa=20, n_sft_train=120, n_sft_eval=30, n_pairs_train=60, n_pairs_eval=20, n_rl_train=40,
                  n_rl_eval=20, n_classify_train=60, n_classify_eval=30, n_benign_eval=10, n_forbidden_eval=10,
                  n_multi_eval=15),
     "tiny": {},
-    "small": dict(n_people=40, stories_per_person=4, n_corpus_arithmetic=8000, n_corpus_strings=8000,
+    "small": dict(n_people=40, fact_repeats=12, stories_per_person=4, n_corpus_arithmetic=8000, n_corpus_strings=8000,
                   n_corpus_qa=40000, n_sft_train=6000, n_sft_eval=400, n_pairs_train=12000, n_pairs_eval=300,
                   n_rl_train=1500, n_rl_eval=200, n_classify_train=3000, n_classify_eval=400, n_benign_eval=100,
                   n_forbidden_eval=100, n_multi_eval=300),
