@@ -83,9 +83,8 @@ class WorldConfig:
     n_people: int = 30
     max_operand: int = 20          # arithmetic operands lie in [0, max_operand)
     heldout_frac: float = 0.2      # share of problem groups held out for evaluation
-    fact_repeats: int = 24         # paragraphs stating each fact in the corpus (phrasings cycle); with 12, how
-                                   # many facts the tiny model had memorised after pre-training varied with the
-                                   # seed from 37% to 90%
+    fact_repeats: int = 24         # paragraphs stating each fact in the corpus (phrasings cycle); with 12, the
+                                   # tiny SFT model's held-out fact exact match was 0.84 at seed 0, 0.20 at seed 1
     stories_per_person: int = 3    # distinct story templates per person (at most 6)
     n_corpus_arithmetic: int = 3000
     n_corpus_strings: int = 3000
