@@ -329,6 +329,13 @@ def _ceiling_note(ev: dict) -> str:
             f"another model can at best tie, so no model can win more than {ceiling:.3f} against it.")
 
 
+def _by_kind_table(ev: dict, models: list[str], key: str) -> list[list[str]]:
+    """A table of one per-kind metric (``exact_match_by_kind`` ...): a row per model, a column per kind."""
+    by_kind = {m: ev[m].get(key) or {} for m in models}
+    kinds = list(dict.fromkeys(k for m in models for k in by_kind[m]))
+    return [["model", *kinds]] + [[m, *[_num(by_kind[m].get(k)) for k in kinds]] for m in models]
+
+
 def write_pipeline_report(run: Run, summary: dict) -> dict:
     r, s = run.results, summary["seconds"]
     ev = r["eval"]
@@ -340,13 +347,8 @@ def write_pipeline_report(run: Run, summary: dict) -> dict:
         [m, *[_num(ev[m].get(k)) for k in metrics], _num(ev[m].get("win_rate")),
          "/".join(f"{x:.2f}" for x in ev[m].get("win_tie_loss") or []) or "—", _num(ev[m].get("kl"))]
         for m in models]
-    by_kind = {m: ev[m].get("exact_match_by_kind") or {} for m in models}
-    kinds = list(dict.fromkeys(k for m in models for k in by_kind[m]))
-    kind_table = [["model", *kinds]] + [[m, *[_num(by_kind[m].get(k)) for k in kinds]] for m in models]
-    reward_by_kind = {m: ev[m].get("world_reward_by_kind") or {} for m in models}
-    reward_kinds = list(dict.fromkeys(k for m in models for k in reward_by_kind[m]))
-    reward_table = [["model", *reward_kinds]] + [[m, *[_num(reward_by_kind[m].get(k)) for k in reward_kinds]]
-                                                 for m in models]
+    kind_table, reward_table = (_by_kind_table(ev, models, key)
+                                for key in ("exact_match_by_kind", "world_reward_by_kind"))
     cl = r["classify"]
     sections = [
         Section("The task world", f"A synthetic world generated from seed {run.seed} (preset "

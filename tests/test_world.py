@@ -12,7 +12,8 @@ import pytest
 
 from llmlab import cli
 from llmlab.data.world import (ADD_PROSE, FACT_SENTENCES, FIRST_PART_ONLY, KINDS, MULTI_QUESTIONS,
-                               QUESTION_KINDS, REFUSAL, SUB_PROSE, WorldConfig, build_world, exact_match, fact_sentence, is_refusal, load_world, normalize, preset)
+                               QUESTION_KINDS, REFUSAL, SUB_PROSE, WorldConfig, build_world, exact_match,
+                               fact_sentence, is_refusal, load_world, normalize, preset)
 from llmlab.errors import LLMLabError
 
 ROOT = Path(__file__).resolve().parent.parent

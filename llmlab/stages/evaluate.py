@@ -155,21 +155,19 @@ def win_rate_ceiling(baseline: list[float], top: float) -> float:
     return (1 + sum(b < top for b in baseline) / len(baseline)) / 2
 
 
-def exact_match_by_kind(items: list[dict], texts: list[str]) -> dict[str, float]:
-    """Exact match per item ``kind`` (items with a reference and a kind), kinds in order of first appearance."""
-    hits: dict[str, list[bool]] = {}
-    for item, text in zip(items, texts):
-        if "reference" in item and "kind" in item:
-            hits.setdefault(item["kind"], []).append(world_mod.exact_match(item, text))
-    return {kind: _mean(h) for kind, h in hits.items()}
-
-
-def world_reward_by_kind(items: list[dict], scores: list[float]) -> dict[str, float]:
-    """Mean world reward per item ``kind``, kinds in order of first appearance."""
+def mean_by_kind(items: list[dict], values) -> dict[str, float]:
+    """Mean of the values per item ``kind`` (items without one are left out), kinds in order of first appearance."""
     by_kind: dict[str, list[float]] = {}
-    for item, score in zip(items, scores):
-        by_kind.setdefault(item["kind"], []).append(score)
-    return {kind: _mean(s) for kind, s in by_kind.items()}
+    for item, value in zip(items, values):
+        if "kind" in item:
+            by_kind.setdefault(item["kind"], []).append(value)
+    return {kind: _mean(v) for kind, v in by_kind.items()}
+
+
+def exact_match_by_kind(items: list[dict], texts: list[str]) -> dict[str, float]:
+    """Exact match per item ``kind``, over the items with a reference."""
+    pairs = [(item, text) for item, text in zip(items, texts) if "reference" in item]
+    return mean_by_kind([i for i, _ in pairs], (world_mod.exact_match(i, t) for i, t in pairs))
 
 
 def _metrics(items, replies, rm_scores, world_scores) -> dict:
@@ -187,7 +185,7 @@ def _metrics(items, replies, rm_scores, world_scores) -> dict:
         "stopped": _mean(r.finish_reason == "stop" for r in replies),
         "mean_tokens": _mean(len(r.token_ids) for r in replies),
         "exact_match_by_kind": exact_match_by_kind(items, texts),
-        "world_reward_by_kind": world_reward_by_kind(items, world_scores) if world_scores is not None else None,
+        "world_reward_by_kind": mean_by_kind(items, world_scores) if world_scores is not None else None,
     }
 
 
