@@ -36,6 +36,7 @@ import jinja2.ext
 import jinja2.nodes
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
+from .encoding import encode_rendered
 from .errors import LLMLabError
 
 ROLES = ("system", "user", "assistant")
@@ -262,6 +263,14 @@ def render(messages: list[dict], template: str, *, bos_token: str = "", eos_toke
                                          add_generation_prompt=add_generation_prompt)
     except jinja2.TemplateError as e:
         raise LLMLabError(f"chat template: {e}") from None
+
+
+def generation_prompt_ids(tokenizer, messages: list[dict], template: str) -> list[int]:
+    """Token ids that ask the model for the next assistant turn: the conversation rendered with the generation
+    prompt and the tokenizer's own BOS/EOS strings, encoded with nothing added (``encoding.encode_rendered``)."""
+    text = render(messages, template, bos_token=tokenizer.bos_token or "", eos_token=tokenizer.eos_token or "",
+                  add_generation_prompt=True)
+    return encode_rendered(tokenizer, text)
 
 
 def validate_messages(messages, where: str, field: str = "messages") -> None:

@@ -13,7 +13,7 @@ from llmlab.infer.engine import SamplingParams
 from llmlab.model import hub
 from llmlab.stages import pairs as pairs_stage
 from llmlab.stages.evaluate import (engine_for, evaluate_models, generate_replies, generated_kl, load_prompts,
-                                    prompt_ids, win_rate_ceiling, win_rates, win_tie_loss)
+                                    win_rate_ceiling, win_rates, win_tie_loss)
 from test_sft import build_lab, one_thread, write_jsonl
 
 
@@ -90,7 +90,7 @@ def test_generated_kl_is_the_exact_per_token_kl(lab):
     policy, tok = hub.load_model(lab.sft)
     reference, _ = hub.load_model(lab.base)
     template = chat.load_template(lab.sft)
-    prompt = prompt_ids(engine_for(policy, tok, template), [{"role": "user", "content": "Hello"}], template)
+    prompt = chat.generation_prompt_ids(tok, [{"role": "user", "content": "Hello"}], template)
     answer = tok.encode("Sorry, I can't share that.<|im_end|>")
     with torch.no_grad():
         ids = torch.tensor([prompt + answer])

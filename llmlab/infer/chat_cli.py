@@ -43,9 +43,7 @@ class ChatSession:
             raise LLMLabError(f"--max-new-tokens {params.max_new_tokens} leaves no room for a prompt in this "
                               f"model's context of {engine.context} tokens")
         self.engine, self.template, self.out, self.label = engine, template, out or sys.stdout, label
-        tok = engine.tokenizer
-        self.special = {"bos_token": tok.bos_token or "", "eos_token": tok.eos_token or ""}
-        self.params = chat.reply_params(params, template, tok.eos_token)
+        self.params = chat.reply_params(params, template, engine.tokenizer.eos_token)
         self.system = system
         self.history: list[dict] = []            # user/assistant messages, alternating
 
@@ -54,8 +52,7 @@ class ChatSession:
         return system + (self.history if history is None else history)
 
     def encode(self, history: list[dict]) -> list[int]:
-        text = chat.render(self.messages(history), self.template, add_generation_prompt=True, **self.special)
-        return self.engine.tokenizer.encode(text, add_special_tokens=False)
+        return chat.generation_prompt_ids(self.engine.tokenizer, self.messages(history), self.template)
 
     def fit(self, user_text: str) -> list[int]:
         """Token ids of the conversation plus ``user_text``, dropping the oldest exchanges until the prompt plus

@@ -20,6 +20,7 @@ from typing import Iterator
 
 import torch
 
+from ..encoding import encode_text
 from ..errors import LLMLabError
 
 
@@ -242,8 +243,10 @@ class Engine:
         return self.lm.context
 
     def encode(self, prompt: str | list[int]) -> list[int]:
+        """A raw-text prompt's ids as the tokenizer makes them by default (``encoding.encode_text``: its BOS
+        included); a list of ids as is (a rendered chat prompt is encoded by ``chat.generation_prompt_ids``)."""
         if isinstance(prompt, str):
-            return self.tokenizer.encode(prompt, add_special_tokens=False)
+            return encode_text(self.tokenizer, prompt)
         return list(prompt)
 
     def check_prompt(self, ids: list[int]) -> None:

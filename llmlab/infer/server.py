@@ -150,9 +150,7 @@ class Server:
                  max_batch: int = 32):
         self.engine, self.model_name, self.template, self.api_key = engine, model_name, template, api_key
         self.batcher = Batcher(engine, max_batch=max_batch)
-        tok = engine.tokenizer
-        self.special = {"bos_token": tok.bos_token or "", "eos_token": tok.eos_token or ""}
-        self.chat_stops = [s for s in chat.stop_strings(template, tok.eos_token) if s]
+        self.chat_stops = [s for s in chat.stop_strings(template, engine.tokenizer.eos_token) if s]
         self.created = int(time.time())
 
     # -------------------------------------------------------------------------------------- checks
@@ -202,16 +200,15 @@ class Server:
         messages = [{"role": m.role, "content": m.text()} for m in body.messages]
         try:
             chat.validate_messages(messages, "request")
-            text = chat.render(messages, self.template, add_generation_prompt=True, **self.special)
+            return chat.generation_prompt_ids(self.engine.tokenizer, messages, self.template)
         except LLMLabError as e:
             raise APIError(400, str(e), param="messages") from None
-        return self.engine.tokenizer.encode(text, add_special_tokens=False)
 
     def completion_prompts(self, body: CompletionRequest) -> list[list[int]]:
         texts = [body.prompt] if isinstance(body.prompt, str) else body.prompt
         if not texts or not all(texts):
             raise APIError(400, "'prompt' must be a non-empty string or list of non-empty strings", param="prompt")
-        return [self.engine.tokenizer.encode(t, add_special_tokens=False) for t in texts]
+        return [self.engine.encode(t) for t in texts]
 
     # -------------------------------------------------------------------------------------- generation
 

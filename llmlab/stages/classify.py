@@ -32,6 +32,7 @@ from ..config import from_dict
 from ..data.classification import ClassificationData, Example, balanced_subset, load_classification
 from ..data.shards import BatchSampler
 from ..device import pick_device
+from ..encoding import special_affixes
 from ..errors import LLMLabError
 from ..model import hub
 from ..tokenizer import ensure_pad_token
@@ -104,17 +105,6 @@ class LoraSection:
 
 
 # ----------------------------------------------------------------------------------------------- tokens
-
-def special_affixes(tokenizer) -> tuple[list[int], list[int]]:
-    """The ids the tokenizer puts before and after a text ([CLS] … [SEP] for BERT, <bos> … for Gemma, nothing
-    for GPT-2), found by encoding a probe with and without special tokens."""
-    bare = tokenizer("a", add_special_tokens=False)["input_ids"]
-    full = tokenizer("a", add_special_tokens=True)["input_ids"]
-    for i in range(len(full) - len(bare) + 1):
-        if full[i:i + len(bare)] == bare:
-            return full[:i], full[i + len(bare):]
-    return [], []
-
 
 def truncate(ids: list[int], room: int, how: str = "head") -> list[int]:
     """At most ``room`` ids: the first ones (``head``), or the first quarter and last three quarters of the room

@@ -52,17 +52,10 @@ def engine_for(model, tokenizer, template: str) -> Engine:
     return Engine(model, tokenizer, eos_token_ids=sorted(eos))
 
 
-def prompt_ids(engine: Engine, messages: list[dict], template: str) -> list[int]:
-    tok = engine.tokenizer
-    text = chat.render(messages, template, bos_token=tok.bos_token or "", eos_token=tok.eos_token or "",
-                       add_generation_prompt=True)
-    return engine.encode(text)
-
-
 def prompts_that_fit(engine: Engine, items: list[dict], template: str, who: str) -> list[dict]:
     """The items whose rendered prompt leaves the model room for at least one new token; the others are dropped
     with a warning (one such prompt would stop the whole run)."""
-    kept = [item for item in items if len(prompt_ids(engine, item["prompt"], template)) < engine.context]
+    kept = [item for item in items if len(chat.generation_prompt_ids(engine.tokenizer, item["prompt"], template)) < engine.context]
     if len(kept) < len(items):
         print(f"{who}: skipped {len(items) - len(kept)} of {len(items)} prompts that do not fit the model's context "
               f"of {engine.context} tokens", file=sys.stderr)
@@ -76,7 +69,7 @@ def generate_replies(engine: Engine, prompts: list[list[dict]], template: str, p
     """One completion per prompt (message list), rendered with ``template`` and generated in batches; generation
     also stops at the template's stop strings, and replies are left-stripped (``SamplingParams.lstrip``)."""
     params = chat.reply_params(params, template, engine.tokenizer.eos_token)
-    encoded = [prompt_ids(engine, p, template) for p in prompts]
+    encoded = [chat.generation_prompt_ids(engine.tokenizer, p, template) for p in prompts]
     out = []
     for start in range(0, len(encoded), batch_size):
         out += engine.generate(encoded[start:start + batch_size], params)
@@ -221,8 +214,8 @@ def evaluate_models(models: list, data, out_dir, *, reward=None, reference=None,
         rm_scores = [float(s) for s in rm.score([i["prompt"] for i in items], texts)] if rm else None
         row = {"model": str(path), **_metrics(items, replies, rm_scores, world_scores)}
         if ref_model is not None:
-            row["kl"] = generated_kl(model, ref_model, [prompt_ids(engine, i["prompt"], tmpl) for i in items],
-                                     [r.token_ids for r in replies])
+            prompts = [chat.generation_prompt_ids(tokenizer, i["prompt"], tmpl) for i in items]
+            row["kl"] = generated_kl(model, ref_model, prompts, [r.token_ids for r in replies])
         judged.append(world_scores if world_scores is not None else rm_scores)
         results.append(row)
         print(f"eval: {path}: " + ", ".join(f"{k} {v:.3f}" for k, v in row.items()
