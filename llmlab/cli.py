@@ -1,8 +1,10 @@
 """``llmlab <stage>``: one entry point, a thin subcommand per stage.
 
-Each module in ``COMMAND_MODULES`` defines ``register(subparsers)``, which adds its subcommand(s) and sets
-``func`` to a handler taking the parsed arguments. Errors a user can fix (``LLMLabError``) are printed without a
-traceback; ``--debug`` shows it.
+Each module in ``COMMANDS`` defines ``register(subparsers)``, which adds its subcommand and sets ``func`` to a
+handler taking the parsed arguments. Only the module of the subcommand being run is imported (the others bring
+in torch, transformers, fastapi, matplotlib ...): the rest of the parser holds a one-line stub per subcommand, so
+``llmlab --help`` lists them all. Errors a user can fix (``LLMLabError``) are printed without a traceback;
+``--debug`` shows it.
 """
 from __future__ import annotations
 
@@ -12,22 +14,44 @@ import sys
 
 from .errors import LLMLabError
 
-COMMAND_MODULES = [       # in the order of a model's life
-    "pipeline",
-    "data.world", "tokenizer", "data.shards",
-    "stages.pretrain", "stages.experiment",
-    "stages.sft", "stages.pairs", "stages.reward", "stages.dpo", "stages.ppo", "stages.evaluate",
-    "stages.classify",
-    "infer.engine", "infer.chat_cli", "infer.server", "infer.client",
-]
+COMMANDS = {       # subcommand → (module, one-line help), in the order of a model's life
+    "run": ("pipeline", "the whole life cycle on the built-in task world, with a report"),
+    "world": ("data.world", "generate the built-in task world's data files"),
+    "tokenizer": ("tokenizer", "train a tokenizer"),
+    "shards": ("data.shards", "tokenize text into memory-mapped token shards"),
+    "pretrain": ("stages.pretrain", "pre-train a language model (decoder) or a masked-LM encoder on text"),
+    "experiment": ("stages.experiment", "small experiments that explain a design choice"),
+    "sft": ("stages.sft", "supervised fine-tuning on chat conversations"),
+    "pairs": ("stages.pairs", "preference pairs from a model's samples, scored by a judge"),
+    "rm": ("stages.reward", "train a reward model on preference pairs (Bradley–Terry)"),
+    "dpo": ("stages.dpo", "direct preference optimisation on chosen/rejected pairs"),
+    "ppo": ("stages.ppo", "RLHF: tune a policy with PPO against a reward model or the world reward"),
+    "eval": ("stages.evaluate", "compare chat models on held-out prompts"),
+    "classify": ("stages.classify", "fine-tune pretrained models as text classifiers (before/after)"),
+    "generate": ("infer.engine", "complete a prompt with a model directory, Hugging Face folder or GGUF file"),
+    "chat": ("infer.chat_cli", "chat in the terminal with a model directory, Hugging Face folder or GGUF file"),
+    "serve": ("infer.server", "OpenAI-compatible API (continuous batching) and a chat page for a model"),
+    "ask": ("infer.client", "send one message to a hosted chat API and print the answer"),
+}
 
 
-def build_parser() -> argparse.ArgumentParser:
+def _command_in(argv: list[str]) -> str | None:
+    """The subcommand named on the command line: the first argument that is not an option."""
+    first = next((a for a in argv if not a.startswith("-")), None)
+    return first if first in COMMANDS else None
+
+
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    """The parser with ``command``'s real subparser (its module imported) and a stub for every other one;
+    ``command=None`` imports every module (for tests and tools that need every full subparser)."""
     parser = argparse.ArgumentParser(prog="llmlab", description=__doc__.splitlines()[0])
     parser.add_argument("--debug", action="store_true", help="show full tracebacks")
     sub = parser.add_subparsers(dest="command", required=True, metavar="<stage>")
-    for name in COMMAND_MODULES:
-        importlib.import_module(f"llmlab.{name}").register(sub)
+    for name, (module, help_text) in COMMANDS.items():
+        if command is None or name == command:
+            importlib.import_module(f"llmlab.{module}").register(sub)
+        else:
+            sub.add_parser(name, help=help_text)
     return parser
 
 
@@ -41,8 +65,9 @@ def add_config_args(p: argparse.ArgumentParser) -> None:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     debug = "--debug" in argv
+    command = _command_in(argv)
     try:
-        args = build_parser().parse_args(argv)
+        args = build_parser(command or "").parse_args(argv)
         result = args.func(args)
         return int(result or 0)
     except LLMLabError as e:
