@@ -1,5 +1,6 @@
 """Hugging Face import/export: our models against transformers' own implementations, the directory layout,
 the loader's three paths (ours, transformers, GGUF) and every user error."""
+import dataclasses
 import json
 import os
 from pathlib import Path
@@ -448,3 +449,27 @@ def test_error_weights_do_not_match_config(saved_llama, change, message):
 def test_error_config_without_hugging_face_equivalent(cfg, field):
     with pytest.raises(LLMLabError, match=field):
         hub.config_to_hf(tiny(cfg.pop("name"), **cfg))
+
+
+@pytest.mark.parametrize("name", ["llama", "gemma3", "bert"])
+def test_loading_skips_the_random_init_but_keeps_tables_ties_and_new_heads(tmp_path, name):
+    """Models are built on the meta device and allocated empty before their weights are copied in: the RoPE tables
+    must still be computed, tied weights still shared, and a head the folder lacks initialised as build_model
+    would (not left as uninitialised memory)."""
+    cfg = tiny(name, tie_embeddings=True) if name != "bert" else tiny(name)
+    saved = random_model(cfg)
+    hub.save_model(saved, tmp_path / "m")
+    loaded = hub.load_our_model(tmp_path / "m", num_labels=3)
+    fresh = build_model(dataclasses.replace(cfg, num_labels=3))
+    for (key, ours), (_, theirs) in zip(loaded.named_buffers(), fresh.named_buffers()):
+        assert torch.equal(ours, theirs), key
+    if name == "bert":
+        assert loaded.mlm_decoder.weight is loaded.embed.weight
+        head = loaded.classifier
+    else:
+        assert loaded.lm_head.weight is loaded.embed.weight
+        head = loaded.score
+    assert torch.equal(loaded.embed.weight, saved.embed.weight)
+    assert head.weight.abs().max() < 10 * cfg.init_std and head.weight.std() > cfg.init_std / 2
+    if getattr(head, "bias", None) is not None:
+        assert torch.equal(head.bias, torch.zeros_like(head.bias))

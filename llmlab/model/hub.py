@@ -41,7 +41,7 @@ from torch import nn
 from ..device import parse_dtype
 from ..errors import LLMLabError
 from .config import ModelConfig, preset
-from .decoder import build_model
+from .decoder import build_empty, init_weights
 
 FAMILIES = ("llama", "qwen3", "gemma3_text", "gpt2", "bert")      # transformers' model_type
 ARCHITECTURES = {   # family → (language-model head, classification head)
@@ -651,11 +651,13 @@ def _build_ours(folder: Path, hf, overrides: dict) -> nn.Module:
         raise LLMLabError(f"{folder}/config.json: {e}") from e
     except TypeError as e:
         raise LLMLabError(f"unknown model field in overrides {sorted(overrides)}: {e}") from e
-    model = build_model(cfg)
+    model = build_empty(cfg)
     try:
-        load_hf_state_dict(model, read_weights(folder))
+        absent = load_hf_state_dict(model, read_weights(folder))
     except LLMLabError as e:
         raise LLMLabError(f"{folder}: {e}") from e
+    ours = {e.hf: e.ours for e in _plan(cfg)}
+    init_weights(model, cfg, only={ours[name] for name in absent})     # e.g. a new classification head
     if (folder / "generation_config.json").is_file():
         from transformers import GenerationConfig
         model.generation_config = GenerationConfig.from_pretrained(folder)
