@@ -3,7 +3,7 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from llmlab.errors import LLMLabError
-from llmlab.infer.engine import (Engine, SamplingParams, TextStream, apply_repetition_penalty,
+from llmlab.infer.engine import (Engine, GreedyHead, SamplingParams, TextStream, apply_repetition_penalty,
                                  filter_top_k_top_p)
 from llmlab.model.config import preset
 from llmlab.model.decoder import build_model
@@ -35,6 +35,34 @@ def test_batched_greedy_equals_naive_loop(our_model, byte_tokenizer):
     for p, o in zip(prompts, outs):
         assert o.token_ids == naive_greedy(our_model, p, 12)
         assert o.finish_reason == "length" and o.prompt_tokens == len(p)
+
+
+def test_batch_one_greedy_equals_naive_loop(our_model, byte_tokenizer):
+    """Batch-1 greedy decoding takes the GreedyHead path; it must pick float32's argmax at every step."""
+    engine = Engine(our_model, byte_tokenizer, eos_token_ids=[])
+    for prompt in ([5, 6, 7], [20], list(range(30, 60))):
+        out = engine.generate([prompt], SamplingParams(max_new_tokens=30, temperature=0))[0]
+        assert out.token_ids == naive_greedy(our_model, prompt, 30)
+    assert engine.lm.greedy_head is not None
+
+
+def test_greedy_head_finds_float32s_argmax_among_its_candidates():
+    torch.manual_seed(0)
+    weight = torch.randn(5000, 64) * torch.rand(5000, 1) * 4
+    weight[1] = weight[0] * (1 + 1e-6)          # near-ties that bfloat16 alone cannot separate
+    weight[7] = weight[3] + 1e-5
+    head = GreedyHead(weight)
+    for scale in (0.01, 1.0, 30.0):
+        for _ in range(100):
+            hidden = torch.randn(1, 64) * scale
+            if torch.rand(()) < 0.3:            # aim at a near-tie pair
+                hidden = (weight[0] if torch.rand(()) < 0.5 else weight[3])[None] * scale
+            logits = head(hidden)
+            exact = hidden @ weight.T
+            assert int(logits.argmax()) == int(exact.argmax())
+            kept = torch.isfinite(logits)
+            assert torch.allclose(logits[kept], exact[kept], rtol=1e-6, atol=1e-5)
+            assert kept.sum() < 5000
 
 
 def test_greedy_equals_transformers_generate_for_hf_models(byte_tokenizer):
