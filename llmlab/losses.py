@@ -68,14 +68,21 @@ def lm_loss(logits: torch.Tensor, targets: torch.Tensor, ignore_index: int = IGN
 
 
 def _chunk_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, ignore_index: int,
-                         with_grad: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+                         with_grad: bool, softcap: float | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Σ_t CE(z_t, y_t) = −Σ_t log softmax(z_t)[y_t] over the counted targets (y_t ≠ ignore_index) of one chunk of
     logits z = h Wᵀ (at least float32), and with ``with_grad`` its gradient ∂/∂z = softmax(z) − onehot(y) (zero
     on ignored rows), computed in place of the log-probabilities (one fused log-softmax: about twice as fast on
     CPU as logsumexp followed by z − lse). Ignored rows are masked, not removed: no data-dependent shapes, so no
-    host synchronisation and no break in a ``torch.compile`` graph."""
+    host synchronisation and no break in a ``torch.compile`` graph.
+
+    With a ``softcap`` c the logits are z = c·tanh(u/c) with u = h Wᵀ (Gemma 2), and the gradient returned is the
+    one for u: ∂/∂u = (softmax(z) − onehot(y)) ⊙ (1 − tanh²(u/c))."""
     z = hidden @ weight.T
-    logp = torch.log_softmax(z.to(torch.promote_types(z.dtype, torch.float32)), dim=-1)
+    z = z.to(torch.promote_types(z.dtype, torch.float32))
+    if softcap is not None:
+        tanh = torch.tanh(z / softcap)
+        z = softcap * tanh
+    logp = torch.log_softmax(z, dim=-1)
     counted = targets != ignore_index
     safe = torch.where(counted, targets, 0)[:, None]
     total = -(logp.gather(1, safe).squeeze(1) * counted).sum()
@@ -83,17 +90,19 @@ def _chunk_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: to
         return total, None
     grad = logp.exp_()                                                  # softmax(z)
     grad.scatter_add_(1, safe, torch.full_like(safe, -1.0, dtype=grad.dtype))   # − onehot(y)
+    if softcap is not None:
+        grad.mul_(tanh.square_().neg_().add_(1))                          # ⊙ (1 − tanh²(u/c))
     return total, grad.mul_(counted[:, None])
 
 
 class _LinearCrossEntropy(torch.autograd.Function):
     """Σ_t CE(h_t Wᵀ, y_t) whose gradients are computed chunk by chunk during the forward pass (the idea of Liger
-    Kernel's fused linear cross-entropy): with G = ∂L/∂Z = softmax(Z) − onehot(Y) for a chunk,
-    ∂L/∂H = G W and ∂L/∂W = Σ_chunks Gᵀ H, so the (N × V) logits never exist whole and are never recomputed. The
-    backward only scales the stored gradients by the incoming one (a scalar)."""
+    Kernel's fused linear cross-entropy): with G = ∂L/∂Z = softmax(Z) − onehot(Y) for a chunk (times
+    1 − tanh²(Z/c) with a soft-cap c), ∂L/∂H = G W and ∂L/∂W = Σ_chunks Gᵀ H, so the (N × V) logits never exist
+    whole and are never recomputed. The backward only scales the stored gradients by the incoming one (a scalar)."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, targets, chunk_size, ignore_index):
+    def forward(ctx, hidden, weight, targets, chunk_size, ignore_index, softcap):
         grad_hidden = torch.empty_like(hidden)
         grad_weight = torch.zeros(weight.shape, dtype=torch.promote_types(weight.dtype, torch.float32),
                                   device=weight.device)
@@ -101,7 +110,8 @@ class _LinearCrossEntropy(torch.autograd.Function):
         w = weight.to(hidden.dtype)                      # cast once, not per chunk (a no-op in float32)
         for i in range(0, len(targets), chunk_size):
             h = hidden[i:i + chunk_size]
-            chunk_total, grad_z = _chunk_cross_entropy(h, w, targets[i:i + chunk_size], ignore_index, with_grad=True)
+            chunk_total, grad_z = _chunk_cross_entropy(h, w, targets[i:i + chunk_size], ignore_index, with_grad=True,
+                                                       softcap=softcap)
             total += chunk_total
             grad_z = grad_z.to(hidden.dtype)
             grad_hidden[i:i + chunk_size] = grad_z @ w
@@ -113,12 +123,14 @@ class _LinearCrossEntropy(torch.autograd.Function):
     def backward(ctx, grad_output):
         grad_hidden, grad_weight = ctx.saved_tensors
         return grad_hidden * grad_output.to(grad_hidden.dtype), grad_weight * grad_output.to(grad_weight.dtype), \
-            None, None, None
+            None, None, None, None
 
 
 def chunked_lm_loss(hidden: torch.Tensor, lm_head_weight: torch.Tensor, targets: torch.Tensor,
-                    chunk_size: int = 512, ignore_index: int = IGNORE_INDEX) -> torch.Tensor:
-    """``lm_loss(hidden @ W.T, targets)`` without ever holding the full (B·T·V) logits, and faster than it.
+                    chunk_size: int = 512, ignore_index: int = IGNORE_INDEX,
+                    softcap: float | None = None) -> torch.Tensor:
+    """``lm_loss(hidden @ W.T, targets)`` without ever holding the full (B·T·V) logits, and faster than it; with a
+    ``softcap`` c, ``lm_loss(c·tanh(hidden @ W.T / c), targets)`` (Gemma 2's soft-capped logits).
 
     All positions go through the LM head ``chunk_size`` tokens at a time, those whose target is ``ignore_index``
     masked out: L = −(1/N) Σ_chunks Σ_{t ∈ chunk, y_t counted} log softmax(h_t Wᵀ)[y_t], N the number of counted
@@ -134,9 +146,9 @@ def chunked_lm_loss(hidden: torch.Tensor, lm_head_weight: torch.Tensor, targets:
     h, y = hidden.reshape(-1, hidden.shape[-1]), targets.reshape(-1)
     count = (y != ignore_index).sum().clamp_min(1)
     if torch.is_grad_enabled() and (h.requires_grad or lm_head_weight.requires_grad):
-        return _LinearCrossEntropy.apply(h, lm_head_weight, y, chunk_size, ignore_index) / count
+        return _LinearCrossEntropy.apply(h, lm_head_weight, y, chunk_size, ignore_index, softcap) / count
     total = sum(_chunk_cross_entropy(h[i:i + chunk_size], lm_head_weight, y[i:i + chunk_size], ignore_index,
-                                     with_grad=False)[0] for i in range(0, len(y), chunk_size))
+                                     with_grad=False, softcap=softcap)[0] for i in range(0, len(y), chunk_size))
     return total / count
 
 

@@ -62,16 +62,22 @@ def tokenizer():
 
 # ------------------------------------------------------------------------------- export: ours → transformers
 
+LLAMA3_ROPE = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+               "original_max_position_embeddings": 16}
 DECODERS = {
     "llama-gqa-untied": tiny("llama", n_kv_head=2),
     "llama-tied-bias": tiny("llama", tie_embeddings=True, bias=True),
+    "llama3-rope-scaling": tiny("llama", rope_scaling=LLAMA3_ROPE),
+    "qwen2-qkv-bias": tiny("qwen2", n_kv_head=2),
+    "qwen2-sliding-tied": tiny("qwen2", tie_embeddings=True, layer_types=["full", "sliding"], sliding_window=4),
     "qwen3-qk-norm": tiny("llama", qk_norm=True, n_kv_head=1, head_dim=16),
     "gpt2-tied": tiny("gpt2"),
     "gpt2-untied-exact-gelu": tiny("gpt2", tie_embeddings=False, mlp="gelu", d_ff=48),
 }
 HF_CLASS = {"llama-gqa-untied": "LlamaForCausalLM", "llama-tied-bias": "LlamaForCausalLM",
-            "qwen3-qk-norm": "Qwen3ForCausalLM", "gpt2-tied": "GPT2LMHeadModel",
-            "gpt2-untied-exact-gelu": "GPT2LMHeadModel"}
+            "llama3-rope-scaling": "LlamaForCausalLM", "qwen2-qkv-bias": "Qwen2ForCausalLM",
+            "qwen2-sliding-tied": "Qwen2ForCausalLM", "qwen3-qk-norm": "Qwen3ForCausalLM",
+            "gpt2-tied": "GPT2LMHeadModel", "gpt2-untied-exact-gelu": "GPT2LMHeadModel"}
 
 
 @pytest.mark.parametrize("name", DECODERS)
@@ -143,8 +149,10 @@ def test_transformers_bert_imports_with_same_logits_under_padding(tmp_path):
 
 
 @pytest.mark.parametrize("cfg", [*DECODERS.values(), tiny("bert"), tiny("bert", tie_embeddings=False),
-                                 tiny("bert", num_labels=3), tiny("llama", num_labels=2)],
-                         ids=[*DECODERS, "bert", "bert-untied", "bert-classifier", "llama-classifier"])
+                                 tiny("bert", num_labels=3), tiny("llama", num_labels=2),
+                                 tiny("qwen2", num_labels=2)],
+                         ids=[*DECODERS, "bert", "bert-untied", "bert-classifier", "llama-classifier",
+                              "qwen2-classifier"])
 def test_state_dict_mapping_is_exact_and_round_trips(cfg, tmp_path):
     model = random_model(cfg)
     exported = hub.state_dict_to_hf(model)
@@ -210,18 +218,26 @@ def test_new_classification_head_on_a_pretrained_encoder(tmp_path):
 
 # ------------------------------------------------------------------------------------------ the loader's paths
 
-def test_unmapped_architecture_returns_the_transformers_model(tmp_path):
-    theirs = transformers.Qwen2ForCausalLM(transformers.Qwen2Config(
-        vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, max_position_embeddings=32)).eval()
-    theirs.save_pretrained(tmp_path / "qwen2")
-    model, _ = hub.load_model(tmp_path / "qwen2")
-    assert isinstance(model, transformers.Qwen2ForCausalLM) and not model.training
+@pytest.mark.parametrize("name, message", [
+    ("mistral", "model_type 'mistral'"),
+    ("llama-yarn", r"llama-yarn/config.json: .*rope_scaling.rope_type = 'yarn' \(llmlab needs 'default' or 'llama3'\)"),
+])
+def test_unmapped_architecture_returns_the_transformers_model(name, message, tmp_path):
+    common = dict(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=2, max_position_embeddings=32)
+    if name == "mistral":
+        theirs = transformers.MistralForCausalLM(transformers.MistralConfig(**common))
+    else:       # a RoPE scaling llmlab does not implement
+        yarn = {"rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0, "original_max_position_embeddings": 8}
+        theirs = transformers.LlamaForCausalLM(transformers.LlamaConfig(rope_parameters=yarn, **common))
+    theirs.eval().save_pretrained(tmp_path / name)
+    model, _ = hub.load_model(tmp_path / name)
+    assert type(model) is type(theirs) and not model.training
     x = ids()
     with torch.no_grad():
         assert torch.allclose(model(x).logits, theirs(x).logits, atol=TOL)
-    with pytest.raises(LLMLabError, match="qwen2"):
-        hub.load_our_model(tmp_path / "qwen2")
+    with pytest.raises(LLMLabError, match=message):
+        hub.load_our_model(tmp_path / name)
 
 
 def test_directory_layout_tokenizer_chat_template_and_generation_config(tmp_path, tokenizer):
@@ -445,6 +461,12 @@ def test_error_weights_do_not_match_config(saved_llama, change, message):
     (dict(name="llama", attn_scale=0.1), "model.attn_scale"),
     (dict(name="gemma3", mlp="swiglu"), "model.mlp"),
     (dict(name="gemma3", attn_scale=0.3), "model.attn_scale"),
+    (dict(name="gemma3", attn_softcap=50.0), "model.attn_softcap"),
+    (dict(name="gemma2", rope_local_theta=1e4), "model.rope_local_theta"),
+    (dict(name="llama", logit_softcap=30.0), "model.logit_softcap"),
+    (dict(name="qwen2", bias=True), "model.bias"),
+    (dict(name="qwen2", qk_norm=True), "model.qkv_bias"),
+    (dict(name="gpt2", rope_scaling=LLAMA3_ROPE), "model.rope_scaling"),
 ])
 def test_error_config_without_hugging_face_equivalent(cfg, field):
     with pytest.raises(LLMLabError, match=field):

@@ -50,17 +50,21 @@ def _hidden_weight_targets():
     return hidden, weight, targets
 
 
-def test_chunked_lm_loss_equals_full_loss_and_gradients():
+@pytest.mark.parametrize("softcap", [None, 2.0])
+def test_chunked_lm_loss_equals_full_loss_and_gradients(softcap):
+    """With a soft-cap c (Gemma 2) the reference is the loss on the capped logits c·tanh(h Wᵀ / c)."""
     hidden, weight, targets = _hidden_weight_targets()
-    full = lm_loss(hidden @ weight.T, targets)
+    logits = hidden @ weight.T
+    full = lm_loss(logits if softcap is None else softcap * torch.tanh(logits / softcap), targets)
     full_grads = torch.autograd.grad(0.5 * full, (hidden, weight))      # a scaled loss, as under accumulation
-    chunked = chunked_lm_loss(hidden, weight, targets, chunk_size=3)
+    chunked = chunked_lm_loss(hidden, weight, targets, chunk_size=3, softcap=softcap)
     chunked_grads = torch.autograd.grad(0.5 * chunked, (hidden, weight))
     assert chunked.item() == pytest.approx(full.item(), abs=1e-6)
     for a, b in zip(chunked_grads, full_grads):
         assert torch.allclose(a, b, atol=1e-6)
     with torch.no_grad():                                               # evaluation: the loss alone
-        assert chunked_lm_loss(hidden, weight, targets, chunk_size=4).item() == pytest.approx(full.item(), abs=1e-6)
+        again = chunked_lm_loss(hidden, weight, targets, chunk_size=4, softcap=softcap)
+        assert again.item() == pytest.approx(full.item(), abs=1e-6)
 
 
 def test_chunked_lm_loss_only_builds_chunk_sized_logits(monkeypatch):
@@ -68,9 +72,9 @@ def test_chunked_lm_loss_only_builds_chunk_sized_logits(monkeypatch):
     rows = []
     original = losses._chunk_cross_entropy
 
-    def recording(h, w, y, ignore_index, with_grad):
+    def recording(h, w, y, ignore_index, with_grad, softcap=None):
         rows.append(h.shape[0])
-        return original(h, w, y, ignore_index, with_grad)
+        return original(h, w, y, ignore_index, with_grad, softcap)
 
     monkeypatch.setattr(losses, "_chunk_cross_entropy", recording)
     loss = chunked_lm_loss(hidden, weight, targets, chunk_size=4)

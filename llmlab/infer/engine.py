@@ -106,7 +106,7 @@ class OurLM:
     def prefill(self, ids: torch.Tensor, mask: torch.Tensor, max_len: int) -> torch.Tensor:
         self.cache = self.model.new_cache(ids.shape[0], max_len)
         hidden = self.model.hidden_states(ids, attention_mask=None if bool(mask.all()) else mask, cache=self.cache)
-        logits = self.model.lm_head(hidden[:, -1])          # only the last position's logits are needed
+        logits = self.model.logits(hidden[:, -1])           # only the last position's logits are needed
         if self.decode_dtype is not None:
             self.cache.to(self.decode_dtype)
         return logits
@@ -120,8 +120,8 @@ class OurLM:
         if greedy and len(tokens) == 1 and weight is not None and weight.dtype == torch.float32:
             if self.greedy_head is None:
                 self.greedy_head = GreedyHead(weight)
-            return self.greedy_head(hidden)
-        return model.lm_head(hidden)
+            return self.greedy_head(hidden)     # a logit soft-cap is monotonic: it cannot move the argmax
+        return model.logits(hidden)
 
 
 class HFLM:

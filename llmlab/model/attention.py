@@ -13,6 +13,10 @@ Multi-head attention projects the input into h heads, attends in each, concatena
 
 Positions enter through rotary embeddings (RoPE): each pair of channels (x_i, x_{i+d/2}) of a query or key at
 position p is rotated by the angle p·θ^(-2i/d), so that q·k depends only on the relative position.
+Llama 3.1 stretches the slow rotations of RoPE for a longer context (``llama3_frequencies``).
+
+Gemma 2 soft-caps the scores before the mask, a = c·tanh(a/c) with a = QKᵀ/√d_k, so that no score exceeds c;
+torch's fused kernel has no such step, so soft-capped attention runs the formula.
 
 During generation a KV cache keeps the keys and values of earlier tokens, so each new token costs one row of
 attention instead of a full pass.
@@ -42,15 +46,17 @@ def causal_mask(t_q: int, t_k: int, device=None, window: int | None = None) -> t
 
 def scaled_dot_product_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                                  mask: torch.Tensor | None = None, is_causal: bool = False,
-                                 scale: float | None = None, dropout_p: float = 0.0,
-                                 fast: bool = False) -> torch.Tensor:
+                                 scale: float | None = None, dropout_p: float = 0.0, fast: bool = False,
+                                 softcap: float | None = None) -> torch.Tensor:
     """softmax(Q Kᵀ / √d_k + M) V for (B, H, T_q, D) queries and (B, H_kv, T_k, D) keys/values.
 
     ``mask`` is boolean (True = attend) or additive, broadcastable to (B, H, T_q, T_k). ``is_causal`` adds the
-    bottom-right-aligned causal mask. ``dropout_p`` drops attention weights (training only). ``fast=True`` hands
-    the same computation to ``torch.nn.functional.scaled_dot_product_attention`` (fused kernels); the default
-    runs the formula step by step.
+    bottom-right-aligned causal mask. ``dropout_p`` drops attention weights (training only). ``softcap`` c
+    replaces each score a = Q Kᵀ / √d_k by c·tanh(a/c) before the mask is applied (Gemma 2). ``fast=True`` hands
+    the same computation to ``torch.nn.functional.scaled_dot_product_attention`` (fused kernels) when there is no
+    ``softcap``; otherwise the formula runs step by step.
     """
+    fast = fast and softcap is None           # torch's kernel cannot soft-cap the scores
     n_head, n_kv_head = q.shape[1], k.shape[1]
     if n_head % n_kv_head:
         raise ValueError(f"n_head ({n_head}) must be a multiple of n_kv_head ({n_kv_head})")
@@ -65,6 +71,8 @@ def scaled_dot_product_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tens
         v = v.repeat_interleave(n_head // n_kv_head, dim=1)
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
     scores = (q @ k.transpose(-2, -1)) * scale    # (B, H, T_q, T_k)
+    if softcap is not None:
+        scores = softcap * torch.tanh(scores / softcap)
     if mask is not None:
         scores = scores.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else scores + mask
     weights = torch.softmax(scores, dim=-1)
@@ -82,13 +90,33 @@ def _combine(mask: torch.Tensor | None, causal: torch.Tensor) -> torch.Tensor:
     return mask.masked_fill(~causal, float("-inf"))
 
 
+def llama3_frequencies(inv_freq: torch.Tensor, factor: float, low_freq_factor: float, high_freq_factor: float,
+                       original_max_position_embeddings: int) -> torch.Tensor:
+    """Llama 3.1's RoPE frequencies for a context ``factor`` times longer than pre-training's L
+    (``original_max_position_embeddings``). A frequency f has the wavelength λ = 2π/f; then
+
+        f' = f                        if λ < L / high_freq_factor  (fast rotations: local order, kept)
+        f' = f / factor               if λ > L / low_freq_factor   (slow rotations: stretched over the context)
+        f' = (1 − s)·f/factor + s·f   otherwise (a smooth blend), where
+        s  = (L/λ − low_freq_factor) / (high_freq_factor − low_freq_factor)
+
+    Computed in float32, in transformers' order of operations, so that the tables match its own bit for bit."""
+    wavelen = 2 * math.pi / inv_freq
+    old = original_max_position_embeddings
+    smooth = (old / wavelen - low_freq_factor) / (high_freq_factor - low_freq_factor)
+    between = (1 - smooth) * inv_freq / factor + smooth * inv_freq
+    scaled = torch.where(wavelen > old / low_freq_factor, inv_freq / factor, between)
+    return torch.where(wavelen < old / high_freq_factor, inv_freq, scaled)
+
+
 class RotaryEmbedding(nn.Module):
     """cos/sin tables for RoPE: angle(p, i) = p · θ^(-2i/d) for i < d/2, laid out as [angles, angles] (the
-    "rotate half" convention of Llama in Hugging Face, so weights map without permutation)."""
+    "rotate half" convention of Llama in Hugging Face, so weights map without permutation). ``scaling`` (a
+    ``ModelConfig.rope_scaling``, rope_type "llama3") rescales the frequencies θ^(-2i/d) (``llama3_frequencies``)."""
 
-    def __init__(self, head_dim: int, max_seq_len: int, theta: float = 10000.0):
+    def __init__(self, head_dim: int, max_seq_len: int, theta: float = 10000.0, scaling: dict | None = None):
         super().__init__()
-        self.head_dim, self.max_seq_len, self.theta = head_dim, max_seq_len, theta
+        self.head_dim, self.max_seq_len, self.theta, self.scaling = head_dim, max_seq_len, theta, scaling
         self.register_buffer("cos", torch.empty(max_seq_len, head_dim), persistent=False)
         self.register_buffer("sin", torch.empty(max_seq_len, head_dim), persistent=False)
         self.reset_parameters()
@@ -102,6 +130,8 @@ class RotaryEmbedding(nn.Module):
         # 1 / θ^(2i/d), computed as transformers does, so that the tables match its own bit for bit
         inv_freq = 1.0 / self.theta ** (torch.arange(0, self.head_dim, 2, dtype=torch.float32, device=device)
                                         / self.head_dim)
+        if self.scaling is not None:
+            inv_freq = llama3_frequencies(inv_freq, **{k: v for k, v in self.scaling.items() if k != "rope_type"})
         angles = torch.outer(torch.arange(self.max_seq_len, dtype=torch.float32, device=device), inv_freq)
         angles = torch.cat([angles, angles], dim=-1)
         self.cos, self.sin = angles.cos(), angles.sin()
@@ -161,24 +191,25 @@ class KVCache:
 
 class MultiHeadAttention(nn.Module):
     """Multi-head attention with n_kv_head ≤ n_head key/value heads (MHA, GQA, MQA), optional RoPE and QK-norm;
-    ``scale`` replaces the softmax's 1/√head_dim (Gemma: query_pre_attn_scalar^-½).
+    ``scale`` replaces the softmax's 1/√head_dim (Gemma: query_pre_attn_scalar^-½), ``softcap`` soft-caps the
+    scores (Gemma 2). ``bias`` puts biases on every projection, ``qkv_bias`` on the input ones only (Qwen2).
 
     The three input projections are one matrix ``qkv`` (one matmul instead of three); its rows are
     [W_q (n_head·d), W_k (n_kv_head·d), W_v (n_kv_head·d)].
     """
 
     def __init__(self, d_model: int, n_head: int, n_kv_head: int, head_dim: int, *, bias: bool = False,
-                 qk_norm: bool = False, norm_eps: float = 1e-6, scale: float | None = None, dropout: float = 0.0,
-                 fast: bool = True):
+                 qkv_bias: bool = False, qk_norm: bool = False, norm_eps: float = 1e-6, scale: float | None = None,
+                 softcap: float | None = None, dropout: float = 0.0, fast: bool = True):
         super().__init__()
         if n_head % n_kv_head:
             raise ValueError(f"n_head ({n_head}) must be a multiple of n_kv_head ({n_kv_head})")
         self.n_head, self.n_kv_head, self.head_dim = n_head, n_kv_head, head_dim
-        self.qkv = nn.Linear(d_model, (n_head + 2 * n_kv_head) * head_dim, bias=bias)
+        self.qkv = nn.Linear(d_model, (n_head + 2 * n_kv_head) * head_dim, bias=bias or qkv_bias)
         self.o_proj = nn.Linear(n_head * head_dim, d_model, bias=bias)
         self.q_norm = nn.RMSNorm(head_dim, eps=norm_eps) if qk_norm else None
         self.k_norm = nn.RMSNorm(head_dim, eps=norm_eps) if qk_norm else None
-        self.scale = scale
+        self.scale, self.softcap = scale, softcap
         self.dropout = dropout
         self.fast = fast
 
@@ -198,5 +229,6 @@ class MultiHeadAttention(nn.Module):
         if cache is not None:
             k, v = cache.update(layer, k, v)
         y = scaled_dot_product_attention(q, k, v, mask=mask, is_causal=is_causal, scale=self.scale,
-                                         dropout_p=self.dropout if self.training else 0.0, fast=self.fast)
+                                         dropout_p=self.dropout if self.training else 0.0, fast=self.fast,
+                                         softcap=self.softcap)
         return self.o_proj(y.transpose(1, 2).reshape(b, t, self.n_head * self.head_dim))

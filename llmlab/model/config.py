@@ -34,11 +34,17 @@ class ModelConfig:
     pos: str = "rope"
     rope_theta: float = 10000.0
     rope_local_theta: float | None = None  # θ of the "sliding" layers (Gemma 3: 10⁴, global 10⁶); None: rope_theta
+    # Llama 3.1's RoPE frequency rescaling (``attention.llama3_frequencies``), as in config.json: {"rope_type":
+    # "llama3", "factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"}; None: plain θ
+    rope_scaling: dict | None = None
     mlp: str = "swiglu"
     bias: bool = False               # biases in attention and MLP projections
+    qkv_bias: bool = False           # Qwen2: biases on the query, key and value projections only (bias: on all)
     tie_embeddings: bool = True      # lm_head shares the token-embedding matrix
     qk_norm: bool = False            # RMSNorm on each query/key head before RoPE
     attn_scale: float | None = None  # softmax(s·QKᵀ) scale s; None: 1/√head_dim (Gemma: query_pre_attn_scalar^-½)
+    attn_softcap: float | None = None  # Gemma 2: scores a = s·QKᵀ become c·tanh(a/c) before the mask (c = 50)
+    logit_softcap: float | None = None  # Gemma 2: next-token logits z become c·tanh(z/c) (c = 30)
     layer_types: list[str] | None = None  # per layer "full" (causal) or "sliding" (sliding_window); None: all full
     sliding_window: int | None = None  # W: a "sliding" layer's query at position i sees keys j with i − W < j ≤ i
     embed_scale: bool = False        # Gemma: token embeddings × √d_model
@@ -79,6 +85,11 @@ class ModelConfig:
             if "sliding" in self.layer_types and (self.sliding_window is None or self.sliding_window <= 0):
                 raise LLMLabError(f"model.layer_types has sliding layers: model.sliding_window must be a positive "
                                   f"number of positions, got {self.sliding_window!r}")
+        for name in ("attn_softcap", "logit_softcap"):
+            if getattr(self, name) is not None and not getattr(self, name) > 0:
+                raise LLMLabError(f"model.{name} must be a positive number or null, got {getattr(self, name)!r}")
+        if self.rope_scaling is not None:
+            _check_rope_scaling(self.rope_scaling)
         for name in ("vocab_size", "n_layer", "n_head", "d_model", "max_seq_len"):
             if getattr(self, name) <= 0:
                 raise LLMLabError(f"model.{name} must be positive, got {getattr(self, name)}")
@@ -93,6 +104,26 @@ class ModelConfig:
         return sum(p.numel() for p in build_model(self, device="meta").parameters())
 
 
+ROPE_SCALING_KEYS = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
+
+
+def _check_rope_scaling(scaling) -> None:
+    """model.rope_scaling must be Llama 3.1's: rope_type "llama3", every number given, high_freq_factor above
+    low_freq_factor (their difference divides in the interpolation)."""
+    if not isinstance(scaling, dict) or scaling.get("rope_type") != "llama3":
+        kind = scaling.get("rope_type") if isinstance(scaling, dict) else scaling
+        raise LLMLabError(f"model.rope_scaling.rope_type = {kind!r}; llmlab implements 'llama3' (or no "
+                          "rope_scaling at all)")
+    unknown = sorted(set(scaling) - {"rope_type", *ROPE_SCALING_KEYS})
+    missing = [k for k in ROPE_SCALING_KEYS if not isinstance(scaling.get(k), (int, float)) or scaling[k] <= 0]
+    if unknown or missing:
+        raise LLMLabError(f"model.rope_scaling needs positive numbers {', '.join(ROPE_SCALING_KEYS)} and nothing "
+                          f"else; wrong or missing: {', '.join(missing + unknown)}")
+    if scaling["high_freq_factor"] <= scaling["low_freq_factor"]:
+        raise LLMLabError(f"model.rope_scaling.high_freq_factor ({scaling['high_freq_factor']}) must exceed "
+                          f"low_freq_factor ({scaling['low_freq_factor']})")
+
+
 PRESETS = {
     # GPT-2: LayerNorm, learned positions, GELU (tanh approximation), biases, tied embeddings, scaled residual init.
     "gpt2": dict(norm="layernorm", pos="learned", mlp="gelu_tanh", bias=True, tie_embeddings=True,
@@ -103,6 +134,12 @@ PRESETS = {
     # (the checkpoints' sliding-window layers, attention scale and local RoPE θ come from their config).
     "gemma3": dict(norm="rmsnorm", pos="rope", mlp="geglu", bias=False, tie_embeddings=True, qk_norm=True,
                    post_block_norms=True, embed_scale=True, norm_eps=1e-6),
+    # Gemma 2: Gemma 3 without QK-norm, with soft-capped attention scores and logits (a single RoPE θ).
+    "gemma2": dict(norm="rmsnorm", pos="rope", mlp="geglu", bias=False, tie_embeddings=True, post_block_norms=True,
+                   embed_scale=True, norm_eps=1e-6, attn_softcap=50.0, logit_softcap=30.0),
+    # Qwen2 / Qwen2.5: Llama with biases on the query, key and value projections.
+    "qwen2": dict(norm="rmsnorm", pos="rope", mlp="swiglu", bias=False, qkv_bias=True, tie_embeddings=False,
+                  norm_eps=1e-6),
     # BERT: bidirectional encoder, post-norm LayerNorm, learned positions and token types, exact GELU, biases.
     "bert": dict(arch="encoder", norm="layernorm", norm_position="post", pos="learned", mlp="gelu", bias=True,
                  tie_embeddings=True, norm_eps=1e-12, type_vocab_size=2),

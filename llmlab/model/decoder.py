@@ -1,7 +1,8 @@
 """The decoder-only language model: tokens → embedding → N × block → norm → lm_head → next-token logits.
 
-One class covers GPT-2, Llama and Gemma 3 styles through ``ModelConfig`` switches (see ``model/config.py``). The
-model computes logits; losses live in ``llmlab/losses.py`` and generation in ``llmlab/infer/engine.py``.
+One class covers GPT-2, Llama, Qwen2, Gemma 2 and Gemma 3 styles through ``ModelConfig`` switches (see
+``model/config.py``). The model computes logits; losses live in ``llmlab/losses.py`` and generation in
+``llmlab/infer/engine.py``.
 """
 from __future__ import annotations
 
@@ -89,10 +90,11 @@ class Decoder(nn.Module):
         self.config = cfg
         self.embed = nn.Embedding(cfg.vocab_size, cfg.d_model)
         self.pos_embed = nn.Embedding(cfg.max_seq_len, cfg.d_model) if cfg.pos == "learned" else None
-        self.rope = RotaryEmbedding(cfg.head_dim, cfg.max_seq_len, cfg.rope_theta) if cfg.pos == "rope" else None
+        self.rope = (RotaryEmbedding(cfg.head_dim, cfg.max_seq_len, cfg.rope_theta, cfg.rope_scaling)
+                     if cfg.pos == "rope" else None)
         self.windows = [cfg.window(i) for i in range(cfg.n_layer)]      # sliding window W per layer, or None
         local_theta = cfg.rope_local_theta or cfg.rope_theta               # the sliding layers' own RoPE θ
-        self.rope_local = (RotaryEmbedding(cfg.head_dim, cfg.max_seq_len, local_theta)
+        self.rope_local = (RotaryEmbedding(cfg.head_dim, cfg.max_seq_len, local_theta, cfg.rope_scaling)
                            if self.rope is not None and local_theta != cfg.rope_theta and any(self.windows) else None)
         self.drop = nn.Dropout(cfg.dropout)
         self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer))
@@ -146,9 +148,17 @@ class Decoder(nn.Module):
             cache.advance(t)
         return self.final_norm(x)
 
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Next-token logits of final hidden states (…, d_model): z = lm_head(h), soft-capped to c·tanh(z/c) when
+        the config has a ``logit_softcap`` c (Gemma 2). Every user of the language-model head goes through here but
+        the chunked pretraining loss, which reads ``lm_head.weight`` and caps with the same c."""
+        z = self.lm_head(hidden)
+        c = self.config.logit_softcap
+        return z if c is None else c * torch.tanh(z / c)
+
     def forward(self, input_ids: torch.Tensor, **kwargs) -> torch.Tensor:
         """Next-token logits (B, T, vocab_size)."""
-        return self.lm_head(self.hidden_states(input_ids, **kwargs))
+        return self.logits(self.hidden_states(input_ids, **kwargs))
 
     def new_cache(self, batch: int, max_len: int | None = None, dtype: torch.dtype | None = None) -> KVCache:
         cfg = self.config

@@ -2,10 +2,14 @@
 
 A model directory is a Hugging Face directory: ``config.json`` (a ``transformers`` config), ``model.safetensors``
 (weights under the Hugging Face names), the tokenizer files, ``chat_template.jinja`` and ``generation_config.json``.
-Our configurations map onto four Hugging Face families:
+Our configurations map onto these Hugging Face families:
 
     ours                                          Hugging Face
-    decoder, rmsnorm + rope + swiglu              LlamaForCausalLM   (Qwen3ForCausalLM when qk_norm)
+    decoder, rmsnorm + rope + swiglu              LlamaForCausalLM   (Llama 2, 3, 3.1/3.2 with rope_scaling llama3,
+                                                                      SmolLM2: tied embeddings)
+    ... with qkv_bias                             Qwen2ForCausalLM   (Qwen2, Qwen2.5; sliding-window layers)
+    ... with qk_norm                              Qwen3ForCausalLM
+    decoder, the gemma2 preset's switches         Gemma2ForCausalLM  (soft-capping; sliding-window layers)
     decoder, the gemma3 preset's switches         Gemma3ForCausalLM  (model_type gemma3_text; sliding-window layers)
     decoder, layernorm + learned + gelu(_tanh)    GPT2LMHeadModel
     encoder, post-norm layernorm + learned + gelu BertForMaskedLM
@@ -19,7 +23,8 @@ are written once, under the embedding's name, as ``save_pretrained`` does. Gemma
 ours scales by g, so its norm gains are folded on import, g = w + 1, and unfolded on export, w = g − 1.
 
 ``load_model`` returns our ``Decoder`` when the architecture maps, the ``transformers`` model itself when it does
-not (Qwen2, Gemma 2, ...), and converts a ``.gguf`` file once into a cached Hugging Face folder.
+not (Mistral, Phi, a RoPE type other than llama3, ...), and converts a ``.gguf`` file once into a cached Hugging Face
+folder.
 """
 from __future__ import annotations
 
@@ -40,13 +45,15 @@ from torch import nn
 
 from ..device import parse_dtype
 from ..errors import LLMLabError
-from .config import ModelConfig, preset
+from .config import ROPE_SCALING_KEYS, ModelConfig, preset
 from .decoder import build_empty, init_weights
 
-FAMILIES = ("llama", "qwen3", "gemma3_text", "gpt2", "bert")      # transformers' model_type
+FAMILIES = ("llama", "qwen2", "qwen3", "gemma2", "gemma3_text", "gpt2", "bert")      # transformers' model_type
 ARCHITECTURES = {   # family → (language-model head, classification head)
     "llama": ("LlamaForCausalLM", "LlamaForSequenceClassification"),
+    "qwen2": ("Qwen2ForCausalLM", "Qwen2ForSequenceClassification"),
     "qwen3": ("Qwen3ForCausalLM", "Qwen3ForSequenceClassification"),
+    "gemma2": ("Gemma2ForCausalLM", "Gemma2ForSequenceClassification"),
     "gemma3_text": ("Gemma3ForCausalLM", "Gemma3TextForSequenceClassification"),
     "gpt2": ("GPT2LMHeadModel", "GPT2ForSequenceClassification"),
     "bert": ("BertForMaskedLM", "BertForSequenceClassification"),
@@ -54,7 +61,10 @@ ARCHITECTURES = {   # family → (language-model head, classification head)
 # Fields config.json must have (alternatives separated by |), so that transformers' defaults never stand in.
 REQUIRED_FIELDS = {
     "llama": ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads"),
+    "qwen2": ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads"),
     "qwen3": ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads"),
+    "gemma2": ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+               "head_dim"),
     "gemma3_text": ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
                     "head_dim"),
     "gpt2": ("vocab_size", "n_embd|hidden_size", "n_layer|num_hidden_layers", "n_head|num_attention_heads"),
@@ -81,32 +91,52 @@ def _family(cfg: ModelConfig) -> str:
 
     if cfg.arch == "encoder":
         for field, value in (("norm", "layernorm"), ("norm_position", "post"), ("pos", "learned"), ("mlp", "gelu"),
-                             ("bias", True), ("qk_norm", False), ("n_kv_head", cfg.n_head),
+                             ("bias", True), ("qkv_bias", False), ("qk_norm", False), ("attn_softcap", None),
+                             ("rope_scaling", None), ("n_kv_head", cfg.n_head),
                              ("head_dim", cfg.d_model // cfg.n_head)):
             need(field, value, "BERT")
         if cfg.type_vocab_size <= 0:
             raise LLMLabError("model.type_vocab_size = 0 has no Hugging Face equivalent: BERT always has token-type "
                               "embeddings (use type_vocab_size ≥ 1)")
         return "bert"
-    need("norm_position", "pre", "a decoder (Llama, Gemma 3, GPT-2)")
-    if cfg.post_block_norms:
+    need("norm_position", "pre", "a decoder (Llama, Qwen, Gemma, GPT-2)")
+    if cfg.post_block_norms:      # Gemma: with QK-norm Gemma 3, without it Gemma 2
+        why = "Gemma 3 (post_block_norms and qk_norm)" if cfg.qk_norm else "Gemma 2 (post_block_norms, no qk_norm)"
         for field, value in (("norm", "rmsnorm"), ("pos", "rope"), ("mlp", "geglu"), ("bias", False),
-                             ("qk_norm", True), ("embed_scale", True)):
-            need(field, value, "Gemma 3 (post_block_norms)")
-        return "gemma3_text"
-    why = "a decoder without post_block_norms (Llama, GPT-2)"
-    for field, value in (("embed_scale", False), ("attn_scale", None)):
+                             ("qkv_bias", False), ("embed_scale", True)):
+            need(field, value, why)
+        if cfg.qk_norm:
+            for field in ("attn_softcap", "logit_softcap", "rope_scaling"):
+                need(field, None, why)
+            return "gemma3_text"
+        need("rope_local_theta", None, why + " with one RoPE θ")
+        return "gemma2"
+    why = "a decoder without post_block_norms (Llama, Qwen, GPT-2)"
+    for field, value in (("embed_scale", False), ("attn_scale", None), ("attn_softcap", None),
+                         ("logit_softcap", None)):
         need(field, value, why)
-    if any(cfg.window(i) for i in range(cfg.n_layer)):
-        raise LLMLabError(f"model.layer_types = {cfg.layer_types!r} has no Hugging Face equivalent here: {why} "
-                          "needs every layer 'full'")
+    family = None
     if cfg.pos == "rope":
         for field, value in (("norm", "rmsnorm"), ("mlp", "swiglu")):
             need(field, value, "Llama (RoPE)")
         if cfg.qk_norm:
-            need("bias", False, "Qwen3 (Llama with QK-norm)")
-            return "qwen3"
-        return "llama"
+            for field in ("bias", "qkv_bias"):
+                need(field, False, "Qwen3 (Llama with QK-norm)")
+            family = "qwen3"
+        elif cfg.qkv_bias:
+            need("bias", False, "Qwen2 (biases on q, k, v only: qkv_bias)")
+            family = "qwen2"
+        else:
+            family = "llama"
+    if any(cfg.window(i) for i in range(cfg.n_layer)):
+        if family != "qwen2":
+            raise LLMLabError(f"model.layer_types = {cfg.layer_types!r} has no Hugging Face equivalent here: {why} "
+                              "needs every layer 'full' (only Qwen2, i.e. qkv_bias, has sliding-window layers)")
+        need("rope_local_theta", None, "Qwen2 (one RoPE θ)")
+    if family:
+        return family
+    for field, value in (("qkv_bias", False), ("rope_scaling", None)):
+        need(field, value, "GPT-2 (learned positions)")
     need("norm", "layernorm", "GPT-2 (learned positions)")
     if cfg.mlp not in ("gelu", "gelu_tanh"):
         raise LLMLabError(f"model.mlp = {cfg.mlp!r} has no Hugging Face equivalent: GPT-2 (learned positions) needs "
@@ -126,18 +156,29 @@ def config_to_hf(cfg: ModelConfig):
                   bos_token_id=cfg.bos_token_id, eos_token_id=cfg.eos_token_id, pad_token_id=cfg.pad_token_id)
     if cfg.num_labels:
         common["num_labels"] = cfg.num_labels
-    if family in ("llama", "qwen3"):
+    if family in ("llama", "qwen2", "qwen3"):
         fields = dict(hidden_size=cfg.d_model, intermediate_size=cfg.d_ff, num_hidden_layers=cfg.n_layer,
                       num_attention_heads=cfg.n_head, num_key_value_heads=cfg.n_kv_head, head_dim=cfg.head_dim,
                       max_position_embeddings=cfg.max_seq_len, rms_norm_eps=cfg.norm_eps, hidden_act="silu",
-                      rope_parameters={"rope_type": "default", "rope_theta": cfg.rope_theta},
-                      attention_bias=cfg.bias, attention_dropout=cfg.dropout)
+                      rope_parameters=_rope_parameters(cfg), attention_dropout=cfg.dropout)
         if family == "llama":
-            hf = transformers.LlamaConfig(mlp_bias=cfg.bias, **fields, **common)
+            hf = transformers.LlamaConfig(attention_bias=cfg.bias, mlp_bias=cfg.bias, **fields, **common)
+        elif family == "qwen2":     # q, k, v biases are built in
+            window = cfg.sliding_window if any(cfg.window(i) for i in range(cfg.n_layer)) else None
+            hf = transformers.Qwen2Config(use_sliding_window=window is not None, sliding_window=window,
+                                          layer_types=_hf_layer_types(cfg), **fields, **common)
         else:
-            hf = transformers.Qwen3Config(**fields, **common)
+            hf = transformers.Qwen3Config(attention_bias=False, **fields, **common)
+    elif family == "gemma2":
+        hf = transformers.Gemma2Config(**_gemma_fields(cfg), rope_parameters=_rope_parameters(cfg),
+                                       final_logit_softcapping=cfg.logit_softcap,
+                                       attn_logit_softcapping=cfg.attn_softcap, **common)
     elif family == "gemma3_text":
-        hf = transformers.Gemma3TextConfig(**_gemma3_fields(cfg), **common)
+        local_theta = cfg.rope_local_theta or cfg.rope_theta
+        hf = transformers.Gemma3TextConfig(
+            **_gemma_fields(cfg), **common,
+            rope_parameters={"full_attention": {"rope_type": "default", "rope_theta": cfg.rope_theta},
+                             "sliding_attention": {"rope_type": "default", "rope_theta": local_theta}})
     elif family == "gpt2":
         hf = transformers.GPT2Config(n_embd=cfg.d_model, n_layer=cfg.n_layer, n_head=cfg.n_head, n_inner=cfg.d_ff,
                                      n_positions=cfg.max_seq_len, layer_norm_epsilon=cfg.norm_eps,
@@ -155,22 +196,43 @@ def config_to_hf(cfg: ModelConfig):
     return hf
 
 
-def _gemma3_fields(cfg: ModelConfig) -> dict:
-    """Gemma3TextConfig's fields for ``cfg``: attn_scale = query_pre_attn_scalar^-½ (an integer there), a RoPE θ
-    and a mask per layer type (full_attention: causal; sliding_attention: ``sliding_window``)."""
+def _rope_parameters(cfg: ModelConfig) -> dict:
+    """config.json's ``rope_parameters`` (``rope_scaling`` before transformers 5) for one RoPE θ."""
+    return {"rope_type": "default", "rope_theta": cfg.rope_theta, **(cfg.rope_scaling or {})}
+
+
+def _rope_scaling(rope_parameters: dict) -> dict | None:
+    """Our ``rope_scaling`` from config.json's RoPE parameters (whose type ``_unsupported`` has checked)."""
+    if rope_parameters["rope_type"] == "default":
+        return None
+    return {"rope_type": "llama3", **{k: rope_parameters[k] for k in ROPE_SCALING_KEYS}}
+
+
+def _hf_layer_types(cfg: ModelConfig) -> list[str]:
+    return [f"{'sliding' if cfg.window(i) else 'full'}_attention" for i in range(cfg.n_layer)]
+
+
+def _layer_windows(hf) -> dict:
+    """Our ``layer_types`` and ``sliding_window`` from a config's ``layer_types`` (None when no layer slides)."""
+    types = ["sliding" if kind == "sliding_attention" else "full" for kind in hf.layer_types]
+    if "sliding" not in types or hf.sliding_window is None:
+        return dict(layer_types=None, sliding_window=None)
+    return dict(layer_types=types, sliding_window=hf.sliding_window)
+
+
+def _gemma_fields(cfg: ModelConfig) -> dict:
+    """The fields Gemma2Config and Gemma3TextConfig share: attn_scale = query_pre_attn_scalar^-½ (an integer
+    there), and a mask per layer type (full_attention: causal; sliding_attention: ``sliding_window``; transformers
+    wants a window even when no layer slides, and then never uses it)."""
     scalar = cfg.head_dim if cfg.attn_scale is None else cfg.attn_scale ** -2
     if abs(scalar - round(scalar)) > 1e-6:
-        raise LLMLabError(f"model.attn_scale = {cfg.attn_scale!r} has no Hugging Face equivalent here: Gemma 3 needs "
+        raise LLMLabError(f"model.attn_scale = {cfg.attn_scale!r} has no Hugging Face equivalent here: Gemma needs "
                           "attn_scale = n^-½ for an integer query_pre_attn_scalar n")
-    local_theta = cfg.rope_local_theta or cfg.rope_theta
     return dict(hidden_size=cfg.d_model, intermediate_size=cfg.d_ff, num_hidden_layers=cfg.n_layer,
                 num_attention_heads=cfg.n_head, num_key_value_heads=cfg.n_kv_head, head_dim=cfg.head_dim,
                 max_position_embeddings=cfg.max_seq_len, rms_norm_eps=cfg.norm_eps,
                 hidden_activation="gelu_pytorch_tanh", query_pre_attn_scalar=round(scalar),
-                sliding_window=cfg.sliding_window,
-                layer_types=[f"{'sliding' if cfg.window(i) else 'full'}_attention" for i in range(cfg.n_layer)],
-                rope_parameters={"full_attention": {"rope_type": "default", "rope_theta": cfg.rope_theta},
-                                 "sliding_attention": {"rope_type": "default", "rope_theta": local_theta}},
+                sliding_window=cfg.sliding_window or cfg.max_seq_len, layer_types=_hf_layer_types(cfg),
                 attention_bias=False, attention_dropout=cfg.dropout)
 
 
@@ -180,23 +242,31 @@ def _unsupported(hf) -> str | None:
     if family not in FAMILIES:
         return f"model_type {family!r} (llmlab maps {', '.join(FAMILIES)})"
     checks = []
-    if family in ("llama", "qwen3"):
-        rope = getattr(hf, "rope_parameters", None) or {}
-        checks += [("hidden_act", hf.hidden_act, "silu"),
-                   ("rope_parameters.rope_type", rope.get("rope_type"), "default")]
+    layer_kinds = ("layer_types", set(getattr(hf, "layer_types", None) or ()) <= {"full_attention",
+                                                                                 "sliding_attention"}, True)
+    if family in ("llama", "qwen2", "qwen3", "gemma2"):
+        # one RoPE for every layer; "rope_scaling" in config.json, "rope_parameters" since transformers 5
+        checks.append(("rope_scaling.rope_type", (hf.rope_parameters or {}).get("rope_type"), ("default", "llama3")))
+    if family in ("llama", "qwen2", "qwen3"):
+        checks.append(("hidden_act", hf.hidden_act, "silu"))
         if family == "llama":
             checks.append(("mlp_bias", hf.mlp_bias, hf.attention_bias))
+        elif family == "qwen2":
+            checks.append(layer_kinds)
         else:
             checks += [("attention_bias", hf.attention_bias, False),
                        ("use_sliding_window", hf.use_sliding_window, False)]
+    elif family == "gemma2":
+        checks += [("hidden_activation", hf.hidden_activation, "gelu_pytorch_tanh"),
+                   ("attention_bias", hf.attention_bias, False),
+                   ("use_bidirectional_attention", hf.use_bidirectional_attention, (None, False)), layer_kinds]
     elif family == "gemma3_text":
         rope = hf.rope_parameters or {}
         checks += [("hidden_activation", hf.hidden_activation, "gelu_pytorch_tanh"),
                    ("attention_bias", hf.attention_bias, False),
                    ("use_bidirectional_attention", hf.use_bidirectional_attention, False),
                    ("attn_logit_softcapping", hf.attn_logit_softcapping, None),
-                   ("final_logit_softcapping", hf.final_logit_softcapping, None),
-                   ("layer_types", set(hf.layer_types) <= {"full_attention", "sliding_attention"}, True)]
+                   ("final_logit_softcapping", hf.final_logit_softcapping, None), layer_kinds]
         checks += [(f"rope_parameters.{kind}.rope_type", (rope.get(kind) or {}).get("rope_type"), "default")
                    for kind in ("full_attention", "sliding_attention")]
     elif family == "gpt2":
@@ -207,14 +277,16 @@ def _unsupported(hf) -> str | None:
         checks += [("hidden_act", hf.hidden_act, "gelu"),
                    ("position_embedding_type", getattr(hf, "position_embedding_type", "absolute"), "absolute"),
                    ("is_decoder", hf.is_decoder, False)]
-    for field, value, wanted in checks:
-        if value != wanted:
-            return f"{field} = {getattr(hf, field, value)!r} (llmlab needs {wanted!r})"
+    for field, value, wanted in checks:     # wanted: the one value llmlab maps, or a tuple of them
+        allowed = wanted if isinstance(wanted, tuple) else (wanted,)
+        if value not in allowed:
+            return f"{field} = {getattr(hf, field, value)!r} (llmlab needs {' or '.join(map(repr, allowed))})"
     return None
 
 
 def config_from_hf(hf_config) -> ModelConfig:
-    """Our ModelConfig for a ``transformers`` config of the Llama, Qwen3, Gemma 3 (text), GPT-2 or BERT family."""
+    """Our ModelConfig for a ``transformers`` config of the Llama, Qwen2, Qwen3, Gemma 2, Gemma 3 (text), GPT-2
+    or BERT family."""
     reason = _unsupported(hf_config)
     if reason:
         raise LLMLabError(f"this Hugging Face config has no llmlab equivalent: {reason}")
@@ -224,24 +296,29 @@ def config_from_hf(hf_config) -> ModelConfig:
     common = dict(vocab_size=hf.vocab_size, init_std=hf.initializer_range, tie_embeddings=hf.tie_word_embeddings,
                   bos_token_id=hf.bos_token_id, eos_token_id=eos, pad_token_id=hf.pad_token_id,
                   num_labels=hf.num_labels if is_classifier else 0)
-    if family in ("llama", "qwen3"):
+    if family in ("llama", "qwen2", "qwen3"):
         return preset("llama", d_model=hf.hidden_size, d_ff=hf.intermediate_size, n_layer=hf.num_hidden_layers,
                       n_head=hf.num_attention_heads, n_kv_head=hf.num_key_value_heads,
                       head_dim=getattr(hf, "head_dim", None), max_seq_len=hf.max_position_embeddings,
                       norm_eps=hf.rms_norm_eps, rope_theta=hf.rope_parameters["rope_theta"],
-                      bias=hf.attention_bias, qk_norm=family == "qwen3", dropout=hf.attention_dropout, **common)
-    if family == "gemma3_text":
-        layer_types = ["sliding" if kind == "sliding_attention" else "full" for kind in hf.layer_types]
-        theta = {kind: hf.rope_parameters[kind]["rope_theta"] for kind in ("full_attention", "sliding_attention")}
+                      rope_scaling=_rope_scaling(hf.rope_parameters), bias=family != "qwen2" and hf.attention_bias,
+                      qkv_bias=family == "qwen2", qk_norm=family == "qwen3", dropout=hf.attention_dropout,
+                      **(_layer_windows(hf) if family == "qwen2" else {}), **common)
+    if family in ("gemma2", "gemma3_text"):
+        windows = _layer_windows(hf)
         scalar = hf.query_pre_attn_scalar
-        return preset("gemma3", d_model=hf.hidden_size, d_ff=hf.intermediate_size, n_layer=hf.num_hidden_layers,
-                      n_head=hf.num_attention_heads, n_kv_head=hf.num_key_value_heads, head_dim=hf.head_dim,
-                      max_seq_len=hf.max_position_embeddings, norm_eps=hf.rms_norm_eps,
-                      rope_theta=theta["full_attention"],
-                      rope_local_theta=theta["sliding_attention"] if "sliding" in layer_types else None,
-                      attn_scale=None if scalar == hf.head_dim else scalar ** -0.5,
-                      layer_types=layer_types if "sliding" in layer_types else None,
-                      sliding_window=hf.sliding_window, dropout=hf.attention_dropout, **common)
+        gemma = dict(d_model=hf.hidden_size, d_ff=hf.intermediate_size, n_layer=hf.num_hidden_layers,
+                     n_head=hf.num_attention_heads, n_kv_head=hf.num_key_value_heads, head_dim=hf.head_dim,
+                     max_seq_len=hf.max_position_embeddings, norm_eps=hf.rms_norm_eps,
+                     attn_scale=None if scalar == hf.head_dim else scalar ** -0.5, dropout=hf.attention_dropout,
+                     **windows, **common)
+        if family == "gemma2":
+            return preset("gemma2", rope_theta=hf.rope_parameters["rope_theta"],
+                          rope_scaling=_rope_scaling(hf.rope_parameters), attn_softcap=hf.attn_logit_softcapping,
+                          logit_softcap=hf.final_logit_softcapping, **gemma)
+        theta = {kind: hf.rope_parameters[kind]["rope_theta"] for kind in ("full_attention", "sliding_attention")}
+        return preset("gemma3", rope_theta=theta["full_attention"],
+                      rope_local_theta=theta["sliding_attention"] if windows["layer_types"] else None, **gemma)
     if family == "gpt2":
         return preset("gpt2", d_model=hf.n_embd, d_ff=hf.n_inner or 4 * hf.n_embd, n_layer=hf.n_layer,
                       n_head=hf.n_head, max_seq_len=hf.n_positions, norm_eps=hf.layer_norm_epsilon,
@@ -289,10 +366,10 @@ def _split(ours: str, names: list[str], sizes: list[int], hf_prefix: str, bias: 
     return out
 
 
-# Hugging Face → our norm names in a Llama/Qwen3 block and in a Gemma 3 ("sandwich") block
+# Hugging Face → our norm names in a Llama/Qwen block and in a Gemma 2/3 ("sandwich") block
 BLOCK_NORMS = {"input_layernorm": "attn_norm", "post_attention_layernorm": "mlp_norm"}
-GEMMA3_BLOCK_NORMS = {"input_layernorm": "attn_norm", "post_attention_layernorm": "attn_out_norm",
-                      "pre_feedforward_layernorm": "mlp_norm", "post_feedforward_layernorm": "mlp_out_norm"}
+GEMMA_BLOCK_NORMS = {"input_layernorm": "attn_norm", "post_attention_layernorm": "attn_out_norm",
+                     "pre_feedforward_layernorm": "mlp_norm", "post_feedforward_layernorm": "mlp_out_norm"}
 
 
 def _plan(cfg: ModelConfig) -> list[Entry]:
@@ -301,20 +378,21 @@ def _plan(cfg: ModelConfig) -> list[Entry]:
     qkv_sizes = [cfg.n_head * cfg.head_dim, cfg.n_kv_head * cfg.head_dim, cfg.n_kv_head * cfg.head_dim]
     classifier = cfg.num_labels > 0
     plan: list[Entry] = []
-    if family in ("llama", "qwen3", "gemma3_text"):
-        gemma = family == "gemma3_text"
+    if family in ("llama", "qwen2", "qwen3", "gemma2", "gemma3_text"):
+        gemma = family in ("gemma2", "gemma3_text")
         shift = 1.0 if gemma else 0.0
         plan.append(Entry("model.embed_tokens.weight", "embed.weight"))
         for i in range(cfg.n_layer):
             hf, us = f"model.layers.{i}.", f"blocks.{i}."
-            plan += _split(f"{us}attn.qkv", ["q_proj", "k_proj", "v_proj"], qkv_sizes, f"{hf}self_attn.", cfg.bias)
+            plan += _split(f"{us}attn.qkv", ["q_proj", "k_proj", "v_proj"], qkv_sizes, f"{hf}self_attn.",
+                           cfg.bias or cfg.qkv_bias)
             plan += _linear(f"{hf}self_attn.o_proj", f"{us}attn.o_proj", cfg.bias)
             if cfg.qk_norm:
                 plan += [Entry(f"{hf}self_attn.q_norm.weight", f"{us}attn.q_norm.weight", shift=shift),
                          Entry(f"{hf}self_attn.k_norm.weight", f"{us}attn.k_norm.weight", shift=shift)]
             plan += _split(f"{us}mlp.up", ["gate_proj", "up_proj"], [cfg.d_ff, cfg.d_ff], f"{hf}mlp.", cfg.bias)
             plan += _linear(f"{hf}mlp.down_proj", f"{us}mlp.down", cfg.bias)
-            for theirs, ours in (GEMMA3_BLOCK_NORMS if gemma else BLOCK_NORMS).items():
+            for theirs, ours in (GEMMA_BLOCK_NORMS if gemma else BLOCK_NORMS).items():
                 plan += _norm(f"{hf}{theirs}", f"{us}{ours}", cfg, shift=shift)
         plan += _norm("model.norm", "final_norm", cfg, shift=shift)
     elif family == "gpt2":
@@ -383,8 +461,7 @@ def state_dict_to_hf(model: nn.Module, keep_lm_head: bool = False) -> dict[str, 
 def _normalize_keys(family: str, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Drop non-weight buffers and add the body prefix that base-model checkpoints (``BertModel``, the original
     ``gpt2``) leave out; resolve tied duplicates some checkpoints store anyway."""
-    prefix = {"bert": "bert.", "gpt2": "transformer.", "llama": "model.", "qwen3": "model.",
-              "gemma3_text": "model."}[family]
+    prefix = {"bert": "bert.", "gpt2": "transformer."}.get(family, "model.")
     heads = ("cls.", "classifier.", "score.", "lm_head.")
     out = {}
     for name, t in state.items():
@@ -739,9 +816,9 @@ def resolve_model_dir(path) -> Path:
 def load_model(path, *, device="cpu", dtype=None):
     """(model, tokenizer) for inference from our directory, a Hugging Face folder or hub name, or a ``.gguf`` file.
 
-    Llama, Qwen3 (QK-norm), Gemma 3 (text) and GPT-2 causal LMs become our ``Decoder`` with the weights imported
-    (and the folder's ``generation_config`` attached as ``model.generation_config``); any other causal LM is
-    returned as the ``transformers`` model itself (``AutoModelForCausalLM``, eval mode). ``dtype`` defaults to
+    Llama, Qwen2, Qwen3, Gemma 2, Gemma 3 (text) and GPT-2 causal LMs become our ``Decoder`` with the weights
+    imported (and the folder's ``generation_config`` attached as ``model.generation_config``); any other causal LM
+    is returned as the ``transformers`` model itself (``AutoModelForCausalLM``, eval mode). ``dtype`` defaults to
     float32.
     """
     folder = resolve_model_dir(path)
@@ -766,8 +843,8 @@ def load_our_model(path, **overrides) -> nn.Module:
     hf = _hf_config(folder)
     reason = _unsupported(hf)
     if reason:
-        raise LLMLabError(f"{folder}: no llmlab model for this architecture: {reason}; training stages need a "
-                          "Llama, Qwen3, Gemma 3, GPT-2 or BERT model")
+        raise LLMLabError(f"{folder}/config.json: no llmlab model for this architecture: {reason}; training "
+                          "stages need a Llama, Qwen2, Qwen3, Gemma 2, Gemma 3, GPT-2 or BERT model")
     return _build_ours(folder, hf, overrides)
 
 

@@ -56,8 +56,9 @@ class Block(nn.Module):
         self.pre_norm = cfg.norm_position == "pre"
         self.attn_norm = make_norm(cfg)
         self.attn = MultiHeadAttention(cfg.d_model, cfg.n_head, cfg.n_kv_head, cfg.head_dim, bias=cfg.bias,
-                                       qk_norm=cfg.qk_norm, norm_eps=cfg.norm_eps, scale=cfg.attn_scale,
-                                       dropout=cfg.dropout, fast=cfg.attn_impl == "sdpa")
+                                       qkv_bias=cfg.qkv_bias, qk_norm=cfg.qk_norm, norm_eps=cfg.norm_eps,
+                                       scale=cfg.attn_scale, softcap=cfg.attn_softcap, dropout=cfg.dropout,
+                                       fast=cfg.attn_impl == "sdpa")
         self.mlp_norm = make_norm(cfg)
         self.mlp = MLP(cfg)
         self.attn_out_norm = make_norm(cfg) if cfg.post_block_norms else nn.Identity()

@@ -357,7 +357,7 @@ def zero_shot_accuracy(lm: nn.Module, tokenizer, examples: list[Example], label_
         batch = collate(bucket, pad_id)
         ids, mask = batch["input_ids"].to(device), batch["attention_mask"].to(device)
         if hasattr(lm, "hidden_states"):
-            hidden, head = lm.hidden_states(ids, attention_mask=mask), lm.lm_head
+            hidden, head = lm.hidden_states(ids, attention_mask=mask), lm.logits
         else:
             hidden = lm.get_decoder()(input_ids=ids, attention_mask=mask).last_hidden_state
             head = lm.get_output_embeddings()

@@ -157,7 +157,7 @@ class PolicyWithValue(nn.Module):
         """Logits (B, R, V) and values (B, R) at the positions that predict the response tokens
         ``input_ids[:, response_start:]``: position t − 1 predicts token t and holds the value of that state."""
         hidden = self.policy.hidden_states(input_ids, attention_mask=attention_mask)[:, response_start - 1:-1]
-        return self.policy.lm_head(hidden), self.value_head(hidden).squeeze(-1).float()
+        return self.policy.logits(hidden), self.value_head(hidden).squeeze(-1).float()
 
 
 # ----------------------------------------------------------------------------------------------- the math
@@ -289,7 +289,7 @@ def rollout_stats(model: PolicyWithValue, ref: nn.Module, batch: dict, chunk: in
         targets = ids[:, start:]
         with amp:
             logits, values = model(ids, mask, start)
-            ref_logits = ref.lm_head(ref.hidden_states(ids, attention_mask=mask)[:, start - 1:-1])
+            ref_logits = ref.logits(ref.hidden_states(ids, attention_mask=mask)[:, start - 1:-1])
         out["logprobs"].append(token_logprobs(logits, targets))
         out["ref_logprobs"].append(token_logprobs(ref_logits, targets))
         out["values"].append(values)

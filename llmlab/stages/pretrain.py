@@ -160,7 +160,8 @@ class CausalLM(nn.Module):
 
     def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         if self.chunk_size:
-            return chunked_lm_loss(self.lm.hidden_states(x), self.lm.lm_head.weight, y, self.chunk_size)
+            return chunked_lm_loss(self.lm.hidden_states(x), self.lm.lm_head.weight, y, self.chunk_size,
+                                   softcap=self.lm.config.logit_softcap)
         return lm_loss(self.lm(x), y)
 
 

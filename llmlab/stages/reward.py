@@ -184,7 +184,7 @@ class RewardModel(nn.Module):
         """(1/|y|) Σ_{t ∈ y} log π(y_t | x, y_<t) per row, from the final hidden states: the language-model head
         runs only on the positions that predict a reply token (position t − 1 predicts token t)."""
         predicts = reply_mask[:, 1:].bool()
-        logits = self.backbone.lm_head(hidden[:, :-1][predicts]).float()
+        logits = self.backbone.logits(hidden[:, :-1][predicts]).float()
         logp = torch.log_softmax(logits, dim=-1).gather(1, input_ids[:, 1:][predicts][:, None]).squeeze(1)
         rows = torch.arange(len(input_ids), device=input_ids.device)[:, None].expand_as(predicts)[predicts]
         total = torch.zeros(len(input_ids), device=logp.device).index_add_(0, rows, logp)

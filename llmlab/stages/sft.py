@@ -119,7 +119,7 @@ def token_logps(model: nn.Module, batch: dict) -> tuple[torch.Tensor, torch.Tens
     labels, segments = batch["labels"], batch.get("segment_ids")
     keep = labels != IGNORE_INDEX
     if isinstance(model, Decoder):     # not wrapped (DDP must be called whole): project only the targets
-        logits = model.lm_head(model.hidden_states(batch["input_ids"], segment_ids=segments)[keep])
+        logits = model.logits(model.hidden_states(batch["input_ids"], segment_ids=segments)[keep])
     else:
         logits = causal_logits(model, batch["input_ids"], segments)[keep]
     return token_logprobs(logits, labels[keep]), keep
