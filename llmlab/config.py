@@ -1,6 +1,7 @@
 """Recipes: YAML files of nested defaults, overridden from the command line with ``--set a.b=value``.
 
-A recipe is plain data (nested dicts). ``load_recipe`` finds ``configs/NAME.yaml`` or reads a path,
+A recipe is plain data (nested dicts). ``load_recipe`` finds ``llmlab/configs/NAME.yaml`` (shipped as package data,
+so ``--config NAME`` works from any directory and in a non-editable install) or reads a path,
 ``apply_overrides`` applies ``key=value`` strings (values parsed as YAML scalars, so ``3``, ``1e-3``,
 ``true`` and ``[1, 2]`` get their natural types), and ``from_dict`` turns a section into a dataclass,
 rejecting unknown keys with the full dotted name so a typo never passes silently.
@@ -16,7 +17,7 @@ import yaml
 
 from .errors import LLMLabError
 
-CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+CONFIG_DIR = Path(__file__).resolve().parent / "configs"      # shipped inside the package
 
 
 def known_recipes() -> list[str]:
@@ -24,7 +25,7 @@ def known_recipes() -> list[str]:
 
 
 def load_recipe(name_or_path: str | None) -> dict:
-    """Read a recipe by name (``configs/NAME.yaml``) or by path; ``None`` gives an empty recipe."""
+    """Read a recipe by name (``llmlab/configs/NAME.yaml``) or by path; ``None`` gives an empty recipe."""
     if not name_or_path:
         return {}
     path = Path(name_or_path)

@@ -3,7 +3,7 @@
     world → pretrain (tokenizer + base model) → sft → rm → dpo, ppo (both from the SFT model) → eval
           → classify (the pre-trained model, before vs. after) → samples → report
 
-Each stage calls the same function as its own CLI command, with the recipe from ``configs/`` and the preset's
+Each stage calls the same function as its own CLI command, with the recipe from ``llmlab/configs/`` and the preset's
 ``--set`` overrides on top. A stage writes ``DIR/<stage>/stage.json`` holding a fingerprint of its configuration
 and inputs; when it finished with the same fingerprint the stage is skipped, when it was interrupted it resumes
 from its checkpoints (training is bitwise reproducible, so the numbers are those of an uninterrupted run), and when
@@ -72,7 +72,7 @@ PRESETS = {
 }
 STAGES = ("world", "pretrain", "sft", "rm", "dpo", "ppo", "eval", "classify", "samples")
 RECIPES = {"pretrain": "world-pretrain", "sft": "sft-world", "rm": "rm-world", "dpo": "dpo-world",
-           "ppo": "ppo-world", "classify": "classify-world"}     # configs/<name>.yaml of each training stage
+           "ppo": "ppo-world", "classify": "classify-world"}     # llmlab/configs/<name>.yaml
 SAMPLE_KINDS = ("fact", "arithmetic", "reverse", "sort", "count", "multi", "benign", "forbidden")
 
 
@@ -365,7 +365,7 @@ def write_pipeline_report(run: Run, summary: dict) -> dict:
                 "assistant's tokens and end-of-turn token only; exact match on held-out questions (greedy).",
                 numbers={**r["sft"], "seconds": s["sft"]}, figures=_figure(run, "sft", "loss.png")),
         Section("Reward model", "The SFT model with a scalar head on the last token, plus (as "
-                "configs/rm-world.yaml sets rm.likelihood_weight) the reply's mean log-likelihood under the model's "
+                "the rm-world recipe sets rm.likelihood_weight) the reply's mean log-likelihood under the model's "
                 "own language-model head, trained with the Bradley–Terry loss −log σ(r_chosen − r_rejected); "
                 "pairwise accuracy on held-out pairs.",
                 numbers={**r["rm"], "seconds": s["rm"]}, figures=_figure(run, "rm", "loss.png")),

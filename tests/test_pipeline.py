@@ -76,7 +76,7 @@ def test_a_second_run_skips_every_finished_stage(finished, capsys):
 
 
 def test_a_changed_recipe_reruns_its_stage_and_what_reads_it(finished, tmp_path, monkeypatch, capsys):
-    """Editing configs/rm-world.yaml reruns the reward model and the evaluation that scores with it; pre-training,
+    """Editing the rm-world recipe reruns the reward model and the evaluation that scores with it; pre-training,
     SFT, DPO, PPO and classification stay as they are."""
     import shutil
 
