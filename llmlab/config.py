@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import os
 from pathlib import Path
 from typing import Any, Iterable
 
@@ -18,6 +19,11 @@ import yaml
 from .errors import LLMLabError
 
 CONFIG_DIR = Path(__file__).resolve().parent / "configs"      # shipped inside the package
+
+
+def cache_root() -> Path:
+    """Where llmlab keeps what it downloads or converts once: ``$LLMLAB_CACHE``, by default ``~/.cache/llmlab``."""
+    return Path(os.environ.get("LLMLAB_CACHE") or Path.home() / ".cache" / "llmlab")
 
 
 def known_recipes() -> list[str]:
