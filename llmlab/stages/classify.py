@@ -217,12 +217,13 @@ def _lora_ours(model: nn.Module, cfg: LoraSection) -> None:
 
 
 def _lora_transformers(model: nn.Module, cfg: LoraSection) -> nn.Module:
-    from peft import LoraConfig, TaskType, get_peft_model
-    kwargs = dict(task_type=TaskType.SEQ_CLS, r=cfg.r, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout)
+    from ..lora import import_peft
+    peft = import_peft()
+    kwargs = dict(task_type=peft.TaskType.SEQ_CLS, r=cfg.r, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout)
     try:
-        return get_peft_model(model, LoraConfig(target_modules=cfg.targets, **kwargs))
+        return peft.get_peft_model(model, peft.LoraConfig(target_modules=cfg.targets, **kwargs))
     except ValueError:          # peft knows no default target modules for this architecture
-        return get_peft_model(model, LoraConfig(target_modules="all-linear", **kwargs))
+        return peft.get_peft_model(model, peft.LoraConfig(target_modules="all-linear", **kwargs))
 
 
 def load_classifier(path: str, num_labels: int, method: str = "full", backend: str = "auto",
