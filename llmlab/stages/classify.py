@@ -26,7 +26,6 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from torch import nn
-from tqdm import tqdm
 
 from ..config import from_dict
 from ..data.classification import ClassificationData, Example, balanced_subset, load_classification
@@ -34,6 +33,7 @@ from ..data.shards import BatchSampler
 from ..device import pick_device
 from ..errors import LLMLabError
 from ..model import hub
+from ..progress import progress_bar
 from ..tokenizer import ensure_pad_token
 from ..train import dist
 from ..train.loop import train
@@ -325,8 +325,8 @@ def accuracy(model: nn.Module, rows: list[dict], pad_id: int, batch_size: int, d
     was_training = model.training
     model.eval()
     correct = 0
-    for bucket in tqdm(length_buckets(rows, batch_size), desc="accuracy", unit="batch", leave=False,
-                       disable=not dist.is_main()):
+    for bucket in progress_bar(length_buckets(rows, batch_size), desc="accuracy", unit="batch", leave=False,
+                               disable=not dist.is_main()):
         batch = collate(bucket, pad_id)
         logits = model(batch["input_ids"].to(device), batch["attention_mask"].to(device))
         correct += int((logits.argmax(-1).cpu() == batch["labels"]).sum())
@@ -363,8 +363,8 @@ def zero_shot_accuracy(lm: nn.Module, tokenizer, examples: list[Example], label_
     pad_id = tokenizer.pad_token_id
     rows = prompt_rows(tokenizer, examples, template, label_names, max_length)
     correct = 0
-    for bucket in tqdm(length_buckets(rows, batch_size), desc="zero-shot", unit="batch", leave=False,
-                       disable=not dist.is_main()):
+    for bucket in progress_bar(length_buckets(rows, batch_size), desc="zero-shot", unit="batch", leave=False,
+                               disable=not dist.is_main()):
         batch = collate(bucket, pad_id)
         ids, mask = batch["input_ids"].to(device), batch["attention_mask"].to(device)
         if hasattr(lm, "hidden_states"):
