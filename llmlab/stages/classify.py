@@ -403,7 +403,7 @@ def _training_recipe(recipe: dict, n_buckets: int) -> dict:
 
 def classify_one(model_path: str, data: ClassificationData, recipe: dict, out_dir: Path, resume: bool = False) -> dict:
     """Before / zero-shot / after accuracy and training time of one model; the classifier is saved in
-    ``out_dir``."""
+    ``out_dir``, whose name is the model's name in the report (``run_classify`` names it with ``model_slug``)."""
     d = from_dict(DataSection, recipe["data"], "data")
     c = from_dict(ClassifySection, recipe["classify"], "classify")
     lora = from_dict(LoraSection, recipe["lora"], "lora")
@@ -451,7 +451,7 @@ def classify_one(model_path: str, data: ClassificationData, recipe: dict, out_di
     periodic = eval_fn if cfg.eval_every > 0 else None
     summary = train(model, loss_fn, sampler, cfg, out_dir, eval_fn=periodic, save_fn=save_fn, resume=resume)
     after = summary["eval"].get("accuracy") if periodic else eval_fn(model)["accuracy"]
-    result = {"model": model_path, "out": str(out_dir), "backend": loaded.backend,
+    result = {"model": model_path, "name": out_dir.name, "out": str(out_dir), "backend": loaded.backend,
               "parameters": count_parameters(model), "method": c.method, "before": before, "zero_shot": zero_shot,
               "after": after, "train_seconds": summary["seconds"],
               "steps": summary["steps"], "train_examples": len(train_rows), "test_examples": len(test_rows),
@@ -473,7 +473,7 @@ def write_report(results: list[dict], out_dir: Path, data: ClassificationData) -
              "| model | parameters | method | before | zero-shot | after | training time |",
              "|---|---:|---|---:|---:|---:|---:|"]
     for r in results:
-        lines.append(f"| {Path(r['model']).name} | {r['parameters'] / 1e6:.1f}M | {r['method']} | {pct(r['before'])} "
+        lines.append(f"| {r['name']} | {r['parameters'] / 1e6:.1f}M | {r['method']} | {pct(r['before'])} "
                      f"| {pct(r['zero_shot'])} | {pct(r['after'])} | {r['train_seconds']:.0f} s |")
     (out_dir / "report.md").write_text("\n".join(lines) + "\n", encoding="utf-8")
     _plot(results, out_dir / "accuracy.png")
@@ -492,7 +492,7 @@ def _plot(results: list[dict], path: Path) -> None:
     for j, (key, label) in enumerate(series):
         xs = [i + (j - (len(series) - 1) / 2) * width for i in range(len(results))]
         ax.bar(xs, [100 * (r[key] or 0) for r in results], width, label=label)
-    ax.set_xticks(range(len(results)), [Path(r["model"]).name for r in results], fontsize=8)
+    ax.set_xticks(range(len(results)), [r["name"] for r in results], fontsize=8)
     ax.set_ylabel("test accuracy (%)")
     ax.set_ylim(0, 100)
     ax.legend(fontsize=8, loc="lower right")
