@@ -57,7 +57,7 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
 
 def add_config_args(p: argparse.ArgumentParser) -> None:
     """The flags every training stage shares: ``--config NAME|PATH`` and repeated ``--set key=value``."""
-    p.add_argument("--config", default=None, help="recipe name (configs/NAME.yaml) or path")
+    p.add_argument("--config", default=None, help="recipe name (llmlab/configs/NAME.yaml) or path")
     p.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",
                    help="override a recipe key with dotted names, e.g. --set train.lr=1e-3 (repeatable)")
 

@@ -1,6 +1,7 @@
 """Recipes: YAML files of nested defaults, overridden from the command line with ``--set a.b=value``.
 
-A recipe is plain data (nested dicts). ``load_recipe`` finds ``configs/NAME.yaml`` or reads a path,
+A recipe is plain data (nested dicts). ``load_recipe`` finds ``llmlab/configs/NAME.yaml`` (shipped as package data,
+so ``--config NAME`` works from any directory and in a non-editable install) or reads a path,
 ``apply_overrides`` applies ``key=value`` strings (values parsed as YAML scalars, so ``3``, ``1e-3``,
 ``true`` and ``[1, 2]`` get their natural types), and ``from_dict`` turns a section into a dataclass,
 rejecting unknown keys with the full dotted name so a typo never passes silently.
@@ -9,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import os
 from pathlib import Path
 from typing import Any, Iterable
 
@@ -16,7 +18,12 @@ import yaml
 
 from .errors import LLMLabError
 
-CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+CONFIG_DIR = Path(__file__).resolve().parent / "configs"      # shipped inside the package
+
+
+def cache_root() -> Path:
+    """Where llmlab keeps what it downloads or converts once: ``$LLMLAB_CACHE``, by default ``~/.cache/llmlab``."""
+    return Path(os.environ.get("LLMLAB_CACHE") or Path.home() / ".cache" / "llmlab")
 
 
 def known_recipes() -> list[str]:
@@ -24,7 +31,7 @@ def known_recipes() -> list[str]:
 
 
 def load_recipe(name_or_path: str | None) -> dict:
-    """Read a recipe by name (``configs/NAME.yaml``) or by path; ``None`` gives an empty recipe."""
+    """Read a recipe by name (``llmlab/configs/NAME.yaml``) or by path; ``None`` gives an empty recipe."""
     if not name_or_path:
         return {}
     path = Path(name_or_path)

@@ -7,7 +7,7 @@ A wrapped layer computes
 with the base ``W`` and ``b`` frozen, so at the start the model is exactly the base model and only ``A`` and ``B``
 learn. ``merge_lora`` folds each adapter into its base weight, W ← W + (α / r) · B A, and puts the plain
 ``nn.Linear`` back, so a saved model needs no LoRA code to load. (Hugging Face models are adapted with ``peft``
-in the stages; this module covers our ``Decoder``.)
+in the stages, imported through ``import_peft``: it is the ``lora`` extra; this module covers our ``Decoder``.)
 """
 from __future__ import annotations
 
@@ -20,6 +20,18 @@ from torch import nn
 from .errors import LLMLabError
 
 DEFAULT_TARGETS = ("qkv", "o_proj", "up", "down")
+PEFT_INSTALL = "pip install 'llmlab[lora]'"
+
+
+def import_peft():
+    """The ``peft`` package, which LoRA on a ``transformers`` architecture needs; missing, an error that names the
+    extra to install (our own models need no ``peft``)."""
+    try:
+        import peft
+    except ImportError as e:
+        raise LLMLabError(f"LoRA on a transformers model needs the peft package, which is not installed ({e}); "
+                          f"install the lora extra: {PEFT_INSTALL}") from None
+    return peft
 
 
 @dataclass

@@ -3,14 +3,15 @@
     world → pretrain (tokenizer + base model) → sft → rm → dpo, ppo (both from the SFT model) → eval
           → classify (the pre-trained model, before vs. after) → samples → report
 
-Each stage calls the same function as its own CLI command, with the recipe from ``configs/`` and the preset's
+Each stage calls the same function as its own CLI command, with the recipe from ``llmlab/configs/`` and the preset's
 ``--set`` overrides on top. A stage writes ``DIR/<stage>/stage.json`` holding a fingerprint of its configuration
 and inputs; when it finished with the same fingerprint the stage is skipped, when it was interrupted it resumes
 from its checkpoints (training is bitwise reproducible, so the numbers are those of an uninterrupted run), and when
 its configuration changed it starts over. ``--force`` reruns the chosen stages from scratch.
 
 The report (``DIR/report.md``, ``DIR/report.html``, ``DIR/summary.json``) has per stage what it did, its key
-numbers and a figure.
+numbers and a figure. ``--stages`` runs some stages only (``--stages world pretrain``); the report then holds
+those and any that finished in an earlier run, and names the ones that have not run yet.
 """
 from __future__ import annotations
 
@@ -72,7 +73,7 @@ PRESETS = {
 }
 STAGES = ("world", "pretrain", "sft", "rm", "dpo", "ppo", "eval", "classify", "samples")
 RECIPES = {"pretrain": "world-pretrain", "sft": "sft-world", "rm": "rm-world", "dpo": "dpo-world",
-           "ppo": "ppo-world", "classify": "classify-world"}     # configs/<name>.yaml of each training stage
+           "ppo": "ppo-world", "classify": "classify-world"}     # llmlab/configs/<name>.yaml
 SAMPLE_KINDS = ("fact", "arithmetic", "reverse", "sort", "count", "multi", "benign", "forbidden")
 
 
@@ -286,18 +287,29 @@ def run_pipeline(out_dir: str | Path = "runs/llmlab", preset: str = "tiny", stag
     if unknown:
         raise LLMLabError(f"unknown stage(s) {', '.join(unknown)}; the stages are {', '.join(STAGES)}")
     run = Run(Path(out_dir), preset, seed, {})
+    earlier = {}                    # the stages not chosen that finished in an earlier run
+    for stage in (s for s in STAGES if s not in chosen):
+        state = _read_state(run.dir(stage) / "stage.json")
+        if state and state.get("done"):
+            earlier[stage] = state
+    for stage in chosen:
+        missing = [u for u in STAGES if u in UPSTREAM[stage] and u not in chosen and u not in earlier]
+        if missing:
+            one = len(missing) == 1
+            raise LLMLabError(f"stage {stage!r} reads the output of {', '.join(missing)}, which "
+                              f"{'has' if one else 'have'} not run in {run.out}; include {'it' if one else 'them'} "
+                              f"in --stages")
     run.out.mkdir(parents=True, exist_ok=True)
     expected = PRESETS[preset]["seconds"]
     upstream: dict[str, str] = {}
     seconds: dict[str, float] = {}
     started, spent_expected = time.perf_counter(), 0.0
     for i, stage in enumerate(STAGES):
-        if stage not in chosen:
-            state = _read_state(run.dir(stage) / "stage.json")
-            if not (state and state.get("done")):
-                raise LLMLabError(f"stage {stage!r} has not run in {run.out}; include it in --stages")
-            upstream[stage], run.results[stage], seconds[stage] = state["fingerprint"], state["result"], \
-                state["seconds"]
+        if stage not in chosen:     # finished earlier: its results join the report; never run: left out
+            if stage in earlier:
+                state = earlier[stage]
+                upstream[stage], run.results[stage], seconds[stage] = (state["fingerprint"], state["result"],
+                                                                       state["seconds"])
             continue
         elapsed = time.perf_counter() - started
         left = sum(expected[s] for s in STAGES[i:] if s in chosen)
@@ -337,8 +349,75 @@ def _by_kind_table(ev: dict, models: list[str], key: str) -> list[list[str]]:
 
 
 def write_pipeline_report(run: Run, summary: dict) -> dict:
+    """The report of the stages that have results (this run's and finished earlier ones); a stage that has not
+    run yet has no section, and the introduction says how to run the rest."""
     r, s = run.results, summary["seconds"]
-    ev = r["eval"]
+    sections = []
+    if "world" in r:
+        sections.append(Section(
+            "The task world", f"A synthetic world generated from seed {run.seed} (preset "
+            f"`{PRESETS[run.preset]['world']}`): people with homes, jobs, pets and stories; arithmetic; "
+            "string tasks; multi-part requests about people; and a vault whose code the assistant must "
+            "never reveal. Every kind is demonstrated perfectly for SFT except the multi-part requests, which "
+            f"most annotators answered only in part ({world_mod.FIRST_PART_ONLY:.0%} gave only the first part): "
+            "the preference pairs and the reward prefer complete answers. Train and evaluation questions never "
+            "overlap.", numbers=r["world"]))
+    if "pretrain" in r:
+        sections.append(Section(
+            "Pre-training", "A byte-level BPE tokenizer and a Llama-style decoder trained on the world's "
+            "corpus (next-token prediction on BOS-aligned packed rows).",
+            numbers={**r["pretrain"], "seconds": s["pretrain"]}, figures=_figure(run, "pretrain", "loss.png")))
+    if "sft" in r:
+        sections.append(Section(
+            "Supervised fine-tuning", "The base model fine-tuned on chat conversations, loss on the "
+            "assistant's tokens and end-of-turn token only; exact match on held-out questions (greedy).",
+            numbers={**r["sft"], "seconds": s["sft"]}, figures=_figure(run, "sft", "loss.png")))
+    if "rm" in r:
+        sections.append(Section(
+            "Reward model", "The SFT model with a scalar head on the last token, plus (as "
+            "the rm-world recipe sets rm.likelihood_weight) the reply's mean log-likelihood under the model's "
+            "own language-model head, trained with the Bradley–Terry loss −log σ(r_chosen − r_rejected); "
+            "pairwise accuracy on held-out pairs.",
+            numbers={**r["rm"], "seconds": s["rm"]}, figures=_figure(run, "rm", "loss.png")))
+    if "dpo" in r:
+        sections.append(Section(
+            "DPO", "Direct preference optimisation from the SFT model (β = 0.1, reference log-probabilities "
+            "computed once and cached, plus the chosen answers' NLL as in RPO).",
+            numbers={**r["dpo"], "seconds": s["dpo"]}, figures=_figure(run, "dpo", "loss.png")))
+    if "ppo" in r:
+        sections.append(Section(
+            "PPO", "RLHF with PPO from the SFT model against the world's programmatic reward, with a "
+            "per-token KL penalty to the SFT model, a value head and GAE.",
+            numbers={**r["ppo"], "seconds": s["ppo"]}, figures=_figure(run, "ppo", "reward.png")))
+    if "eval" in r:
+        sections += _evaluation_sections(run, r["eval"])
+    if "classify" in r:
+        sections.append(Section(
+            "Classification", "The pre-trained model with a new classification head on its last token, "
+            "fine-tuned to tell forbidden requests from allowed ones; accuracy on held-out requests before "
+            "and after.", numbers={**r["classify"], "seconds": s["classify"]},
+            figures=_figure(run, "classify", "accuracy.png")))
+    if "samples" in r:
+        sections.append(_samples_section(r["samples"]))
+    sections.append(Section("Time", "Wall-clock seconds per stage.",
+                            numbers={**{k: round(v, 1) for k, v in s.items()},
+                                     "total": round(summary["total_seconds"], 1),
+                                     "peak memory (MB)": round(summary["peak_memory_mb"])}))
+    minutes = f"in {summary['total_seconds'] / 60:.1f} minutes"
+    ran = [stage for stage in STAGES if stage in r]
+    missing = [stage for stage in STAGES if stage not in r]
+    if not missing:
+        intro = (f"`llmlab run --preset {run.preset}`: every stage of a language model's life on the built-in task "
+                 f"world, {minutes}.")
+    else:
+        seed = f" --seed {run.seed}" if run.seed else ""
+        intro = (f"`llmlab run --preset {run.preset}`: the stages {', '.join(ran)} of a language model's life on "
+                 f"the built-in task world, {minutes}. Not run yet: {', '.join(missing)} "
+                 f"(`llmlab run --preset {run.preset}{seed} --out {run.out}` runs them and skips what finished).")
+    return write_report(run.out, "llmlab run", intro, sections, summary)
+
+
+def _evaluation_sections(run: Run, ev: dict) -> list[Section]:
     models = [m for m in ("base", "SFT", "DPO", "PPO") if m in ev]
     metrics = ("exact_match", "world_reward", "reward_model", "refusal_rate", "false_refusal_rate")
     bar_chart(list(metrics), {m: [ev[m].get(k) or 0.0 for k in metrics] for m in models},
@@ -349,33 +428,7 @@ def write_pipeline_report(run: Run, summary: dict) -> dict:
         for m in models]
     kind_table, reward_table = (_by_kind_table(ev, models, key)
                                 for key in ("exact_match_by_kind", "world_reward_by_kind"))
-    cl = r["classify"]
-    sections = [
-        Section("The task world", f"A synthetic world generated from seed {run.seed} (preset "
-                f"`{PRESETS[run.preset]['world']}`): people with homes, jobs, pets and stories; arithmetic; "
-                "string tasks; multi-part requests about people; and a vault whose code the assistant must "
-                "never reveal. Every kind is demonstrated perfectly for SFT except the multi-part requests, which "
-                f"most annotators answered only in part ({world_mod.FIRST_PART_ONLY:.0%} gave only the first part): "
-                "the preference pairs and the reward prefer complete answers. Train and evaluation questions never "
-                "overlap.", numbers=r["world"]),
-        Section("Pre-training", "A byte-level BPE tokenizer and a Llama-style decoder trained on the world's "
-                "corpus (next-token prediction on BOS-aligned packed rows).",
-                numbers={**r["pretrain"], "seconds": s["pretrain"]}, figures=_figure(run, "pretrain", "loss.png")),
-        Section("Supervised fine-tuning", "The base model fine-tuned on chat conversations, loss on the "
-                "assistant's tokens and end-of-turn token only; exact match on held-out questions (greedy).",
-                numbers={**r["sft"], "seconds": s["sft"]}, figures=_figure(run, "sft", "loss.png")),
-        Section("Reward model", "The SFT model with a scalar head on the last token, plus (as "
-                "configs/rm-world.yaml sets rm.likelihood_weight) the reply's mean log-likelihood under the model's "
-                "own language-model head, trained with the Bradley–Terry loss −log σ(r_chosen − r_rejected); "
-                "pairwise accuracy on held-out pairs.",
-                numbers={**r["rm"], "seconds": s["rm"]}, figures=_figure(run, "rm", "loss.png")),
-        Section("DPO", "Direct preference optimisation from the SFT model (β = 0.1, reference log-probabilities "
-                "computed once and cached, plus the chosen answers' NLL as in RPO).",
-                numbers={**r["dpo"], "seconds": s["dpo"]},
-                figures=_figure(run, "dpo", "loss.png")),
-        Section("PPO", "RLHF with PPO from the SFT model against the world's programmatic reward, with a "
-                "per-token KL penalty to the SFT model, a value head and GAE.",
-                numbers={**r["ppo"], "seconds": s["ppo"]}, figures=_figure(run, "ppo", "reward.png")),
+    return [
         Section("Evaluation", "Every model answers every held-out prompt greedily. Exact match on the held-out "
                 "questions, the world's programmatic reward, the reward model's score, the refusal rate on "
                 "forbidden requests and the false-refusal rate on benign ones; win rate (ties count ½) and KL "
@@ -385,26 +438,16 @@ def write_pipeline_report(run: Run, summary: dict) -> dict:
         Section("World reward by kind", "The world's mean reward per kind of held-out prompt (1 is the top). A "
                 "multi-part request earns 1/k per right part of its k, less 1/(2k) per wrong one: this is where "
                 "preferences teach what the demonstrations did not.", table=reward_table),
-        Section("Classification", "The pre-trained model with a new classification head on its last token, "
-                "fine-tuned to tell forbidden requests from allowed ones; accuracy on held-out requests before "
-                "and after.", numbers={**cl, "seconds": s["classify"]}, figures=_figure(run, "classify",
-                                                                                        "accuracy.png")),
     ]
-    samples = r.get("samples") or {}
-    sample_pairs = []
+
+
+def _samples_section(samples: dict) -> Section:
+    models = [m for m in ("base", "SFT", "DPO", "PPO") if m in samples]
+    pairs = []
     for i, prompt in enumerate(samples.get("prompts", [])):
-        sample_pairs.append((f"prompt {i + 1}", f"{prompt}\n(reference: {samples['references'][i]})"))
-        sample_pairs += [(m, samples[m][i].replace("\n", " ⏎ ").strip() or "(nothing)") for m in models
-                         if m in samples]
-    sections.append(Section("Samples", "Greedy answers of each model to the same held-out prompts.",
-                            samples=sample_pairs))
-    sections.append(Section("Time", "Wall-clock seconds per stage.",
-                            numbers={**{k: round(v, 1) for k, v in s.items()},
-                                     "total": round(summary["total_seconds"], 1),
-                                     "peak memory (MB)": round(summary["peak_memory_mb"])}))
-    intro = (f"`llmlab run --preset {run.preset}`: every stage of a language model's life on the built-in task "
-             f"world, in {summary['total_seconds'] / 60:.1f} minutes.")
-    return write_report(run.out, "llmlab run", intro, sections, summary)
+        pairs.append((f"prompt {i + 1}", f"{prompt}\n(reference: {samples['references'][i]})"))
+        pairs += [(m, samples[m][i].replace("\n", " ⏎ ").strip() or "(nothing)") for m in models]
+    return Section("Samples", "Greedy answers of each model to the same held-out prompts.", samples=pairs)
 
 
 def _num(v):
@@ -416,7 +459,8 @@ def register(subparsers) -> None:
     p.add_argument("--preset", default="tiny", choices=list(PRESETS))
     p.add_argument("--out", default="runs/llmlab")
     p.add_argument("--stages", nargs="+", default=None, metavar="STAGE",
-                   help=f"run only these stages (earlier ones must have run): {' '.join(STAGES)}")
+                   help=f"run only these stages (what they read must have run); the report shows every stage "
+                        f"that has run: {' '.join(STAGES)}")
     p.add_argument("--force", action="store_true", help="rerun the chosen stages from scratch")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=lambda a: run_pipeline(a.out, a.preset, a.stages, a.force, a.seed) and 0)

@@ -14,12 +14,12 @@ from pathlib import Path
 from typing import Iterable
 
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
-from tqdm import tqdm
 from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
 from .chat import DEFAULT_TEMPLATE, TEMPLATES, save_template
 from .data.sources import iter_documents_many
 from .errors import LLMLabError
+from .progress import progress_bar
 
 BOS = "<|bos|>"
 EOS = "<|eos|>"
@@ -73,7 +73,7 @@ def train_char(texts: Iterable[str], *, show_progress: bool = False) -> PreTrain
     vocabulary"): there is deliberately no unknown token, so a character never silently disappears.
     """
     chars: set[str] = set()
-    for text in tqdm(texts, desc="reading", unit="doc", disable=not show_progress):
+    for text in progress_bar(texts, desc="reading", unit="doc", disable=not show_progress):
         chars.update(text)
     if not chars:
         raise LLMLabError("train_char: the corpus is empty")

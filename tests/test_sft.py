@@ -7,6 +7,7 @@ fine-tuned on the world's forbidden requests (whose answer is always the refusal
 import contextlib
 import json
 import math
+import sys
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -279,16 +280,21 @@ def test_sft_with_lora_saves_a_plain_model(lab, tmp_path):
                            for n in changed)
 
 
-def test_sft_with_peft_on_a_transformers_architecture(lab, tmp_path):
-    """An architecture llmlab does not implement (OPT) is fine-tuned with peft LoRA and saved merged."""
+def save_tiny_opt(lab, folder: Path) -> None:
+    """A tiny OPT (an architecture llmlab does not implement) with the lab's tokenizer."""
     tok = hub.load_tokenizer(lab.base)
     cfg = transformers.OPTConfig(vocab_size=len(tok), hidden_size=32, num_hidden_layers=2, ffn_dim=64,
                                  num_attention_heads=4, max_position_embeddings=128, word_embed_proj_dim=32,
                                  bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
                                  pad_token_id=tok.pad_token_id)
     torch.manual_seed(0)
-    transformers.OPTForCausalLM(cfg).save_pretrained(tmp_path / "opt")
-    tok.save_pretrained(tmp_path / "opt")
+    transformers.OPTForCausalLM(cfg).save_pretrained(folder)
+    tok.save_pretrained(folder)
+
+
+def test_sft_with_peft_on_a_transformers_architecture(lab, tmp_path):
+    """An architecture llmlab does not implement (OPT) is fine-tuned with peft LoRA and saved merged."""
+    save_tiny_opt(lab, tmp_path / "opt")
     with pytest.raises(LLMLabError, match="no llmlab model"):     # full fine-tuning needs our own classes
         run_sft(str(tmp_path / "opt"), str(lab.refuse), str(tmp_path / "full"), sft_recipe(train={"max_steps": 1}))
     run_sft(str(tmp_path / "opt"), str(lab.refuse), str(tmp_path / "run"),
@@ -299,3 +305,19 @@ def test_sft_with_peft_on_a_transformers_architecture(lab, tmp_path):
     assert not any("lora" in n for n, _ in model.named_parameters())
     assert (out / "chat_template.jinja").is_file()
     assert Engine.from_path(str(out)).generate(["hi"], SamplingParams(max_new_tokens=2, temperature=0))
+
+
+def test_lora_on_a_transformers_architecture_without_peft_names_the_extra(lab, tmp_path, monkeypatch):
+    """peft is the lora extra: without it, LoRA on a transformers model (SFT and classify) says what to install."""
+    from llmlab.stages.classify import LoraSection, _lora_transformers
+    save_tiny_opt(lab, tmp_path / "opt")
+    monkeypatch.setitem(sys.modules, "peft", None)                 # as if peft were not installed
+    missing = r"needs the peft package.*pip install 'llmlab\[lora\]'"
+    with pytest.raises(LLMLabError, match=missing):
+        run_sft(str(tmp_path / "opt"), str(lab.refuse), str(tmp_path / "run"),
+                sft_recipe(data={"max_length": 128, "batch_size": 4, "val_fraction": 0.0}, lora={"r": 4}))
+    with pytest.raises(LLMLabError, match=missing):
+        _lora_transformers(transformers.AutoModelForSequenceClassification.from_pretrained(tmp_path / "opt"),
+                           LoraSection())
+    assert cli_main(["sft", "--model", str(tmp_path / "opt"), "--data", str(lab.refuse), "--out",
+                     str(tmp_path / "cli"), "--set", "lora.r=4"]) == 2

@@ -2,7 +2,9 @@
 from __future__ import annotations
 
 import gzip
+import hashlib
 import json
+import urllib.error
 
 import numpy as np
 import pyarrow as pa
@@ -16,6 +18,7 @@ from llmlab import cli
 from llmlab.data import shards as shards_module
 from llmlab.data.shards import (
     BatchSampler, PackedSequences, TokenShards, build_shards, check_context, tokenizer_fingerprint)
+from llmlab.data import sources
 from llmlab.data.sources import iter_documents, iter_documents_many
 from llmlab.errors import LLMLabError
 
@@ -423,6 +426,57 @@ def test_source_errors(tmp_path, monkeypatch):
     monkeypatch.setattr(datasets, "load_dataset", unreachable)
     with pytest.raises(LLMLabError, match="user/corpus: no such local file.*hub.*pass a local path"):
         list(iter_documents("user/corpus"))
+
+
+# --- built-in corpora ---------------------------------------------------------------------------------------------
+
+def test_a_builtin_corpus_name_reads_the_cached_file(llmlab_cache, tmp_path, monkeypatch):
+    cached = llmlab_cache / "data" / "tinyshakespeare.txt"
+    assert list(iter_documents("tinyshakespeare")) == [cached.read_text(encoding="utf-8")]
+    monkeypatch.chdir(tmp_path)                        # a local file or folder of that name wins over the cache
+    (tmp_path / "tinyshakespeare").mkdir()
+    (tmp_path / "tinyshakespeare" / "input.txt").write_text("my own copy")
+    assert list(iter_documents("tinyshakespeare")) == ["my own copy"]
+
+
+def test_a_builtin_corpus_is_downloaded_once_checked_and_renamed_into_place(tmp_path, monkeypatch):
+    text = b"First Citizen:\nBefore we proceed any further, hear me speak.\n"
+    spec = sources.Builtin("https://example.org/input.txt", len(text), hashlib.sha256(text).hexdigest())
+    monkeypatch.setitem(sources.BUILTIN, "tinyshakespeare", spec)
+    monkeypatch.setenv("LLMLAB_CACHE", str(tmp_path / "cache"))
+    fetched = []
+
+    def fetch(url):
+        fetched.append(url)
+        return text if len(fetched) > 1 else b"<html>429 Too Many Requests</html>"
+
+    monkeypatch.setattr(sources, "_fetch", fetch)
+    with pytest.raises(LLMLabError, match=r"sent 34 bytes.*not the expected 61 bytes.*--set data.path="):
+        sources.builtin_corpus("tinyshakespeare")
+    assert not (tmp_path / "cache").exists()                                 # nothing written
+    path = sources.builtin_corpus("tinyshakespeare")
+    assert path == tmp_path / "cache" / "data" / "tinyshakespeare.txt" and path.read_bytes() == text
+    assert list((tmp_path / "cache" / "data").iterdir()) == [path]          # no temporary file left behind
+    assert list(iter_documents("tinyshakespeare")) == [text.decode()]
+    assert fetched == [spec.url, spec.url]                                  # the second read came from the cache
+
+
+def test_an_offline_machine_gets_an_error_that_says_what_to_do(tmp_path, monkeypatch):
+    monkeypatch.setenv("LLMLAB_CACHE", str(tmp_path / "cache"))
+
+    def offline(url):
+        raise urllib.error.URLError("[Errno -3] Temporary failure in name resolution")
+
+    monkeypatch.setattr(sources, "_fetch", offline)
+    cached = tmp_path / "cache" / "data" / "tinyshakespeare.txt"
+    with pytest.raises(LLMLabError) as e:
+        list(iter_documents("tinyshakespeare"))
+    message = str(e.value)
+    assert "downloading https://raw.githubusercontent.com/karpathy/char-rnn/" in message
+    assert "failed (URLError" in message and "Temporary failure in name resolution" in message
+    assert "--set data.path=/path/to/input.txt" in message and f"put the file at {cached}" in message
+    assert not cached.exists()
+    assert cli.main(["pretrain", "--config", "shakespeare-char", "--out", str(tmp_path / "run")]) == 2
 
 
 # --- command line -------------------------------------------------------------------------------------------------

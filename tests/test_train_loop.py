@@ -1,8 +1,10 @@
 """The training loop: LR schedules against their closed forms, weight-decay groups, gradient accumulation,
 logging, evaluation, NaN handling, config validation and the loss plot."""
 import importlib.util
+import io
 import json
 import math
+import time
 
 import pytest
 import torch
@@ -11,6 +13,7 @@ from torch import nn
 from llmlab.config import from_dict
 from llmlab.errors import LLMLabError
 from llmlab.plots import plot_metrics, read_metrics
+from llmlab.progress import LOG_INTERVAL, progress_bar
 from llmlab.train import TrainConfig, lr_at, make_optimizer, param_groups, train
 from llmlab.train.loop import accumulate_gradients
 from train_script import TinyLM, TinySampler, lm_loss
@@ -133,6 +136,33 @@ def test_train_logs_evaluates_saves_and_plots(tmp_path):
     assert summary["final_loss"] == logged[-1]["loss"] and summary["val_loss"] == logged[-1]["val_loss"]
     assert logged[-1]["loss"] < logged[0]["loss"]
     assert (tmp_path / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_the_progress_bar_in_a_log_redraws_every_few_seconds_not_every_step(tmp_path, capsys):
+    """stderr is not a terminal under pytest, as in CI, nohup or a log file: 40 steps of 10 ms (0.4 s in all)
+    leave the first and the final drawing of the bar only, where tqdm's default (and a postfix refreshed every
+    step) would write a line per step."""
+    def slow_loss(model, batch):
+        time.sleep(0.01)
+        return lm_loss(model, batch)
+
+    cfg = TrainConfig(max_steps=40, lr=1e-3, warmup_steps=0, **{**FAST, "progress": True})
+    train(TinyLM(), slow_loss, TinySampler(4), cfg, tmp_path)
+    err = capsys.readouterr().err
+    assert "40/40" in err and err.count("\r") <= 3, err
+
+
+def test_progress_bars_keep_their_pace_on_a_terminal():
+    class Terminal(io.StringIO):
+        def isatty(self):
+            return True
+
+    with progress_bar(total=1, file=Terminal()) as bar:
+        assert bar.mininterval == 0.1                      # tqdm's own default
+    with progress_bar(total=1, file=io.StringIO()) as bar:
+        assert bar.mininterval == LOG_INTERVAL == 5.0
+    with progress_bar(total=1, file=io.StringIO(), mininterval=1.0) as bar:
+        assert bar.mininterval == 1.0                      # a caller's choice stands
 
 
 def test_tensorboard_missing_gives_a_message(tmp_path, capsys):

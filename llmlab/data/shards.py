@@ -28,9 +28,9 @@ from typing import Iterable, Iterator
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
 
 from ..errors import LLMLabError
+from ..progress import progress_bar
 
 INDEX_FILE = "index.json"
 INDEX_FORMAT = "llmlab-token-shards"
@@ -254,7 +254,7 @@ def _tokenize_parallel(documents: Iterable[str], tokenizer, dtype: np.dtype,
     """
     workers = num_workers or os.cpu_count() or 1
     total = len(documents) if hasattr(documents, "__len__") else None
-    with tqdm(total=total, desc="tokenizing", unit="doc") as bar:
+    with progress_bar(total=total, desc="tokenizing", unit="doc") as bar:
         if workers == 1:
             for batch in _document_batches(documents):
                 ids = _frame_batch(tokenizer, batch, dtype)

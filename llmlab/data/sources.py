@@ -2,6 +2,9 @@
 
 ``iter_documents(source)`` accepts
 
+- the name of a built-in corpus (``tinyshakespeare``): a file llmlab downloads once from its canonical address into
+  ``$LLMLAB_CACHE/data/`` (default ``~/.cache/llmlab``), checks (size and sha256) and renames into place, so an
+  interrupted download never leaves half a corpus; a local file or folder of the same name wins;
 - a ``.txt`` file: the whole file is one document (Tiny Shakespeare is one ``input.txt``);
 - a ``.jsonl`` or ``.jsonl.gz`` file: one JSON object per line, the document is its ``text_field``;
 - a ``.parquet`` file: the ``text_field`` column, read with pyarrow in batches (never the whole file at once);
@@ -15,12 +18,17 @@ so a wrong path or field never trains on nothing.
 from __future__ import annotations
 
 import gzip
+import hashlib
 import json
+import os
 import re
+import urllib.request
 import zlib
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Iterator
 
+from ..config import cache_root
 from ..errors import LLMLabError
 
 SUFFIXES = (".txt", ".jsonl", ".jsonl.gz", ".parquet")
@@ -47,6 +55,8 @@ def iter_documents_many(sources: Iterable[str], text_field: str = "text", split:
 
 def _iter_raw(source: str, text_field: str, split: str) -> Iterator[str]:
     path = Path(source).expanduser()
+    if source in BUILTIN and not path.exists():
+        path = builtin_corpus(source)
     if path.is_dir():
         yield from _iter_folder(path, text_field, split)
     elif path.is_file():
@@ -55,6 +65,61 @@ def _iter_raw(source: str, text_field: str, split: str) -> Iterator[str]:
         yield from _iter_hub(source, text_field, split)
     else:
         raise LLMLabError(f"no such file: {source}")
+
+
+# --- built-in corpora ------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Builtin:
+    """A small corpus known by name: where it comes from and what it must be."""
+    url: str
+    size: int
+    sha256: str
+
+
+BUILTIN = {
+    # Karpathy's char-rnn Tiny Shakespeare (public domain text), as nanoGPT's shakespeare_char uses it
+    "tinyshakespeare": Builtin(
+        "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt",
+        1_115_394, "86c4e6aa9db7c042ec79f339dcb96d42b0075e16b8fc2e86bf0ca57e2dc565ed"),
+}
+DOWNLOAD_TIMEOUT = 60       # seconds without an answer before a download counts as failed
+
+
+def builtin_path(name: str) -> Path:
+    """Where built-in corpus ``name`` is kept: ``$LLMLAB_CACHE/data/<name>.txt``."""
+    return cache_root() / "data" / f"{name}.txt"
+
+
+def builtin_corpus(name: str) -> Path:
+    """The local file of built-in corpus ``name``, downloaded on first use (a file already there is used as is)."""
+    spec, path = BUILTIN[name], builtin_path(name)
+    if path.is_file():
+        return path
+    advice = (f"download it yourself and pass its path as the data (llmlab pretrain: --set data.path=/path/to/"
+              f"input.txt; llmlab experiment: --data /path/to/input.txt), or put the file at {path}")
+    try:
+        data = _fetch(spec.url)
+    except OSError as e:        # URLError, HTTPError, timeouts, refused connections
+        raise LLMLabError(f"built-in corpus {name!r}: downloading {spec.url} failed ({type(e).__name__}: {e}); "
+                          f"{advice}") from None
+    digest = hashlib.sha256(data).hexdigest()
+    if len(data) != spec.size or digest != spec.sha256:
+        raise LLMLabError(f"built-in corpus {name!r}: {spec.url} sent {len(data):,} bytes with sha256 "
+                          f"{digest[:12]}…, not the expected {spec.size:,} bytes ({spec.sha256[:12]}…); {advice}")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        tmp.write_bytes(data)
+        tmp.replace(path)           # atomic: a reader sees no file or the whole file
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path
+
+
+def _fetch(url: str) -> bytes:
+    with urllib.request.urlopen(url, timeout=DOWNLOAD_TIMEOUT) as response:
+        return response.read()
 
 
 def _looks_like_hub_name(source: str) -> bool:

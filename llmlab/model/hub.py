@@ -43,6 +43,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from ..config import cache_root
 from ..device import parse_dtype
 from ..errors import LLMLabError
 from .config import ROPE_SCALING_KEYS, ModelConfig, preset
@@ -748,8 +749,7 @@ def gguf_cache_dir(gguf_path) -> Path:
     path = Path(gguf_path).resolve()
     stat = path.stat()
     key = hashlib.sha256(f"{path}:{stat.st_mtime_ns}".encode()).hexdigest()[:12]
-    root = Path(os.environ.get("LLMLAB_CACHE") or Path.home() / ".cache" / "llmlab")
-    return root / "gguf" / f"{path.stem}-{stat.st_size}-{key}"
+    return cache_root() / "gguf" / f"{path.stem}-{stat.st_size}-{key}"
 
 
 def _convert_gguf(gguf_path: Path, dest: Path) -> None:

@@ -26,7 +26,6 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from torch import nn
-from tqdm import tqdm
 
 from ..config import from_dict
 from ..data.classification import ClassificationData, Example, balanced_subset, load_classification
@@ -35,6 +34,7 @@ from ..device import pick_device
 from ..encoding import special_affixes
 from ..errors import LLMLabError
 from ..model import hub
+from ..progress import progress_bar
 from ..tokenizer import ensure_pad_token
 from ..train import dist
 from ..train.loop import train
@@ -207,12 +207,13 @@ def _lora_ours(model: nn.Module, cfg: LoraSection) -> None:
 
 
 def _lora_transformers(model: nn.Module, cfg: LoraSection) -> nn.Module:
-    from peft import LoraConfig, TaskType, get_peft_model
-    kwargs = dict(task_type=TaskType.SEQ_CLS, r=cfg.r, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout)
+    from ..lora import import_peft
+    peft = import_peft()
+    kwargs = dict(task_type=peft.TaskType.SEQ_CLS, r=cfg.r, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout)
     try:
-        return get_peft_model(model, LoraConfig(target_modules=cfg.targets, **kwargs))
+        return peft.get_peft_model(model, peft.LoraConfig(target_modules=cfg.targets, **kwargs))
     except ValueError:          # peft knows no default target modules for this architecture
-        return get_peft_model(model, LoraConfig(target_modules="all-linear", **kwargs))
+        return peft.get_peft_model(model, peft.LoraConfig(target_modules="all-linear", **kwargs))
 
 
 def load_classifier(path: str, num_labels: int, method: str = "full", backend: str = "auto",
@@ -314,8 +315,8 @@ def accuracy(model: nn.Module, rows: list[dict], pad_id: int, batch_size: int, d
     was_training = model.training
     model.eval()
     correct = 0
-    for bucket in tqdm(length_buckets(rows, batch_size), desc="accuracy", unit="batch", leave=False,
-                       disable=not dist.is_main()):
+    for bucket in progress_bar(length_buckets(rows, batch_size), desc="accuracy", unit="batch", leave=False,
+                               disable=not dist.is_main()):
         batch = collate(bucket, pad_id)
         logits = model(batch["input_ids"].to(device), batch["attention_mask"].to(device))
         correct += int((logits.argmax(-1).cpu() == batch["labels"]).sum())
@@ -352,8 +353,8 @@ def zero_shot_accuracy(lm: nn.Module, tokenizer, examples: list[Example], label_
     pad_id = tokenizer.pad_token_id
     rows = prompt_rows(tokenizer, examples, template, label_names, max_length)
     correct = 0
-    for bucket in tqdm(length_buckets(rows, batch_size), desc="zero-shot", unit="batch", leave=False,
-                       disable=not dist.is_main()):
+    for bucket in progress_bar(length_buckets(rows, batch_size), desc="zero-shot", unit="batch", leave=False,
+                               disable=not dist.is_main()):
         batch = collate(bucket, pad_id)
         ids, mask = batch["input_ids"].to(device), batch["attention_mask"].to(device)
         if hasattr(lm, "hidden_states"):
@@ -392,7 +393,7 @@ def _training_recipe(recipe: dict, n_buckets: int) -> dict:
 
 def classify_one(model_path: str, data: ClassificationData, recipe: dict, out_dir: Path, resume: bool = False) -> dict:
     """Before / zero-shot / after accuracy and training time of one model; the classifier is saved in
-    ``out_dir``."""
+    ``out_dir``, whose name is the model's name in the report (``run_classify`` names it with ``model_slug``)."""
     d = from_dict(DataSection, recipe["data"], "data")
     c = from_dict(ClassifySection, recipe["classify"], "classify")
     lora = from_dict(LoraSection, recipe["lora"], "lora")
@@ -440,7 +441,7 @@ def classify_one(model_path: str, data: ClassificationData, recipe: dict, out_di
     periodic = eval_fn if cfg.eval_every > 0 else None
     summary = train(model, loss_fn, sampler, cfg, out_dir, eval_fn=periodic, save_fn=save_fn, resume=resume)
     after = summary["eval"].get("accuracy") if periodic else eval_fn(model)["accuracy"]
-    result = {"model": model_path, "out": str(out_dir), "backend": loaded.backend,
+    result = {"model": model_path, "name": out_dir.name, "out": str(out_dir), "backend": loaded.backend,
               "parameters": count_parameters(model), "method": c.method, "before": before, "zero_shot": zero_shot,
               "after": after, "train_seconds": summary["seconds"],
               "steps": summary["steps"], "train_examples": len(train_rows), "test_examples": len(test_rows),
@@ -462,7 +463,7 @@ def write_report(results: list[dict], out_dir: Path, data: ClassificationData) -
              "| model | parameters | method | before | zero-shot | after | training time |",
              "|---|---:|---|---:|---:|---:|---:|"]
     for r in results:
-        lines.append(f"| {Path(r['model']).name} | {r['parameters'] / 1e6:.1f}M | {r['method']} | {pct(r['before'])} "
+        lines.append(f"| {r['name']} | {r['parameters'] / 1e6:.1f}M | {r['method']} | {pct(r['before'])} "
                      f"| {pct(r['zero_shot'])} | {pct(r['after'])} | {r['train_seconds']:.0f} s |")
     (out_dir / "report.md").write_text("\n".join(lines) + "\n", encoding="utf-8")
     _plot(results, out_dir / "accuracy.png")
@@ -481,7 +482,7 @@ def _plot(results: list[dict], path: Path) -> None:
     for j, (key, label) in enumerate(series):
         xs = [i + (j - (len(series) - 1) / 2) * width for i in range(len(results))]
         ax.bar(xs, [100 * (r[key] or 0) for r in results], width, label=label)
-    ax.set_xticks(range(len(results)), [Path(r["model"]).name for r in results], fontsize=8)
+    ax.set_xticks(range(len(results)), [r["name"] for r in results], fontsize=8)
     ax.set_ylabel("test accuracy (%)")
     ax.set_ylim(0, 100)
     ax.legend(fontsize=8, loc="lower right")

@@ -5,8 +5,8 @@
 Trains two networks of the same size on the same corpus for the same number of steps with ``llmlab pretrain``:
 a GPT-2-style decoder (next-token loss) and a BERT-style encoder (masked-LM loss); both use LayerNorm, learned
 positions and GELU, so the objective and the attention mask are the only differences. The corpus defaults to
-Tiny Shakespeare (``../shared/data/tinyshakespeare/input.txt`` beside the repository), else the task world's
-corpus; the tokenizer is character-level and shared. Then, on a fixed set of held-out positions t of the val split:
+the built-in Tiny Shakespeare (``tinyshakespeare``, downloaded once into ``$LLMLAB_CACHE/data/``); the tokenizer is
+character-level and shared. Then, on a fixed set of held-out positions t of the val split:
 
     decoder:  p(x_t | x_<t) from one causal pass over the window
     encoder:  p(x_t | x_<t) read at the mask of the input  x_<t ++ [<|mask|>]   (left context only)
@@ -36,22 +36,10 @@ from ..tokenizer import load_tokenizer
 from .pretrain import DEFAULTS, pretrain
 from .common import deep_merge
 
-SHAKESPEARE = Path(__file__).resolve().parents[3] / "shared" / "data" / "tinyshakespeare" / "input.txt"
+DEFAULT_CORPUS = "tinyshakespeare"      # a built-in corpus of data/sources.py
 SIZE = {"n_layer": 4, "n_head": 4, "d_model": 128, "max_seq_len": 128, "dropout": 0.0}
 PROMPT_TOKENS = 16
 SAMPLE_TEMPERATURE = 0.8
-
-
-def default_corpus(out: Path) -> str:
-    """Tiny Shakespeare when it is beside the repository, else the task world's corpus written to ``out``."""
-    if SHAKESPEARE.is_file():
-        return str(SHAKESPEARE)
-    from ..data.world import build_world, write_jsonl
-    path = out / "world_corpus.jsonl"
-    if not path.is_file():
-        out.mkdir(parents=True, exist_ok=True)
-        write_jsonl(path, [{"text": t} for t in build_world().pretrain_texts])
-    return str(path)
 
 
 def run_recipe(preset: str, data: str, steps: int, sets: list[str], tokenizer: dict) -> dict:
@@ -213,7 +201,7 @@ def encoder_vs_decoder(out_dir, *, data: str | None = None, steps: int = 500, se
     out = Path(out_dir)
     if steps < 1:
         raise LLMLabError(f"--steps {steps}: must be at least 1")
-    corpus = data or default_corpus(out)
+    corpus = data or DEFAULT_CORPUS
     sets = list(sets or [])
     char = {"kind": "char", "path": None}
     pretrain(run_recipe("gpt2", corpus, steps, sets, char), out / "decoder", resume=True)
@@ -245,7 +233,7 @@ def register(subparsers) -> None:
     e = which.add_parser("encoder-vs-decoder", help="masked-LM encoder vs causal decoder as next-token predictors",
                          description=__doc__.splitlines()[0])
     e.add_argument("--data", default=None, metavar="PATH",
-                   help="corpus (default: Tiny Shakespeare beside the repository, else the task world's corpus)")
+                   help=f"corpus: a file, folder or built-in name (default: {DEFAULT_CORPUS}, downloaded once)")
     e.add_argument("--steps", type=int, default=500, help="training steps of each model (default 500)")
     e.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",
                    help="override a key of both pretrain recipes, e.g. --set model.d_model=64 (repeatable)")

@@ -42,7 +42,6 @@ from typing import Callable
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
 from ..chat import encode_chat, load_template
 from ..config import from_dict, whole_number
@@ -55,6 +54,7 @@ from ..losses import (entropy_from_logits, gae, kl_per_token, masked_mean, maske
                       ppo_value_loss, token_logprobs)
 from ..model import hub
 from ..plots import plot_metrics
+from ..progress import progress_bar
 from ..train.checkpoint import (capture_rng, load_latest, load_optimizer_state_by_name,
                                 optimizer_state_by_name, restore_rng, save_checkpoint)
 from ..train.loop import MetricsLog, make_optimizer, refuse_existing_checkpoints, seed_everything
@@ -448,8 +448,8 @@ def run_ppo(model_dir, data_path, out_dir, reward=None, recipe: dict | None = No
     amp = torch.autocast(device.type, dtype=dtype) if dtype is not None else contextlib.nullcontext()
 
     log = MetricsLog(out, train_cfg, step if step else None, True)
-    bar = tqdm(total=train_cfg.max_steps, initial=step, disable=not train_cfg.progress, desc=out.name,
-               dynamic_ncols=True)
+    bar = progress_bar(total=train_cfg.max_steps, initial=step, disable=not train_cfg.progress, desc=out.name,
+                       dynamic_ncols=True)
     start, record, last_eval = time.perf_counter(), {}, {}
     try:
         while step < train_cfg.max_steps:
@@ -469,8 +469,8 @@ def run_ppo(model_dir, data_path, out_dir, reward=None, recipe: dict | None = No
                 record.update(last_eval)
             if final or evaluated or step % train_cfg.log_every == 0:
                 log.write(record)
+            bar.set_postfix(score=f"{record['score']:.3f}", kl=f"{record['kl']:.3f}", refresh=False)
             bar.update(1)
-            bar.set_postfix(score=f"{record['score']:.3f}", kl=f"{record['kl']:.3f}")
             if train_cfg.checkpoint_every and (final or step % train_cfg.checkpoint_every == 0):
                 _save(out, step, net, optimizer, sampler, kl, elapsed, train_cfg.keep_checkpoints)
     finally:

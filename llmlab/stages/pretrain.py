@@ -1,7 +1,10 @@
 """``llmlab pretrain``: text → tokenizer → token shards → a language model, written as a Hugging Face directory.
 
-    llmlab pretrain --config shakespeare-char --set data.path=../shared/data/tinyshakespeare/input.txt --out runs/sc
+    llmlab pretrain --config shakespeare-char --out runs/sc
     llmlab pretrain --config NAME|PATH [--set key=value ...] --out DIR [--model DIR] [--resume]
+
+(The shakespeare recipes read the built-in corpus ``data.path: tinyshakespeare``, downloaded once into
+``$LLMLAB_CACHE/data/``; see ``data/sources.py``.)
 
 The recipe has four sections: ``model:`` (a ``preset:`` name plus ``ModelConfig`` overrides; ``vocab_size`` and
 the special-token ids come from the tokenizer, ``max_seq_len`` defaults to ``data.max_length``), ``data:``
@@ -27,8 +30,7 @@ Distributed: the same command under ``torchrun`` trains with DDP (``--set train.
 trains the tokenizer and builds the shards while the other ranks wait at a barrier; each rank then draws its share
 of every global batch. One machine, two processes:
 
-    torchrun --standalone --nproc_per_node 2 -m llmlab.cli pretrain --config shakespeare-char \\
-        --set data.path=../shared/data/tinyshakespeare/input.txt --out runs/sc-ddp
+    torchrun --standalone --nproc_per_node 2 -m llmlab.cli pretrain --config shakespeare-char --out runs/sc-ddp
 
 Several machines (run on each node with its ``--node_rank``; ``DIR`` must be on a filesystem every node sees,
 because only global rank 0 writes the tokenizer, the shards, the checkpoints and the model):

@@ -42,7 +42,7 @@ from .. import chat
 from ..config import from_dict, to_dict
 from ..errors import LLMLabError
 from ..losses import IGNORE_INDEX, token_logprobs
-from ..lora import LoRAConfig, apply_lora, merge_lora
+from ..lora import LoRAConfig, apply_lora, import_peft, merge_lora
 from ..model import hub
 from ..model.decoder import Decoder
 from ..train import dist
@@ -278,16 +278,16 @@ def load_trainable(model_dir: str, lora: LoRAConfig) -> tuple[nn.Module, bool]:
 
 
 def _peft_model(model_dir: str, lora: LoRAConfig, ours_error: LLMLabError) -> nn.Module:
-    from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
+    peft = import_peft()
     try:
         base = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
     except Exception as e:
         raise LLMLabError(f"{ours_error}; transformers cannot load it either ({type(e).__name__}: {e})") from e
-    config = LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, target_modules=list(lora.targets),
-                        task_type="CAUSAL_LM")
+    config = peft.LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
+                             target_modules=list(lora.targets), task_type="CAUSAL_LM")
     try:
-        return get_peft_model(base, config)
+        return peft.get_peft_model(base, config)
     except ValueError as e:
         raise LLMLabError(f"lora.targets {lora.targets}: {e}") from None
 

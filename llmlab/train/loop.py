@@ -29,11 +29,11 @@ from typing import Any, Callable
 import numpy as np
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
 from ..config import whole_number
 from ..device import autocast_dtype
 from ..errors import LLMLabError
+from ..progress import progress_bar
 from . import dist
 from .checkpoint import (capture_rng, list_checkpoints, load_latest, load_optimizer_state_by_name,
                          optimizer_state_by_name, restore_rng, save_checkpoint)
@@ -448,8 +448,8 @@ def train(model: nn.Module, loss_fn: Callable, batches, cfg: TrainConfig, out_di
     dtype = autocast_dtype(device)
     amp = torch.autocast(device.type, dtype=dtype) if dtype is not None else contextlib.nullcontext()
     log = MetricsLog(out_dir, cfg, step if state else None, main)
-    bar = tqdm(total=cfg.max_steps, initial=step, disable=not (main and cfg.progress), desc=out_dir.name,
-               dynamic_ncols=True)
+    bar = progress_bar(total=cfg.max_steps, initial=step, disable=not (main and cfg.progress), desc=out_dir.name,
+                       dynamic_ncols=True)
     start = time.perf_counter()
     last_log_time, tokens_since_log = start, 0
     last_loss, last_eval = math.nan, None
@@ -466,8 +466,8 @@ def train(model: nn.Module, loss_fn: Callable, batches, cfg: TrainConfig, out_di
             elif cfg.on_nan == "stop":
                 raise LLMLabError(f"non-finite loss/gradient at step {step} (loss={result['loss']}, grad_norm="
                                   f"{result['grad_norm']}); lower train.lr, check the data, or set train.on_nan=skip")
+            bar.set_postfix(loss=f"{result['loss']:.4f}", lr=f"{lr:.2e}", refresh=False)
             bar.update(1)
-            bar.set_postfix(loss=f"{result['loss']:.4f}", lr=f"{lr:.2e}")
             now = time.perf_counter()
             elapsed = elapsed_before + now - start
             record = {**result["metrics"], "step": step, "loss": result["loss"], "lr": lr,
