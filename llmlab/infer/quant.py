@@ -229,7 +229,8 @@ def perplexity(model: nn.Module, token_ids: list[int] | torch.Tensor, window: in
     are scored separately (each token sees the earlier ones of its window), every window after ``bos_id`` if one
     is given (models such as Gemma expect it). The first token of each window is context only."""
     ids = torch.as_tensor(token_ids, dtype=torch.long)
-    device = next(model.parameters()).device
+    param = next(model.parameters(), None)           # a wrapper of an outside engine may have none: cpu
+    device = param.device if param is not None else torch.device("cpu")
     total, count = 0.0, 0
     for start in range(0, len(ids) - 1, window):
         chunk = ids[start:start + window]
