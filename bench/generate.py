@@ -22,6 +22,13 @@ Ratios are against transformers float32. llmlab's prefill always runs in the mod
 quantised); the float32 weights are themselves the GGUF's dequantised 4-8-bit values, so llmlab int4 quantises
 weights once more while llama.cpp computes with the file's own blocks.
 
+llama-cpp-python comes as source only and compiles llama.cpp on install (~10 min on 2 cores). On a CPU with AMX
+(Sapphire Rapids and later) its native build crashes in the AMX matmul on these models (llama.cpp issue 20824);
+build it without AMX:
+
+    CMAKE_ARGS="-DGGML_NATIVE=OFF -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_AVX512=ON -DGGML_AVX512_VNNI=ON
+    -DGGML_AVX512_BF16=ON -DGGML_AMX_TILE=OFF -DGGML_AMX_INT8=OFF" pip install --no-cache-dir llama-cpp-python
+
     python bench/generate.py [--repeats 3] [--ppl-tokens 4096] [--quantize int8,int4,int4-head-int8]
                              [--models gemma,smollm2] [--threads N] [--skip-process] [--skip-llama-cpp]
 """
