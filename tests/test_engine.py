@@ -184,7 +184,7 @@ def test_int8_weights_stay_close_to_float32(our_model):
 
 
 @pytest.mark.parametrize("options", [dict(decode_dtype=torch.bfloat16), dict(quantize="int8"),
-                                     dict(decode_dtype=torch.bfloat16, quantize="int8")])
+                                     dict(decode_dtype=torch.bfloat16, quantize="int8"), dict(quantize="int4")])
 def test_per_phase_precision_decodes_close_to_float32(our_model, byte_tokenizer, options):
     params = SamplingParams(max_new_tokens=8, temperature=0)
     exact = Engine(our_model, byte_tokenizer, eos_token_ids=[]).generate([[5, 6, 7]], params)[0].token_ids

@@ -22,6 +22,8 @@ import torch
 
 from ..encoding import encode_text
 from ..errors import LLMLabError
+from .quant import MODES as QUANT_MODES
+from .quant import quantize as quantize_weights
 
 
 @dataclass
@@ -165,18 +167,16 @@ def adapter_for(model, decode_model=None, decode_dtype=None):
 
 
 def make_decode_model(model, decode_dtype: torch.dtype | None, quantize: str | None):
-    """A copy of ``model`` for the memory-bound decode phase: cast to ``decode_dtype`` and/or with int8 weights
-    (see ``quant.py``); ``None`` when neither is asked for (decode then uses ``model`` itself)."""
+    """A copy of ``model`` for the memory-bound decode phase: cast to ``decode_dtype`` and/or with int8 / int4
+    weights (``quantize``: a mode of ``quant.MODES``); ``None`` when neither is asked for (decode then uses
+    ``model`` itself)."""
     if decode_dtype is None and quantize is None:
         return None
-    if quantize not in (None, "int8"):
-        raise LLMLabError(f"quantize={quantize!r}: only 'int8' is supported")
     decode_model = copy.deepcopy(model)
     if decode_dtype is not None:
         decode_model.to(decode_dtype)
-    if quantize == "int8":
-        from .quant import quantize_int8
-        quantize_int8(decode_model, act_dtype=decode_dtype or torch.bfloat16)
+    if quantize is not None:
+        quantize_weights(decode_model, quantize, act_dtype=decode_dtype or torch.bfloat16)
     return decode_model.eval()
 
 
@@ -261,9 +261,10 @@ class Engine:
 
     def __init__(self, model, tokenizer, *, eos_token_ids: list[int] | None = None,
                  decode_dtype: torch.dtype | None = None, quantize: str | None = None):
-        """``decode_dtype`` / ``quantize="int8"``: decode with a bfloat16 and/or int8-weight copy of the model
-        while prefill keeps the model's own precision (on CPUs without bf16 units large bf16 matmuls are slow,
-        but batch-1 decoding is bound by weight bytes, where fewer bytes win)."""
+        """``decode_dtype`` / ``quantize`` (``"int8"``, ``"int4"``, ... see ``quant.MODES``): decode with a bfloat16
+        and/or int8- or int4-weight copy of the model while prefill keeps the model's own precision (on CPUs without
+        bf16 units large bf16 matmuls are slow, but batch-1 decoding is bound by weight bytes, where fewer bytes
+        win)."""
         self.model = model.eval()
         self.tokenizer = tokenizer
         self.lm = adapter_for(model, make_decode_model(model, decode_dtype, quantize), decode_dtype)
@@ -409,7 +410,8 @@ def add_sampling_args(p) -> None:
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", default=None, help="weights for prefill: float32 (default on CPU) or bfloat16")
     p.add_argument("--decode-dtype", default=None, help="decode with a copy in this dtype, e.g. bfloat16")
-    p.add_argument("--quantize", default=None, choices=["int8"], help="decode with int8 weights")
+    p.add_argument("--quantize", default=None, choices=QUANT_MODES,
+                   help="decode with int8 or int4 weights (the head too, unless the mode says otherwise)")
 
 
 def sampling_from_args(args) -> SamplingParams:
