@@ -116,3 +116,17 @@ def test_perplexity_is_the_exponentiated_mean_cross_entropy(tiny):
     halves = [torch.nn.functional.cross_entropy(tiny(torch.cat([torch.tensor([1]), h])[None])[0, 1:-1], h[1:],
                                                 reduction="sum") for h in ids.split(20)]
     assert perplexity(tiny, ids, window=20, bos_id=1) == pytest.approx(float((sum(halves) / 38).exp()), rel=1e-5)
+
+
+def test_transformers_models_decode_in_int4_with_their_head_quantized(byte_tokenizer):
+    from transformers import LlamaConfig, LlamaForCausalLM
+    torch.manual_seed(0)
+    hf = LlamaForCausalLM(LlamaConfig(vocab_size=len(byte_tokenizer), hidden_size=64, intermediate_size=128,
+                                      num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                      max_position_embeddings=64, tie_word_embeddings=True)).eval()
+    decode_model = make_decode_model(hf, None, "int4")
+    assert type(decode_model.lm_head) is Int4Linear and isinstance(decode_model.model.embed_tokens, nn.Embedding)
+    params = SamplingParams(max_new_tokens=6, temperature=0)
+    out = Engine(hf, byte_tokenizer, eos_token_ids=[], quantize="int4").generate([[5, 6, 7]], params)[0].token_ids
+    exact = Engine(hf, byte_tokenizer, eos_token_ids=[]).generate([[5, 6, 7]], params)[0].token_ids
+    assert len(out) == 6 and out[0] == exact[0]
