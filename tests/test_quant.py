@@ -5,6 +5,7 @@ import torch
 from torch import nn
 
 from llmlab.errors import LLMLabError
+from llmlab.infer import quant
 from llmlab.infer.engine import Engine, SamplingParams, make_decode_model
 from llmlab.infer.quant import (Int4Linear, Int8Linear, dequantize_int4, perplexity, quantization_error, quantize,
                                 quantize_int4)
@@ -42,6 +43,15 @@ def test_int4_linear_computes_exactly_the_dequantized_formula():
     y = fast(x)
     assert y.shape == (3, 5, 50) and y.dtype == torch.float32
     torch.testing.assert_close(y, reference, rtol=BF16_HALF_ULP, atol=1e-6)
+
+
+def test_int4_linear_packs_a_matrix_chunk_by_chunk_as_a_whole(monkeypatch):
+    layer = linear(200, 64, bias=False)                 # padded to 208 rows: chunks of 64, 64, 64 and 16
+    whole = Int4Linear(layer)
+    monkeypatch.setattr(quant, "CHUNK_ROWS", 64)
+    chunked = Int4Linear(layer)
+    assert torch.equal(chunked.qweight, whole.qweight)
+    assert torch.equal(chunked.scales_and_zeros, whole.scales_and_zeros)
 
 
 def test_int8_linear_computes_exactly_the_dequantized_formula():

@@ -41,6 +41,8 @@ from torch import nn
 from ..errors import LLMLabError
 
 GROUP_SIZE = 32
+CHUNK_ROWS = 2048       # rows quantised and packed at a time: the kernel packs blocks of 64 rows, so chunks of a
+                        # multiple of 64 pack exactly as the whole matrix would (a test checks it)
 INT4_GROUPS = (32, 64, 128, 256)         # the group sizes the CPU kernel accepts
 MODES = {                                # name: (scheme of the body's Linear layers, of the head; None = float)
     "int8": ("int8", "int8"),
@@ -93,7 +95,7 @@ def fit_int4_groups(x: torch.Tensor, spans=(-1.0, -0.5, 0.0, 0.5, 1.0)) -> tuple
     best_scale, best_offset = ((hi - lo) / 15).squeeze(-1), torch.zeros_like(se)
     for span in spans:
         q = (e * ((15 + span) / (hi - lo).clamp(min=1e-12))).round_().clamp_(0, 15)
-        sq, sqq, sqe = q.sum(-1), (q * q).sum(-1), (q * e).sum(-1)
+        sq, sqq, sqe = q.sum(-1), torch.einsum("...i,...i->...", q, q), torch.einsum("...i,...i->...", q, e)
         det = n * sqq - sq * sq
         ok = det > 0
         det = torch.where(ok, det, torch.ones_like(det))
@@ -106,22 +108,17 @@ def fit_int4_groups(x: torch.Tensor, spans=(-1.0, -0.5, 0.0, 0.5, 1.0)) -> tuple
     return best_scale, best_offset + lo.squeeze(-1)
 
 
-def quantize_int4(w: torch.Tensor, group_size: int = GROUP_SIZE, dtype: torch.dtype = torch.bfloat16,
-                  rows: int = 2048) -> tuple[torch.Tensor, torch.Tensor]:
+def quantize_int4(w: torch.Tensor, group_size: int = GROUP_SIZE,
+                  dtype: torch.dtype = torch.bfloat16) -> tuple[torch.Tensor, torch.Tensor]:
     """(Q, scales_and_zeros) for a (N, K) weight: Q (N, K) int32 in [0, 15] and (K/G, N, 2) = (s, z) in ``dtype``,
-    so that W ≈ (Q − 8)·s + z group by group (the module docstring's formula), s and m from ``fit_int4_groups``.
-    Works through ``rows`` rows at a time to bound the temporary memory."""
+    so that W ≈ (Q − 8)·s + z group by group (the module docstring's formula), s and m from ``fit_int4_groups``."""
     n, k = w.shape
-    qs, params = [], []
-    for start in range(0, n, rows):
-        groups = w[start:start + rows].detach().float().reshape(-1, k // group_size, group_size)
-        scale, offset = fit_int4_groups(groups)
-        scale = scale.clamp(min=1e-8).to(dtype)
-        zero = (offset + 8 * scale.float()).to(dtype)
-        q = torch.round((groups - zero.float()[..., None]) / scale.float()[..., None]) + 8   # nearest stored level
-        qs.append(q.clamp(0, 15).to(torch.int32).reshape(-1, k))
-        params.append(torch.stack([scale, zero], dim=-1))
-    return torch.cat(qs), torch.cat(params).transpose(0, 1).contiguous()
+    groups = w.detach().float().reshape(n, k // group_size, group_size)
+    scale, offset = fit_int4_groups(groups)
+    scale = scale.clamp(min=1e-8).to(dtype)
+    zero = (offset + 8 * scale.float()).to(dtype)
+    q = torch.round((groups - zero.float()[..., None]) / scale.float()[..., None]) + 8      # nearest stored level
+    return q.clamp_(0, 15).to(torch.int32).reshape(n, k), torch.stack([scale, zero], dim=-1).transpose(0, 1)
 
 
 def dequantize_int4(q: torch.Tensor, scales_and_zeros: torch.Tensor, group_size: int = GROUP_SIZE) -> torch.Tensor:
@@ -142,10 +139,15 @@ class Int4Linear(nn.Module):
             raise ValueError(f"int4 needs a CPU weight with in_features divisible by the group ({group_size}), "
                              f"got {linear.in_features} on {linear.weight.device}")
         w = linear.weight.detach()
-        rows = -linear.out_features % 16                    # the kernel wants N divisible by 16
-        q, scales_and_zeros = quantize_int4(F.pad(w, (0, 0, 0, rows)), group_size, act_dtype)
-        self.register_buffer("qweight", torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 2))
-        self.register_buffer("scales_and_zeros", scales_and_zeros)
+        if linear.out_features % 16:                        # the kernel wants N divisible by 16
+            w = F.pad(w, (0, 0, 0, -linear.out_features % 16))
+        packed, params = [], []
+        for start in range(0, w.shape[0], CHUNK_ROWS):      # bounds the temporary memory of quantising
+            q, scales_and_zeros = quantize_int4(w[start:start + CHUNK_ROWS], group_size, act_dtype)
+            packed.append(torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 2))
+            params.append(scales_and_zeros)
+        self.register_buffer("qweight", torch.cat(packed))
+        self.register_buffer("scales_and_zeros", torch.cat(params, dim=1).contiguous())
         self.register_buffer("bias", None if linear.bias is None else linear.bias.detach().to(act_dtype))
         self.group_size, self.act_dtype = group_size, act_dtype
         self.in_features, self.out_features = linear.in_features, linear.out_features
