@@ -348,6 +348,25 @@ def _by_kind_table(ev: dict, models: list[str], key: str) -> list[list[str]]:
     return [["model", *kinds]] + [[m, *[_num(by_kind[m].get(k)) for k in kinds]] for m in models]
 
 
+TRAINING_SECTIONS = {   # stage → (report title, what it did, its figure)
+    "pretrain": ("Pre-training", "A byte-level BPE tokenizer and a Llama-style decoder trained on the world's "
+                 "corpus (next-token prediction on BOS-aligned packed rows).", "loss.png"),
+    "sft": ("Supervised fine-tuning", "The base model fine-tuned on chat conversations, loss on the assistant's "
+            "tokens and end-of-turn token only; exact match on held-out questions (greedy).", "loss.png"),
+    "rm": ("Reward model", "The SFT model with a scalar head on the last token, plus (as the rm-world recipe sets "
+           "rm.likelihood_weight) the reply's mean log-likelihood under the model's own language-model head, "
+           "trained with the Bradley–Terry loss −log σ(r_chosen − r_rejected); pairwise accuracy on held-out pairs.",
+           "loss.png"),
+    "dpo": ("DPO", "Direct preference optimisation from the SFT model (β = 0.1, reference log-probabilities "
+            "computed once and cached, plus the chosen answers' NLL as in RPO).", "loss.png"),
+    "ppo": ("PPO", "RLHF with PPO from the SFT model against the world's programmatic reward, with a per-token KL "
+            "penalty to the SFT model, a value head and GAE.", "reward.png"),
+    "classify": ("Classification", "The pre-trained model with a new classification head on its last token, "
+                 "fine-tuned to tell forbidden requests from allowed ones; accuracy on held-out requests before "
+                 "and after.", "accuracy.png"),
+}
+
+
 def write_pipeline_report(run: Run, summary: dict) -> dict:
     """The report of the stages that have results (this run's and finished earlier ones); a stage that has not
     run yet has no section, and the introduction says how to run the rest."""
@@ -362,41 +381,15 @@ def write_pipeline_report(run: Run, summary: dict) -> dict:
             f"most annotators answered only in part ({world_mod.FIRST_PART_ONLY:.0%} gave only the first part): "
             "the preference pairs and the reward prefer complete answers. Train and evaluation questions never "
             "overlap.", numbers=r["world"]))
-    if "pretrain" in r:
-        sections.append(Section(
-            "Pre-training", "A byte-level BPE tokenizer and a Llama-style decoder trained on the world's "
-            "corpus (next-token prediction on BOS-aligned packed rows).",
-            numbers={**r["pretrain"], "seconds": s["pretrain"]}, figures=_figure(run, "pretrain", "loss.png")))
-    if "sft" in r:
-        sections.append(Section(
-            "Supervised fine-tuning", "The base model fine-tuned on chat conversations, loss on the "
-            "assistant's tokens and end-of-turn token only; exact match on held-out questions (greedy).",
-            numbers={**r["sft"], "seconds": s["sft"]}, figures=_figure(run, "sft", "loss.png")))
-    if "rm" in r:
-        sections.append(Section(
-            "Reward model", "The SFT model with a scalar head on the last token, plus (as "
-            "the rm-world recipe sets rm.likelihood_weight) the reply's mean log-likelihood under the model's "
-            "own language-model head, trained with the Bradley–Terry loss −log σ(r_chosen − r_rejected); "
-            "pairwise accuracy on held-out pairs.",
-            numbers={**r["rm"], "seconds": s["rm"]}, figures=_figure(run, "rm", "loss.png")))
-    if "dpo" in r:
-        sections.append(Section(
-            "DPO", "Direct preference optimisation from the SFT model (β = 0.1, reference log-probabilities "
-            "computed once and cached, plus the chosen answers' NLL as in RPO).",
-            numbers={**r["dpo"], "seconds": s["dpo"]}, figures=_figure(run, "dpo", "loss.png")))
-    if "ppo" in r:
-        sections.append(Section(
-            "PPO", "RLHF with PPO from the SFT model against the world's programmatic reward, with a "
-            "per-token KL penalty to the SFT model, a value head and GAE.",
-            numbers={**r["ppo"], "seconds": s["ppo"]}, figures=_figure(run, "ppo", "reward.png")))
-    if "eval" in r:
-        sections += _evaluation_sections(run, r["eval"])
-    if "classify" in r:
-        sections.append(Section(
-            "Classification", "The pre-trained model with a new classification head on its last token, "
-            "fine-tuned to tell forbidden requests from allowed ones; accuracy on held-out requests before "
-            "and after.", numbers={**r["classify"], "seconds": s["classify"]},
-            figures=_figure(run, "classify", "accuracy.png")))
+    for stage in STAGES[1:-1]:         # between the world and the samples: training stages and the evaluation
+        if stage not in r:
+            continue
+        if stage == "eval":
+            sections += _evaluation_sections(run, r["eval"])
+            continue
+        title, text, figure = TRAINING_SECTIONS[stage]
+        sections.append(Section(title, text, numbers={**r[stage], "seconds": s[stage]},
+                                figures=_figure(run, stage, figure)))
     if "samples" in r:
         sections.append(_samples_section(r["samples"]))
     sections.append(Section("Time", "Wall-clock seconds per stage.",
