@@ -5,6 +5,7 @@ import urllib.error
 from pathlib import Path
 
 import pytest
+import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast
 
@@ -91,3 +92,16 @@ def llmlab_cache(tmp_path, monkeypatch):
     else:
         target.write_text(SHAKESPEARE_LINES * 300, encoding="utf-8")
     return cache
+
+
+def logit_error(ours, theirs, x, padded: bool) -> float:
+    """Max |Δlogit| between our model and a transformers one on ids ``x`` (B ≥ 2), over real positions only (a
+    padding position's output is not defined); ``padded``: row 1 starts with 5 left pads."""
+    mask = torch.ones_like(x)
+    if padded:
+        mask[1, :5] = 0
+    with torch.no_grad():
+        got = ours(x, attention_mask=mask if padded else None)
+        ref = theirs(x, attention_mask=mask).logits
+    real = mask.bool()
+    return float((got[real] - ref[real]).abs().max())

@@ -25,6 +25,7 @@ from llmlab.stages.dpo import DEFAULTS as DPO_DEFAULTS, run_dpo
 from llmlab.stages.pretrain import CausalLM
 from llmlab.stages.sft import run_sft, token_logps
 from llmlab.tokenizer import train_bpe
+from conftest import logit_error
 from test_sft import one_thread, sft_recipe, write_jsonl
 
 transformers.logging.set_verbosity_error()
@@ -145,14 +146,7 @@ def test_load_model_maps_each_family_onto_our_decoder(pair):
 def test_logits_equal_transformers_past_the_window(pair, padded):
     _, theirs, ours, _ = pair
     x = tokens(1)
-    mask = torch.ones_like(x)
-    if padded:
-        mask[1, :5] = 0                     # left padding: row 1 has 5 pads before its real tokens
-    with torch.no_grad():
-        got = ours(x, attention_mask=mask if padded else None)
-        ref = theirs(x, attention_mask=mask).logits
-    real = mask.bool()                      # a padding position's output is not defined
-    assert (got[real] - ref[real]).abs().max() <= TOL
+    assert logit_error(ours, theirs, x, padded) <= TOL
 
 
 def test_engine_greedy_equals_transformers_generate(pair, byte_tokenizer):

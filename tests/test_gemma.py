@@ -11,6 +11,7 @@ from llmlab.infer.engine import Engine, SamplingParams
 from llmlab.model import hub
 from llmlab.model.config import preset
 from llmlab.model.decoder import Decoder, build_model
+from conftest import logit_error
 
 transformers.logging.set_verbosity_error()
 TOL = 1e-4
@@ -60,14 +61,7 @@ def test_logits_equal_transformers_past_the_window(pair, padded, attn_impl):
     ours = build_model(dataclasses.replace(ours.config, attn_impl=attn_impl)).eval()
     hub.load_hf_state_dict(ours, theirs.state_dict())
     x = torch.randint(0, 300, (2, 3 * WINDOW), generator=torch.Generator().manual_seed(1))
-    mask = torch.ones_like(x)
-    if padded:
-        mask[1, :5] = 0                     # left padding: row 1 has 5 pads before its real tokens
-    with torch.no_grad():
-        got = ours(x, attention_mask=mask if padded else None)
-        ref = theirs(x, attention_mask=mask).logits
-    real = mask.bool()                      # a padding position's output is not defined
-    assert (got[real] - ref[real]).abs().max() <= TOL
+    assert logit_error(ours, theirs, x, padded) <= TOL
 
 
 @pytest.mark.parametrize("attn_impl", ["sdpa", "math"])
