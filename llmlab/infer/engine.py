@@ -74,16 +74,18 @@ class GreedyHead:
     sampling or a repetition penalty needs every logit.
     """
 
+    U = 2.0 ** -8        # bfloat16's unit roundoff
+
     def __init__(self, weight: torch.Tensor):
         self.weight = weight
         self.half = weight.detach().to(torch.bfloat16)
         self.row_norms = weight.detach().float().norm(dim=1)
-        self.slack = 2 * 2.0 ** -8 + 2.0 ** -16 + weight.shape[1] * 2.0 ** -24
+        self.slack = 2 * self.U + self.U ** 2 + weight.shape[1] * 2.0 ** -24
 
     def __call__(self, hidden: torch.Tensor) -> torch.Tensor:
         """(1, V) logits of one hidden state (1, d): exact at the candidates, −∞ elsewhere."""
         approx = torch.mv(self.half, hidden[0].to(torch.bfloat16)).float()
-        bound = self.row_norms * (self.slack * float(hidden.float().norm())) + 2 * 2.0 ** -8 * approx.abs()
+        bound = self.row_norms * (self.slack * float(hidden.float().norm())) + 2 * self.U * approx.abs()
         candidates = (approx + bound >= (approx - bound).max()).nonzero().squeeze(1)
         logits = torch.full((1, self.weight.shape[0]), float("-inf"), dtype=hidden.dtype, device=hidden.device)
         logits[0, candidates] = hidden[0] @ self.weight[candidates].T
