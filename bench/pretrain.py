@@ -28,7 +28,7 @@ from transformers import LlamaForCausalLM
 from common import machine, median_gap, timed
 from llmlab.data.shards import BatchSampler
 from llmlab.model.config import preset
-from llmlab.model.decoder import build_model
+from llmlab.model.decoder import build_model, num_params
 from llmlab.model.hub import config_to_hf
 from llmlab.stages.pretrain import CausalLM, loss_fn
 from llmlab.train.loop import TrainConfig, train
@@ -125,7 +125,7 @@ def main():
 
         def med(f):
             return statistics.median(f(r) for r in rounds)
-        print(f"| {name} | {cfg.num_params() / 1e6:.2f} M | {block} × {batch} | {med(lambda r: r['ours']):,.0f} "
+        print(f"| {name} | {num_params(cfg) / 1e6:.2f} M | {block} × {batch} | {med(lambda r: r['ours']):,.0f} "
               f"| {med(lambda r: r['hf']):,.0f} | {med(lambda r: r['ours'] / r['hf']):.2f}× "
               f"| {med(lambda r: r['ours_c']):,.0f} | {med(lambda r: r['hf_c']):,.0f} "
               f"| {med(lambda r: r['ours_c'] / r['hf']):.2f}× | {med(lambda r: r['ours_c'] / r['hf_c']):.2f}× "

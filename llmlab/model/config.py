@@ -98,10 +98,16 @@ class ModelConfig:
         """The sliding window W of ``layer``'s attention, or None when it attends to every earlier position."""
         return self.sliding_window if self.layer_types is not None and self.layer_types[layer] == "sliding" else None
 
-    def num_params(self) -> int:
-        """Parameter count without building the model (embeddings counted once when tied)."""
-        from .decoder import build_model
-        return sum(p.numel() for p in build_model(self, device="meta").parameters())
+
+def context_length(config) -> int:
+    """The most positions a model attends over: our ``max_seq_len``, or a ``transformers`` config's
+    ``max_position_embeddings`` (``n_positions`` in GPT-2's)."""
+    for name in ("max_seq_len", "max_position_embeddings", "n_positions"):
+        value = getattr(config, name, None)
+        if value:
+            return int(value)
+    raise LLMLabError(f"{type(config).__name__} gives no context length (max_seq_len / max_position_embeddings / "
+                      "n_positions): cannot tell how long an example may be")
 
 
 ROPE_SCALING_KEYS = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")

@@ -6,7 +6,6 @@ One class covers GPT-2, Llama, Qwen2, Gemma 2 and Gemma 3 styles through ``Model
 """
 from __future__ import annotations
 
-import math
 from contextlib import contextmanager
 
 import torch
@@ -14,30 +13,8 @@ from torch import nn
 
 from .attention import KVCache, RotaryEmbedding, causal_mask
 from .config import ModelConfig
-from .layers import Block, make_norm
-
-
-def init_weights(model: nn.Module, cfg: ModelConfig, only: set[str] | None = None) -> None:
-    """Normal(0, init_std) for matrices and embeddings, zero biases, unit norm gains (GPT-2, Llama and BERT
-    all start this way); GPT-2 also scales each residual output projection by 1/√(2·n_layer). ``only``: the
-    names of the parameters to initialise (default: all)."""
-    for name, module in model.named_modules():
-        def wanted(param: str) -> bool:
-            return getattr(module, param, None) is not None and (only is None or f"{name}.{param}" in only)
-
-        if isinstance(module, (nn.Linear, nn.Embedding)):
-            std = cfg.init_std
-            if cfg.scale_residual_init and name.endswith(("attn.o_proj", "mlp.down")):
-                std /= math.sqrt(2 * cfg.n_layer)
-            if wanted("weight"):
-                nn.init.normal_(module.weight, mean=0.0, std=std)
-            if wanted("bias"):
-                nn.init.zeros_(module.bias)
-        elif isinstance(module, (nn.LayerNorm, nn.RMSNorm)):
-            if wanted("weight"):
-                nn.init.ones_(module.weight)
-            if wanted("bias"):
-                nn.init.zeros_(module.bias)
+from .encoder import Encoder
+from .layers import Block, init_weights, make_norm
 
 
 def attention_layout(attention_mask: torch.Tensor | None, t_q: int, t_k: int, device,
@@ -177,8 +154,8 @@ class Decoder(nn.Module):
 
 def build_empty(cfg: ModelConfig, device=None) -> nn.Module:
     """The model for ``cfg`` with *uninitialised* parameters, for weights about to be loaded: built on the meta
-    device (no memory, no random numbers: initialising Gemma 3 270M's weights only to overwrite them took 6 s),
-    then allocated on ``device``. RoPE tables are recomputed and tied weights tied again (``to_empty`` gives
+    device (no memory, no random numbers: initialising weights only to overwrite them is most of a large model's
+    load time), then allocated on ``device``. RoPE tables are recomputed and tied weights tied again (``to_empty`` gives
     each module its own copy)."""
     with _no_init():
         model = build_model(cfg, device="meta")
@@ -213,10 +190,12 @@ def _no_init():
 
 def build_model(cfg: ModelConfig, device=None) -> nn.Module:
     """A fresh, initialised model for ``cfg`` (decoder or encoder)."""
-    if cfg.arch == "encoder":
-        from .encoder import Encoder
-        cls = Encoder
-    else:
-        cls = Decoder
+    cls = Encoder if cfg.arch == "encoder" else Decoder
     with torch.device(device or "cpu"):
         return cls(cfg)
+
+
+def num_params(cfg: ModelConfig) -> int:
+    """Parameter count of ``cfg``'s model without allocating it (embeddings counted once when tied)."""
+    with _no_init():
+        return sum(p.numel() for p in build_model(cfg, device="meta").parameters())

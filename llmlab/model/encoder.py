@@ -12,8 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import ModelConfig
-from .decoder import init_weights
-from .layers import Block, make_norm
+from .layers import Block, init_weights, make_norm
 
 
 class Encoder(nn.Module):

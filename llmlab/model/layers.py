@@ -1,5 +1,8 @@
-"""The pieces of a Transformer block: normalisation, the feed-forward network, and the block itself."""
+"""The pieces of a Transformer block: normalisation, the feed-forward network, the block itself, and the
+initialisation every model built from them starts with."""
 from __future__ import annotations
+
+import math
 
 import torch
 import torch.nn.functional as F
@@ -7,6 +10,29 @@ from torch import nn
 
 from .attention import KVCache, MultiHeadAttention
 from .config import ModelConfig
+
+
+def init_weights(model: nn.Module, cfg: ModelConfig, only: set[str] | None = None) -> None:
+    """Normal(0, init_std) for matrices and embeddings, zero biases, unit norm gains (GPT-2, Llama and BERT
+    all start this way); GPT-2 also scales each residual output projection by 1/√(2·n_layer). ``only``: the
+    names of the parameters to initialise (default: all)."""
+    for name, module in model.named_modules():
+        def wanted(param: str) -> bool:
+            return getattr(module, param, None) is not None and (only is None or f"{name}.{param}" in only)
+
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            std = cfg.init_std
+            if cfg.scale_residual_init and name.endswith(("attn.o_proj", "mlp.down")):
+                std /= math.sqrt(2 * cfg.n_layer)
+            if wanted("weight"):
+                nn.init.normal_(module.weight, mean=0.0, std=std)
+            if wanted("bias"):
+                nn.init.zeros_(module.bias)
+        elif isinstance(module, (nn.LayerNorm, nn.RMSNorm)):
+            if wanted("weight"):
+                nn.init.ones_(module.weight)
+            if wanted("bias"):
+                nn.init.zeros_(module.bias)
 
 
 def make_norm(cfg: ModelConfig) -> nn.Module:
