@@ -72,8 +72,8 @@ def apply_overrides(recipe: dict, sets: Iterable[str]) -> dict:
 
 
 def from_dict(cls, data: dict | None, where: str = ""):
-    """Build dataclass ``cls`` from ``data``; unknown keys, and a value that is not true/false for a ``bool``
-    field (``--set data.padding_free=maybe`` would otherwise count as true), raise an error naming ``where.key``."""
+    """Build dataclass ``cls`` from ``data``, each value given its field's declared type (``coerce``); unknown keys
+    raise an error naming ``where.key`` with the known ones, so a typo never passes silently."""
     data = dict(data or {})
     fields = {f.name: f for f in dataclasses.fields(cls)}
 
@@ -82,10 +82,33 @@ def from_dict(cls, data: dict | None, where: str = ""):
     unknown = sorted(set(data) - set(fields))
     if unknown:
         raise LLMLabError(f"unknown config key(s) {', '.join(map(key, unknown))}; known: {', '.join(sorted(fields))}")
-    for name, value in data.items():
-        if fields[name].type in (bool, "bool") and not isinstance(value, bool):
-            raise LLMLabError(f"{key(name)} = {value!r}: expected true or false")
-    return cls(**data)
+    return cls(**{name: coerce(value, fields[name].type, key(name)) for name, value in data.items()})
+
+
+def coerce(value, annotation, where: str):
+    """``value`` as the type a dataclass field declares: YAML reads ``3e-4`` as a string and ``10.0`` as a float,
+    so a number field takes a number or a numeric string (an ``int`` field only a whole one, ``whole_number``); a
+    ``bool`` field takes only true or false (``--set data.padding_free=maybe`` would otherwise count as true); a
+    ``tuple`` of numbers its items as floats. ``None`` stays ``None`` in an optional field; other types pass."""
+    kind = str(getattr(annotation, "__name__", annotation)).replace(" ", "")
+    optional = "|None" in kind or "None|" in kind
+    kind = kind.replace("|None", "").replace("None|", "")
+    if value is None and optional:
+        return None
+    if kind == "bool":
+        if not isinstance(value, bool):
+            raise LLMLabError(f"{where} = {value!r}: expected true or false")
+        return value
+    try:
+        if kind == "int" and not isinstance(value, bool):
+            return whole_number(value, where)
+        if kind == "float" and not isinstance(value, bool):
+            return float(value)
+        if kind == "tuple" and isinstance(value, (list, tuple)):
+            return tuple(float(v) for v in value)
+    except (TypeError, ValueError):
+        raise LLMLabError(f"{where}: expected a number, got {value!r}") from None
+    return value
 
 
 def whole_number(value, field: str) -> int:

@@ -43,7 +43,6 @@ class LoRAConfig:
     targets: list = field(default_factory=lambda: list(DEFAULT_TARGETS))  # last name part of each nn.Linear
 
     def __post_init__(self):
-        self.r, self.alpha, self.dropout = int(self.r), float(self.alpha), float(self.dropout)
         if isinstance(self.targets, str):
             self.targets = [t.strip() for t in self.targets.split(",") if t.strip()]
         if self.r < 0 or (self.r and self.alpha <= 0) or not 0 <= self.dropout < 1:

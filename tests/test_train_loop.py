@@ -222,7 +222,7 @@ def test_config_from_recipe_coerces_yaml_strings():
                                         ({"grad_accum": "1.5"}, "grad_accum: expected a whole number")])
 def test_bad_config_is_a_clear_error(bad, field):
     with pytest.raises(LLMLabError, match=field):
-        TrainConfig(**bad)
+        from_dict(TrainConfig, bad, "train")
 
 
 @pytest.mark.parametrize("value", ["maybe", 1, None])

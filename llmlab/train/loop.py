@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import dataclasses
 import json
 import math
 import random
@@ -30,7 +29,6 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..config import whole_number
 from ..device import autocast_dtype
 from ..errors import LLMLabError
 from ..progress import progress_bar
@@ -73,24 +71,7 @@ class TrainConfig:
     compile: bool = False              # torch.compile the training forward (nanoGPT's compile); pretrain only
 
     def __post_init__(self):
-        self._coerce_numbers()
         self._validate()
-
-    def _coerce_numbers(self) -> None:
-        """YAML reads ``3e-4`` as a string; turn numeric fields into their declared types."""
-        for f in dataclasses.fields(self):
-            value, default = getattr(self, f.name), f.default
-            try:
-                if isinstance(default, bool) or value is None:
-                    continue
-                if isinstance(default, float) or f.name == "peak_flops":
-                    setattr(self, f.name, float(value))
-                elif isinstance(default, int):
-                    setattr(self, f.name, whole_number(value, f"train.{f.name}"))
-                elif f.name == "betas":
-                    setattr(self, f.name, tuple(float(b) for b in value))
-            except (TypeError, ValueError):
-                raise LLMLabError(f"train.{f.name}: expected a number, got {value!r}") from None
 
     def _validate(self) -> None:
         checks = [
