@@ -425,3 +425,21 @@ def _overlaps(offset: tuple[int, int], span: tuple[int, int]) -> bool:
     if s == e:
         return span[0] <= s < span[1]
     return s < span[1] and e > span[0]
+
+
+def encode_reply(tokenizer, template: str, prompt: list[dict], reply: str) -> tuple[list[int], list[int]]:
+    """Token ids of ``prompt`` + the assistant ``reply`` + its end-of-turn token, nothing after, and the mask of
+    the reply's tokens (1 on the reply and its end-of-turn token).
+
+    The conversation is rendered and tokenized as a whole (``encode_chat``), then cut after the last assistant
+    token, so that the score is read at the end-of-turn token whatever the template writes after it. An empty
+    reply (a policy may stop at once) is the generation prompt followed by what closes any final reply
+    (``chat.reply_closing``: the end-of-turn string, or GLM-4's EOS).
+    """
+    if not reply.strip():
+        ids, _ = encode_chat(tokenizer, prompt, template, add_generation_prompt=True, require_assistant=False)
+        eot = tokenizer.encode(reply_closing(template, tokenizer.eos_token or ""), add_special_tokens=False)
+        return ids + eot, [0] * len(ids) + [1] * len(eot)
+    ids, mask = encode_chat(tokenizer, prompt + [{"role": "assistant", "content": reply}], template)
+    end = max(i for i, m in enumerate(mask) if m) + 1
+    return ids[:end], last_turn_mask(mask)[:end]

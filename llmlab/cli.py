@@ -20,7 +20,7 @@ COMMANDS = {       # subcommand → (module, one-line help), in the order of a m
     "tokenizer": ("tokenizer", "train a tokenizer"),
     "shards": ("data.shards", "tokenize text into memory-mapped token shards"),
     "pretrain": ("stages.pretrain", "pre-train a language model (decoder) or a masked-LM encoder on text"),
-    "experiment": ("stages.experiment", "small experiments that explain a design choice"),
+    "experiment": ("experiments.encoder_vs_decoder", "small experiments that explain a design choice"),
     "sft": ("stages.sft", "supervised fine-tuning on chat conversations"),
     "pairs": ("stages.pairs", "preference pairs from a model's samples, scored by a judge"),
     "rm": ("stages.reward", "train a reward model on preference pairs (Bradley–Terry)"),
@@ -53,13 +53,6 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
         else:
             sub.add_parser(name, help=help_text)
     return parser
-
-
-def add_config_args(p: argparse.ArgumentParser) -> None:
-    """The flags every training stage shares: ``--config NAME|PATH`` and repeated ``--set key=value``."""
-    p.add_argument("--config", default=None, help="recipe name (llmlab/configs/NAME.yaml) or path")
-    p.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a recipe key with dotted names, e.g. --set train.lr=1e-3 (repeatable)")
 
 
 def main(argv: list[str] | None = None) -> int:

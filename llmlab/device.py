@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import torch
 
+from .errors import LLMLabError
+
 
 def pick_device(name: str | None = None) -> torch.device:
     """``None``/``"auto"``: CUDA when present, else CPU."""
@@ -21,6 +23,5 @@ def parse_dtype(name: str | None) -> torch.dtype | None:
     table = {None: None, "": None, "auto": None, "float32": torch.float32, "fp32": torch.float32,
              "bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
     if name not in table:
-        from .errors import LLMLabError
         raise LLMLabError(f"unknown dtype {name!r}; use float32, bfloat16 or float16")
     return table[name]

@@ -26,11 +26,24 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
+from .chat import load_template
+from .config import CONFIG_DIR
 from .data import world as world_mod
+from .data.chat_data import load_prompts
 from .errors import LLMLabError
-from .plots import bar_chart
+from .infer.engine import SamplingParams
+from .infer.replies import engine_for, generate_replies
+from .model import hub
+from .plots import bar_chart, read_metrics
 from .report import Section, write_report
+from .stages.classify import run_classify
 from .stages.common import resolve_recipe
+from .stages.dpo import run_dpo
+from .stages.evaluate import evaluate_models
+from .stages.ppo import run_ppo
+from .stages.pretrain import pretrain
+from .stages.reward import run_rm
+from .stages.sft import run_sft
 
 # Per preset: the world's size, and --set overrides of each stage's recipe; ``seconds`` is the expected wall-clock
 # time of each stage on a 2-core laptop, used only for the time-left estimate.
@@ -43,7 +56,7 @@ PRESETS = {
         "sft": ["train.max_steps=20", "train.eval_every=0", "train.checkpoint_every=10", "train.warmup_steps=2",
                 "eval.max_items=16", "data.batch_size=8"],
         "rm": ["train.max_steps=10", "train.eval_every=0", "train.checkpoint_every=5", "train.warmup_steps=2",
-               "rm.batch_size=8"],
+               "data.batch_size=8"],
         "dpo": ["train.max_steps=10", "train.eval_every=0", "train.checkpoint_every=5", "train.warmup_steps=2",
                 "data.batch_size=8"],
         "ppo": ["train.max_steps=3", "train.checkpoint_every=2", "train.eval_every=0", "ppo.rollout_batch=8",
@@ -111,14 +124,12 @@ def stage_world(run: Run) -> dict:
 
 
 def stage_pretrain(run: Run) -> dict:
-    from .stages.pretrain import pretrain
     recipe = run.recipe("pretrain", [f"data.path={run.world_dir / 'corpus.jsonl'}"])
     summary = pretrain(recipe, run.dir("pretrain"), resume=True)
     return _training_numbers(run.dir("pretrain"), summary, ("val_loss", "val_ppl"))
 
 
 def stage_sft(run: Run) -> dict:
-    from .stages.sft import run_sft
     recipe = run.recipe("sft", [f"data.eval_path={run.world_dir / 'sft_eval.jsonl'}"])
     summary = run_sft(run.model("pretrain"), str(run.world_dir / "sft_train.jsonl"), str(run.dir("sft")), recipe,
                       resume=True)
@@ -126,7 +137,6 @@ def stage_sft(run: Run) -> dict:
 
 
 def stage_rm(run: Run) -> dict:
-    from .stages.reward import run_rm
     recipe = run.recipe("rm", [f"data.eval_path={run.world_dir / 'pairs_eval.jsonl'}"])
     summary = run_rm(run.model("sft"), str(run.world_dir / "pairs_train.jsonl"), str(run.dir("rm")), recipe,
                      resume=True)
@@ -134,7 +144,6 @@ def stage_rm(run: Run) -> dict:
 
 
 def stage_dpo(run: Run) -> dict:
-    from .stages.dpo import run_dpo
     recipe = run.recipe("dpo", [f"data.eval_path={run.world_dir / 'pairs_eval.jsonl'}"])
     summary = run_dpo(run.model("sft"), str(run.world_dir / "pairs_train.jsonl"), str(run.dir("dpo")), recipe,
                       resume=True)
@@ -142,7 +151,6 @@ def stage_dpo(run: Run) -> dict:
 
 
 def stage_ppo(run: Run) -> dict:
-    from .stages.ppo import run_ppo
     recipe = run.recipe("ppo", [f"reward.world={run.world_dir}", f"data.eval_path={run.world_dir / 'rl_eval.jsonl'}"])
     summary = run_ppo(run.model("sft"), str(run.world_dir / "rl_train.jsonl"), str(run.dir("ppo")), reward="world",
                       recipe=recipe, resume=True)
@@ -162,7 +170,6 @@ def eval_files(run: Run) -> list[str]:
 
 
 def stage_eval(run: Run) -> dict:
-    from .stages.evaluate import evaluate_models
     report = evaluate_models([run.model(s) for s in EVAL_MODELS], eval_files(run), run.dir("eval"),
                              reward=run.model("rm"), reference=run.model("sft"), world=str(run.world_dir),
                              max_new_tokens=PRESETS[run.preset]["eval_max_new_tokens"])
@@ -171,7 +178,6 @@ def stage_eval(run: Run) -> dict:
 
 
 def stage_classify(run: Run) -> dict:
-    from .stages.classify import run_classify
     result = run_classify([run.model("pretrain")], str(run.world_dir), run.dir("classify"), config=RECIPES["classify"],
                           sets=PRESETS[run.preset]["classify"] + [f"train.seed={run.seed}"], resume=True)
     row = result["results"][0]
@@ -181,10 +187,6 @@ def stage_classify(run: Run) -> dict:
 
 def stage_samples(run: Run) -> dict:
     """Each model's greedy answer to one held-out prompt of every kind."""
-    from .chat import load_template
-    from .infer.engine import SamplingParams
-    from .model import hub
-    from .stages.evaluate import engine_for, generate_replies, load_prompts
     items = [i for path in eval_files(run) for i in load_prompts(path)]
     chosen = [next(i for i in items if i.get("kind") == kind) for kind in SAMPLE_KINDS
               if any(i.get("kind") == kind for i in items)]
@@ -210,7 +212,6 @@ UPSTREAM = {"world": (), "pretrain": ("world",), "sft": ("pretrain",), "rm": ("s
 
 def _training_numbers(run_dir: Path, summary: dict, keys: tuple[str, ...]) -> dict:
     """The loop's summary plus the last logged value of each of ``keys``."""
-    from .plots import read_metrics
     out = {"steps": summary.get("steps"), "final_loss": summary.get("final_loss"),
            "seconds_training": summary.get("seconds")}
     metrics = run_dir / "metrics.jsonl"
@@ -227,7 +228,6 @@ def fingerprint(run: Run, stage: str, upstream: dict[str, str]) -> str:
     """A hash of what determines the stage's output: preset, seed, the recipe file it reads (for the world stage,
     the generator's source and its configuration), its inputs (the fingerprints of the stages it reads from).
     Changing ``rm-world.yaml`` reruns the reward model and what reads it, not the pre-training."""
-    from .config import CONFIG_DIR
     settings = {k: v for k, v in PRESETS[run.preset].items() if k != "seconds"}    # estimates change nothing
     recipe = CONFIG_DIR / f"{RECIPES[stage]}.yaml" if stage in RECIPES else None
     if stage == "world":

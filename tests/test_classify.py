@@ -15,8 +15,10 @@ from llmlab.errors import LLMLabError
 from llmlab.model import hub
 from llmlab.model.config import preset
 from llmlab.model.decoder import build_model
-from llmlab.stages.classify import (SequenceClassifier, collate, encode_examples, last_token_states,
-                                    load_classifier, run_classify, save_classifier, truncate, zero_shot_accuracy)
+from llmlab.data.batching import truncate
+from llmlab.model.heads import SequenceClassifier, last_token_states
+from llmlab.stages.classify import (collate, encode_examples, load_classifier, run_classify, save_classifier,
+                                    zero_shot_accuracy)
 
 REVIEWS = [("A great film.<br /><br />Loved it.", 1, 9), ("Dull and slow.", 0, 2), ("Wonderful acting!", 1, 8),
            ("Terrible plot<br/>and worse dialogue.", 0, 1)]

@@ -16,7 +16,8 @@ from llmlab.stages.common import deep_merge, disable_dropout
 from llmlab.stages.dpo import (DEFAULTS, DPOConfig, REF_FILE, cached_reference, encode_pairs,
                                make_loss, pair_collate, reference_logps, run_dpo)
 from llmlab.stages.evaluate import evaluate_models
-from llmlab.stages.sft import pad_collate, sequence_logps
+from llmlab.data.batching import pad_collate
+from llmlab.stages.logprobs import sequence_logps
 from test_sft import FAST, build_lab, one_thread, write_jsonl
 
 

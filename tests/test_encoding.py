@@ -45,6 +45,7 @@ def test_raw_text_is_encoded_as_the_tokenizer_does_by_default(bos_tokenizer, byt
 def test_engine_and_completions_endpoint_add_the_bos(engine, bos_tokenizer):
     bos = bos_tokenizer.bos_token_id
     assert engine.encode("hello world") == bos_tokenizer("hello world")["input_ids"]
+    assert engine.encode("hello world")[0] == bos
     out = engine.generate(["hello world"], SamplingParams(max_new_tokens=2, temperature=0))[0]
     assert out.prompt_tokens == len(bos_tokenizer("hello world")["input_ids"])
     server = Server(engine, model_name="m", template=chat.TEMPLATES["chatml"])

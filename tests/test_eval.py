@@ -12,8 +12,9 @@ from llmlab.errors import LLMLabError
 from llmlab.infer.engine import SamplingParams
 from llmlab.model import hub
 from llmlab.stages import pairs as pairs_stage
-from llmlab.stages.evaluate import (engine_for, evaluate_models, generate_replies, generated_kl, load_prompts,
-                                    win_rate_ceiling, win_rates, win_tie_loss)
+from llmlab.data.chat_data import load_prompts
+from llmlab.infer.replies import engine_for, generate_replies
+from llmlab.stages.evaluate import evaluate_models, generated_kl, win_rate_ceiling, win_rates, win_tie_loss
 from test_sft import build_lab, one_thread, write_jsonl
 
 
@@ -134,7 +135,7 @@ def test_pairs_from_a_reward_model(lab, tmp_path, monkeypatch):
             assert len(prompts) == len(responses)
             return [float(len(r)) for r in responses]
 
-    monkeypatch.setattr(pairs_stage, "load_reward_model", lambda path: LongestWins())
+    monkeypatch.setattr(pairs_stage.RewardModel, "load", staticmethod(lambda path: LongestWins()))
     out = tmp_path / "pairs.jsonl"
     stats = pairs_stage.make_pairs(str(lab.base), str(lab.world / "rl_train.jsonl"), str(out), k=3,
                                    judge="some/rm", limit=4,

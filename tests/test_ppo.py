@@ -11,13 +11,15 @@ import transformers
 from llmlab.chat import TEMPLATES
 from llmlab.cli import main
 from llmlab.data.world import build_world, preset as world_preset
+from llmlab.config import from_dict
 from llmlab.errors import LLMLabError
 from llmlab.infer.engine import Engine, SamplingParams
 from llmlab.model import hub
 from llmlab.model.config import preset
 from llmlab.model.decoder import build_model
-from llmlab.stages.ppo import (KLController, PolicyWithValue, PPOConfig, advantages_and_returns, load_prompts,
-                               make_scorer, pack, per_token_rewards, ppo_losses, run_ppo)
+from llmlab.model.heads import PolicyWithValue
+from llmlab.stages.ppo import (KLController, PPOConfig, advantages_and_returns, encode_prompts, make_scorer,
+                               per_token_rewards, ppo_losses, rollout_batch, run_ppo)
 from llmlab.tokenizer import train_char
 from llmlab.train.checkpoint import load_latest
 
@@ -126,12 +128,12 @@ def test_rollout_layout_gives_the_engines_distribution(setup):
     from: greedy responses are the argmax of the training forward at every response position."""
     policy = hub.load_our_model(setup["policy"])
     tokenizer = setup["tokenizer"]
-    items = load_prompts(setup["world"] / "rl_train.jsonl", tokenizer, TEMPLATES["llmlab"], 200)[:3]
+    items = encode_prompts(setup["world"] / "rl_train.jsonl", tokenizer, TEMPLATES["llmlab"], 200)[:3]
     engine = Engine(policy, tokenizer, eos_token_ids=[])
     prompts = [item["ids"] for item in items]
     responses = [c.token_ids for c in engine.generate(prompts, SamplingParams(max_new_tokens=6, temperature=0))]
     responses[1] = responses[1][:2]                                   # rows of different lengths
-    batch = pack(prompts, responses, tokenizer.pad_token_id)
+    batch = rollout_batch(prompts, responses, tokenizer.pad_token_id)
     assert batch["response_start"] == max(len(p) for p in prompts)
     with torch.no_grad():
         logits, values = PolicyWithValue(policy)(batch["input_ids"], batch["attention_mask"],
@@ -169,7 +171,7 @@ def test_saved_policy_loads_in_transformers_and_the_engine(setup, trained):
     theirs = transformers.AutoModelForCausalLM.from_pretrained(model_dir).eval()
     assert type(theirs).__name__ == "LlamaForCausalLM"               # the value head is not saved
     ours = hub.load_our_model(model_dir)
-    ids = torch.tensor([load_prompts(setup["world"] / "rl_train.jsonl", setup["tokenizer"], TEMPLATES["llmlab"],
+    ids = torch.tensor([encode_prompts(setup["world"] / "rl_train.jsonl", setup["tokenizer"], TEMPLATES["llmlab"],
                                      200)[0]["ids"]])
     with torch.no_grad():
         assert torch.allclose(ours(ids), theirs(ids).logits, atol=1e-4)
@@ -205,17 +207,17 @@ def test_value_head_learns_at_its_own_rate(setup, tmp_path):
 
 def test_ppo_whole_number_fields_refuse_fractions():
     with pytest.raises(LLMLabError, match=r"ppo.rollout_batch: expected a whole number, got 2.5"):
-        PPOConfig(rollout_batch=2.5)
-    assert PPOConfig(rollout_batch="1e1", minibatch=5.0).rollout_batch == 10
+        from_dict(PPOConfig, {"rollout_batch": 2.5}, "ppo")
+    assert from_dict(PPOConfig, {"rollout_batch": "1e1", "minibatch": 5.0}, "ppo").rollout_batch == 10
     with pytest.raises(LLMLabError, match="ppo.epochs: expected a number"):
-        PPOConfig(epochs="many")
+        from_dict(PPOConfig, {"epochs": "many"}, "ppo")
 
 
 # ----------------------------------------------------------------------------------------- rewards and errors
 
 def test_world_and_reward_model_scorers(setup, tmp_path):
     data = setup["world"] / "rl_train.jsonl"
-    items = load_prompts(data, setup["tokenizer"], TEMPLATES["llmlab"], 200)[:4]
+    items = encode_prompts(data, setup["tokenizer"], TEMPLATES["llmlab"], 200)[:4]
     world = make_scorer("world", {"reward": {}}, data, items, "cpu")          # the world folder is data's
     assert world(items, [item["reference"] for item in items]) == [1.0] * 4
     save_decoder(tmp_path / "rm", setup["tokenizer"], num_labels=1)

@@ -15,7 +15,7 @@ from llmlab.errors import LLMLabError
 from llmlab.model import hub
 from llmlab.model.decoder import build_model
 from llmlab.stages.common import resolve_recipe
-from llmlab.stages.experiment import decoder_nll, encoder_nll
+from llmlab.experiments.encoder_vs_decoder import decoder_nll, encoder_nll
 from llmlab.stages.pretrain import DEFAULTS, pretrain
 from llmlab.train.checkpoint import load_latest
 

@@ -13,8 +13,11 @@ from llmlab.errors import LLMLabError
 from llmlab.model import hub
 from llmlab.model.config import preset
 from llmlab.model.decoder import build_model
-from llmlab.stages.reward import (RewardModel, encode_pairs, encode_reply, load_pair_records, pair_collate,
-                                  pair_loss, right_pad, run_rm, split_pairs)
+from llmlab.chat import encode_reply
+from llmlab.data.batching import pad
+from llmlab.model.heads import RewardModel
+from llmlab.stages.reward import (encode_reward_pairs, load_pair_records, pair_loss, reward_pair_collate, run_rm,
+                                  split_pairs)
 from llmlab.tokenizer import train_char
 
 transformers.logging.set_verbosity_error()
@@ -65,9 +68,9 @@ def trained(setup):
 def test_zero_head_gives_log2_and_a_short_run_learns_the_preference(setup, trained):
     rm = RewardModel.from_language_model(setup["lm"])
     assert torch.count_nonzero(rm.value_head.weight) == 0
-    rows = encode_pairs(load_pair_records(setup["root"] / "easy_train.jsonl")[:4], rm.tokenizer, rm.chat_template,
+    rows = encode_reward_pairs(load_pair_records(setup["root"] / "easy_train.jsonl")[:4], rm.tokenizer, rm.chat_template,
                         256, 0.0, "easy")
-    loss, _, metrics = pair_loss(rm, pair_collate(rm.tokenizer.pad_token_id)(rows))
+    loss, _, metrics = pair_loss(rm, reward_pair_collate(rm.tokenizer.pad_token_id)(rows))
     assert loss.item() == pytest.approx(math.log(2), abs=1e-7)
 
     summary, run = trained
@@ -86,7 +89,7 @@ def test_saved_reward_model_scores_the_same_in_transformers(setup, trained):
     ours = rm.score(prompts, [p["chosen"] for p in pairs], batch_size=4)
     theirs_model = transformers.AutoModelForSequenceClassification.from_pretrained(run / "model").eval()
     assert type(theirs_model).__name__ == "LlamaForSequenceClassification"
-    ids, mask = right_pad([encode_reply(rm.tokenizer, rm.chat_template, p["prompt"], p["chosen"])[0] for p in pairs],
+    ids, mask = pad([encode_reply(rm.tokenizer, rm.chat_template, p["prompt"], p["chosen"])[0] for p in pairs],
                           rm.tokenizer.pad_token_id)
     with torch.no_grad():
         theirs = theirs_model(input_ids=ids, attention_mask=mask).logits.squeeze(-1)
@@ -120,18 +123,18 @@ def test_per_pair_margin_and_eval_split(setup, tmp_path):
     path = tmp_path / "margin.jsonl"
     path.write_text("".join(json.dumps({"prompt": "q", "chosen": "a", "rejected": "b", "margin": m}) + "\n"
                             for m in (1.0, 3.0)))
-    rows = encode_pairs(load_pair_records(path), rm.tokenizer, rm.chat_template, 256, 0.0, "margins")
-    loss, _, _ = pair_loss(rm, pair_collate(rm.tokenizer.pad_token_id)(rows))
+    rows = encode_reward_pairs(load_pair_records(path), rm.tokenizer, rm.chat_template, 256, 0.0, "margins")
+    loss, _, _ = pair_loss(rm, reward_pair_collate(rm.tokenizer.pad_token_id)(rows))
     expected = (math.log1p(math.exp(1.0)) + math.log1p(math.exp(3.0))) / 2    # −log σ(0 − m), rewards all 0
     assert loss.item() == pytest.approx(expected, rel=1e-6)
 
     pairs = load_pair_records(setup["root"] / "easy_train.jsonl")
-    recipe = {"data": {"eval_path": None, "eval_fraction": 0.25}}
+    recipe = {"data": {"eval_path": None, "val_fraction": 0.25}}
     train, held = split_pairs(pairs, recipe, seed=3)
     again = split_pairs(pairs, recipe, seed=3)
     assert (train, held) == again and len(held) == round(0.25 * len(pairs)) and len(train) + len(held) == len(pairs)
     assert not {json.dumps(p) for p in held} & {json.dumps(p) for p in train}
-    with pytest.raises(LLMLabError, match="eval_fraction=0.25 leaves no training pairs"):
+    with pytest.raises(LLMLabError, match="val_fraction=0.25 leaves no training pairs"):
         split_pairs(pairs[:1], recipe, seed=3)
 
 

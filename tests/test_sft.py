@@ -26,9 +26,11 @@ from llmlab.model import hub
 from llmlab.model.config import preset
 from llmlab.model.decoder import build_model
 from llmlab.stages.common import deep_merge
-from llmlab.stages.evaluate import exact_match_rate, generate_replies, load_prompts
-from llmlab.stages.sft import (DEFAULTS, encode_conversations, pack, pack_batch, pad_collate, run_sft,
-                               sequence_logps, sft_loss, token_logps)
+from llmlab.data.batching import pack, pack_batch, pad_collate
+from llmlab.data.chat_data import load_prompts
+from llmlab.infer.replies import exact_match_rate, generate_replies
+from llmlab.stages.logprobs import sequence_logps
+from llmlab.stages.sft import DEFAULTS, encode_conversations, run_sft, sft_loss
 from llmlab.tokenizer import train_bpe
 
 transformers.logging.set_verbosity_error()

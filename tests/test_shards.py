@@ -17,9 +17,10 @@ from transformers import PreTrainedTokenizerFast
 from llmlab import cli
 from llmlab.data import shards as shards_module
 from llmlab.data.shards import (
-    BatchSampler, PackedSequences, TokenShards, build_shards, check_context, tokenizer_fingerprint)
+    BatchSampler, PackedSequences, TokenShards, build_shards, tokenizer_fingerprint)
 from llmlab.data import sources
 from llmlab.data.sources import iter_documents, iter_documents_many
+from llmlab.stages.common import resolve_max_length
 from llmlab.errors import LLMLabError
 
 SENTENCES = [
@@ -266,12 +267,14 @@ def test_bos_aligned_val_split_starting_mid_document(tmp_path, tokenizer):
     np.testing.assert_array_equal(targets, stream[1:])  # no BOS in it: the whole split is one document piece
 
 
-def test_context_check():
-    check_context(128, 128)
+def test_the_max_length_rule():
+    """Unset means the model's context; up to the context is kept; more is an error naming the field."""
+    assert resolve_max_length(None, 128) == 128 and resolve_max_length(64, 128) == 64
+    assert resolve_max_length(128, 128) == 128
     with pytest.raises(LLMLabError, match=r"data.max_length=256 exceeds .* 128"):
-        check_context(256, 128)
+        resolve_max_length(256, 128)
     with pytest.raises(LLMLabError, match=r"sft.max_length=9 exceeds .* 8"):
-        check_context(9, 8, where="sft.max_length")
+        resolve_max_length(9, 8, where="sft.max_length")
 
 
 # --- sampler ------------------------------------------------------------------------------------------------------

@@ -31,6 +31,7 @@ import torch
 
 from ..errors import LLMLabError
 from ..progress import progress_bar
+from .sources import iter_documents_many
 
 INDEX_FILE = "index.json"
 INDEX_FORMAT = "llmlab-token-shards"
@@ -458,13 +459,6 @@ def _greedy_rows(doc_starts: np.ndarray, total: int, row_len: int) -> tuple[np.n
     return bounds[:, 0].copy(), bounds[:, 1].copy()
 
 
-def check_context(max_length: int, model_context: int, where: str = "data.max_length") -> None:
-    """Raise when rows of ``max_length`` tokens would not fit the model's context window."""
-    if max_length > model_context:
-        raise LLMLabError(f"{where}={max_length} exceeds the model's context length of {model_context} tokens; "
-                          f"set {where} to at most {model_context}")
-
-
 # ---------------------------------------------------------------------------------------------------------------
 # Sampling
 # ---------------------------------------------------------------------------------------------------------------
@@ -571,8 +565,6 @@ def register(subparsers) -> None:
 
 
 def _run_cli(args) -> int:
-    from .sources import iter_documents_many
-
     tokenizer = load_tokenizer(args.tokenizer)
     documents = iter_documents_many(args.data, text_field=args.text_field)
     index = build_shards(documents, tokenizer, args.out, val_fraction=args.val_fraction)

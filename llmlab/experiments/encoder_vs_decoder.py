@@ -24,7 +24,6 @@ import time
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 from ..config import apply_overrides
 from ..data.shards import TokenShards
@@ -33,8 +32,8 @@ from ..infer.engine import Engine, SamplingParams, next_tokens
 from ..model import hub
 from ..plots import read_metrics
 from ..tokenizer import load_tokenizer
-from .pretrain import DEFAULTS, pretrain
-from .common import deep_merge
+from ..stages.pretrain import DEFAULTS, pretrain
+from ..stages.common import deep_merge
 
 DEFAULT_CORPUS = "tinyshakespeare"      # a built-in corpus of data/sources.py
 SIZE = {"n_layer": 4, "n_head": 4, "d_model": 128, "max_seq_len": 128, "dropout": 0.0}

@@ -16,10 +16,9 @@ int4, asymmetric, one scale and one offset per group of G = 32 consecutive input
 where the group's grid z − 8s, z − 7s, …, z + 7s is the least-squares one of a few candidates around its
 min/max grid (``fit_int4_groups``), and s and z are stored in bfloat16 (Q is rounded against the stored values).
 That is 4 + 32/G bits a weight: 5 for G = 32, 6.4× fewer bytes than float32. G = 32 because the kernel's speed
-hardly depends on G (32, 64 and 128 within ~5% of each other on the 262144 × 640 head of Gemma 3 270M) while the
-error grows with it (that model's perplexity on 2048 held-out Tiny Shakespeare tokens: 38.2 in float32, 43.1 /
-50.5 / 64.3 with int4 groups of 32 / 64 / 128), and because GGUF's 4-bit formats (Q4_0, Q4_1, Q4_K) use blocks of
-32: a model dequantised from such a file keeps its grid. The kernel takes a group of 32, 64, 128 or 256 with K
+hardly depends on G while the error grows with it (the README's "Precision, per phase" has the measurements), and
+because GGUF's 4-bit formats (Q4_0, Q4_1, Q4_K) use blocks of 32: a model dequantised from such a file keeps its
+grid. The kernel takes a group of 32, 64, 128 or 256 with K
 divisible by it, and N divisible by 16 (N is padded here with zero rows, cut off after the product); a layer whose
 K does not fit falls back to int8, with a warning.
 

@@ -28,17 +28,21 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import from_dict
+from ..data.batching import pad, truncate
 from ..data.classification import ClassificationData, Example, balanced_subset, load_classification
 from ..data.shards import BatchSampler
 from ..device import pick_device
 from ..encoding import special_affixes
 from ..errors import LLMLabError
+from ..lora import DEFAULT_TARGETS, LoRAConfig, apply_lora, import_peft, merge_lora
 from ..model import hub
+from ..model.config import context_length
+from ..model.heads import SequenceClassifier, last_token_states
 from ..progress import progress_bar
 from ..tokenizer import ensure_pad_token
 from ..train import dist
 from ..train.loop import train
-from .common import resolve_recipe, start_run, train_config
+from .common import add_config_args, resolve_max_length, resolve_recipe, start_run, train_config
 
 METHODS = ("full", "lora", "probe")
 TRUNCATIONS = ("head", "head+tail")
@@ -48,7 +52,7 @@ ENCODER_TYPES = ("bert", "roberta", "distilbert", "albert", "electra", "deberta"
 
 DEFAULTS = {
     "model": {"backend": "auto"},
-    "data": {"test": None, "text_field": "text", "label_field": "label", "label_names": None, "max_length": 256,
+    "data": {"test": None, "text_field": "text", "label_field": "label", "label_names": None, "max_length": None,
              "truncation": "head", "train_limit": None, "test_limit": None, "subset_seed": 0, "clean_html": True},
     "classify": {"method": "full", "batch_size": 16, "eval_batch_size": 32, "epochs": 1.0, "zero_shot": True,
                  "prompt": "Review: {text}\nSentiment ({choices}):"},
@@ -64,7 +68,7 @@ class DataSection:
     text_field: str = "text"
     label_field: str = "label"
     label_names: list | None = None
-    max_length: int = 256
+    max_length: int | None = None     # None: the model's context
     truncation: str = "head"
     train_limit: int | None = None
     test_limit: int | None = None
@@ -74,7 +78,7 @@ class DataSection:
     def __post_init__(self):
         if self.truncation not in TRUNCATIONS:
             raise LLMLabError(f"data.truncation = {self.truncation!r}; choose one of {', '.join(TRUNCATIONS)}")
-        if int(self.max_length) < 8:
+        if self.max_length is not None and self.max_length < 8:
             raise LLMLabError(f"data.max_length must be ≥ 8, got {self.max_length}")
 
 
@@ -92,7 +96,7 @@ class ClassifySection:
             raise LLMLabError(f"classify.method = {self.method!r}; choose one of {', '.join(METHODS)}")
         if "{text}" not in self.prompt:
             raise LLMLabError("classify.prompt must contain {text} (and may contain {choices})")
-        if int(self.batch_size) < 1 or float(self.epochs) <= 0:
+        if self.batch_size < 1 or self.epochs <= 0:
             raise LLMLabError("classify.batch_size must be ≥ 1 and classify.epochs > 0")
 
 
@@ -106,17 +110,6 @@ class LoraSection:
 
 # ----------------------------------------------------------------------------------------------- tokens
 
-def truncate(ids: list[int], room: int, how: str = "head") -> list[int]:
-    """At most ``room`` ids: the first ones (``head``), or the first quarter and last three quarters of the room
-    (``head+tail``, which Sun et al. 2019 found best for long IMDB reviews)."""
-    if len(ids) <= room:
-        return ids
-    if how == "head":
-        return ids[:room]
-    head = room // 4
-    return ids[:head] + ids[len(ids) - (room - head):]
-
-
 def encode_examples(tokenizer, examples: list[Example], max_length: int, how: str = "head") -> list[dict]:
     """``{"ids", "label"}`` rows: specials + the text truncated so that the whole fits ``max_length``."""
     prefix, suffix = special_affixes(tokenizer)
@@ -127,14 +120,7 @@ def encode_examples(tokenizer, examples: list[Example], max_length: int, how: st
 
 def collate(rows: list[dict], pad_id: int, padding_side: str = "right") -> dict:
     """Pad a list of rows to the longest: ``input_ids`` and ``attention_mask`` (B, T), ``labels`` (B,)."""
-    width = max(len(r["ids"]) for r in rows)
-    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(rows), width), dtype=torch.long)
-    for i, r in enumerate(rows):
-        n = len(r["ids"])
-        span = slice(0, n) if padding_side == "right" else slice(width - n, width)
-        ids[i, span] = torch.tensor(r["ids"], dtype=torch.long)
-        mask[i, span] = 1
+    ids, mask = pad([r["ids"] for r in rows], pad_id, padding_side)
     return {"input_ids": ids, "attention_mask": mask, "labels": torch.tensor([r["label"] for r in rows])}
 
 
@@ -155,32 +141,7 @@ class BucketCollate:
         return collate([row for bucket in buckets for row in bucket], self.pad_id)
 
 
-def last_token_states(hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-    """h[b, i_b] with i_b = max{t : mask[b, t] = 1}, the last real token, for left or right padding; (B, d)."""
-    t = torch.arange(hidden.shape[1], device=hidden.device)
-    last = (t * attention_mask.to(t.dtype)).argmax(-1)
-    return hidden[torch.arange(hidden.shape[0], device=hidden.device), last]
-
-
 # ----------------------------------------------------------------------------------------------- models
-
-class SequenceClassifier(nn.Module):
-    """``forward(input_ids, attention_mask) -> logits (B, num_labels)`` around one of three backbones:
-    our ``Encoder`` (pooled [CLS] → classifier), our ``Decoder`` (last real token → score), or a
-    ``transformers`` ``*ForSequenceClassification`` model (its own pooling)."""
-
-    def __init__(self, backbone: nn.Module, kind: str):
-        super().__init__()
-        self.backbone, self.kind = backbone, kind
-
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        if self.kind == "encoder":
-            return self.backbone.classify(input_ids, attention_mask=attention_mask)
-        if self.kind == "decoder":
-            hidden = self.backbone.hidden_states(input_ids, attention_mask=attention_mask)
-            return self.backbone.score(last_token_states(hidden, attention_mask))
-        return self.backbone(input_ids=input_ids, attention_mask=attention_mask).logits
-
 
 @dataclass
 class Loaded:
@@ -198,7 +159,6 @@ def _head_only(model: nn.Module) -> None:
 
 
 def _lora_ours(model: nn.Module, cfg: LoraSection) -> None:
-    from ..lora import DEFAULT_TARGETS, LoRAConfig, apply_lora
     apply_lora(model, LoRAConfig(r=cfg.r, alpha=cfg.alpha, dropout=cfg.dropout,
                                  targets=list(cfg.targets or DEFAULT_TARGETS)))
     for name, p in model.named_parameters():
@@ -207,7 +167,6 @@ def _lora_ours(model: nn.Module, cfg: LoraSection) -> None:
 
 
 def _lora_transformers(model: nn.Module, cfg: LoraSection) -> nn.Module:
-    from ..lora import import_peft
     peft = import_peft()
     kwargs = dict(task_type=peft.TaskType.SEQ_CLS, r=cfg.r, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout)
     try:
@@ -293,7 +252,6 @@ def save_classifier(loaded: Loaded, model: SequenceClassifier, out_dir: Path, la
     backbone = model.backbone
     id2label = {i: name for i, name in enumerate(label_names)}
     if loaded.backend == "ours":
-        from ..lora import merge_lora
         hub.save_model(merge_lora(backbone), out_dir, tokenizer=loaded.tokenizer)
         config_path = out_dir / "config.json"
         config = json.loads(config_path.read_text())
@@ -401,20 +359,21 @@ def classify_one(model_path: str, data: ClassificationData, recipe: dict, out_di
     loaded = load_classifier(model_path, data.num_labels, c.method, recipe["model"].get("backend", "auto"), lora)
     tok, model = loaded.tokenizer, loaded.classifier
     pad_id = tok.pad_token_id
-    train_rows = encode_examples(tok, data.train, int(d.max_length), d.truncation)
-    test_rows = encode_examples(tok, data.test, int(d.max_length), d.truncation)
-    buckets = length_buckets(train_rows, int(c.batch_size))
+    max_length = resolve_max_length(d.max_length, context_length(model.backbone.config))
+    train_rows = encode_examples(tok, data.train, max_length, d.truncation)
+    test_rows = encode_examples(tok, data.test, max_length, d.truncation)
+    buckets = length_buckets(train_rows, c.batch_size)
     recipe = _training_recipe(recipe, len(buckets))
     cfg = train_config(recipe)
     start_run(out_dir, recipe)
     device = pick_device(cfg.device)
     model.to(device)
-    before = accuracy(model, test_rows, pad_id, int(c.eval_batch_size), device)
+    before = accuracy(model, test_rows, pad_id, c.eval_batch_size, device)
     zero_shot = None
     if loaded.is_decoder and c.zero_shot and not all(n.isdigit() for n in data.label_names):
         lm, lm_tok = hub.load_model(loaded.folder, device=device)
         zero_shot = zero_shot_accuracy(lm, ensure_pad_token(lm_tok), data.test, data.label_names, c.prompt,
-                                       int(d.max_length), int(c.eval_batch_size), device)
+                                       max_length, c.eval_batch_size, device)
         del lm
     print(f"llmlab classify: {model_path}: before {before:.4f}"
           + (f", zero-shot {zero_shot:.4f}" if zero_shot is not None else ""), file=sys.stderr)
@@ -431,7 +390,7 @@ def classify_one(model_path: str, data: ClassificationData, recipe: dict, out_di
         return loss, int(batch["attention_mask"].sum()), {"train_accuracy": float(correct)}
 
     def eval_fn(m):
-        return {"accuracy": accuracy(m, test_rows, pad_id, int(c.eval_batch_size), next(m.parameters()).device)}
+        return {"accuracy": accuracy(m, test_rows, pad_id, c.eval_batch_size, next(m.parameters()).device)}
 
     def save_fn(m, where):
         save_classifier(loaded, m, Path(where), data.label_names)
@@ -519,7 +478,6 @@ def run_classify(models: list[str], data: str, out_dir, *, config: str | None = 
 
 
 def register(subparsers) -> None:
-    from ..cli import add_config_args
     p = subparsers.add_parser("classify", help="fine-tune pretrained models as text classifiers (before/after)")
     p.add_argument("--model", action="append", required=True, help="model folder, hub name or .gguf (repeatable)")
     p.add_argument("--data", required=True, help="aclImdb folder, folder with train/test files, file, or dataset name")

@@ -32,16 +32,18 @@ from torch import nn
 
 from .. import chat
 from ..config import from_dict, to_dict
+from ..data.batching import Example, pad_collate, pad_id_of, truncate_example
+from ..data.chat_data import load_pairs
 from ..device import autocast_dtype
 from ..errors import LLMLabError
 from ..losses import dpo_loss
 from ..lora import LoRAConfig
 from ..train import dist
 from ..train.loop import refuse_existing_checkpoints, to_device, train
-from .common import disable_dropout, start_run, train_config
-from .sft import (Example, ExampleData, add_stage_args, batches_for, context_of, load_tokenizer_and_template,
-                  load_trainable, pad_collate, pad_id_of, save_trained, sequence_logps, split_heldout,
-                  stage_recipe, truncate)
+from .common import (ExampleData, add_stage_args, batches_for, context_of, disable_dropout,
+                     load_tokenizer_and_template, load_trainable, resolve_max_length, save_trained, split_heldout,
+                     stage_recipe, start_run, train_config)
+from .logprobs import sequence_logps
 
 REF_FILE = "ref_logps.safetensors"
 DEFAULTS = {
@@ -62,8 +64,6 @@ class DPOConfig:
     rpo_alpha: float = 0.0           # weight α of the NLL of the chosen answers (RPO; TRL's rpo_alpha)
 
     def __post_init__(self):
-        self.beta, self.label_smoothing = float(self.beta), float(self.label_smoothing)
-        self.rpo_alpha = float(self.rpo_alpha)
         if self.loss_type not in ("sigmoid", "ipo") or self.beta <= 0:
             raise LLMLabError(f"dpo: need beta > 0 and loss_type sigmoid or ipo; got {self.beta}, {self.loss_type!r}")
         if self.rpo_alpha < 0:
@@ -75,7 +75,7 @@ class DPOConfig:
 def encode_answer(tokenizer, template: str, prompt: list[dict], answer: str, max_length: int) -> Example | None:
     """(ids, mask) of prompt + answer with the mask on the answer only, truncated; None if no answer token is left."""
     ids, mask = chat.encode_chat(tokenizer, prompt + [{"role": "assistant", "content": answer}], template)
-    return truncate((ids, chat.last_turn_mask(mask)), max_length)
+    return truncate_example((ids, chat.last_turn_mask(mask)), max_length)
 
 
 def encode_pairs(pairs: list[dict], tokenizer, template: str, max_length: int) -> tuple[list[dict], int]:
@@ -187,8 +187,6 @@ def heldout_metrics(model: nn.Module, rows: list[dict], collate, loss_fn, batch_
 def run_dpo(model_dir: str, data_path: str, out_dir: str, recipe: dict, *, resume: bool = False) -> dict:
     """Train ``model_dir`` with DPO on the pairs of ``data_path``; writes ``out_dir/model``, the reference cache and
     the run files; returns the loop's summary."""
-    from ..data.chat_data import load_pairs
-
     recipe = {**recipe, "model": str(model_dir), "data": {**recipe.get("data", {}), "path": str(data_path)}}
     data = from_dict(ExampleData, recipe.get("data"), "data")
     dpo = from_dict(DPOConfig, recipe.get("dpo"), "dpo")
@@ -203,9 +201,7 @@ def run_dpo(model_dir: str, data_path: str, out_dir: str, recipe: dict, *, resum
     model, is_ours = load_trainable(model_dir, lora)
     disable_dropout(model)
     model.to(device)
-    data.max_length = data.max_length or context_of(model)
-    if data.max_length > context_of(model):
-        raise LLMLabError(f"data.max_length={data.max_length} exceeds the model's context of {context_of(model)}")
+    data.max_length = resolve_max_length(data.max_length, context_of(model))
     if not data.eval_path:
         pairs, held_pairs = split_heldout(pairs, data.val_fraction, cfg.seed)
     rows, dropped = encode_pairs(pairs, tokenizer, template, data.max_length)

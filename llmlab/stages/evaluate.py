@@ -31,66 +31,17 @@ import torch
 
 from .. import chat
 from ..data import world as world_mod
+from ..data.batching import pad_collate
 from ..data.chat_data import load_prompts
 from ..errors import LLMLabError
-from ..infer.engine import Completion, Engine, SamplingParams, default_eos_ids
+from ..infer.engine import SamplingParams
+from ..infer.replies import engine_for, generate_replies, prompts_that_fit
 from ..model import hub
-from .sft import causal_logits, pad_collate
+from ..model.heads import RewardModel
+from .logprobs import causal_logits
 
 METRICS = ("exact_match", "reward_model", "world_reward", "refusal_rate", "false_refusal_rate", "win_rate",
            "win_rate_ceiling", "kl")
-
-
-# --- prompts and generation (shared with sft and pairs) ---------------------------------------------------------
-
-def engine_for(model, tokenizer, template: str) -> Engine:
-    """An engine that stops at the model's EOS ids and at the template's end-of-turn token."""
-    eos = set(default_eos_ids(model, tokenizer))
-    turn_end = hub.end_of_turn_id(tokenizer, template)
-    if turn_end is not None:
-        eos.add(turn_end)
-    return Engine(model, tokenizer, eos_token_ids=sorted(eos))
-
-
-def prompts_that_fit(engine: Engine, items: list[dict], template: str, who: str) -> list[dict]:
-    """The items whose rendered prompt leaves the model room for at least one new token; the others are dropped
-    with a warning (one such prompt would stop the whole run)."""
-    kept = [item for item in items if len(chat.generation_prompt_ids(engine.tokenizer, item["prompt"], template)) < engine.context]
-    if len(kept) < len(items):
-        print(f"{who}: skipped {len(items) - len(kept)} of {len(items)} prompts that do not fit the model's context "
-              f"of {engine.context} tokens", file=sys.stderr)
-    if not kept:
-        raise LLMLabError(f"{who}: no prompt fits the model's context of {engine.context} tokens")
-    return kept
-
-
-def generate_replies(engine: Engine, prompts: list[list[dict]], template: str, params: SamplingParams,
-                     batch_size: int = 32) -> list[Completion]:
-    """One completion per prompt (message list), rendered with ``template`` and generated in batches; generation
-    also stops at the template's stop strings, and replies are left-stripped (``SamplingParams.lstrip``)."""
-    params = chat.reply_params(params, template, engine.tokenizer.eos_token)
-    encoded = [chat.generation_prompt_ids(engine.tokenizer, p, template) for p in prompts]
-    out = []
-    for start in range(0, len(encoded), batch_size):
-        out += engine.generate(encoded[start:start + batch_size], params)
-    return out
-
-
-def exact_match_rate(engine: Engine, items: list[dict], template: str, max_new_tokens: int = 64,
-                     batch_size: int = 32) -> float:
-    """Share of greedy answers that match each item's ``reference`` (``world.exact_match``)."""
-    replies = generate_replies(engine, [i["prompt"] for i in items], template,
-                               SamplingParams(max_new_tokens=max_new_tokens, temperature=0.0), batch_size)
-    return sum(world_mod.exact_match(i, r.text) for i, r in zip(items, replies)) / len(items)
-
-
-def load_reward_model(path):
-    """The reward model of ``llmlab.stages.reward`` (``RewardModel.load(dir)``, ``score(prompts, responses)``)."""
-    try:
-        from .reward import RewardModel
-    except ImportError as e:
-        raise LLMLabError(f"--reward {path}: reward-model scoring needs llmlab.stages.reward ({e})") from None
-    return RewardModel.load(path)
 
 
 # --- metrics ----------------------------------------------------------------------------------------------------
@@ -195,7 +146,7 @@ def evaluate_models(models: list, data, out_dir, *, reward=None, reference=None,
     the_world = world_mod.load_world(world) if world else None
     if the_world is not None:
         the_world.check_items(items)
-    rm = load_reward_model(reward) if reward else None
+    rm = RewardModel.load(reward) if reward else None
     ref_model = hub.load_model(reference, device=device)[0] if reference else None
     params = SamplingParams(max_new_tokens=max_new_tokens, temperature=0.0)
 
@@ -226,11 +177,11 @@ def evaluate_models(models: list, data, out_dir, *, reward=None, reference=None,
         row["win_rate_ceiling"] = win_rate_ceiling(judged[0], the_world.max_reward) if the_world and i > 0 else None
     report = {"n_prompts": len(items), "data": [str(p) for p in paths],
               "judge": "world" if the_world else "reward_model" if rm else None, "models": results}
-    write_report(report, out_dir)
+    write_eval_report(report, out_dir)
     return report
 
 
-def write_report(report: dict, out_dir) -> None:
+def write_eval_report(report: dict, out_dir) -> None:
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     (out / "eval.json").write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")

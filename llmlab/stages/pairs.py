@@ -6,7 +6,7 @@ are the same text, gives no pair. The judge (``--reward``) is one of:
 
 - ``world``: the task world's programmatic reward (``--world DIR``; prompts need the fields ``World.check_item``
   names: ``kind`` and ``reference``, or ``person`` and ``attributes`` for a multi-part request);
-- a reward-model directory (``llmlab.stages.reward.RewardModel``);
+- a reward-model directory (``llmlab.model.heads.RewardModel``, trained by ``llmlab rm``);
 - a ``.jsonl`` file of human rankings, one line per prompt: ``{"prompt", "responses": [...], "ranking": [indices,
   best first]}`` or ``{"prompt", "responses", "scores": [...]}``. The answers then come from the file (people
   ranked them), so no model is needed and nothing is sampled.
@@ -21,11 +21,12 @@ from pathlib import Path
 
 from .. import chat
 from ..data import world as world_mod
-from ..data.chat_data import iter_jsonl
+from ..data.chat_data import iter_jsonl, load_prompts
 from ..errors import LLMLabError
 from ..infer.engine import SamplingParams
+from ..infer.replies import engine_for, generate_replies, prompts_that_fit
 from ..model import hub
-from .evaluate import engine_for, generate_replies, load_prompts, load_reward_model, prompts_that_fit
+from ..model.heads import RewardModel
 
 
 def best_and_worst(prompt: list[dict], responses: list[str], scores: list[float]) -> dict | None:
@@ -64,7 +65,7 @@ def score(judge: str, items: list[dict], responses: list[list[str]], world_dir: 
         world = world_mod.load_world(world_dir)
         world.check_items(items)
         return [[world.reward(item, r) for r in rs] for item, rs in zip(items, responses)]
-    rm = load_reward_model(judge)
+    rm = RewardModel.load(judge)
     k = len(responses[0])
     flat = rm.score([item["prompt"] for item in items for _ in range(k)], [r for rs in responses for r in rs])
     flat = [float(s) for s in flat]

@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import dataclasses
 import math
 import os
 import sys
@@ -44,24 +43,26 @@ import torch
 from torch import nn
 
 from ..chat import encode_chat, load_template
-from ..config import from_dict, whole_number
+from ..config import from_dict
 from ..data import chat_data
+from ..data.batching import pad
 from ..data.shards import BatchSampler
+from ..data.world import load_world
 from ..device import autocast_dtype, pick_device
 from ..errors import LLMLabError
-from ..infer.engine import Engine, SamplingParams, default_eos_ids
+from ..infer.engine import Engine, SamplingParams
+from ..infer.replies import engine_for
 from ..losses import (entropy_from_logits, gae, kl_per_token, masked_mean, masked_whiten, ppo_policy_loss,
                       ppo_value_loss, token_logprobs)
 from ..model import hub
+from ..model.heads import PolicyWithValue, RewardModel
 from ..plots import plot_metrics
 from ..progress import progress_bar
 from ..train.checkpoint import (capture_rng, load_latest, load_optimizer_state_by_name,
                                 optimizer_state_by_name, restore_rng, save_checkpoint)
 from ..train.loop import MetricsLog, make_optimizer, refuse_existing_checkpoints, seed_everything
 from ..train.schedule import lr_at
-from .common import deep_merge, start_run, train_config
-from .sft import add_stage_args, stage_recipe
-from .reward import RewardModel, right_pad
+from .common import add_stage_args, deep_merge, stage_recipe, start_run, train_config
 
 DEFAULTS = {
     "data": {"eval_path": None},
@@ -93,22 +94,7 @@ class PPOConfig:
     whiten_advantages: bool = True
 
     def __post_init__(self):
-        self._coerce_numbers()
         self._validate()
-
-    def _coerce_numbers(self) -> None:
-        """YAML reads ``5e-2`` as a string; give each numeric field its declared type."""
-        for f in dataclasses.fields(self):
-            value = getattr(self, f.name)
-            if value is None or isinstance(f.default, bool):
-                continue
-            try:
-                setattr(self, f.name, whole_number(value, f"ppo.{f.name}") if isinstance(f.default, int)
-                        else float(value))
-            except (TypeError, ValueError):
-                raise LLMLabError(f"ppo.{f.name}: expected a number, got {value!r}") from None
-        if not isinstance(self.whiten_advantages, bool):
-            raise LLMLabError(f"ppo.whiten_advantages: expected true or false, got {self.whiten_advantages!r}")
 
     def _validate(self) -> None:
         for name in ("rollout_batch", "minibatch", "epochs", "max_new_tokens", "kl_horizon"):
@@ -140,24 +126,6 @@ class KLController:
             return
         error = min(max(kl / self.target - 1.0, -0.2), 0.2)
         self.coef *= 1.0 + error * n / self.horizon
-
-
-class PolicyWithValue(nn.Module):
-    """The policy (our Decoder) and a value head, Linear(d, 1) starting at zero, on its final hidden states."""
-
-    def __init__(self, policy: nn.Module):
-        super().__init__()
-        self.policy = policy
-        self.value_head = nn.Linear(policy.config.d_model, 1)
-        nn.init.zeros_(self.value_head.weight)
-        nn.init.zeros_(self.value_head.bias)
-
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                response_start: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Logits (B, R, V) and values (B, R) at the positions that predict the response tokens
-        ``input_ids[:, response_start:]``: position t − 1 predicts token t and holds the value of that state."""
-        hidden = self.policy.hidden_states(input_ids, attention_mask=attention_mask)[:, response_start - 1:-1]
-        return self.policy.logits(hidden), self.value_head(hidden).squeeze(-1).float()
 
 
 # ----------------------------------------------------------------------------------------------- the math
@@ -197,7 +165,7 @@ def ppo_losses(logprobs: torch.Tensor, values: torch.Tensor, batch: dict,
 
 # ----------------------------------------------------------------------------------------------- data and reward
 
-def load_prompts(path, tokenizer, template: str, max_prompt_tokens: int) -> list[dict]:
+def encode_prompts(path, tokenizer, template: str, max_prompt_tokens: int) -> list[dict]:
     """The prompt items of a ``.jsonl`` file (``chat_data.load_prompts``: a ``prompt`` field, a conversation or a
     preference pair; other fields kept, e.g. the world's ``kind``/``reference``/``key``), each with ``ids``: the
     prompt rendered with the generation prompt. Prompts longer than ``max_prompt_tokens`` are skipped with a
@@ -229,7 +197,6 @@ def make_scorer(reward, recipe: dict, data, prompts: list[dict], device) -> Scor
     if not reward:
         raise LLMLabError(NO_REWARD)
     if reward == "world":
-        from ..data.world import load_world
         folder = recipe["reward"].get("world")
         if not folder and (Path(data).parent / "world.json").is_file():
             folder = Path(data).parent
@@ -245,15 +212,7 @@ def make_scorer(reward, recipe: dict, data, prompts: list[dict], device) -> Scor
 
 # ----------------------------------------------------------------------------------------------- rollouts
 
-def rollout_engine(policy: nn.Module, tokenizer, template: str) -> Engine:
-    """An engine on the policy itself (no decode copy: the weights change every step) that stops at the model's
-    end-of-sequence ids and at the template's end-of-turn token."""
-    eos = set(default_eos_ids(policy, tokenizer))
-    turn_end = hub.end_of_turn_id(tokenizer, template)
-    return Engine(policy, tokenizer, eos_token_ids=sorted(eos | ({turn_end} if turn_end is not None else set())))
-
-
-def sample_responses(engine: Engine, prompts: list[list[int]], max_new_tokens: int, seed: int) -> list[list[int]]:
+def sample_rollouts(engine: Engine, prompts: list[list[int]], max_new_tokens: int, seed: int) -> list[list[int]]:
     """One sampled response per prompt (its end-of-sequence token included when it stopped)."""
     params = SamplingParams(max_new_tokens=max_new_tokens, temperature=1.0, top_k=0, top_p=1.0, seed=seed)
     responses: list[list[int]] = [[] for _ in prompts]
@@ -264,19 +223,14 @@ def sample_responses(engine: Engine, prompts: list[list[int]], max_new_tokens: i
     return responses
 
 
-def pack(prompts: list[list[int]], responses: list[list[int]], pad_id: int) -> dict:
+def rollout_batch(prompts: list[list[int]], responses: list[list[int]], pad_id: int) -> dict:
     """Prompts left-padded to a common width P, responses (never empty) right-padded after them, the engine's layout:
     ``input_ids`` and ``attention_mask`` (B, P + R), ``response_mask`` (B, R), ``response_start`` = P."""
-    width = max(len(p) for p in prompts)
-    prompt_ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
-    prompt_mask = torch.zeros_like(prompt_ids)
-    for i, p in enumerate(prompts):
-        prompt_ids[i, width - len(p):] = torch.tensor(p, dtype=torch.long)
-        prompt_mask[i, width - len(p):] = 1
-    response_ids, response_mask = right_pad(responses, pad_id)
+    prompt_ids, prompt_mask = pad(prompts, pad_id, side="left")
+    response_ids, response_mask = pad(responses, pad_id)
     return {"input_ids": torch.cat([prompt_ids, response_ids], 1),
             "attention_mask": torch.cat([prompt_mask, response_mask], 1),
-            "response_mask": response_mask, "response_start": width}
+            "response_mask": response_mask, "response_start": prompt_ids.shape[1]}
 
 
 @torch.no_grad()
@@ -343,11 +297,11 @@ def ppo_step(model: PolicyWithValue, ref: nn.Module, engine: Engine, optimizer, 
              scorer: Scorer, kl: KLController, cfg: PPOConfig, grad_clip: float, seed: int, amp) -> dict:
     """Rollout, score, rewards and advantages, then the PPO updates; returns the step's metrics."""
     device = engine.device
-    responses = sample_responses(engine, [item["ids"] for item in items], cfg.max_new_tokens, seed)
+    responses = sample_rollouts(engine, [item["ids"] for item in items], cfg.max_new_tokens, seed)
     texts = [engine.tokenizer.decode(r, skip_special_tokens=True).lstrip() for r in responses]
     scores = torch.tensor(scorer(items, texts), dtype=torch.float32, device=device)
     batch = {k: v.to(device) if isinstance(v, torch.Tensor) else v
-             for k, v in pack([item["ids"] for item in items], responses, engine.pad_id).items()}
+             for k, v in rollout_batch([item["ids"] for item in items], responses, engine.pad_id).items()}
     batch.update(rollout_stats(model, ref, batch, cfg.minibatch, amp))
     mask = batch["response_mask"]
     rewards, kl_tokens = per_token_rewards(scores, batch["logprobs"], batch["ref_logprobs"], mask, kl.coef)
@@ -431,15 +385,15 @@ def run_ppo(model_dir, data_path, out_dir, reward=None, recipe: dict | None = No
     policy, tokenizer = _load_policy(model)
     template = load_template(model, recipe.get("template"))
     max_prompt = policy.config.max_seq_len - cfg.max_new_tokens
-    prompts = load_prompts(data, tokenizer, template, max_prompt)
+    prompts = encode_prompts(data, tokenizer, template, max_prompt)
     eval_path = recipe["data"].get("eval_path")
-    eval_items = load_prompts(eval_path, tokenizer, template, max_prompt) if eval_path else []
+    eval_items = encode_prompts(eval_path, tokenizer, template, max_prompt) if eval_path else []
     scorer = make_scorer(reward, recipe, data, prompts + eval_items, device)
     out = start_run(out, recipe)
 
     ref = copy.deepcopy(policy).to(device).eval().requires_grad_(False)
     net = PolicyWithValue(policy).to(device).eval()
-    engine = rollout_engine(policy, tokenizer, template)
+    engine = engine_for(policy, tokenizer, template)     # the policy itself: its weights change every step
     optimizer = ppo_optimizer(net, train_cfg, cfg, device)
     sampler = BatchSampler(prompts, cfg.rollout_batch, seed=train_cfg.seed, collate=list)
     kl = KLController(cfg.kl_coef, cfg.kl_target, cfg.kl_horizon)

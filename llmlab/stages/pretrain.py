@@ -40,7 +40,6 @@ because only global rank 0 writes the tokenizer, the shards, the checkpoints and
 """
 from __future__ import annotations
 
-import dataclasses
 import json
 import math
 import shutil
@@ -52,8 +51,9 @@ from typing import Callable
 import torch
 from torch import nn
 
-from ..config import from_dict
-from ..data.shards import (INDEX_FILE, BatchSampler, PackedSequences, TokenShards, build_shards, check_context,
+from ..chat import DEFAULT_TEMPLATE, TEMPLATES
+from ..config import from_dict, whole_number
+from ..data.shards import (INDEX_FILE, BatchSampler, PackedSequences, TokenShards, build_shards,
                            read_index, stack_pairs, tokenizer_fingerprint)
 from ..data.sources import iter_documents, iter_documents_many
 from ..errors import LLMLabError
@@ -65,14 +65,14 @@ from ..tokenizer import load_tokenizer, save_tokenizer, special_ids, train_bpe, 
 from ..train import dist
 from ..train.checkpoint import list_checkpoints
 from ..train.loop import train
-from .common import resolve_recipe, start_run, train_config
+from .common import add_config_args, resolve_max_length, resolve_recipe, start_run, train_config
 
 TOKENIZER_KINDS = ("char", "bpe", "path")
 SOURCE_FILE = "source.json"      # beside the shards' index.json: which data they were built from
 
 DEFAULTS = {
     "model": {"preset": "llama"},
-    "data": {"path": None, "text_field": "text", "max_length": 256, "bos_aligned": False, "val_fraction": 0.1,
+    "data": {"path": None, "text_field": "text", "max_length": None, "bos_aligned": False, "val_fraction": 0.1,
              "batch_size": 16},
     "tokenizer": {"kind": "bpe", "vocab_size": 4096, "path": None},
     "loss": {"chunk_size": 512, "mlm_probability": 0.15},
@@ -83,31 +83,18 @@ DEFAULTS = {
 
 # --- the recipe sections ---------------------------------------------------------------------------------------
 
-def _coerce(obj, section: str) -> None:
-    """YAML reads ``1e-3`` as a string: turn the numeric fields of a section dataclass into their types."""
-    for f in dataclasses.fields(obj):
-        value, default = getattr(obj, f.name), f.default
-        if value is None or isinstance(default, bool) or not isinstance(default, (int, float)):
-            continue
-        try:
-            setattr(obj, f.name, type(default)(value))
-        except (TypeError, ValueError):
-            raise LLMLabError(f"{section}.{f.name}: expected a number, got {value!r}") from None
-
-
 @dataclass
 class DataConfig:
     """The ``data:`` section. ``path``: one or several files/folders (``iter_documents`` formats)."""
     path: str | list | None = None
     text_field: str = "text"
-    max_length: int = 256
+    max_length: int | None = None     # None: the model's context (a new model's: model.max_seq_len, else 256)
     bos_aligned: bool = False
     val_fraction: float = 0.1
     batch_size: int = 16
 
     def __post_init__(self):
-        _coerce(self, "data")
-        if self.max_length < 1 or self.batch_size < 1:
+        if (self.max_length is not None and self.max_length < 1) or self.batch_size < 1:
             raise LLMLabError(f"data.max_length ({self.max_length}) and data.batch_size ({self.batch_size}) must be ≥ 1")
         if not 0.0 < self.val_fraction < 1.0:
             raise LLMLabError(f"data.val_fraction = {self.val_fraction}: must be in (0, 1) (validation needs data)")
@@ -128,7 +115,6 @@ class TokenizerConfig:
     path: str | None = None
 
     def __post_init__(self):
-        _coerce(self, "tokenizer")
         if self.kind not in TOKENIZER_KINDS:
             raise LLMLabError(f"tokenizer.kind = {self.kind!r}; choose one of {', '.join(TOKENIZER_KINDS)}")
         if (self.kind == "path") != bool(self.path):
@@ -143,7 +129,6 @@ class LossConfig:
     mlm_probability: float = 0.15
 
     def __post_init__(self):
-        _coerce(self, "loss")
         if self.chunk_size < 0 or not 0.0 < self.mlm_probability < 1.0:
             raise LLMLabError(f"loss.chunk_size must be ≥ 0 and loss.mlm_probability in (0, 1); got "
                               f"{self.chunk_size} and {self.mlm_probability}")
@@ -295,6 +280,16 @@ def model_config(section: dict, tokenizer, max_length: int) -> ModelConfig:
     return preset(name, **section)
 
 
+def row_length(max_length: int | None, given: nn.Module | None, section: dict) -> int:
+    """``data.max_length`` by the one rule (``resolve_max_length``) against the context of the model given, or of
+    the new model when ``model.max_seq_len`` sets it; a new model without one takes its context from the rows."""
+    if given is not None:
+        return resolve_max_length(max_length, given.config.max_seq_len)
+    if section.get("max_seq_len") is not None:
+        return resolve_max_length(max_length, whole_number(section["max_seq_len"], "model.max_seq_len"))
+    return max_length or ModelConfig.max_seq_len
+
+
 def finished(out: Path, steps: int) -> bool:
     """A completed run: a checkpoint at ``steps`` or later and the final model directory."""
     ckpts = list_checkpoints(out)
@@ -303,8 +298,6 @@ def finished(out: Path, steps: int) -> bool:
 
 def save_final(objective: nn.Module, out: Path, tokenizer) -> None:
     """The Hugging Face directory ``out/model``: weights, tokenizer, and (decoders) the ``llmlab`` chat template."""
-    from ..chat import DEFAULT_TEMPLATE, TEMPLATES
-
     template = TEMPLATES[DEFAULT_TEMPLATE] if isinstance(objective, CausalLM) else None
     hub.save_model(objective.lm, out / "model", tokenizer=tokenizer, chat_template=template)
 
@@ -326,7 +319,7 @@ def pretrain(recipe: dict, out_dir, *, resume: bool = False, model_dir: str | No
         return {"steps": cfg.max_steps, "skipped": True, "model_dir": str(out / "model")}
     given = hub.load_our_model(model_dir) if model_dir else None
     section = recipe.get("model") or {}
-    check_context(data.max_length, given.config.max_seq_len if given else section.get("max_seq_len", data.max_length))
+    data.max_length = row_length(data.max_length, given, section)
     check_sources(data)
     if rank == 0:
         start_run(out, {**recipe, **({"from_model": str(model_dir)} if model_dir else {})})
@@ -353,7 +346,6 @@ def pretrain(recipe: dict, out_dir, *, resume: bool = False, model_dir: str | No
 
 
 def register(subparsers) -> None:
-    from ..cli import add_config_args
 
     p = subparsers.add_parser("pretrain", help="pre-train a language model (decoder) or a masked-LM encoder on text",
                               description="Train or load a tokenizer, build token shards and pre-train a model; "
