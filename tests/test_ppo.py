@@ -10,7 +10,6 @@ import transformers
 
 from llmlab.chat import TEMPLATES
 from llmlab.cli import main
-from llmlab.data.world import build_world, preset as world_preset
 from llmlab.errors import LLMLabError
 from llmlab.infer.engine import Engine, SamplingParams
 from llmlab.model import hub
@@ -20,6 +19,7 @@ from llmlab.stages.ppo import (KLController, PolicyWithValue, PPOConfig, advanta
                                make_scorer, pack, per_token_rewards, ppo_losses, run_ppo)
 from llmlab.tokenizer import train_char
 from llmlab.train.checkpoint import load_latest
+from llmlab.world.build import build_world, preset as world_preset
 
 transformers.logging.set_verbosity_error()
 LETTERS = set("abcdefghijklmnopqrstuvwxyz ")

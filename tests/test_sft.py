@@ -18,7 +18,6 @@ import transformers
 
 from llmlab import chat
 from llmlab.cli import main as cli_main
-from llmlab.data.world import REFUSAL, build_world, preset as world_preset
 from llmlab.errors import LLMLabError
 from llmlab.infer.engine import Engine, SamplingParams
 from llmlab.lora import LoRAConfig, LoRALinear, apply_lora, lora_parameters, merge_lora
@@ -30,6 +29,8 @@ from llmlab.stages.evaluate import exact_match_rate, generate_replies, load_prom
 from llmlab.stages.sft import (DEFAULTS, encode_conversations, pack, pack_batch, pad_collate, run_sft,
                                sequence_logps, sft_loss, token_logps)
 from llmlab.tokenizer import train_bpe
+from llmlab.world.build import build_world, preset as world_preset
+from llmlab.world.vocab import REFUSAL
 
 transformers.logging.set_verbosity_error()
 FAST = {"progress": False, "checkpoint_every": 0, "eval_every": 0, "log_every": 5, "warmup_steps": 5}

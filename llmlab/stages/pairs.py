@@ -4,7 +4,7 @@ For each prompt the model samples K answers (temperature > 0). A judge scores th
 (chosen) against the worst (rejected); a prompt whose best and worst scores tie, or whose best and worst answers
 are the same text, gives no pair. The judge (``--reward``) is one of:
 
-- ``world``: the task world's programmatic reward (``--world DIR``; prompts need the fields ``World.check_item``
+- ``world``: the task world's programmatic reward (``--world DIR``; prompts need the fields ``Judge.check_item``
   names: ``kind`` and ``reference``, or ``person`` and ``attributes`` for a multi-part request);
 - a reward-model directory (``llmlab.stages.reward.RewardModel``);
 - a ``.jsonl`` file of human rankings, one line per prompt: ``{"prompt", "responses": [...], "ranking": [indices,
@@ -20,11 +20,11 @@ import sys
 from pathlib import Path
 
 from .. import chat
-from ..data import world as world_mod
 from ..data.chat_data import iter_jsonl
 from ..errors import LLMLabError
 from ..infer.engine import SamplingParams
 from ..model import hub
+from ..world.build import load_world
 from .evaluate import engine_for, generate_replies, load_prompts, load_reward_model, prompts_that_fit
 
 
@@ -61,9 +61,9 @@ def score(judge: str, items: list[dict], responses: list[list[str]], world_dir: 
     if judge == "world":
         if not world_dir:
             raise LLMLabError("--reward world needs --world DIR (the folder `llmlab world` wrote)")
-        world = world_mod.load_world(world_dir)
-        world.check_items(items)
-        return [[world.reward(item, r) for r in rs] for item, rs in zip(items, responses)]
+        world_judge = load_world(world_dir).judge
+        world_judge.check_items(items)
+        return [[world_judge.reward(item, r) for r in rs] for item, rs in zip(items, responses)]
     rm = load_reward_model(judge)
     k = len(responses[0])
     flat = rm.score([item["prompt"] for item in items for _ in range(k)], [r for rs in responses for r in rs])

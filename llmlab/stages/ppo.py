@@ -4,7 +4,7 @@ One PPO step on a batch of prompts x:
 
   1. rollout   y ~ π(·|x), one response per prompt, sampled by the engine (KV cache) at temperature 1 with no
                top-k / top-p, so the tokens follow π exactly and log π(y_t) is the true log-probability;
-  2. score     s = reward model r(x, y), or a programmatic reward (the task world's ``World.reward``);
+  2. score     s = reward model r(x, y), or a programmatic reward (the task world's ``Judge.reward``);
   3. rewards   r_t = −β · (log π(y_t) − log π_ref(y_t)) on every response token, plus s on the last one,
                where π_ref is the frozen initial policy (per-token KL penalty, k1 estimator);
   4. GAE       δ_t = r_t + γ V_{t+1} − V_t,  A_t = δ_t + γλ A_{t+1},  R_t = A_t + V_t  (γ = 1, λ = 0.95);
@@ -229,15 +229,15 @@ def make_scorer(reward, recipe: dict, data, prompts: list[dict], device) -> Scor
     if not reward:
         raise LLMLabError(NO_REWARD)
     if reward == "world":
-        from ..data.world import load_world
+        from ..world.build import load_world
         folder = recipe["reward"].get("world")
         if not folder and (Path(data).parent / "world.json").is_file():
             folder = Path(data).parent
         if not folder:
             raise LLMLabError("--reward world needs the world folder: --set reward.world=WORLD_DIR")
-        world = load_world(folder)
-        world.check_items(prompts)
-        return lambda items, texts: [world.reward(item, text) for item, text in zip(items, texts)]
+        judge = load_world(folder).judge
+        judge.check_items(prompts)
+        return lambda items, texts: [judge.reward(item, text) for item, text in zip(items, texts)]
     rm = RewardModel.load(reward, device=device)
     batch_size = int(recipe["reward"].get("batch_size") or 16)
     return lambda items, texts: rm.score([item["prompt"] for item in items], texts, batch_size)
