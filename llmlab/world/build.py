@@ -28,8 +28,8 @@ class WorldConfig:
     n_people: int = 30
     max_operand: int = 20          # arithmetic operands lie in [0, max_operand)
     heldout_frac: float = 0.2      # share of problem groups held out for evaluation
-    fact_repeats: int = 24         # paragraphs stating each fact in the corpus (phrasings cycle); with 12, the
-                                   # tiny SFT model's held-out fact exact match was 0.84 at seed 0, 0.20 at seed 1
+    fact_repeats: int = 24         # paragraphs stating each fact in the corpus (phrasings cycle); with 12, how
+                                   # many facts the tiny model memorised depended on the seed
     stories_per_person: int = 3    # distinct story templates per person (at most 6)
     n_corpus_arithmetic: int = 3000
     n_corpus_strings: int = 3000
@@ -49,8 +49,8 @@ class WorldConfig:
     system_prompt_frac: float = 0.2
 
 
-# ``small`` keeps 12 fact paragraphs a person, as in its reported run: its 6-layer model, pre-trained 2.5 times as
-# long, answered 0.89 of the held-out questions after SFT with them.
+# ``small`` keeps 12 fact paragraphs a person, as in the run the README reports: its larger model, pre-trained
+# longer, learns the facts from fewer repeats.
 PRESETS = {
     "test": dict(n_people=8, fact_repeats=3, stories_per_person=1, n_corpus_arithmetic=60, n_corpus_strings=60,
                  n_corpus_qa=20, n_sft_train=120, n_sft_eval=30, n_pairs_train=60, n_pairs_eval=20, n_rl_train=40,

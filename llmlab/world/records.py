@@ -8,9 +8,9 @@ from ..errors import LLMLabError
 from .content import Task
 from .vocab import REFUSAL, TASK_KINDS
 
-# Share of each question kind in the SFT, pair and PPO sets and in the corpus's Question/Answer lines. (Giving the
-# hard kinds more of the corpus's lines lowered the held-out exact match after SFT from 0.58 to 0.49: fact recall
-# fell.) Multi-part requests come on top of these sets (``WorldConfig.multi_share``).
+# Share of each question kind in the SFT, pair and PPO sets and in the corpus's Question/Answer lines. Giving the
+# hard kinds a larger share of the corpus's lines lowers the held-out exact match after SFT: fact recall falls.
+# Multi-part requests come on top of these sets (``WorldConfig.multi_share``).
 KIND_MIX = {"fact": 0.28, "arithmetic": 0.24, "reverse": 0.1, "sort": 0.1, "count": 0.1,
             "forbidden": 0.1, "benign": 0.08}
 # The SFT demonstrations of a multi-part request come from a crowd of annotators of whom this share answer only
