@@ -59,6 +59,7 @@ from ..train.checkpoint import (capture_rng, load_latest, load_optimizer_state_b
                                 optimizer_state_by_name, restore_rng, save_checkpoint)
 from ..train.loop import MetricsLog, make_optimizer, refuse_existing_checkpoints, seed_everything
 from ..train.schedule import lr_at
+from ..world.build import load_world
 from .common import deep_merge, start_run, train_config
 from .sft import add_stage_args, stage_recipe
 from .reward import RewardModel, right_pad
@@ -229,7 +230,6 @@ def make_scorer(reward, recipe: dict, data, prompts: list[dict], device) -> Scor
     if not reward:
         raise LLMLabError(NO_REWARD)
     if reward == "world":
-        from ..world.build import load_world
         folder = recipe["reward"].get("world")
         if not folder and (Path(data).parent / "world.json").is_file():
             folder = Path(data).parent
