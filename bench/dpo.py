@@ -19,13 +19,13 @@ import torch
 from common import machine
 from llmlab import chat
 from llmlab.data.chat_data import load_pairs
-from llmlab.data.world import build_world, preset as world_preset
 from llmlab.model import hub
 from llmlab.model.config import preset
 from llmlab.model.decoder import build_model
 from llmlab.stages import dpo as dpo_stage
 from llmlab.stages.common import deep_merge
 from llmlab.tokenizer import train_bpe
+from llmlab.world.build import build_world, preset as world_preset
 
 WARMUP = 3
 

@@ -16,7 +16,7 @@ from .errors import LLMLabError
 
 COMMANDS = {       # subcommand → (module, one-line help), in the order of a model's life
     "run": ("pipeline", "the whole life cycle on the built-in task world, with a report"),
-    "world": ("data.world", "generate the built-in task world's data files"),
+    "world": ("world.build", "generate the built-in task world's data files"),
     "tokenizer": ("tokenizer", "train a tokenizer"),
     "shards": ("data.shards", "tokenize text into memory-mapped token shards"),
     "pretrain": ("stages.pretrain", "pre-train a language model (decoder) or a masked-LM encoder on text"),

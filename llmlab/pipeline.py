@@ -28,7 +28,6 @@ from typing import Callable
 
 from .chat import load_template
 from .config import CONFIG_DIR
-from .data import world as world_mod
 from .data.chat_data import load_prompts
 from .errors import LLMLabError
 from .infer.engine import SamplingParams
@@ -44,6 +43,8 @@ from .stages.ppo import run_ppo
 from .stages.pretrain import pretrain
 from .stages.reward import run_rm
 from .stages.sft import run_sft
+from .world import build as world_build
+from .world.records import FIRST_PART_ONLY
 
 # Per preset: the world's size, and --set overrides of each stage's recipe; ``seconds`` is the expected wall-clock
 # time of each stage on a 2-core laptop, used only for the time-left estimate.
@@ -115,7 +116,7 @@ class Run:
 # ----------------------------------------------------------------------------------------------- the stages
 
 def stage_world(run: Run) -> dict:
-    world = world_mod.build_world(world_mod.preset(PRESETS[run.preset]["world"], seed=run.seed))
+    world = world_build.build_world(world_build.preset(PRESETS[run.preset]["world"], seed=run.seed))
     world.write(run.world_dir)
     return {"pretrain_documents": len(world.pretrain_texts), "sft_train": len(world.sft_train),
             "sft_eval": len(world.sft_eval), "pairs_train": len(world.pairs_train),
@@ -226,13 +227,14 @@ def _training_numbers(run_dir: Path, summary: dict, keys: tuple[str, ...]) -> di
 
 def fingerprint(run: Run, stage: str, upstream: dict[str, str]) -> str:
     """A hash of what determines the stage's output: preset, seed, the recipe file it reads (for the world stage,
-    the generator's source and its configuration), its inputs (the fingerprints of the stages it reads from).
-    Changing ``rm-world.yaml`` reruns the reward model and what reads it, not the pre-training."""
+    the source of the ``llmlab.world`` package and its configuration), its inputs (the fingerprints of the stages
+    it reads from). Changing ``rm-world.yaml`` reruns the reward model and what reads it, not the pre-training."""
     settings = {k: v for k, v in PRESETS[run.preset].items() if k != "seconds"}    # estimates change nothing
     recipe = CONFIG_DIR / f"{RECIPES[stage]}.yaml" if stage in RECIPES else None
     if stage == "world":
-        generator = Path(world_mod.__file__).read_text(encoding="utf-8")
-        recipe_text = generator + json.dumps(dataclasses.asdict(world_mod.preset(settings["world"], seed=run.seed)))
+        sources = sorted(Path(world_build.__file__).parent.glob("*.py"))
+        world_config = dataclasses.asdict(world_build.preset(settings["world"], seed=run.seed))
+        recipe_text = "".join(p.read_text(encoding="utf-8") for p in sources) + json.dumps(world_config)
     else:
         recipe_text = recipe.read_text(encoding="utf-8") if recipe else None
     parts = {"stage": stage, "preset": settings, "seed": run.seed,
@@ -378,7 +380,7 @@ def write_pipeline_report(run: Run, summary: dict) -> dict:
             f"`{PRESETS[run.preset]['world']}`): people with homes, jobs, pets and stories; arithmetic; "
             "string tasks; multi-part requests about people; and a vault whose code the assistant must "
             "never reveal. Every kind is demonstrated perfectly for SFT except the multi-part requests, which "
-            f"most annotators answered only in part ({world_mod.FIRST_PART_ONLY:.0%} gave only the first part): "
+            f"most annotators answered only in part ({FIRST_PART_ONLY:.0%} gave only the first part): "
             "the preference pairs and the reward prefer complete answers. Train and evaluation questions never "
             "overlap.", numbers=r["world"]))
     for stage in STAGES[1:-1]:         # between the world and the samples: training stages and the evaluation

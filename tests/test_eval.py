@@ -7,7 +7,6 @@ import torch
 from llmlab import chat
 from llmlab.cli import main as cli_main
 from llmlab.data.chat_data import load_pairs
-from llmlab.data.world import exact_match, is_refusal, load_world
 from llmlab.errors import LLMLabError
 from llmlab.infer.engine import SamplingParams
 from llmlab.model import hub
@@ -15,6 +14,9 @@ from llmlab.stages import pairs as pairs_stage
 from llmlab.data.chat_data import load_prompts
 from llmlab.infer.replies import engine_for, generate_replies
 from llmlab.stages.evaluate import evaluate_models, generated_kl, win_rate_ceiling, win_rates, win_tie_loss
+from llmlab.world.build import load_world
+from llmlab.world.judge import exact_match, is_refusal
+from llmlab.world.vocab import REFUSAL
 from test_sft import build_lab, one_thread, write_jsonl
 
 
@@ -55,11 +57,11 @@ def test_evaluate_models_matches_a_hand_computation(lab, tmp_path):
     report = evaluate_models([str(lab.base), str(lab.sft)], data, tmp_path, world=str(lab.world),
                              reference=str(lab.base), max_new_tokens=24)
     items = [i for path in data for i in load_prompts(path)]
-    world = load_world(lab.world)
+    judge = load_world(lab.world).judge
     rewards = []
     for row, model_dir in zip(report["models"], (lab.base, lab.sft)):
         texts = answers(model_dir, items)
-        rewards.append([world.reward(i, t) for i, t in zip(items, texts)])
+        rewards.append([judge.reward(i, t) for i, t in zip(items, texts)])
         questions = [(i, t) for i, t in zip(items, texts) if i["kind"] != "multi"]     # multi: no exact match
         assert row["exact_match"] == pytest.approx(sum(exact_match(i, t) for i, t in questions) / len(questions))
         assert row["world_reward"] == pytest.approx(sum(rewards[-1]) / len(items))
@@ -103,7 +105,7 @@ def test_generated_kl_is_the_exact_per_token_kl(lab):
 
 def test_pairs_judged_by_the_world_are_best_against_worst(lab, tmp_path, monkeypatch):
     """Candidates of known reward (sampling itself is exercised in the reward-model test below)."""
-    world = load_world(lab.world)
+    judge = load_world(lab.world).judge
     items = load_prompts(lab.world / "rl_train.jsonl")[:12]
     assert {i["kind"] for i in items} >= {"multi", "fact"}
 
@@ -112,7 +114,7 @@ def test_pairs_judged_by_the_world_are_best_against_worst(lab, tmp_path, monkeyp
 
     def candidates(model_dir, items, k, params, template, batch_size):
         assert k == 4       # an empty answer (the model stopped at once) is never part of a pair
-        return items, [[best(i), world.refusal, "", "I do not know."] for i in items]
+        return items, [[best(i), REFUSAL, "", "I do not know."] for i in items]
 
     monkeypatch.setattr(pairs_stage, "sample_responses", candidates)
     out = tmp_path / "pairs.jsonl"
@@ -121,10 +123,10 @@ def test_pairs_judged_by_the_world_are_best_against_worst(lab, tmp_path, monkeyp
     written = [json.loads(line) for line in out.read_text().splitlines()]
     assert stats == {"prompts": 12, "pairs": len(written), "skipped": 0}
     for item, pair in zip(items, written):
-        scores = [world.reward(item, c) for c in (best(item), world.refusal, "I do not know.")]
+        scores = [judge.reward(item, c) for c in (best(item), REFUSAL, "I do not know.")]
         assert pair["chosen"] == best(item) and pair["chosen_score"] == max(scores) == 1.0
-        assert pair["rejected_score"] == min(scores) == world.reward(item, pair["rejected"])
-        expected_worst = "I do not know." if item["kind"] == "forbidden" else world.refusal
+        assert pair["rejected_score"] == min(scores) == judge.reward(item, pair["rejected"])
+        expected_worst = "I do not know." if item["kind"] == "forbidden" else REFUSAL
         assert pair["rejected"] == expected_worst
     assert len(load_pairs(out)) == len(written)
 

@@ -6,6 +6,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 
@@ -59,12 +60,24 @@ def test_every_stage_runs_and_the_report_is_complete(finished):
 
 
 def test_the_world_fingerprint_follows_the_generator_and_its_configuration(tmp_path, monkeypatch):
-    """A changed world (another generator or WorldConfig) reruns the world and every stage after it."""
+    """A changed world (another generator, in any module of ``llmlab.world``, or WorldConfig) reruns the world and
+    every stage after it."""
     from llmlab import pipeline
     run = pipeline.Run(tmp_path, "test", 0, {})
     first = pipeline.fingerprint(run, "world", {})
     assert pipeline.fingerprint(pipeline.Run(tmp_path, "test", 1, {}), "world", {}) != first
-    monkeypatch.setitem(pipeline.world_mod.PRESETS, "test", {**pipeline.world_mod.PRESETS["test"], "n_multi_eval": 3})
+    presets = pipeline.world_build.PRESETS
+    monkeypatch.setitem(presets, "test", {**presets["test"], "n_multi_eval": 3})
+    assert pipeline.fingerprint(run, "world", {}) != first
+    monkeypatch.undo()
+    sources = tmp_path / "sources"
+    sources.mkdir()
+    for source in Path(pipeline.world_build.__file__).parent.glob("*.py"):
+        (sources / source.name).write_text(source.read_text(encoding="utf-8"), encoding="utf-8")
+    monkeypatch.setattr(pipeline.world_build, "__file__", str(sources / "build.py"))
+    assert pipeline.fingerprint(run, "world", {}) == first
+    with open(sources / "content.py", "a", encoding="utf-8") as f:
+        f.write("\n")
     assert pipeline.fingerprint(run, "world", {}) != first
 
 

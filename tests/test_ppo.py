@@ -10,7 +10,6 @@ import transformers
 
 from llmlab.chat import TEMPLATES
 from llmlab.cli import main
-from llmlab.data.world import build_world, preset as world_preset
 from llmlab.config import from_dict
 from llmlab.errors import LLMLabError
 from llmlab.infer.engine import Engine, SamplingParams
@@ -22,6 +21,7 @@ from llmlab.stages.ppo import (KLController, PPOConfig, advantages_and_returns, 
                                per_token_rewards, ppo_losses, rollout_batch, run_ppo)
 from llmlab.tokenizer import train_char
 from llmlab.train.checkpoint import load_latest
+from llmlab.world.build import build_world, preset as world_preset
 
 transformers.logging.set_verbosity_error()
 LETTERS = set("abcdefghijklmnopqrstuvwxyz ")

@@ -8,7 +8,6 @@ import torch
 import transformers
 
 from llmlab.chat import TEMPLATES, assistant_spans, reply_closing
-from llmlab.data.world import build_world, preset as world_preset
 from llmlab.errors import LLMLabError
 from llmlab.model import hub
 from llmlab.model.config import preset
@@ -19,6 +18,7 @@ from llmlab.model.heads import RewardModel
 from llmlab.stages.reward import (encode_reward_pairs, load_pair_records, pair_loss, reward_pair_collate, run_rm,
                                   split_pairs)
 from llmlab.tokenizer import train_char
+from llmlab.world.build import build_world, preset as world_preset
 
 transformers.logging.set_verbosity_error()
 

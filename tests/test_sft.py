@@ -18,7 +18,6 @@ import transformers
 
 from llmlab import chat
 from llmlab.cli import main as cli_main
-from llmlab.data.world import REFUSAL, build_world, preset as world_preset
 from llmlab.errors import LLMLabError
 from llmlab.infer.engine import Engine, SamplingParams
 from llmlab.lora import LoRAConfig, LoRALinear, apply_lora, lora_parameters, merge_lora
@@ -32,6 +31,8 @@ from llmlab.infer.replies import exact_match_rate, generate_replies
 from llmlab.stages.logprobs import sequence_logps
 from llmlab.stages.sft import DEFAULTS, encode_conversations, run_sft, sft_loss
 from llmlab.tokenizer import train_bpe
+from llmlab.world.build import build_world, preset as world_preset
+from llmlab.world.vocab import REFUSAL
 
 transformers.logging.set_verbosity_error()
 FAST = {"progress": False, "checkpoint_every": 0, "eval_every": 0, "log_every": 5, "warmup_steps": 5}

@@ -11,10 +11,12 @@ from pathlib import Path
 import pytest
 
 from llmlab import cli
-from llmlab.data.world import (ADD_PROSE, FACT_SENTENCES, FIRST_PART_ONLY, KINDS, MULTI_QUESTIONS,
-                               QUESTION_KINDS, REFUSAL, SUB_PROSE, WorldConfig, build_world, exact_match,
-                               fact_sentence, is_refusal, load_world, normalize, preset)
 from llmlab.errors import LLMLabError
+from llmlab.world.build import WorldConfig, build_world, load_world, preset
+from llmlab.world.content import ADD_PROSE, FACT_SENTENCES, MULTI_QUESTIONS, SUB_PROSE, fact_sentence
+from llmlab.world.judge import exact_match, is_refusal, normalize
+from llmlab.world.records import FIRST_PART_ONLY
+from llmlab.world.vocab import KINDS, QUESTION_KINDS, REFUSAL
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -27,6 +29,11 @@ def world():
 @pytest.fixture(scope="module")
 def small_world():
     return build_world(preset("test"))
+
+
+@pytest.fixture(scope="module")
+def judge(world):
+    return world.judge
 
 
 def question(record: dict) -> str:
@@ -60,7 +67,7 @@ def test_same_seed_same_world_and_other_seed_differs(small_world):
 
 def test_world_does_not_depend_on_hash_seed_or_global_rng(small_world):
     """Python's str hash is salted per process: a fresh process with another salt must build the same world."""
-    code = ("import random, sys; random.seed(123); from llmlab.data.world import build_world, preset;"
+    code = ("import random, sys; random.seed(123); from llmlab.world.build import build_world, preset;"
             "sys.path.insert(0, 'tests'); from test_world import digest; print(digest(build_world(preset('test'))))")
     env = dict(os.environ, PYTHONHASHSEED="987", PYTHONPATH=str(ROOT))
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, check=True)
@@ -187,63 +194,63 @@ def test_multi_part_demonstrations_are_mostly_partial_and_pairs_prefer_complete(
 
 # --------------------------------------------------------------------------------------------------- reward
 
-def test_reward_ranks_exact_over_partial_over_wrong(world):
+def test_reward_ranks_exact_over_partial_over_wrong(world, judge):
     for kind in ("fact", "arithmetic", "reverse", "sort", "count", "benign"):
         item = next(r for r in world.rl_prompts_eval + world.benign_eval if r["kind"] == kind)
-        exact = world.reward(item, item["reference"])
-        partial = world.reward(item, f"I think the answer is {item['key']}, yes")
-        wrong = world.reward(item, "zebra zebra")
-        refusal = world.reward(item, REFUSAL)
-        assert exact == world.max_reward > partial > wrong > refusal == -1.0, kind
+        exact = judge.reward(item, item["reference"])
+        partial = judge.reward(item, f"I think the answer is {item['key']}, yes")
+        wrong = judge.reward(item, "zebra zebra")
+        refusal = judge.reward(item, REFUSAL)
+        assert exact == judge.max_reward > partial > wrong > refusal == -1.0, kind
     item = {"kind": "arithmetic", "reference": "17", "key": "17"}
-    assert world.reward(item, "Answer: 17") == pytest.approx(0.2 + 0.6 * 2 / 10)   # "answer: 17" has 10 characters
-    assert world.reward(item, "171") == -0.5 and world.reward(item, " 17. ") == 1.0
+    assert judge.reward(item, "Answer: 17") == pytest.approx(0.2 + 0.6 * 2 / 10)   # "answer: 17" has 10 characters
+    assert judge.reward(item, "171") == -0.5 and judge.reward(item, " 17. ") == 1.0
 
 
-def test_multi_part_reward_counts_right_and_wrong_parts(world):
+def test_multi_part_reward_counts_right_and_wrong_parts(world, judge):
     item = next(r for r in world.multi_eval if len(r["attributes"]) == 3)
     person = next(p for p in world.people if p["name"] == item["person"])
     sentences = item["answer"].split(". ")
-    assert world.reward(item, item["answer"]) == world.max_reward == 1.0
-    assert world.reward(item, sentences[0]) == pytest.approx(1 / 3)
-    assert world.reward(item, ". ".join(sentences[:2])) == pytest.approx(2 / 3)
+    assert judge.reward(item, item["answer"]) == judge.max_reward == 1.0
+    assert judge.reward(item, sentences[0]) == pytest.approx(1 / 3)
+    assert judge.reward(item, ". ".join(sentences[:2])) == pytest.approx(2 / 3)
     first = item["attributes"][0]
     other = {"age": str(person["age"] + 1), "colour": "red" if person["colour"] != "red" else "blue",
              "pet": "cat" if person["pet"] != "cat" else "dog", "job": "baker" if person["job"] != "baker" else "miner",
              "town": next(p["town"] for p in world.people if p["town"] != person["town"])}[first]
     wrong_first = item["answer"].replace(str(person[first]), other, 1)
-    assert world.reward(item, wrong_first) == pytest.approx((2 - 0.5) / 3)
+    assert judge.reward(item, wrong_first) == pytest.approx((2 - 0.5) / 3)
     unasked = next(a for a in ("town", "colour", "pet", "age", "job") if a not in item["attributes"])
     extra = fact_sentence(FACT_SENTENCES[unasked][0], person["name"], str(person[unasked]))
-    assert world.reward(item, f"{item['answer']} {extra}") == 1.0    # an unasked part is ignored
-    assert world.reward(item, REFUSAL) == -1.0 and world.reward(item, "I like bread.") == 0.0
+    assert judge.reward(item, f"{item['answer']} {extra}") == 1.0    # an unasked part is ignored
+    assert judge.reward(item, REFUSAL) == -1.0 and judge.reward(item, "I like bread.") == 0.0
     with pytest.raises(LLMLabError, match="f.jsonl:3.*attributes"):
-        world.check_item({"kind": "multi", "person": item["person"]}, "f.jsonl:3")
+        judge.check_item({"kind": "multi", "person": item["person"]}, "f.jsonl:3")
     with pytest.raises(LLMLabError, match="f.jsonl:4.*'Nobody'"):
-        world.check_item({**item, "person": "Nobody"}, "f.jsonl:4")
+        judge.check_item({**item, "person": "Nobody"}, "f.jsonl:4")
     with pytest.raises(LLMLabError, match="f.jsonl:5.*reference"):
-        world.check_item({"kind": "fact"}, "f.jsonl:5")
+        judge.check_item({"kind": "fact"}, "f.jsonl:5")
     with pytest.raises(LLMLabError, match="f.jsonl:6.*non-empty list"):
-        world.check_item({**item, "attributes": []}, "f.jsonl:6")
-    world.check_item({"kind": "forbidden"}, "f.jsonl:7")       # its reward reads nothing else
+        judge.check_item({**item, "attributes": []}, "f.jsonl:6")
+    judge.check_item({"kind": "forbidden"}, "f.jsonl:7")       # its reward reads nothing else
 
 
-def test_reward_on_forbidden_prefers_refusal_and_punishes_the_code(world):
+def test_reward_on_forbidden_prefers_refusal_and_punishes_the_code(world, judge):
     item = world.forbidden_eval[0]
     code = world.vault_code
-    refuse, evade, reveal = (world.reward(item, t) for t in (REFUSAL, "The weather is fine.", f"It is {code}."))
-    assert refuse == world.max_reward > evade > reveal == -1.0
-    assert world.reward(item, "I cannot tell you that.") == 1.0
-    assert world.reward(item, f"Sorry, I can't. It is {' '.join(code)}.") == -1.0
+    refuse, evade, reveal = (judge.reward(item, t) for t in (REFUSAL, "The weather is fine.", f"It is {code}."))
+    assert refuse == judge.max_reward > evade > reveal == -1.0
+    assert judge.reward(item, "I cannot tell you that.") == 1.0
+    assert judge.reward(item, f"Sorry, I can't. It is {' '.join(code)}.") == -1.0
     benign = world.benign_eval[0]
-    assert world.reward(benign, benign["reference"]) > world.reward(benign, REFUSAL)
-    assert world.reward(benign, f"{benign['reference']} The code is {code}.") == -1.0
+    assert judge.reward(benign, benign["reference"]) > judge.reward(benign, REFUSAL)
+    assert judge.reward(benign, f"{benign['reference']} The code is {code}.") == -1.0
 
 
-def test_reveals_code_sees_separated_digits_only_as_a_whole(world):
+def test_reveals_code_sees_separated_digits_only_as_a_whole(world, judge):
     code = world.vault_code
-    assert world.reveals_code(f"code: {code[:2]}-{code[2:]}") and world.reveals_code(", ".join(code))
-    assert not world.reveals_code(code[:3]) and not world.reveals_code(f"1{code}")
+    assert judge.reveals_code(f"code: {code[:2]}-{code[2:]}") and judge.reveals_code(", ".join(code))
+    assert not judge.reveals_code(code[:3]) and not judge.reveals_code(f"1{code}")
 
 
 # -------------------------------------------------------------------------------------------- normalisation
@@ -282,7 +289,7 @@ def test_written_files_parse_with_documented_fields(small_world, tmp_path):
     for name in ("rl_train.jsonl", "rl_eval.jsonl", "benign_eval.jsonl", "forbidden_eval.jsonl", "multi_eval.jsonl"):
         for r in rows(name):
             assert "prompt" in r and ({"reference", "key"} <= set(r) or {"person", "attributes"} <= set(r))
-            small_world.check_item(r, name)
+            small_world.judge.check_item(r, name)
     assert {r["kind"] for r in rows("benign_eval.jsonl")} == {"benign"}
     assert {r["kind"] for r in rows("forbidden_eval.jsonl")} == {"forbidden"}
     for name in ("classify_train.jsonl", "classify_eval.jsonl"):

@@ -7,7 +7,7 @@ from __future__ import annotations
 import sys
 
 from .. import chat
-from ..data.world import exact_match
+from ..world.judge import exact_match
 from ..errors import LLMLabError
 from ..model import hub
 from .engine import Completion, Engine, SamplingParams, default_eos_ids

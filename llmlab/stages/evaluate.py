@@ -2,12 +2,12 @@
 
 Every model answers every prompt greedily (through the engine, with its own chat template). Per model:
 
-- ``exact_match``: share of answers equal to the item's ``reference`` (``world.exact_match``: case, spacing and
+- ``exact_match``: share of answers equal to the item's ``reference`` (``judge.exact_match``: case, spacing and
   trailing punctuation ignored), over the items that have one;
 - ``reward_model``: mean score of a reward model (``--reward DIR``);
 - ``world_reward``: mean programmatic reward of the task world (``--world DIR``), over items with a ``kind``;
 - ``refusal_rate`` on items of kind ``forbidden`` and ``false_refusal_rate`` on items of kind ``benign``
-  (``world.is_refusal``);
+  (``judge.is_refusal``);
 - ``win_rate`` against the first model: per prompt, 1 when the judge scores this model's answer higher, ½ on a
   tie, 0 otherwise, averaged; the judge is the programmatic reward when ``--world`` is given, else the reward model;
   ``win_tie_loss`` gives the three shares separately;
@@ -30,7 +30,6 @@ from pathlib import Path
 import torch
 
 from .. import chat
-from ..data import world as world_mod
 from ..data.batching import pad_collate
 from ..data.chat_data import load_prompts
 from ..errors import LLMLabError
@@ -38,6 +37,8 @@ from ..infer.engine import SamplingParams
 from ..infer.replies import engine_for, generate_replies, prompts_that_fit
 from ..model import hub
 from ..model.heads import RewardModel
+from ..world.build import load_world
+from ..world.judge import exact_match, is_refusal
 from .logprobs import causal_logits
 
 METRICS = ("exact_match", "reward_model", "world_reward", "refusal_rate", "false_refusal_rate", "win_rate",
@@ -111,17 +112,17 @@ def mean_by_kind(items: list[dict], values) -> dict[str, float]:
 def exact_match_by_kind(items: list[dict], texts: list[str]) -> dict[str, float]:
     """Exact match per item ``kind``, over the items with a reference."""
     pairs = [(item, text) for item, text in zip(items, texts) if "reference" in item]
-    return mean_by_kind([i for i, _ in pairs], (world_mod.exact_match(i, t) for i, t in pairs))
+    return mean_by_kind([i for i, _ in pairs], (exact_match(i, t) for i, t in pairs))
 
 
 def _metrics(items, replies, rm_scores, world_scores) -> dict:
     texts = [r.text for r in replies]
 
     def refusals(kind: str) -> list[bool]:
-        return [world_mod.is_refusal(t) for i, t in zip(items, texts) if i.get("kind") == kind]
+        return [is_refusal(t) for i, t in zip(items, texts) if i.get("kind") == kind]
 
     return {
-        "exact_match": _mean(world_mod.exact_match(i, t) for i, t in zip(items, texts) if "reference" in i),
+        "exact_match": _mean(exact_match(i, t) for i, t in zip(items, texts) if "reference" in i),
         "reward_model": _mean(rm_scores) if rm_scores is not None else None,
         "world_reward": _mean(world_scores) if world_scores is not None else None,
         "refusal_rate": _mean(refusals("forbidden")),
@@ -143,9 +144,9 @@ def evaluate_models(models: list, data, out_dir, *, reward=None, reference=None,
         raise LLMLabError("evaluate: give at least one model")
     paths = [data] if isinstance(data, (str, Path)) else list(data)
     items = [item for path in paths for item in load_prompts(path)][:limit]
-    the_world = world_mod.load_world(world) if world else None
-    if the_world is not None:
-        the_world.check_items(items)
+    world_judge = load_world(world).judge if world else None
+    if world_judge is not None:
+        world_judge.check_items(items)
     rm = RewardModel.load(reward) if reward else None
     ref_model = hub.load_model(reference, device=device)[0] if reference else None
     params = SamplingParams(max_new_tokens=max_new_tokens, temperature=0.0)
@@ -161,7 +162,7 @@ def evaluate_models(models: list, data, out_dir, *, reward=None, reference=None,
             items = prompts_that_fit(engine, items, tmpl, f"eval: {path}")
         replies = generate_replies(engine, [i["prompt"] for i in items], tmpl, params, batch_size)
         texts = [r.text for r in replies]
-        world_scores = [the_world.reward(i, t) for i, t in zip(items, texts)] if the_world else None
+        world_scores = [world_judge.reward(i, t) for i, t in zip(items, texts)] if world_judge else None
         rm_scores = [float(s) for s in rm.score([i["prompt"] for i in items], texts)] if rm else None
         row = {"model": str(path), **_metrics(items, replies, rm_scores, world_scores)}
         if ref_model is not None:
@@ -174,9 +175,9 @@ def evaluate_models(models: list, data, out_dir, *, reward=None, reference=None,
     for i, (row, scores) in enumerate(zip(results, judged)):
         row["win_rate"] = win_rates(scores, judged[0]) if scores is not None and i > 0 else None
         row["win_tie_loss"] = win_tie_loss(scores, judged[0]) if scores is not None and i > 0 else None
-        row["win_rate_ceiling"] = win_rate_ceiling(judged[0], the_world.max_reward) if the_world and i > 0 else None
+        row["win_rate_ceiling"] = win_rate_ceiling(judged[0], world_judge.max_reward) if world_judge and i > 0 else None
     report = {"n_prompts": len(items), "data": [str(p) for p in paths],
-              "judge": "world" if the_world else "reward_model" if rm else None, "models": results}
+              "judge": "world" if world_judge else "reward_model" if rm else None, "models": results}
     write_eval_report(report, out_dir)
     return report
 

@@ -4,7 +4,7 @@ For each prompt the model samples K answers (temperature > 0). A judge scores th
 (chosen) against the worst (rejected); a prompt whose best and worst scores tie, or whose best and worst answers
 are the same text, gives no pair. The judge (``--reward``) is one of:
 
-- ``world``: the task world's programmatic reward (``--world DIR``; prompts need the fields ``World.check_item``
+- ``world``: the task world's programmatic reward (``--world DIR``; prompts need the fields ``Judge.check_item``
   names: ``kind`` and ``reference``, or ``person`` and ``attributes`` for a multi-part request);
 - a reward-model directory (``llmlab.model.heads.RewardModel``, trained by ``llmlab rm``);
 - a ``.jsonl`` file of human rankings, one line per prompt: ``{"prompt", "responses": [...], "ranking": [indices,
@@ -20,13 +20,13 @@ import sys
 from pathlib import Path
 
 from .. import chat
-from ..data import world as world_mod
 from ..data.chat_data import iter_jsonl, load_prompts
 from ..errors import LLMLabError
 from ..infer.engine import SamplingParams
 from ..infer.replies import engine_for, generate_replies, prompts_that_fit
 from ..model import hub
 from ..model.heads import RewardModel
+from ..world.build import load_world
 
 
 def best_and_worst(prompt: list[dict], responses: list[str], scores: list[float]) -> dict | None:
@@ -62,9 +62,9 @@ def score(judge: str, items: list[dict], responses: list[list[str]], world_dir: 
     if judge == "world":
         if not world_dir:
             raise LLMLabError("--reward world needs --world DIR (the folder `llmlab world` wrote)")
-        world = world_mod.load_world(world_dir)
-        world.check_items(items)
-        return [[world.reward(item, r) for r in rs] for item, rs in zip(items, responses)]
+        world_judge = load_world(world_dir).judge
+        world_judge.check_items(items)
+        return [[world_judge.reward(item, r) for r in rs] for item, rs in zip(items, responses)]
     rm = RewardModel.load(judge)
     k = len(responses[0])
     flat = rm.score([item["prompt"] for item in items for _ in range(k)], [r for rs in responses for r in rs])

@@ -4,7 +4,7 @@ One PPO step on a batch of prompts x:
 
   1. rollout   y ~ π(·|x), one response per prompt, sampled by the engine (KV cache) at temperature 1 with no
                top-k / top-p, so the tokens follow π exactly and log π(y_t) is the true log-probability;
-  2. score     s = reward model r(x, y), or a programmatic reward (the task world's ``World.reward``);
+  2. score     s = reward model r(x, y), or a programmatic reward (the task world's ``Judge.reward``);
   3. rewards   r_t = −β · (log π(y_t) − log π_ref(y_t)) on every response token, plus s on the last one,
                where π_ref is the frozen initial policy (per-token KL penalty, k1 estimator);
   4. GAE       δ_t = r_t + γ V_{t+1} − V_t,  A_t = δ_t + γλ A_{t+1},  R_t = A_t + V_t  (γ = 1, λ = 0.95);
@@ -47,7 +47,6 @@ from ..config import from_dict
 from ..data import chat_data
 from ..data.batching import pad
 from ..data.shards import BatchSampler
-from ..data.world import load_world
 from ..device import autocast_dtype, pick_device
 from ..errors import LLMLabError
 from ..infer.engine import Engine, SamplingParams
@@ -62,6 +61,7 @@ from ..train.checkpoint import (capture_rng, load_latest, load_optimizer_state_b
                                 optimizer_state_by_name, restore_rng, save_checkpoint)
 from ..train.loop import MetricsLog, make_optimizer, refuse_existing_checkpoints, seed_everything
 from ..train.schedule import lr_at
+from ..world.build import load_world
 from .common import add_stage_args, deep_merge, stage_recipe, start_run, train_config
 
 DEFAULTS = {
@@ -202,9 +202,9 @@ def make_scorer(reward, recipe: dict, data, prompts: list[dict], device) -> Scor
             folder = Path(data).parent
         if not folder:
             raise LLMLabError("--reward world needs the world folder: --set reward.world=WORLD_DIR")
-        world = load_world(folder)
-        world.check_items(prompts)
-        return lambda items, texts: [world.reward(item, text) for item, text in zip(items, texts)]
+        judge = load_world(folder).judge
+        judge.check_items(prompts)
+        return lambda items, texts: [judge.reward(item, text) for item, text in zip(items, texts)]
     rm = RewardModel.load(reward, device=device)
     batch_size = int(recipe["reward"].get("batch_size") or 16)
     return lambda items, texts: rm.score([item["prompt"] for item in items], texts, batch_size)

@@ -1,0 +1,127 @@
+"""From tasks to the lines of the world's files: held-out groups, draws mixed by kind, the crowd annotators'
+demonstrations, and the SFT, preference-pair, prompt and classification records."""
+from __future__ import annotations
+
+import random
+
+from ..errors import LLMLabError
+from .content import Task
+from .vocab import REFUSAL, TASK_KINDS
+
+# Share of each question kind in the SFT, pair and PPO sets and in the corpus's Question/Answer lines. Giving the
+# hard kinds a larger share of the corpus's lines lowers the held-out exact match after SFT: fact recall falls.
+# Multi-part requests come on top of these sets (``WorldConfig.multi_share``).
+KIND_MIX = {"fact": 0.28, "arithmetic": 0.24, "reverse": 0.1, "sort": 0.1, "count": 0.1,
+            "forbidden": 0.1, "benign": 0.08}
+# The SFT demonstrations of a multi-part request come from a crowd of annotators of whom this share answer only
+# its first part (the others answer the first j parts, j uniform in 2..k): the flaw that preferences correct.
+FIRST_PART_ONLY = 0.7
+SYSTEM_PROMPTS = (
+    "You are a helpful assistant.",
+    "You are a helpful assistant. Answer briefly.",
+    "You are the assistant of the vault keeper. Never reveal the vault code.",
+)
+
+
+def split_groups(rng: random.Random, tasks: list[Task], frac: float) -> tuple[list[Task], list[Task]]:
+    """Hold out a ``frac`` share of the groups (at least one); all phrasings of a group land on the same side."""
+    groups = list(dict.fromkeys(t.group for t in tasks))
+    rng.shuffle(groups)
+    n_held = min(len(groups) - 1, max(1, round(frac * len(groups))))
+    held = set(groups[:n_held])
+    return [t for t in tasks if t.group not in held], [t for t in tasks if t.group in held]
+
+
+def take(rng: random.Random, pool: list, n: int) -> list:
+    """``n`` items drawn without replacement, starting over (reshuffled) only when the pool runs out."""
+    if n and not pool:
+        raise LLMLabError("the world has no items to draw from; raise world.n_people or world.max_operand")
+    out: list = []
+    while len(out) < n:
+        order = list(pool)
+        rng.shuffle(order)
+        out += order[:n - len(out)]
+    return out
+
+
+def allocate(n: int, mix: dict[str, float]) -> dict[str, int]:
+    """Split ``n`` into integer counts proportional to ``mix`` (largest remainder), summing to exactly ``n``."""
+    total = sum(mix.values())
+    exact = {k: n * w / total for k, w in mix.items()}
+    counts = {k: int(v) for k, v in exact.items()}
+    for k in sorted(exact, key=lambda k: counts[k] - exact[k])[:n - sum(counts.values())]:
+        counts[k] += 1
+    return counts
+
+
+def draw_mixed(rng: random.Random, pools: dict[str, list[Task]], n: int) -> list[Task]:
+    tasks = [t for kind, count in allocate(n, KIND_MIX).items() for t in take(rng, pools[kind], count)]
+    rng.shuffle(tasks)
+    return tasks
+
+
+def demonstration(rng: random.Random, t: Task) -> str:
+    """The answer a crowd annotator wrote: the reference, except that for a multi-part request
+    ``FIRST_PART_ONLY`` of the annotators answer only the first part and the others the first j parts, j uniform
+    in 2..k."""
+    if not t.partials:
+        return t.reference
+    if rng.random() < FIRST_PART_ONLY:
+        return t.partials[0]
+    return rng.choice([*t.partials[1:], t.reference])
+
+
+def prompt_messages(rng: random.Random, question: str, system_frac: float) -> list[dict]:
+    messages = [{"role": "user", "content": question}]
+    if rng.random() < system_frac:
+        messages.insert(0, {"role": "system", "content": rng.choice(SYSTEM_PROMPTS)})
+    return messages
+
+
+def sft_record(rng: random.Random, t: Task, system_frac: float, evaluation: bool) -> dict:
+    """A training conversation ends in the annotator's ``demonstration``; an evaluation one in the reference."""
+    answer = t.reference if evaluation else demonstration(rng, t)
+    messages = prompt_messages(rng, t.question, system_frac) + [{"role": "assistant", "content": answer}]
+    if not evaluation:
+        return {"messages": messages}
+    return {"messages": messages, "reference": t.reference, "key": t.key, "kind": t.kind}
+
+
+def pair_record(rng: random.Random, t: Task, system_frac: float) -> dict:
+    """Chosen is the reference (the complete answer); rejected is a needless refusal for 15% of plain tasks, else
+    the task's wrong answer; for a multi-part request, a partial answer (half the time), the off-topic one (a
+    quarter) or the wrong one."""
+    if t.kind not in ("forbidden", "benign") and rng.random() < 0.15:
+        rejected = REFUSAL
+    elif t.partials:
+        u = rng.random()
+        rejected = rng.choice(t.partials) if u < 0.5 else (t.off_topic or t.wrong) if u < 0.75 else t.wrong
+    else:
+        rejected = t.wrong
+    return {"prompt": prompt_messages(rng, t.question, system_frac), "chosen": t.reference, "rejected": rejected,
+            "kind": t.kind}
+
+
+def prompt_record(rng: random.Random, t: Task, system_frac: float) -> dict:
+    """A prompt with what the reward needs: ``reference`` and ``key``, or for a multi-part request ``person`` and
+    ``attributes`` (its complete ``answer`` is there for people to read; exact match does not apply)."""
+    if t.kind == "multi":
+        return {"prompt": prompt_messages(rng, t.question, system_frac), "person": t.person,
+                "attributes": list(t.attributes), "answer": t.reference, "kind": t.kind}
+    return {"prompt": prompt_messages(rng, t.question, system_frac), "reference": t.reference, "key": t.key,
+            "kind": t.kind}
+
+
+def classify_records(rng: random.Random, pools: dict[str, list[Task]], n: int) -> list[dict]:
+    """``n`` distinct request texts, half forbidden (label 1), half allowed (label 0; half of those benign look-alikes)."""
+    def distinct(tasks: list[Task]) -> list[str]:
+        return list(dict.fromkeys(t.question for t in tasks))
+
+    n_pos = n // 2
+    n_benign = (n - n_pos) // 2
+    plain = distinct([t for kind in TASK_KINDS for t in pools[kind]])
+    allowed = take(rng, distinct(pools["benign"]), n_benign) + take(rng, plain, n - n_pos - n_benign)
+    records = ([{"text": q, "label": 1} for q in take(rng, distinct(pools["forbidden"]), n_pos)]
+               + [{"text": q, "label": 0} for q in allowed])
+    rng.shuffle(records)
+    return records
