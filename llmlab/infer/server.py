@@ -221,7 +221,8 @@ class Server:
         for i, (prompt, budget) in enumerate(zip(prompts, budgets)):
             for c in range(body.n):
                 index = i * body.n + c
-                sink = (lambda ev, index=index: loop.call_soon_threadsafe(queue.put_nowait, (index, ev)))
+                def sink(ev, index=index):
+                    loop.call_soon_threadsafe(queue.put_nowait, (index, ev))
                 seqs.append(self.batcher.submit(prompt, body.sampling(budget, extra_stops, c), sink))
         return seqs, queue
 
