@@ -35,6 +35,7 @@ from typing import Callable
 
 import torch
 
+from ..data.batching import pad
 from .engine import Engine, OurLM, SamplingParams, TextStream, next_tokens
 
 log = logging.getLogger(__name__)
@@ -66,13 +67,8 @@ class Sequence:
 
 
 def left_pad(rows: list[list[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
-    """(ids, mask), each (len(rows), longest): every row right-aligned, mask 1 on real tokens."""
-    width = max(len(r) for r in rows)
-    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(rows), width), dtype=torch.long)
-    for i, r in enumerate(rows):
-        ids[i, width - len(r):] = torch.tensor(r, dtype=torch.long)
-        mask[i, width - len(r):] = 1
+    """(ids, mask), each (len(rows), longest) on ``device``: every row right-aligned, mask 1 on real tokens."""
+    ids, mask = pad(rows, pad_id, side="left")
     return ids.to(device), mask.to(device)
 
 

@@ -20,6 +20,7 @@ from typing import Iterator
 
 import torch
 
+from ..data.batching import pad
 from ..encoding import encode_text
 from ..errors import LLMLabError
 from .quant import MODES as QUANT_MODES
@@ -313,12 +314,7 @@ class Engine:
         budget = min(params.max_new_tokens, self.context - width)
         if budget <= 0:
             return
-        ids = torch.full((len(prompts), width), self.pad_id, dtype=torch.long)
-        mask = torch.zeros((len(prompts), width), dtype=torch.long)
-        for row, p in enumerate(prompts):
-            ids[row, width - len(p):] = torch.tensor(p)
-            mask[row, width - len(p):] = 1
-        ids, mask = ids.to(self.device), mask.to(self.device)
+        ids, mask = (t.to(self.device) for t in pad(prompts, self.pad_id, side="left"))
         generator = None
         if params.seed is not None:
             generator = torch.Generator(device=self.device).manual_seed(params.seed)
