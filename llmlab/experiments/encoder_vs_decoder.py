@@ -169,7 +169,7 @@ work per token.
 """
 
 
-def write_report(out: Path, rows: dict, samples: dict, prompt: str, positions: int, steps: int, corpus: str) -> Path:
+def write_experiment_report(out: Path, rows: dict, samples: dict, prompt: str, positions: int, steps: int, corpus: str) -> Path:
     ppl = {name: r["ppl"] for name, r in rows.items()}
     bar_chart(ppl, out / "perplexity.png")
     lines = [
@@ -221,7 +221,7 @@ def encoder_vs_decoder(out_dir, *, data: str | None = None, steps: int = 500, se
     rows = {name: {"params": sum(p.numel() for p in model.parameters()), "ppl": perplexity(nll[name]),
                    "val_loss": last_value(out / name, "val_loss"), "ms_per_token": generated[name][1] * 1000}
             for name, model in (("decoder", decoder), ("encoder", encoder))}
-    report = write_report(out, rows, {name: g[0] for name, g in generated.items()},
+    report = write_experiment_report(out, rows, {name: g[0] for name, g in generated.items()},
                           tokenizer.decode(prompt, skip_special_tokens=True), held[:, 1:].numel(), steps, corpus)
     return {"report": str(report), **{f"{name}_ppl": r["ppl"] for name, r in rows.items()}}
 

@@ -411,7 +411,7 @@ def classify_one(model_path: str, data: ClassificationData, recipe: dict, out_di
 
 # ----------------------------------------------------------------------------------------------- report
 
-def write_report(results: list[dict], out_dir: Path, data: ClassificationData) -> None:
+def write_classify_report(results: list[dict], out_dir: Path, data: ClassificationData) -> None:
     """``report.md`` (one row per model) and ``accuracy.png`` (before / zero-shot / after bars per model)."""
     def pct(x):
         return "–" if x is None else f"{100 * x:.1f}%"
@@ -473,7 +473,7 @@ def run_classify(models: list[str], data: str, out_dir, *, config: str | None = 
     taken: set[str] = set()
     results = [classify_one(m, subset, recipe, out / model_slug(m, taken), resume) for m in models]
     if dist.rank() == 0:
-        write_report(results, out, subset)
+        write_classify_report(results, out, subset)
     return {"results": results, "report": str(out / "report.md"), "figure": str(out / "accuracy.png")}
 
 
