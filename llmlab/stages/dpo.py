@@ -34,14 +34,14 @@ from .. import chat
 from ..config import from_dict, to_dict
 from ..device import autocast_dtype
 from ..errors import LLMLabError
+from ..hub.folder import ModelDir
 from ..losses import dpo_loss
 from ..lora import LoRAConfig
 from ..train import dist
 from ..train.loop import refuse_existing_checkpoints, to_device, train
 from .common import disable_dropout, start_run, train_config
-from .sft import (Example, ExampleData, add_stage_args, batches_for, context_of, load_tokenizer_and_template,
-                  load_trainable, pad_collate, pad_id_of, save_trained, sequence_logps, split_heldout,
-                  stage_recipe, truncate)
+from .sft import (Example, ExampleData, add_stage_args, batches_for, context_of, load_trainable, pad_collate,
+                  pad_id_of, save_trained, sequence_logps, split_heldout, stage_recipe, truncate)
 
 REF_FILE = "ref_logps.safetensors"
 DEFAULTS = {
@@ -195,7 +195,8 @@ def run_dpo(model_dir: str, data_path: str, out_dir: str, recipe: dict, *, resum
     lora = from_dict(LoRAConfig, recipe.get("lora"), "lora")
     cfg = train_config(recipe)
     device = dist.init_distributed(cfg.device)[3]
-    tokenizer, template = load_tokenizer_and_template(model_dir, recipe.get("template"))
+    model_dir = ModelDir(model_dir)
+    tokenizer, template = model_dir.tokenizer(), model_dir.template(recipe.get("template"))
     pairs = load_pairs(data_path)
     held_pairs = load_pairs(data.eval_path) if data.eval_path else []
     refuse_existing_checkpoints(out_dir, resume)         # before the reference pass overwrites the run's cache

@@ -33,8 +33,9 @@ from .. import chat
 from ..data import world as world_mod
 from ..data.chat_data import load_prompts
 from ..errors import LLMLabError
+from ..hub.folder import ModelDir
+from ..hub.load import load_model
 from ..infer.engine import Completion, Engine, SamplingParams, default_eos_ids
-from ..model import hub
 from .sft import causal_logits, pad_collate
 
 METRICS = ("exact_match", "reward_model", "world_reward", "refusal_rate", "false_refusal_rate", "win_rate",
@@ -46,7 +47,7 @@ METRICS = ("exact_match", "reward_model", "world_reward", "refusal_rate", "false
 def engine_for(model, tokenizer, template: str) -> Engine:
     """An engine that stops at the model's EOS ids and at the template's end-of-turn token."""
     eos = set(default_eos_ids(model, tokenizer))
-    turn_end = hub.end_of_turn_id(tokenizer, template)
+    turn_end = chat.end_of_turn_id(tokenizer, template)
     if turn_end is not None:
         eos.add(turn_end)
     return Engine(model, tokenizer, eos_token_ids=sorted(eos))
@@ -196,15 +197,14 @@ def evaluate_models(models: list, data, out_dir, *, reward=None, reference=None,
     if the_world is not None:
         the_world.check_items(items)
     rm = load_reward_model(reward) if reward else None
-    ref_model = hub.load_model(reference, device=device)[0] if reference else None
+    ref_model = load_model(reference, device=device) if reference else None
     params = SamplingParams(max_new_tokens=max_new_tokens, temperature=0.0)
 
     results, judged = [], []
     for path in models:
-        model, tokenizer = hub.load_model(path, device=device)
-        if tokenizer is None:
-            raise LLMLabError(f"{path}: no tokenizer in the model folder")
-        tmpl = chat.load_template(path, template)
+        model_dir = ModelDir(path)
+        model, tokenizer = load_model(model_dir, device=device), model_dir.tokenizer()
+        tmpl = model_dir.template(template)
         engine = engine_for(model, tokenizer, tmpl)
         if not results:         # the first model decides which prompts every model answers
             items = prompts_that_fit(engine, items, tmpl, f"eval: {path}")

@@ -23,8 +23,9 @@ from .. import chat
 from ..data import world as world_mod
 from ..data.chat_data import iter_jsonl
 from ..errors import LLMLabError
+from ..hub.folder import ModelDir
+from ..hub.load import load_model
 from ..infer.engine import SamplingParams
-from ..model import hub
 from .evaluate import engine_for, generate_replies, load_prompts, load_reward_model, prompts_that_fit
 
 
@@ -47,8 +48,9 @@ def sample_responses(model_dir: str, items: list[dict], k: int, params: Sampling
     """(the items whose prompt fits the model's context, K sampled answers for each)."""
     if params.temperature <= 0:
         raise LLMLabError("pairs: sampling needs --temperature > 0, else the K answers are identical")
-    model, tokenizer = hub.load_model(model_dir)
-    tmpl = chat.load_template(model_dir, template)
+    model_dir = ModelDir(model_dir)
+    model, tokenizer = load_model(model_dir), model_dir.tokenizer()
+    tmpl = model_dir.template(template)
     engine = engine_for(model, tokenizer, tmpl)
     items = prompts_that_fit(engine, items, tmpl, "pairs")
     prompts = [item["prompt"] for item in items for _ in range(k)]
