@@ -181,9 +181,9 @@ def stage_classify(run: Run) -> dict:
 
 def stage_samples(run: Run) -> dict:
     """Each model's greedy answer to one held-out prompt of every kind."""
-    from .chat import load_template
+    from .hub.folder import ModelDir
+    from .hub.load import load_model
     from .infer.engine import SamplingParams
-    from .model import hub
     from .stages.evaluate import engine_for, generate_replies, load_prompts
     items = [i for path in eval_files(run) for i in load_prompts(path)]
     chosen = [next(i for i in items if i.get("kind") == kind) for kind in SAMPLE_KINDS
@@ -191,9 +191,10 @@ def stage_samples(run: Run) -> dict:
     samples = {"prompts": [i["prompt"][-1]["content"] for i in chosen],
                "references": [i.get("reference", i.get("answer")) for i in chosen]}
     for stage in ("pretrain", "sft", "dpo", "ppo"):
-        model, tokenizer = hub.load_model(run.model(stage))
-        template = load_template(run.model(stage))
-        replies = generate_replies(engine_for(model, tokenizer, template), [i["prompt"] for i in chosen], template,
+        model = ModelDir(run.model(stage))
+        template = model.template()
+        engine = engine_for(load_model(model), model.tokenizer(), template)
+        replies = generate_replies(engine, [i["prompt"] for i in chosen], template,
                                    SamplingParams(max_new_tokens=PRESETS[run.preset]["eval_max_new_tokens"],
                                                   temperature=0.0))
         samples[MODEL_NAMES[stage]] = [r.text for r in replies]
