@@ -60,6 +60,7 @@ class ModelDir:
 
     @cached_property
     def raw_config(self) -> dict:
+        """``config.json`` as a dict, checked by ``read_config_json``."""
         return read_config_json(self.path)
 
     @cached_property
