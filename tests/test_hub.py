@@ -20,6 +20,7 @@ from llmlab.hub.save import save_model
 from llmlab.model.config import preset
 from llmlab.model.decoder import Decoder, build_model
 from llmlab.model.encoder import Encoder
+from conftest import write_tiny_llama_gguf
 
 transformers.logging.set_verbosity_error()
 TOL = 1e-4
@@ -305,52 +306,6 @@ def test_real_minilm_matches_transformers_bert_model():
                                    token_type_ids=batch.token_type_ids)
         ref = theirs(**batch).last_hidden_state
     assert torch.allclose(ours, ref, atol=TOL)
-
-
-def write_tiny_llama_gguf(path: Path) -> None:
-    """A two-layer Llama in float32 GGUF with a byte-level BPE vocabulary (256 bytes + 2 merges + 2 specials)."""
-    import gguf
-    import numpy as np
-    from transformers.convert_slow_tokenizer import bytes_to_unicode
-
-    rng = np.random.default_rng(0)
-    d, ff, n_layer, n_head, n_kv, vocab = 32, 64, 2, 4, 2, 260
-    w = gguf.GGUFWriter(str(path), "llama")
-    w.add_context_length(64)
-    w.add_embedding_length(d)
-    w.add_block_count(n_layer)
-    w.add_feed_forward_length(ff)
-    w.add_head_count(n_head)
-    w.add_head_count_kv(n_kv)
-    w.add_layer_norm_rms_eps(1e-5)
-    w.add_rope_dimension_count(d // n_head)
-    w.add_rope_freq_base(10000.0)
-    w.add_tokenizer_model("gpt2")
-    w.add_token_list(list(bytes_to_unicode().values()) + ["Ġt", "he", "<|bos|>", "<|eos|>"])
-    w.add_token_types([1] * 258 + [3, 3])
-    w.add_token_merges(["Ġ t", "h e"])
-    w.add_bos_token_id(258)
-    w.add_eos_token_id(259)
-
-    def tensor(name, *shape, offset=0.0):
-        w.add_tensor(name, (rng.standard_normal(shape) * 0.2 + offset).astype(np.float32))
-    tensor("token_embd.weight", vocab, d)
-    for i in range(n_layer):
-        tensor(f"blk.{i}.attn_norm.weight", d, offset=1.0)
-        tensor(f"blk.{i}.attn_q.weight", d, d)
-        tensor(f"blk.{i}.attn_k.weight", n_kv * d // n_head, d)
-        tensor(f"blk.{i}.attn_v.weight", n_kv * d // n_head, d)
-        tensor(f"blk.{i}.attn_output.weight", d, d)
-        tensor(f"blk.{i}.ffn_norm.weight", d, offset=1.0)
-        tensor(f"blk.{i}.ffn_gate.weight", ff, d)
-        tensor(f"blk.{i}.ffn_up.weight", ff, d)
-        tensor(f"blk.{i}.ffn_down.weight", d, ff)
-    tensor("output_norm.weight", d, offset=1.0)
-    tensor("output.weight", vocab, d)
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
 
 
 def test_gguf_is_converted_once_into_the_cache(tmp_path, monkeypatch):
