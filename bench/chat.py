@@ -16,9 +16,10 @@ import uvicorn
 from common import machine
 from generate import gemma_gguf
 from llmlab import chat
+from llmlab.hub.folder import ModelDir
+from llmlab.hub.load import load_model
 from llmlab.infer.engine import Engine, SamplingParams
 from llmlab.infer.server import create_app
-from llmlab.model.hub import load_model
 
 PROMPTS = ["What is the capital of France?", "Write one sentence about the sea.", "Name three colours."]
 
@@ -70,7 +71,8 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--screenshot", default=None)
     args = ap.parse_args()
-    model, tokenizer = load_model(gemma_gguf())
+    gemma = ModelDir(gemma_gguf())
+    model, tokenizer = load_model(gemma), gemma.tokenizer()
     template = chat.get_template("gemma")
     eos = sorted({tokenizer.eos_token_id, tokenizer.convert_tokens_to_ids("<end_of_turn>")})
     print(f"machine: {machine()}\n\n| decode | time to first token (s) | decode tok/s |\n|---|---|---|")

@@ -1,7 +1,7 @@
 """Training examples/s of ``llmlab classify`` against ``transformers``' ``Trainer`` on the same model, examples,
 batch size, truncation, learning rate and number of steps, in the same run; test accuracy of both afterwards.
 
-llmlab: our Encoder (the weights imported by model/hub.py), length-bucketed batches, ``llmlab.train.loop.train``.
+llmlab: our Encoder (the weights imported by llmlab/hub), length-bucketed batches, ``llmlab.train.loop.train``.
 Trainer: ``AutoModelForSequenceClassification`` + ``DataCollatorWithPadding`` (dynamic padding, random order, its
 default), and once more with ``train_sampling_strategy="group_by_length"`` (its own length grouping), for reference.
 

@@ -19,7 +19,7 @@ import torch
 from common import machine
 from llmlab import chat
 from llmlab.data.chat_data import load_pairs
-from llmlab.model import hub
+from llmlab.hub.save import save_model
 from llmlab.model.config import preset
 from llmlab.model.decoder import build_model
 from llmlab.stages import dpo as dpo_stage
@@ -37,7 +37,7 @@ def make_model(root: Path) -> Path:
     tokenizer = train_bpe(world.pretrain_texts + [m["content"] for r in world.sft_train for m in r["messages"]], 512)
     torch.manual_seed(0)
     model = build_model(preset("llama", vocab_size=len(tokenizer), n_layer=4, n_head=4, d_model=128, max_seq_len=256))
-    hub.save_model(model, root / "model", tokenizer=tokenizer, chat_template=chat.TEMPLATES["llmlab"])
+    save_model(model, root / "model", tokenizer=tokenizer, chat_template=chat.TEMPLATES["llmlab"])
     return root / "model"
 
 

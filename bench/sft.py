@@ -21,7 +21,7 @@ from common import machine
 from dpo import WARMUP, make_model, step_times
 from llmlab import chat
 from llmlab.data.chat_data import load_conversations
-from llmlab.model import hub
+from llmlab.hub.folder import ModelDir
 from llmlab.stages import sft as sft_stage
 from llmlab.stages.common import deep_merge
 
@@ -83,7 +83,7 @@ def main():
         root = Path(tmp)
         model_dir = make_model(root)
         data = root / "world" / "sft_train.jsonl"
-        tok, template = hub.load_tokenizer(model_dir), chat.load_template(model_dir)
+        tok, template = ModelDir(model_dir).tokenizer(), chat.load_template(model_dir)
         lengths = [len(chat.encode_chat(tok, c, template)[0]) for c in load_conversations(data)]
         tokens = args.batch * sum(lengths) / len(lengths)
         times = {(who, free): run(model_dir, data, root / f"{who}-{free}", args.steps, args.batch, free)

@@ -20,9 +20,9 @@ from torch.profiler import ProfilerActivity, profile
 from transformers import LlamaForCausalLM
 
 from common import machine, matmul_ceiling, timed
+from llmlab.hub.mapping import config_to_hf
 from llmlab.model.config import preset
 from llmlab.model.decoder import build_model
-from llmlab.model.hub import config_to_hf
 from llmlab.stages.pretrain import CausalLM
 
 SIZES = {  # name: (model overrides, block, batch)

@@ -153,6 +153,23 @@ def end_of_turn(name_or_template: str, eos_token: str | None = None) -> str:
                       "and no eos_token in it); use one of the built-in templates: " + ", ".join(TEMPLATES))
 
 
+def end_of_turn_id(tokenizer, chat_template: str) -> int | None:
+    """The special token the template puts right after an assistant message (``<|im_end|>``, ``<|eot_id|>``,
+    ``<end_of_turn>``...), found by rendering a probe conversation; None when the template ends turns with
+    plain text."""
+    probe = "llmlab-probe-answer"
+    messages = [{"role": "user", "content": "hello"}, {"role": "assistant", "content": probe}]
+    try:
+        text = tokenizer.apply_chat_template(messages, chat_template=chat_template, tokenize=False)
+    except Exception as e:   # a template is user input: any rendering failure is theirs to fix
+        raise LLMLabError(f"the chat template does not render a user/assistant conversation: {e}") from e
+    if probe not in text:
+        return None
+    after = tokenizer.encode(text.split(probe, 1)[1], add_special_tokens=False)
+    special = set(tokenizer.all_special_ids) | set(getattr(tokenizer, "added_tokens_decoder", {}))
+    return after[0] if after and after[0] in special else None
+
+
 def stop_strings(name_or_template: str, eos_token: str | None = None) -> list[str]:
     """Every string that ends generation: the end of turn, GLM-4's other stop tokens, and ``eos_token``."""
     eot = end_of_turn(name_or_template, eos_token)

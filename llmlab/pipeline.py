@@ -26,13 +26,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from .chat import load_template
 from .config import CONFIG_DIR
 from .data.chat_data import load_prompts
 from .errors import LLMLabError
 from .infer.engine import SamplingParams
 from .infer.replies import engine_for, generate_replies
-from .model import hub
+from .hub.folder import ModelDir
+from .hub.load import load_model
 from .plots import bar_chart, read_metrics
 from .report import Section, write_report
 from .stages.classify import run_classify
@@ -194,9 +194,10 @@ def stage_samples(run: Run) -> dict:
     samples = {"prompts": [i["prompt"][-1]["content"] for i in chosen],
                "references": [i.get("reference", i.get("answer")) for i in chosen]}
     for stage in ("pretrain", "sft", "dpo", "ppo"):
-        model, tokenizer = hub.load_model(run.model(stage))
-        template = load_template(run.model(stage))
-        replies = generate_replies(engine_for(model, tokenizer, template), [i["prompt"] for i in chosen], template,
+        model = ModelDir(run.model(stage))
+        template = model.template()
+        engine = engine_for(load_model(model), model.tokenizer(), template)
+        replies = generate_replies(engine, [i["prompt"] for i in chosen], template,
                                    SamplingParams(max_new_tokens=PRESETS[run.preset]["eval_max_new_tokens"],
                                                   temperature=0.0))
         samples[MODEL_NAMES[stage]] = [r.text for r in replies]

@@ -28,6 +28,7 @@ MASK = "<|mask|>"
 IM_START = "<|im_start|>"
 IM_END = "<|im_end|>"
 SPECIAL_TOKENS = (BOS, EOS, PAD, MASK, IM_START, IM_END)  # ids 0..5
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.txt", "vocab.json")
 BYTE_ALPHABET_SIZE = 256
 
 
@@ -111,16 +112,17 @@ def save_tokenizer(tokenizer, out_dir, chat_template: str | None = None) -> Path
 
 
 def load_tokenizer(path_or_name) -> PreTrainedTokenizerFast:
-    """Any Hugging Face tokenizer: a local folder or a hub name (which needs the network or the local cache)."""
+    """Any Hugging Face tokenizer: a local folder (a tokenizer's or a model's) or a hub name (which needs the
+    network or the local cache); an LLMLabError naming the folder when it holds none or it does not load."""
     source = str(path_or_name)
     path = Path(source).expanduser()
     if path.is_dir():
-        if not any((path / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json", "vocab.json")):
-            raise LLMLabError(f"{path}: no tokenizer files in this folder (tokenizer.json / tokenizer_config.json)")
+        if not any((path / f).is_file() for f in TOKENIZER_FILES):
+            raise LLMLabError(f"{path}: no tokenizer files in this folder ({' / '.join(TOKENIZER_FILES)})")
         try:
             return AutoTokenizer.from_pretrained(path)
-        except (OSError, ValueError) as e:
-            raise LLMLabError(f"{path}: cannot load the tokenizer ({e})") from None
+        except Exception as e:      # transformers raises many types for a broken tokenizer folder
+            raise LLMLabError(f"{path}: cannot load the tokenizer ({type(e).__name__}: {e})") from e
     if path.exists() or _looks_like_path(source):
         raise LLMLabError(f"tokenizer folder not found: {source}")
     try:

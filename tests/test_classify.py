@@ -12,7 +12,8 @@ from transformers import AutoModelForSequenceClassification, PreTrainedTokenizer
 
 from llmlab.data.classification import Example, balanced_subset, load_classification
 from llmlab.errors import LLMLabError
-from llmlab.model import hub
+from llmlab.hub.folder import ModelDir
+from llmlab.hub.save import save_model
 from llmlab.model.config import preset
 from llmlab.model.decoder import build_model
 from llmlab.data.batching import truncate
@@ -187,8 +188,8 @@ def easy_task(folder: Path, n_train: int, n_test: int) -> Path:
 
 
 def test_short_finetune_learns_an_easy_task_and_writes_the_report(tmp_path, byte_tokenizer):
-    model_dir = hub.save_model(tiny_decoder(len(byte_tokenizer), num_labels=0), tmp_path / "base",
-                               tokenizer=byte_tokenizer)
+    model_dir = save_model(tiny_decoder(len(byte_tokenizer), num_labels=0), tmp_path / "base",
+                           tokenizer=byte_tokenizer)
     data = easy_task(tmp_path / "data", 160, 48)
     sets = ["train.lr=3e-3", "classify.batch_size=16", "classify.epochs=3", "train.progress=false",
             "train.seed=1"]
@@ -199,7 +200,7 @@ def test_short_finetune_learns_an_easy_task_and_writes_the_report(tmp_path, byte
     report = Path(summary["report"]).read_text()
     assert "| base |" in report and Path(summary["figure"]).stat().st_size > 1000
     hf = AutoModelForSequenceClassification.from_pretrained(tmp_path / "out" / "base").eval()
-    tok = hub.load_tokenizer(tmp_path / "out" / "base")
+    tok = ModelDir(tmp_path / "out" / "base").tokenizer()
     enc = tok(["the good dog", "a bad fox"], return_tensors="pt", padding=True)
     assert hf(**enc).logits.argmax(-1).tolist() == [1, 0]
 
@@ -244,8 +245,8 @@ def report_names(report: Path) -> list[str]:
 
 def test_the_report_names_a_model_folder_called_model_by_its_package(tmp_path, byte_tokenizer):
     """A packaged model lives in ``<package>/model``: the report and the figure name it after the package."""
-    folder = hub.save_model(tiny_decoder(len(byte_tokenizer), num_labels=0),
-                            tmp_path / "site" / "tiny_pkg" / "model", tokenizer=byte_tokenizer)
+    folder = save_model(tiny_decoder(len(byte_tokenizer), num_labels=0),
+                        tmp_path / "site" / "tiny_pkg" / "model", tokenizer=byte_tokenizer)
     data = easy_task(tmp_path / "data", 16, 8)
     summary = run_classify([str(folder)], str(data), tmp_path / "out",
                            sets=["classify.epochs=1", "classify.method=probe", "train.progress=false"])

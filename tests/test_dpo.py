@@ -9,8 +9,9 @@ from safetensors.torch import load_file
 from llmlab import chat
 from llmlab.cli import main as cli_main
 from llmlab.data.chat_data import load_pairs
+from llmlab.hub.folder import ModelDir
+from llmlab.hub.load import load_our_model
 from llmlab.infer.engine import Engine
-from llmlab.model import hub
 from llmlab.errors import LLMLabError
 from llmlab.stages.common import deep_merge, disable_dropout
 from llmlab.stages.dpo import (DEFAULTS, DPOConfig, REF_FILE, cached_reference, encode_pairs,
@@ -35,14 +36,14 @@ def lab(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def rows(lab):
-    tok, template = hub.load_tokenizer(lab.sft), chat.load_template(lab.sft)
+    tok, template = ModelDir(lab.sft).tokenizer(), chat.load_template(lab.sft)
     encoded, dropped = encode_pairs(load_pairs(lab.world / "pairs_eval.jsonl"), tok, template, max_length=128)
     assert dropped == 0
     return encoded, tok.pad_token_id
 
 
 def test_last_turn_mask_keeps_only_the_final_answer(lab):
-    tok, template = hub.load_tokenizer(lab.sft), chat.load_template(lab.sft)
+    tok, template = ModelDir(lab.sft).tokenizer(), chat.load_template(lab.sft)
     prompt = [{"role": "user", "content": "What is 2 + 3?"}, {"role": "assistant", "content": "5"},
               {"role": "user", "content": "And 2 + 4?"}, {"role": "assistant", "content": "6"}]
     ids, mask = chat.encode_chat(tok, prompt, template)
@@ -53,11 +54,11 @@ def test_last_turn_mask_keeps_only_the_final_answer(lab):
 
 def test_cached_reference_equals_a_fresh_forward_and_loss_starts_at_log2(lab, rows, tmp_path):
     encoded, pad = rows
-    ref = cached_reference(hub.load_our_model(lab.sft), {"train": encoded, "eval": []}, pad, tmp_path / REF_FILE,
+    ref = cached_reference(load_our_model(lab.sft), {"train": encoded, "eval": []}, pad, tmp_path / REF_FILE,
                            reuse=False)["train"]
     saved = load_file(str(tmp_path / REF_FILE))
     assert set(saved) == {"train.chosen", "train.rejected"} and torch.equal(saved["train.chosen"], ref["chosen"])
-    fresh = hub.load_our_model(lab.sft).eval()
+    fresh = load_our_model(lab.sft).eval()
     with torch.no_grad():       # chosen alone and rejected alone, in other batch shapes than the cached pass
         chosen, _ = sequence_logps(fresh, pad_collate([r["chosen"] for r in encoded], pad))
         rejected, _ = sequence_logps(fresh, pad_collate([r["rejected"] for r in encoded[::-1]], pad))
@@ -93,7 +94,7 @@ def test_cached_reference_equals_a_fresh_forward_and_loss_starts_at_log2(lab, ro
 def test_packed_pairs_give_the_padded_log_probs(lab, rows, tmp_path):
     """The 2B sequences packed into segment-masked rows: fewer rows, the same log π of every answer."""
     encoded, pad = rows
-    model = hub.load_our_model(lab.sft).eval()
+    model = load_our_model(lab.sft).eval()
     padded = cached_reference(model, {"t": encoded}, pad, tmp_path / "a.safetensors", reuse=False)["t"]
     packed = cached_reference(model, {"t": encoded}, pad, tmp_path / "b.safetensors", reuse=False,
                               pack_length=128)["t"]
@@ -111,7 +112,7 @@ def test_one_gradient_step_widens_the_margin_and_rpo_keeps_chosen_likely(lab, ro
     """A DPO step raises log π(y_w) − log π(y_l) (both may fall: DPO only sees their difference); with the RPO
     term the chosen answers also become more likely."""
     encoded, pad = rows
-    model = hub.load_our_model(lab.sft)
+    model = load_our_model(lab.sft)
     batch = pair_collate(encoded[:8], pad, cached_reference(model, {"t": encoded[:8]}, pad,
                                                             tmp_path / REF_FILE, reuse=False)["t"])
     before, _ = sequence_logps(model, batch)
@@ -175,7 +176,7 @@ def test_identical_chosen_and_rejected_is_reported_through_the_cli(lab, tmp_path
 
 def test_dropout_is_off_so_the_policy_starts_equal_to_the_reference(lab, rows):
     encoded, pad = rows
-    model = hub.load_our_model(lab.sft, dropout=0.5).train()
+    model = load_our_model(lab.sft, dropout=0.5).train()
     batch = pair_collate(encoded[:4], pad)
     with torch.no_grad():
         assert not torch.equal(sequence_logps(model, batch)[0], sequence_logps(model, batch)[0])   # dropout on

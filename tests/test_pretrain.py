@@ -12,7 +12,8 @@ import transformers
 
 from llmlab import cli
 from llmlab.errors import LLMLabError
-from llmlab.model import hub
+from llmlab.hub.folder import ModelDir
+from llmlab.hub.load import load_encoder, load_model, load_our_model, read_weights
 from llmlab.model.decoder import build_model
 from llmlab.stages.common import resolve_recipe
 from llmlab.experiments.encoder_vs_decoder import decoder_nll, encoder_nll
@@ -61,7 +62,7 @@ def test_decoder_run_writes_a_model_transformers_loads(decoder_run):
     assert [r["step"] for r in records] == [1, 2, 3, 4, 5, 6]
     assert "val_loss" in records[-1] and records[-1]["val_ppl"] == pytest.approx(torch.tensor(records[-1]["val_loss"]).exp().item())
 
-    ours, tokenizer = hub.load_model(decoder_run / "model")
+    ours, tokenizer = load_model(decoder_run / "model"), ModelDir(decoder_run / "model").tokenizer()
     trained = trained_weights(decoder_run, build_model(ours.config))
     hf = transformers.AutoModelForCausalLM.from_pretrained(decoder_run / "model").eval()
     assert type(hf).__name__ == "GPT2LMHeadModel"
@@ -95,8 +96,8 @@ def test_kill_then_resume_is_bitwise_identical(decoder_run, corpus, tmp_path):
     assert load_latest(out).step == 2 and not (out / "model").exists()
 
     assert run_cli(*argv, "--out", str(out), "--resume") == 0
-    resumed = hub.read_weights(out / "model")
-    reference = hub.read_weights(decoder_run / "model")
+    resumed = read_weights(out / "model")
+    reference = read_weights(decoder_run / "model")
     assert resumed.keys() == reference.keys()
     for name, tensor in reference.items():
         assert torch.equal(resumed[name], tensor), name
@@ -110,7 +111,7 @@ def test_compiled_training_matches_eager(decoder_run, corpus, tmp_path):
     out = tmp_path / "compiled"
     assert run_cli("--set", f"data.path={corpus}", *TINY, "--set", "model.preset=gpt2", "--set", "train.compile=true",
                    "--out", str(out)) == 0
-    compiled, eager = hub.read_weights(out / "model"), hub.read_weights(decoder_run / "model")
+    compiled, eager = read_weights(out / "model"), read_weights(decoder_run / "model")
     for name, tensor in eager.items():
         assert torch.allclose(compiled[name], tensor, atol=1e-4), name
     from llmlab.stages.sft import DEFAULTS as SFT_DEFAULTS, run_sft
@@ -122,10 +123,10 @@ def test_compiled_training_matches_eager(decoder_run, corpus, tmp_path):
 def test_encoder_saves_a_bert_for_masked_lm(corpus, tmp_path):
     out = tmp_path / "encoder"
     assert run_cli("--set", f"data.path={corpus}", *TINY, "--set", "model.preset=bert", "--out", str(out)) == 0
-    ours = hub.load_encoder(out / "model")
+    ours = load_encoder(out / "model")
     trained = trained_weights(out, build_model(ours.config))
     hf = transformers.BertForMaskedLM.from_pretrained(out / "model").eval()
-    tokenizer = hub.load_tokenizer(out / "model")
+    tokenizer = ModelDir(out / "model").tokenizer()
     ids = torch.tensor([tokenizer.encode("art <|mask|> love", add_special_tokens=False)])
     assert tokenizer.mask_token_id in ids[0].tolist()
     with torch.no_grad():
@@ -180,9 +181,9 @@ def test_encoder_vs_decoder_experiment(corpus, tmp_path):
     assert "Samples" in report and "full forward pass" in report
     assert (out / "perplexity.png").stat().st_size > 0
 
-    decoder = hub.load_our_model(out / "decoder" / "model").eval()
-    encoder = hub.load_our_model(out / "encoder" / "model").eval()
-    mask_id = hub.load_tokenizer(out / "encoder" / "model").mask_token_id
+    decoder = load_our_model(out / "decoder" / "model").eval()
+    encoder = load_our_model(out / "encoder" / "model").eval()
+    mask_id = ModelDir(out / "encoder" / "model").tokenizer().mask_token_id
     window = torch.tensor([[0, 12, 20, 25, 9, 14, 30, 11]])
     with torch.no_grad():   # each position on its own, unpadded: the batched versions must agree
         dec = [-decoder(window[:, :t]).log_softmax(-1)[0, -1, window[0, t]] for t in range(1, 8)]

@@ -11,9 +11,10 @@ import transformers
 from llmlab import chat
 from llmlab.cli import main as cli_main
 from llmlab.encoding import encode_text
+from llmlab.hub.folder import ModelDir
+from llmlab.hub.load import load_model
 from llmlab.infer.chat_cli import ChatSession
 from llmlab.infer.engine import Engine, SamplingParams
-from llmlab.model import hub
 from llmlab.model.decoder import Decoder
 
 transformers.logging.set_verbosity_error()
@@ -22,13 +23,13 @@ NEW_TOKENS = 24
 
 @pytest.fixture(scope="module")
 def smollm2(smollm2_gguf):
-    folder = hub.resolve_model_dir(smollm2_gguf)
+    folder = ModelDir(smollm2_gguf).path
     return folder, transformers.AutoTokenizer.from_pretrained(folder)
 
 
 @pytest.fixture(scope="module")
 def gemma3(gemma3_gguf):
-    folder = hub.resolve_model_dir(gemma3_gguf)
+    folder = ModelDir(gemma3_gguf).path
     return folder, transformers.AutoTokenizer.from_pretrained(folder)
 
 
@@ -74,7 +75,7 @@ def test_gemma3_generate_equals_transformers_greedy(gemma3, capsys):
 
 def test_smollm2_runs_in_our_decoder_and_generates_as_transformers(smollm2, smollm2_gguf, capsys):
     folder, tok = smollm2
-    model, _ = hub.load_model(smollm2_gguf)
+    model = load_model(smollm2_gguf)
     assert isinstance(model, Decoder)           # Llama architecture, tied embeddings: our own model
     prompt = "The three primary colors are"
     expected = tok.decode(hf_greedy(folder, tok(prompt)["input_ids"]), skip_special_tokens=True)

@@ -9,7 +9,8 @@ import transformers
 
 from llmlab.chat import TEMPLATES, assistant_spans, reply_closing
 from llmlab.errors import LLMLabError
-from llmlab.model import hub
+from llmlab.hub.load import load_our_model
+from llmlab.hub.save import save_model
 from llmlab.model.config import preset
 from llmlab.model.decoder import build_model
 from llmlab.chat import encode_reply
@@ -35,7 +36,7 @@ def one_thread():
 def save_lm(folder, tokenizer, seed=0, **overrides):
     torch.manual_seed(seed)
     cfg = preset("llama", vocab_size=len(tokenizer), n_layer=2, d_model=32, n_head=4, max_seq_len=256, **overrides)
-    return hub.save_model(build_model(cfg), folder, tokenizer, chat_template=TEMPLATES["llmlab"])
+    return save_model(build_model(cfg), folder, tokenizer, chat_template=TEMPLATES["llmlab"])
 
 
 @pytest.fixture(scope="module")
@@ -162,7 +163,7 @@ def test_likelihood_weighted_reward_reads_the_language_models_own_likelihood(set
     """With rm.likelihood_weight = λ the reward is w · h_last + λ · mean log π(reply): with the zero head it is
     exactly λ times the language model's mean log-likelihood; the trained folder keeps λ and its language-model
     head, and transformers (sequence-classification score + λ × causal-LM likelihood) scores it the same."""
-    lm = hub.load_our_model(setup["lm"]).eval()
+    lm = load_our_model(setup["lm"]).eval()
     rm = RewardModel.from_language_model(setup["lm"], likelihood_weight=0.5).eval()
     pairs = load_pair_records(setup["root"] / "easy_eval.jsonl")[:4]
     prompts, replies = [p["prompt"] for p in pairs], [p["chosen"] for p in pairs]
@@ -187,8 +188,8 @@ def test_likelihood_weighted_reward_reads_the_language_models_own_likelihood(set
         assert score == pytest.approx(value + 0.5 * mean_reply_logprob_of(causal, ids, reply), abs=1e-4)
 
     headless = tmp_path / "headless"          # λ > 0 but saved without the language-model head
-    hub.save_model(trained.backbone, headless, trained.tokenizer, chat_template=trained.chat_template,
-                   extra_files={"reward_config.json": '{"likelihood_weight": 0.5}'})
+    save_model(trained.backbone, headless, trained.tokenizer, chat_template=trained.chat_template,
+               extra_files={"reward_config.json": '{"likelihood_weight": 0.5}'})
     with pytest.raises(LLMLabError, match="no language-model head"):
         RewardModel.load(headless)
     (folder / "reward_config.json").write_text('{"likelihood_weight": "high"}')

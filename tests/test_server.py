@@ -15,11 +15,11 @@ import uvicorn
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from llmlab import chat
+from llmlab.hub.save import save_model
 from llmlab.infer.batcher import Batcher, DecoderRows, RecomputeRows
 from llmlab.infer.engine import Engine, SamplingParams
 from llmlab.model.config import preset
 from llmlab.model.decoder import build_model
-from llmlab.model.hub import save_model
 from llmlab.infer.server import ChatRequest, CompletionRequest, create_app
 from llmlab.tokenizer import train_bpe
 

@@ -19,9 +19,11 @@ import transformers
 from llmlab import chat
 from llmlab.cli import main as cli_main
 from llmlab.errors import LLMLabError
+from llmlab.hub.folder import ModelDir
+from llmlab.hub.load import load_our_model, read_weights
+from llmlab.hub.save import save_model
 from llmlab.infer.engine import Engine, SamplingParams
 from llmlab.lora import LoRAConfig, LoRALinear, apply_lora, lora_parameters, merge_lora
-from llmlab.model import hub
 from llmlab.model.config import preset
 from llmlab.model.decoder import build_model
 from llmlab.stages.common import deep_merge
@@ -77,7 +79,7 @@ def build_lab(root: Path) -> SimpleNamespace:
     tokenizer = train_bpe(texts, 400)
     torch.manual_seed(0)
     model = build_model(preset("llama", vocab_size=len(tokenizer), n_layer=2, n_head=4, d_model=64, max_seq_len=128))
-    hub.save_model(model, lab.base, tokenizer=tokenizer, chat_template=chat.TEMPLATES["llmlab"])
+    save_model(model, lab.base, tokenizer=tokenizer, chat_template=chat.TEMPLATES["llmlab"])
     write_jsonl(lab.refuse, [r for r in world.sft_train if r["messages"][-1]["content"] == REFUSAL])
     recipe = sft_recipe(data={"max_length": 128, "batch_size": 8, "eval_path": str(lab.world / "forbidden_eval.jsonl")},
                         train={"max_steps": 30, "lr": 3e-3})
@@ -95,7 +97,7 @@ def lab(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def tok_and_template(lab):
-    return hub.load_tokenizer(lab.base), chat.load_template(lab.base)
+    return ModelDir(lab.base).tokenizer(), chat.load_template(lab.base)
 
 
 CONVERSATION = [{"role": "system", "content": "You are a helpful assistant."},
@@ -119,7 +121,7 @@ def test_labels_are_the_assistant_tokens_and_the_end_of_turn(tok_and_template):
 
 def test_sft_loss_matches_cross_entropy_on_assistant_positions(lab, tok_and_template):
     tok, template = tok_and_template
-    model = hub.load_our_model(lab.base)
+    model = load_our_model(lab.base)
     examples = [chat.encode_chat(tok, CONVERSATION, template), chat.encode_chat(tok, CONVERSATION[1:3], template)]
     batch = pad_collate(examples, pad_id=tok.pad_token_id)
     loss, n_tokens, _ = sft_loss(model, batch)
@@ -150,7 +152,7 @@ def test_packing_keeps_each_examples_mask_and_loss(lab, tok_and_template):
     assert segments.unique_consecutive().tolist() == list(range(len(examples)))
     assert (packed["segment_ids"][~packed["attention_mask"].bool()] == -1).all()
     # each packed conversation attends only to itself: the same loss and log-probs as padded rows
-    model = hub.load_our_model(lab.base)
+    model = load_our_model(lab.base)
     assert torch.allclose(sft_loss(model, packed)[0], sft_loss(model, padded)[0], atol=1e-5)
     (packed_sums, packed_counts), (sums, counts) = sequence_logps(model, packed), sequence_logps(model, padded)
     assert torch.allclose(packed_sums, sums, atol=1e-4) and packed_counts.tolist() == counts.tolist()
@@ -170,8 +172,8 @@ def test_padding_free_batches_train_the_same_weights_as_padded_ones(lab, tmp_pat
         recipe = sft_recipe(data={"max_length": 128, "batch_size": 8, "val_fraction": 0.0,
                                   "padding_free": padding_free}, train={"max_steps": 4, "lr": 3e-3})
         run_sft(str(lab.base), str(lab.world / "sft_train.jsonl"), str(tmp_path / str(padding_free)), recipe)
-        weights[padding_free] = hub.load_our_model(tmp_path / str(padding_free) / "model").state_dict()
-    base = hub.load_our_model(lab.base).state_dict()
+        weights[padding_free] = load_our_model(tmp_path / str(padding_free) / "model").state_dict()
+    base = load_our_model(lab.base).state_dict()
     for name, w in weights[True].items():
         assert not torch.equal(w, base[name]) or "norm" in name                # it trained
         assert torch.allclose(w, weights[False][name], atol=1e-5), name
@@ -214,12 +216,12 @@ def test_sft_raises_exact_match_and_learns_to_stop(lab):
 def test_saved_directory_loads_in_transformers_and_the_engine(lab):
     assert (lab.sft / "chat_template.jinja").read_text() == chat.TEMPLATES["llmlab"]
     hf = transformers.AutoModelForCausalLM.from_pretrained(lab.sft).eval()
-    ours = hub.load_our_model(lab.sft).eval()
+    ours = load_our_model(lab.sft).eval()
     ids = torch.randint(6, 300, (2, 12), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         assert torch.allclose(hf(ids).logits, ours(ids), atol=1e-4)
     engine = Engine.from_path(str(lab.sft))
-    assert hub.load_tokenizer(lab.sft).convert_tokens_to_ids("<|im_end|>") in engine.eos_token_ids
+    assert ModelDir(lab.sft).tokenizer().convert_tokens_to_ids("<|im_end|>") in engine.eos_token_ids
 
 
 # --- bad input --------------------------------------------------------------------------------------------------
@@ -239,7 +241,7 @@ def test_cli_errors_name_the_file_line_and_the_known_templates(lab, tmp_path, ca
 # --- LoRA -------------------------------------------------------------------------------------------------------
 
 def lora_model(lab):
-    model = hub.load_our_model(lab.base)
+    model = load_our_model(lab.base)
     wrapped = apply_lora(model, LoRAConfig(r=4, alpha=8, targets=["qkv", "o_proj", "up", "down"]))
     return model, wrapped
 
@@ -248,7 +250,7 @@ def test_lora_trains_only_the_adapters_and_merges_exactly(lab):
     model, wrapped = lora_model(lab)
     assert len(wrapped) == 2 * 4
     ids = torch.randint(6, 300, (2, 16), generator=torch.Generator().manual_seed(1))
-    base_logits = hub.load_our_model(lab.base)(ids)
+    base_logits = load_our_model(lab.base)(ids)
     assert torch.allclose(model(ids), base_logits, atol=1e-6)          # B = 0: starts as the base model
     model(ids).logsumexp(-1).mean().backward()
     adapters = {id(p) for p in lora_parameters(model)}
@@ -266,7 +268,7 @@ def test_lora_trains_only_the_adapters_and_merges_exactly(lab):
 
 def test_lora_unknown_target_lists_the_layers(lab):
     with pytest.raises(LLMLabError, match="q_proj.*this model has: down, lm_head, o_proj, qkv, up"):
-        apply_lora(hub.load_our_model(lab.base), LoRAConfig(r=2, targets=["q_proj"]))
+        apply_lora(load_our_model(lab.base), LoRAConfig(r=2, targets=["q_proj"]))
 
 
 def test_sft_with_lora_saves_a_plain_model(lab, tmp_path):
@@ -274,9 +276,9 @@ def test_sft_with_lora_saves_a_plain_model(lab, tmp_path):
     run_sft(str(lab.base), str(lab.refuse), str(run),
             sft_recipe(data={"max_length": 128, "batch_size": 4, "val_fraction": 0.0},
                        lora={"r": 4, "alpha": 8}, train={"max_steps": 3, "lr": 1e-2}))
-    saved = hub.read_weights(run / "model")
+    saved = read_weights(run / "model")
     assert not any("lora" in name for name in saved)
-    base = hub.read_weights(lab.base)
+    base = read_weights(lab.base)
     changed = [n for n in base if not torch.equal(base[n], saved[n])]
     assert changed and all(n.endswith(("qkv_proj.weight", "q_proj.weight", "k_proj.weight", "v_proj.weight",
                                        "o_proj.weight", "up_proj.weight", "gate_proj.weight", "down_proj.weight"))
@@ -285,7 +287,7 @@ def test_sft_with_lora_saves_a_plain_model(lab, tmp_path):
 
 def save_tiny_opt(lab, folder: Path) -> None:
     """A tiny OPT (an architecture llmlab does not implement) with the lab's tokenizer."""
-    tok = hub.load_tokenizer(lab.base)
+    tok = ModelDir(lab.base).tokenizer()
     cfg = transformers.OPTConfig(vocab_size=len(tok), hidden_size=32, num_hidden_layers=2, ffn_dim=64,
                                  num_attention_heads=4, max_position_embeddings=128, word_embed_proj_dim=32,
                                  bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,

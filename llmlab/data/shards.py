@@ -31,6 +31,7 @@ import torch
 
 from ..errors import LLMLabError
 from ..progress import progress_bar
+from ..tokenizer import load_tokenizer
 from .sources import iter_documents_many
 
 INDEX_FILE = "index.json"
@@ -572,15 +573,3 @@ def _run_cli(args) -> int:
     print(f"wrote {args.out}: {index['num_documents']} documents, {splits['train']['num_tokens']} train and "
           f"{splits['val']['num_tokens']} val tokens ({index['dtype']}, vocabulary {index['vocab_size']})")
     return 0
-
-
-def load_tokenizer(directory: str):
-    """``transformers.AutoTokenizer.from_pretrained(directory)``, with a clear error for a wrong folder."""
-    from transformers import AutoTokenizer
-
-    if not Path(directory).is_dir():
-        raise LLMLabError(f"--tokenizer {directory}: no such folder")
-    try:
-        return AutoTokenizer.from_pretrained(directory)
-    except (OSError, ValueError) as e:
-        raise LLMLabError(f"--tokenizer {directory}: could not load a tokenizer ({e})") from None

@@ -28,8 +28,8 @@ import torch
 from ..config import apply_overrides
 from ..data.shards import TokenShards
 from ..errors import LLMLabError
+from ..hub.load import load_our_model
 from ..infer.engine import Engine, SamplingParams, next_tokens
-from ..model import hub
 from ..plots import read_metrics
 from ..tokenizer import load_tokenizer
 from ..stages.pretrain import DEFAULTS, pretrain
@@ -208,8 +208,8 @@ def encoder_vs_decoder(out_dir, *, data: str | None = None, steps: int = 500, se
     pretrain(run_recipe("bert", corpus, steps, sets, shared), out / "encoder", resume=True)
 
     tokenizer = load_tokenizer(out / "decoder" / "tokenizer")
-    decoder = hub.load_our_model(out / "decoder" / "model").eval()
-    encoder = hub.load_our_model(out / "encoder" / "model").eval()
+    decoder = load_our_model(out / "decoder" / "model").eval()
+    encoder = load_our_model(out / "encoder" / "model").eval()
     length = min(decoder.config.max_seq_len, encoder.config.max_seq_len)
     held = heldout_windows(out / "decoder" / "data", length, windows)
     nll = {"decoder": decoder_nll(decoder, held), "encoder": encoder_nll(encoder, held, tokenizer.mask_token_id)}

@@ -14,24 +14,11 @@ from typing import Callable, TextIO
 
 from .. import chat
 from ..errors import LLMLabError
+from ..hub.folder import ModelDir
 from .engine import Engine, SamplingParams, add_sampling_args, engine_from_args, sampling_from_args
 
 HELP = ("commands: /reset (forget the conversation), /system TEXT (set the system prompt), "
         "/save FILE (write the messages as JSON), /quit; Ctrl-C stops an answer")
-
-
-def resolve_template(model_path: str, tokenizer, override: str | None = None) -> str:
-    """The chat template for ``model_path``: ``chat.load_template`` on its folder (for a ``.gguf`` file, the folder
-    it was converted into); for a hub name with no local folder, the tokenizer's own template or the default."""
-    if override is not None:
-        return chat.load_template(model_path, override)
-    path = Path(model_path).expanduser()
-    if path.suffix == ".gguf":
-        from ..model.hub import gguf_cache_dir
-        path = gguf_cache_dir(path)
-    if path.is_dir():
-        return chat.load_template(path)
-    return getattr(tokenizer, "chat_template", None) or chat.TEMPLATES[chat.DEFAULT_TEMPLATE]
 
 
 class ChatSession:
@@ -150,8 +137,9 @@ def repl(session: ChatSession, input_fn: Callable[[str], str] = input) -> None:
 
 
 def _chat_command(args) -> None:
-    engine = engine_from_args(args)
-    template = resolve_template(args.model, engine.tokenizer, args.template)
+    model = ModelDir(args.model)
+    engine = engine_from_args(model, args)
+    template = model.template(args.template)
     params = sampling_from_args(args)
     if args.prompt is not None:
         ChatSession(engine, template, params, system=args.system, label="").reply(args.prompt)

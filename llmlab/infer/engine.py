@@ -23,6 +23,8 @@ import torch
 from ..data.batching import pad
 from ..encoding import encode_text
 from ..errors import LLMLabError
+from ..hub.folder import ModelDir
+from ..model.config import context_length
 from .quant import MODES as QUANT_MODES
 from .quant import quantize as quantize_weights
 
@@ -135,8 +137,7 @@ class HFLM:
     def __init__(self, model, decode_model=None, decode_dtype=None):
         self.model, self.decode_model = model, decode_model or model
         self.decode_dtype = decode_dtype
-        cfg = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
-        self.context = getattr(cfg, "max_position_embeddings", None) or getattr(cfg, "n_positions", None) or 2048
+        self.context = context_length(model.config)
         self.cache = None
         # transformers ≥ 5.2x names the cache argument ``cache``; earlier versions ``past_key_values``
         accepted = inspect.signature(model.forward).parameters
@@ -277,10 +278,12 @@ class Engine:
             (min(self.eos_token_ids) if self.eos_token_ids else 0)
 
     @classmethod
-    def from_path(cls, path: str, *, device="cpu", dtype=None, decode_dtype=None, quantize=None) -> "Engine":
-        from ..model.hub import load_model
-        model, tokenizer = load_model(path, device=device, dtype=dtype)
-        return cls(model, tokenizer, decode_dtype=decode_dtype, quantize=quantize)
+    def from_path(cls, model, *, device="cpu", dtype=None, decode_dtype=None, quantize=None) -> "Engine":
+        """An engine for a model folder, hub id or ``.gguf`` file (or its ``ModelDir``) and its tokenizer."""
+        from ..hub.load import load_model
+        model = ModelDir.of(model)
+        return cls(load_model(model, device=device, dtype=dtype), model.tokenizer(), decode_dtype=decode_dtype,
+                   quantize=quantize)
 
     @property
     def context(self) -> int:
@@ -418,17 +421,17 @@ def sampling_from_args(args) -> SamplingParams:
                           seed=args.seed)
 
 
-def engine_from_args(args) -> Engine:
-    """The engine for ``--model`` with the precision flags of ``add_sampling_args``."""
+def engine_from_args(model: ModelDir, args) -> Engine:
+    """The engine for ``model`` (``--model``) with the precision flags of ``add_sampling_args``."""
     from ..device import parse_dtype
-    return Engine.from_path(args.model, device=args.device, dtype=parse_dtype(args.dtype),
+    return Engine.from_path(model, device=args.device, dtype=parse_dtype(args.dtype),
                             decode_dtype=parse_dtype(args.decode_dtype), quantize=args.quantize)
 
 
 def _generate_command(args) -> None:
     import sys
 
-    engine = engine_from_args(args)
+    engine = engine_from_args(ModelDir(args.model), args)
     for piece in engine.stream(args.prompt, sampling_from_args(args)):
         sys.stdout.write(piece)
         sys.stdout.flush()

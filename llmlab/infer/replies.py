@@ -9,14 +9,13 @@ import sys
 from .. import chat
 from ..world.judge import exact_match
 from ..errors import LLMLabError
-from ..model import hub
 from .engine import Completion, Engine, SamplingParams, default_eos_ids
 
 
 def engine_for(model, tokenizer, template: str) -> Engine:
     """An engine that stops at the model's EOS ids and at the template's end-of-turn token."""
     eos = set(default_eos_ids(model, tokenizer))
-    turn_end = hub.end_of_turn_id(tokenizer, template)
+    turn_end = chat.end_of_turn_id(tokenizer, template)
     if turn_end is not None:
         eos.add(turn_end)
     return Engine(model, tokenizer, eos_token_ids=sorted(eos))

@@ -28,7 +28,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from .. import chat
 from ..errors import LLMLabError
-from ..model.hub import model_name
+from ..hub.folder import ModelDir
 from .batcher import Batcher, Event
 from .engine import Engine, SamplingParams
 
@@ -415,14 +415,14 @@ def _serve_command(args) -> None:
     import uvicorn
 
     from ..device import parse_dtype
-    from .chat_cli import resolve_template
     if not 0 < args.port < 65536:
         raise LLMLabError(f"--port must be in 1..65535, got {args.port}")
     if args.max_batch < 1:
         raise LLMLabError(f"--max-batch must be ≥ 1, got {args.max_batch}")
-    engine = Engine.from_path(args.model, device=args.device, dtype=parse_dtype(args.dtype))
-    template = resolve_template(args.model, engine.tokenizer, args.template)
-    name = args.model_name or model_name(args.model)
+    model = ModelDir(args.model)
+    engine = Engine.from_path(model, device=args.device, dtype=parse_dtype(args.dtype))
+    template = model.template(args.template)
+    name = args.model_name or model.name
     api_key = args.api_key or os.environ.get("LLMLAB_API_KEY") or None
     app = create_app(engine, model_name=name, template=template, api_key=api_key, max_batch=args.max_batch)
     print(f"serving {name!r} on http://{args.host}:{args.port} (chat page at /, API at /v1)"

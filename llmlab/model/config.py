@@ -100,8 +100,10 @@ class ModelConfig:
 
 
 def context_length(config) -> int:
-    """The most positions a model attends over: our ``max_seq_len``, or a ``transformers`` config's
-    ``max_position_embeddings`` (``n_positions`` in GPT-2's)."""
+    """The most positions a model attends over: our ``max_seq_len``, or a ``transformers`` config's (its text part's,
+    for a multimodal one) ``max_position_embeddings`` (``n_positions`` in GPT-2's)."""
+    if hasattr(config, "get_text_config"):
+        config = config.get_text_config()
     for name in ("max_seq_len", "max_position_embeddings", "n_positions"):
         value = getattr(config, name, None)
         if value:

@@ -15,10 +15,12 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..chat import encode_reply, load_template
+from ..chat import encode_reply
 from ..data.batching import pad
 from ..errors import LLMLabError
-from . import hub
+from ..hub.folder import ModelDir
+from ..hub.load import load_our_model, read_weights
+from ..hub.save import save_model
 
 SCORE_WEIGHT = "score.weight"
 REWARD_CONFIG = "reward_config.json"
@@ -107,21 +109,21 @@ class RewardModel(nn.Module):
     def save(self, folder) -> Path:
         """The Hugging Face folder (with the language-model head when λ > 0) and ``reward_config.json``."""
         config = json.dumps({"likelihood_weight": self.likelihood_weight}, indent=2) + "\n"
-        return hub.save_model(self.backbone, folder, self.tokenizer, chat_template=self.chat_template,
-                              keep_lm_head=self.likelihood_weight > 0, extra_files={REWARD_CONFIG: config})
+        return save_model(self.backbone, folder, self.tokenizer, chat_template=self.chat_template,
+                          keep_lm_head=self.likelihood_weight > 0, extra_files={REWARD_CONFIG: config})
 
     @classmethod
     def from_language_model(cls, path, chat_template: str | None = None,
                             likelihood_weight: float = 0.0) -> "RewardModel":
         """A reward model to train, from a language model (a zero-initialised head) or a reward-model folder
         (its head kept)."""
-        folder = Path(path)
-        backbone = hub.load_our_model(folder, num_labels=1)
+        model = ModelDir.of(path)
+        backbone = load_our_model(model, num_labels=1)
         if backbone.config.arch != "decoder":
-            raise LLMLabError(f"{folder} is an encoder; a reward model needs a decoder (causal LM)")
-        if SCORE_WEIGHT not in stored_weight_names(folder):
+            raise LLMLabError(f"{model.path} is an encoder; a reward model needs a decoder (causal LM)")
+        if SCORE_WEIGHT not in stored_weight_names(model.path):
             nn.init.zeros_(backbone.score.weight)
-        return cls(backbone, _tokenizer(folder), load_template(folder, chat_template), likelihood_weight)
+        return cls(backbone, _tokenizer(model), model.template(chat_template), likelihood_weight)
 
     @classmethod
     def load(cls, path, device="cpu") -> "RewardModel":
@@ -132,7 +134,8 @@ class RewardModel(nn.Module):
             raise LLMLabError(f"reward model directory not found: {folder}")
         if not (folder / "config.json").is_file() and (folder / "model" / "config.json").is_file():
             folder = folder / "model"          # the run directory of `llmlab rm`
-        config = hub.read_config_json(folder)
+        model = ModelDir(folder)
+        config = model.raw_config
         archs = config.get("architectures") or []
         # transformers writes id2label unless it has its default of two labels
         labels = len(config["id2label"]) if config.get("id2label") else config.get("num_labels", 2)
@@ -149,11 +152,11 @@ class RewardModel(nn.Module):
             except (ValueError, AttributeError) as e:
                 raise LLMLabError(f"{folder / REWARD_CONFIG}: not a JSON object ({e})") from None
             weight = check_likelihood_weight(weight, f"{folder / REWARD_CONFIG}: likelihood_weight")
-        backbone = hub.load_our_model(folder)
+        backbone = load_our_model(model)
         if weight and not backbone.config.tie_embeddings and "lm_head.weight" not in stored:
             raise LLMLabError(f"{folder}: {REWARD_CONFIG} sets likelihood_weight={weight} but the folder has no "
                               "language-model head (lm_head.weight) to compute the likelihood with")
-        return cls(backbone, _tokenizer(folder), load_template(folder), weight).to(device).eval()
+        return cls(backbone, _tokenizer(model), model.template(), weight).to(device).eval()
 
     @torch.no_grad()
     def score(self, prompts: list[list[dict]], responses: list[str], batch_size: int = 16) -> list[float]:
@@ -183,15 +186,13 @@ def stored_weight_names(folder: Path) -> set[str]:
     if (folder / "model.safetensors").is_file():
         with safe_open(str(folder / "model.safetensors"), framework="pt") as f:
             return set(f.keys())
-    return set(hub.read_weights(folder))
+    return set(read_weights(folder))
 
 
-def _tokenizer(folder: Path):
-    tokenizer = hub.load_tokenizer(folder)
-    if tokenizer is None:
-        raise LLMLabError(f"{folder}: no tokenizer files; a reward model needs the tokenizer of its model")
+def _tokenizer(model: ModelDir):
+    tokenizer = model.tokenizer()
     if tokenizer.pad_token_id is None:
-        raise LLMLabError(f"{folder}: the tokenizer has no pad token (see llmlab.tokenizer.ensure_pad_token)")
+        raise LLMLabError(f"{model.path}: the tokenizer has no pad token (see llmlab.tokenizer.ensure_pad_token)")
     return tokenizer
 
 

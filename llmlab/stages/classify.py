@@ -1,9 +1,9 @@
 """``llmlab classify``: fine-tune pretrained encoders and decoders as sequence classifiers; accuracy before and after.
 
 For each ``--model``:
-1. load it with a fresh classification head: our ``Encoder``/``Decoder`` when ``model/hub.py`` maps the
+1. load it with a fresh classification head: our ``Encoder``/``Decoder`` when ``hub/mapping.py`` maps the
    architecture (BERT, GPT-2, Llama, Qwen3, and our own runs), else ``transformers``'
-   ``AutoModelForSequenceClassification`` (Gemma, ...; a ``.gguf`` file goes through ``hub.load_model``'s cache);
+   ``AutoModelForSequenceClassification`` (Gemma, ...; a ``.gguf`` file is converted once, see ``hub/gguf.py``);
 2. measure test accuracy with the untrained head ("before") and, for decoders, zero-shot accuracy by prompting:
    the prediction is argmax over classes c of the next-token logit of " <name of c>" after the prompt;
 3. train (``full``, ``lora`` or ``probe`` = frozen backbone) with the shared loop on length-bucketed batches,
@@ -34,8 +34,11 @@ from ..data.shards import BatchSampler
 from ..device import pick_device
 from ..encoding import special_affixes
 from ..errors import LLMLabError
+from ..hub.folder import ModelDir, model_name
+from ..hub.load import load_model, load_our_model
+from ..hub.mapping import config_from_hf
+from ..hub.save import save_model
 from ..lora import DEFAULT_TARGETS, LoRAConfig, apply_lora, import_peft, merge_lora
-from ..model import hub
 from ..model.config import context_length
 from ..model.heads import SequenceClassifier, last_token_states
 from ..progress import progress_bar
@@ -147,7 +150,7 @@ class BucketCollate:
 class Loaded:
     classifier: SequenceClassifier
     tokenizer: object
-    folder: Path
+    model_dir: ModelDir
     backend: str                 # ours | transformers
     is_decoder: bool
 
@@ -179,18 +182,16 @@ def load_classifier(path: str, num_labels: int, method: str = "full", backend: s
                     lora: LoraSection | None = None) -> Loaded:
     """The model at ``path`` with a fresh ``num_labels``-way head, its tokenizer (given a pad token), ready
     for ``method``."""
-    folder = hub.resolve_model_dir(path)
-    tokenizer = hub.load_tokenizer(folder)
-    if tokenizer is None:
-        raise LLMLabError(f"{folder}: no tokenizer files (tokenizer.json / tokenizer_config.json / vocab.txt)")
-    tokenizer = ensure_pad_token(tokenizer)
+    model_dir = ModelDir(path)
+    folder = model_dir.path
+    tokenizer = ensure_pad_token(model_dir.tokenizer())
     tokenizer.padding_side = "right"
     if backend not in ("auto", "ours", "transformers"):
         raise LLMLabError(f"model.backend = {backend!r}; choose auto, ours or transformers")
-    hf_config = _hf_config(folder)
+    hf_config = model_dir.config
     ours = backend == "ours" or (backend == "auto" and _maps_to_ours(hf_config))
     if ours:
-        model = hub.load_our_model(folder, num_labels=num_labels, pad_token_id=tokenizer.pad_token_id)
+        model = load_our_model(model_dir, num_labels=num_labels, pad_token_id=tokenizer.pad_token_id)
         if tokenizer.pad_token_id >= model.config.vocab_size:
             raise LLMLabError(f"{folder}: the tokenizer's pad token id {tokenizer.pad_token_id} is outside the "
                               f"model's vocabulary ({model.config.vocab_size})")
@@ -206,23 +207,13 @@ def load_classifier(path: str, num_labels: int, method: str = "full", backend: s
             _lora_ours(model, lora)
         else:
             model = _lora_transformers(model, lora)
-    return Loaded(SequenceClassifier(model, kind), tokenizer, folder, "ours" if ours else "transformers",
+    return Loaded(SequenceClassifier(model, kind), tokenizer, model_dir, "ours" if ours else "transformers",
                   is_decoder)
-
-
-def _hf_config(folder: Path):
-    from transformers import AutoConfig
-    raw = hub.read_config_json(folder)
-    try:
-        return AutoConfig.from_pretrained(folder)
-    except (ValueError, KeyError, TypeError, OSError) as e:
-        raise LLMLabError(f"{folder}/config.json: transformers cannot read it (model_type "
-                          f"{raw['model_type']!r}): {e}") from None
 
 
 def _maps_to_ours(hf_config) -> bool:
     try:
-        hub.config_from_hf(hf_config)
+        config_from_hf(hf_config)
         return True
     except LLMLabError:
         return False
@@ -252,7 +243,7 @@ def save_classifier(loaded: Loaded, model: SequenceClassifier, out_dir: Path, la
     backbone = model.backbone
     id2label = {i: name for i, name in enumerate(label_names)}
     if loaded.backend == "ours":
-        hub.save_model(merge_lora(backbone), out_dir, tokenizer=loaded.tokenizer)
+        save_model(merge_lora(backbone), out_dir, tokenizer=loaded.tokenizer)
         config_path = out_dir / "config.json"
         config = json.loads(config_path.read_text())
         config.update(id2label={str(i): n for i, n in id2label.items()}, label2id={n: i for i, n in id2label.items()})
@@ -328,8 +319,8 @@ def zero_shot_accuracy(lm: nn.Module, tokenizer, examples: list[Example], label_
 # ----------------------------------------------------------------------------------------------- one model
 
 def model_slug(path: str, taken: set[str]) -> str:
-    """A short, unique folder name for a model (``hub.model_name``, made safe for a path)."""
-    base = re.sub(r"[^\w.-]+", "-", hub.model_name(path) or "model").strip("-") or "model"
+    """A short, unique folder name for a model (``model_name``, made safe for a path)."""
+    base = re.sub(r"[^\w.-]+", "-", model_name(path) or "model").strip("-") or "model"
     slug, i = base, 2
     while slug in taken:
         slug, i = f"{base}-{i}", i + 1
@@ -371,9 +362,9 @@ def classify_one(model_path: str, data: ClassificationData, recipe: dict, out_di
     before = accuracy(model, test_rows, pad_id, c.eval_batch_size, device)
     zero_shot = None
     if loaded.is_decoder and c.zero_shot and not all(n.isdigit() for n in data.label_names):
-        lm, lm_tok = hub.load_model(loaded.folder, device=device)
-        zero_shot = zero_shot_accuracy(lm, ensure_pad_token(lm_tok), data.test, data.label_names, c.prompt,
-                                       max_length, c.eval_batch_size, device)
+        lm = load_model(loaded.model_dir, device=device)
+        zero_shot = zero_shot_accuracy(lm, ensure_pad_token(loaded.model_dir.tokenizer()), data.test, data.label_names,
+                                       c.prompt, max_length, c.eval_batch_size, device)
         del lm
     print(f"llmlab classify: {model_path}: before {before:.4f}"
           + (f", zero-shot {zero_shot:.4f}" if zero_shot is not None else ""), file=sys.stderr)

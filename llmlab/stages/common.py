@@ -26,7 +26,9 @@ from ..config import apply_overrides, from_dict, load_recipe, save_yaml
 from ..data.shards import BatchSampler
 from ..errors import LLMLabError
 from ..lora import LoRAConfig, apply_lora, import_peft, merge_lora
-from ..model import hub
+from ..hub.folder import ModelDir
+from ..hub.load import load_our_model
+from ..hub.save import generation_settings, save_model
 from ..model.config import context_length
 from ..train import dist
 from ..train.loop import TrainConfig
@@ -166,28 +168,21 @@ def batches_for(rows: list, batch_size: int, collate, seed: int) -> BatchSampler
 
 # --- the model trained ------------------------------------------------------------------------------------------
 
-def load_tokenizer_and_template(model_dir: str, template: str | None):
-    tokenizer = hub.load_tokenizer(model_dir)
-    if tokenizer is None:
-        raise LLMLabError(f"{model_dir}: no tokenizer files (tokenizer.json / tokenizer_config.json) in the folder")
-    return tokenizer, chat.load_template(model_dir, template)
-
-
-def load_trainable(model_dir: str, lora: LoRAConfig) -> tuple[nn.Module, bool]:
+def load_trainable(model_dir: ModelDir, lora: LoRAConfig) -> tuple[nn.Module, bool]:
     """(model, is_ours). Our Decoder (LoRA from ``llmlab.lora`` when ``lora.r > 0``); with LoRA, a Hugging Face
     architecture we do not implement is loaded with ``transformers`` and adapted with ``peft``."""
     try:
-        model = hub.load_our_model(model_dir)
+        model = load_our_model(model_dir)
     except LLMLabError as ours_error:
         if not lora.r:
             raise
-        return _peft_model(model_dir, lora, ours_error), False
+        return _peft_model(model_dir.path, lora, ours_error), False
     if lora.r:
         apply_lora(model, lora)
     return model, True
 
 
-def _peft_model(model_dir: str, lora: LoRAConfig, ours_error: LLMLabError) -> nn.Module:
+def _peft_model(model_dir: Path, lora: LoRAConfig, ours_error: LLMLabError) -> nn.Module:
     from transformers import AutoModelForCausalLM
     peft = import_peft()
     try:
@@ -210,12 +205,12 @@ def context_of(model: nn.Module) -> int:
 def save_trained(model: nn.Module, out_dir: Path, tokenizer, template: str, is_ours: bool) -> Path:
     """Merge LoRA adapters into the weights and write a plain Hugging Face model directory with the template."""
     if is_ours:
-        return hub.save_model(merge_lora(model), out_dir, tokenizer=tokenizer, chat_template=template)
+        return save_model(merge_lora(model), out_dir, tokenizer=tokenizer, chat_template=template)
     merged = model.merge_and_unload() if hasattr(model, "merge_and_unload") else model
     out_dir.mkdir(parents=True, exist_ok=True)
     merged.save_pretrained(out_dir)
     tokenizer.save_pretrained(out_dir)
     chat.save_template(out_dir, template)
-    settings = hub.generation_settings(merged.config, tokenizer, template)
+    settings = generation_settings(merged.config, tokenizer, template)
     (out_dir / "generation_config.json").write_text(json.dumps(settings, indent=2) + "\n")
     return out_dir

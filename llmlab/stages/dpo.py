@@ -36,13 +36,13 @@ from ..data.batching import Example, pad_collate, pad_id_of, truncate_example
 from ..data.chat_data import load_pairs
 from ..device import autocast_dtype
 from ..errors import LLMLabError
+from ..hub.folder import ModelDir
 from ..losses import dpo_loss
 from ..lora import LoRAConfig
 from ..train import dist
 from ..train.loop import refuse_existing_checkpoints, to_device, train
-from .common import (ExampleData, add_stage_args, batches_for, context_of, disable_dropout,
-                     load_tokenizer_and_template, load_trainable, resolve_max_length, save_trained, split_heldout,
-                     stage_recipe, start_run, train_config)
+from .common import (ExampleData, add_stage_args, batches_for, context_of, disable_dropout, load_trainable,
+                     resolve_max_length, save_trained, split_heldout, stage_recipe, start_run, train_config)
 from .logprobs import sequence_logps
 
 REF_FILE = "ref_logps.safetensors"
@@ -193,7 +193,8 @@ def run_dpo(model_dir: str, data_path: str, out_dir: str, recipe: dict, *, resum
     lora = from_dict(LoRAConfig, recipe.get("lora"), "lora")
     cfg = train_config(recipe)
     device = dist.init_distributed(cfg.device)[3]
-    tokenizer, template = load_tokenizer_and_template(model_dir, recipe.get("template"))
+    model_dir = ModelDir(model_dir)
+    tokenizer, template = model_dir.tokenizer(), model_dir.template(recipe.get("template"))
     pairs = load_pairs(data_path)
     held_pairs = load_pairs(data.eval_path) if data.eval_path else []
     refuse_existing_checkpoints(out_dir, resume)         # before the reference pass overwrites the run's cache

@@ -33,9 +33,10 @@ from .. import chat
 from ..data.batching import pad_collate
 from ..data.chat_data import load_prompts
 from ..errors import LLMLabError
+from ..hub.folder import ModelDir
+from ..hub.load import load_model
 from ..infer.engine import SamplingParams
 from ..infer.replies import engine_for, generate_replies, prompts_that_fit
-from ..model import hub
 from ..model.heads import RewardModel
 from ..world.build import load_world
 from ..world.judge import exact_match, is_refusal
@@ -148,15 +149,14 @@ def evaluate_models(models: list, data, out_dir, *, reward=None, reference=None,
     if world_judge is not None:
         world_judge.check_items(items)
     rm = RewardModel.load(reward) if reward else None
-    ref_model = hub.load_model(reference, device=device)[0] if reference else None
+    ref_model = load_model(reference, device=device) if reference else None
     params = SamplingParams(max_new_tokens=max_new_tokens, temperature=0.0)
 
     results, judged = [], []
     for path in models:
-        model, tokenizer = hub.load_model(path, device=device)
-        if tokenizer is None:
-            raise LLMLabError(f"{path}: no tokenizer in the model folder")
-        tmpl = chat.load_template(path, template)
+        model_dir = ModelDir(path)
+        model, tokenizer = load_model(model_dir, device=device), model_dir.tokenizer()
+        tmpl = model_dir.template(template)
         engine = engine_for(model, tokenizer, tmpl)
         if not results:         # the first model decides which prompts every model answers
             items = prompts_that_fit(engine, items, tmpl, f"eval: {path}")

@@ -22,9 +22,10 @@ from pathlib import Path
 from .. import chat
 from ..data.chat_data import iter_jsonl, load_prompts
 from ..errors import LLMLabError
+from ..hub.folder import ModelDir
+from ..hub.load import load_model
 from ..infer.engine import SamplingParams
 from ..infer.replies import engine_for, generate_replies, prompts_that_fit
-from ..model import hub
 from ..model.heads import RewardModel
 from ..world.build import load_world
 
@@ -48,8 +49,9 @@ def sample_responses(model_dir: str, items: list[dict], k: int, params: Sampling
     """(the items whose prompt fits the model's context, K sampled answers for each)."""
     if params.temperature <= 0:
         raise LLMLabError("pairs: sampling needs --temperature > 0, else the K answers are identical")
-    model, tokenizer = hub.load_model(model_dir)
-    tmpl = chat.load_template(model_dir, template)
+    model_dir = ModelDir(model_dir)
+    model, tokenizer = load_model(model_dir), model_dir.tokenizer()
+    tmpl = model_dir.template(template)
     engine = engine_for(model, tokenizer, tmpl)
     items = prompts_that_fit(engine, items, tmpl, "pairs")
     prompts = [item["prompt"] for item in items for _ in range(k)]

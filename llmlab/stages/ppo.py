@@ -24,7 +24,7 @@ log-probabilities of the rollout and of the first update agree.
 
 PPO alternates generation and optimisation, which the shared training loop (one optimizer step per batch)
 does not express; this file holds its own loop with the same outputs: ``metrics.jsonl``, a tqdm bar, atomic
-resumable checkpoints (``llmlab.train.checkpoint``), ``reward.png`` and the final policy via ``hub.save_model``.
+resumable checkpoints (``llmlab.train.checkpoint``), ``reward.png`` and the final policy via ``save_model``.
 It runs in one process.
 """
 from __future__ import annotations
@@ -42,18 +42,20 @@ from typing import Callable
 import torch
 from torch import nn
 
-from ..chat import encode_chat, load_template
+from ..chat import encode_chat
 from ..config import from_dict
 from ..data import chat_data
 from ..data.batching import pad
 from ..data.shards import BatchSampler
 from ..device import autocast_dtype, pick_device
 from ..errors import LLMLabError
+from ..hub.folder import ModelDir
+from ..hub.load import load_our_model
+from ..hub.save import save_model
 from ..infer.engine import Engine, SamplingParams
 from ..infer.replies import engine_for
 from ..losses import (entropy_from_logits, gae, kl_per_token, masked_mean, masked_whiten, ppo_policy_loss,
                       ppo_value_loss, token_logprobs)
-from ..model import hub
 from ..model.heads import PolicyWithValue, RewardModel
 from ..plots import plot_metrics
 from ..progress import progress_bar
@@ -351,14 +353,14 @@ def _save(out: Path, step: int, model, optimizer, sampler, kl: KLController, ela
                     info={"kl_coef": kl.coef, "elapsed": elapsed}, keep=keep)
 
 
-def _load_policy(path) -> tuple[nn.Module, object]:
-    policy = hub.load_our_model(path)
+def _load_policy(model: ModelDir) -> tuple[nn.Module, object]:
+    policy = load_our_model(model)
     if policy.config.arch != "decoder" or policy.config.num_labels:
-        raise LLMLabError(f"{path}: PPO needs a causal language model (e.g. the SFT model), not a "
+        raise LLMLabError(f"{model.given}: PPO needs a causal language model (e.g. the SFT model), not a "
                           f"{'classifier/reward model' if policy.config.num_labels else 'encoder'}")
-    tokenizer = hub.load_tokenizer(path)
-    if tokenizer is None or tokenizer.pad_token_id is None:
-        raise LLMLabError(f"{path}: PPO needs the model's tokenizer, with a pad token")
+    tokenizer = model.tokenizer()
+    if tokenizer.pad_token_id is None:
+        raise LLMLabError(f"{model.given}: PPO needs the model's tokenizer, with a pad token")
     return policy, tokenizer
 
 
@@ -382,8 +384,9 @@ def run_ppo(model_dir, data_path, out_dir, reward=None, recipe: dict | None = No
     refuse_existing_checkpoints(out, resume)
     device = pick_device(train_cfg.device)
     seed_everything(train_cfg.seed)
+    model = ModelDir(model)
     policy, tokenizer = _load_policy(model)
-    template = load_template(model, recipe.get("template"))
+    template = model.template(recipe.get("template"))
     max_prompt = policy.config.max_seq_len - cfg.max_new_tokens
     prompts = encode_prompts(data, tokenizer, template, max_prompt)
     eval_path = recipe["data"].get("eval_path")
@@ -430,7 +433,7 @@ def run_ppo(model_dir, data_path, out_dir, reward=None, recipe: dict | None = No
     finally:
         bar.close()
         log.close()
-    hub.save_model(policy, out / "model", tokenizer, chat_template=template)
+    save_model(policy, out / "model", tokenizer, chat_template=template)
     plot_metrics(out / "metrics.jsonl", out / "reward.png", keys=("reward", "score", "kl"),
                  title=f"{out.name}: PPO reward and KL")
     return {"steps": step, "seconds": elapsed_before + time.perf_counter() - start, "last": record,

@@ -57,8 +57,10 @@ from ..data.shards import (INDEX_FILE, BatchSampler, PackedSequences, TokenShard
                            read_index, stack_pairs, tokenizer_fingerprint)
 from ..data.sources import iter_documents, iter_documents_many
 from ..errors import LLMLabError
+from ..hub.folder import ModelDir
+from ..hub.load import load_our_model
+from ..hub.save import save_model
 from ..losses import chunked_lm_loss, lm_loss, mlm_mask
-from ..model import hub
 from ..model.config import ModelConfig, preset
 from ..model.decoder import build_model
 from ..tokenizer import load_tokenizer, save_tokenizer, special_ids, train_bpe, train_char
@@ -229,14 +231,17 @@ def documents(data: DataConfig):
     return iter_documents_many(data.paths(), text_field=data.text_field)
 
 
-def prepare_tokenizer(cfg: TokenizerConfig, data: DataConfig, out: Path, *, reuse: bool, model_dir: str | None):
+def prepare_tokenizer(cfg: TokenizerConfig, data: DataConfig, out: Path, *, reuse: bool,
+                      model_dir: ModelDir | None):
     """The run's tokenizer, saved to ``out/tokenizer``: the ``--model``'s, ``tokenizer.path``'s, the one already
     there (``reuse``, i.e. ``--resume``), or a new one trained on the corpus."""
     folder = out / "tokenizer"
     if reuse and (folder / "tokenizer.json").is_file():
         return load_tokenizer(folder)
-    if model_dir or cfg.kind == "path":
-        tokenizer = load_tokenizer(model_dir or cfg.path)
+    if model_dir:
+        tokenizer = model_dir.tokenizer()
+    elif cfg.kind == "path":
+        tokenizer = load_tokenizer(cfg.path)
     elif cfg.kind == "char":
         tokenizer = train_char(documents(data))
     else:
@@ -299,7 +304,7 @@ def finished(out: Path, steps: int) -> bool:
 def save_final(objective: nn.Module, out: Path, tokenizer) -> None:
     """The Hugging Face directory ``out/model``: weights, tokenizer, and (decoders) the ``llmlab`` chat template."""
     template = TEMPLATES[DEFAULT_TEMPLATE] if isinstance(objective, CausalLM) else None
-    hub.save_model(objective.lm, out / "model", tokenizer=tokenizer, chat_template=template)
+    save_model(objective.lm, out / "model", tokenizer=tokenizer, chat_template=template)
 
 
 # --- the stage -------------------------------------------------------------------------------------------------
@@ -317,13 +322,14 @@ def pretrain(recipe: dict, out_dir, *, resume: bool = False, model_dir: str | No
         if rank == 0:
             print(f"pretrain: {out} already finished {cfg.max_steps} steps; nothing to do", file=sys.stderr)
         return {"steps": cfg.max_steps, "skipped": True, "model_dir": str(out / "model")}
-    given = hub.load_our_model(model_dir) if model_dir else None
+    base = ModelDir(model_dir) if model_dir else None
+    given = load_our_model(base) if base else None
     section = recipe.get("model") or {}
     data.max_length = row_length(data.max_length, given, section)
     check_sources(data)
     if rank == 0:
         start_run(out, {**recipe, **({"from_model": str(model_dir)} if model_dir else {})})
-        tokenizer = prepare_tokenizer(tok_cfg, data, out, reuse=resume, model_dir=model_dir)
+        tokenizer = prepare_tokenizer(tok_cfg, data, out, reuse=resume, model_dir=base)
         prepare_shards(data, tokenizer, out)
     dist.barrier()
     tokenizer = load_tokenizer(out / "tokenizer")

@@ -38,12 +38,13 @@ from ..config import from_dict, to_dict
 from ..data.batching import Example, pack, pad_collate, pad_id_of, truncate_example
 from ..data.chat_data import load_conversations, load_heldout_conversations, load_prompts
 from ..errors import LLMLabError
+from ..hub.folder import ModelDir
 from ..infer.engine import Engine
 from ..infer.replies import exact_match_rate
 from ..lora import LoRAConfig
 from ..train import dist
 from ..train.loop import to_device, train
-from .common import (ExampleData, add_stage_args, batches_for, context_of, load_tokenizer_and_template,
+from .common import (ExampleData, add_stage_args, batches_for, context_of,
                      load_trainable, resolve_max_length, save_trained, split_heldout, stage_recipe, start_run,
                      train_config)
 from .logprobs import token_logps
@@ -119,7 +120,8 @@ def run_sft(model_dir: str, data_path: str, out_dir: str, recipe: dict, *, resum
     cfg = train_config(recipe)
     dist.init_distributed(cfg.device)      # before the sampler asks for this process's rank
     out = start_run(out_dir, recipe)
-    tokenizer, template = load_tokenizer_and_template(model_dir, recipe.get("template"))
+    model_dir = ModelDir(model_dir)
+    tokenizer, template = model_dir.tokenizer(), model_dir.template(recipe.get("template"))
     model, is_ours = load_trainable(model_dir, lora)
     data.max_length = resolve_max_length(data.max_length, context_of(model))
 

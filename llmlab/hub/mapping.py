@@ -1,7 +1,5 @@
-"""Model directories in the Hugging Face layout: import, export, and one loader for inference.
+"""Our model configs and weights in the Hugging Face layout: one translation, used in both directions.
 
-A model directory is a Hugging Face directory: ``config.json`` (a ``transformers`` config), ``model.safetensors``
-(weights under the Hugging Face names), the tokenizer files, ``chat_template.jinja`` and ``generation_config.json``.
 Our configurations map onto these Hugging Face families:
 
     ours                                          Hugging Face
@@ -15,39 +13,23 @@ Our configurations map onto these Hugging Face families:
     encoder, post-norm layernorm + learned + gelu BertForMaskedLM
     ... with num_labels > 0                       *ForSequenceClassification (heads ``score`` / ``classifier``)
 
-Weights map name by name through one table per family (``_plan``), used in both directions. Our fused matrices
-are split into row ranges: ``qkv`` = [W_q; W_k; W_v] ↔ q_proj, k_proj, v_proj (query, key, value in BERT), and the
-SwiGLU ``up`` = [W_gate; W_up] ↔ gate_proj, up_proj. GPT-2 keeps its fused ``c_attn`` but stores every projection
-as a Conv1D, i.e. the transposed matrix Wᵀ. Tied weights (lm_head = embed, the BERT decoder = word embeddings)
-are written once, under the embedding's name, as ``save_pretrained`` does. Gemma's RMSNorm scales by (1 + w) where
-ours scales by g, so its norm gains are folded on import, g = w + 1, and unfolded on export, w = g − 1.
-
-``load_model`` returns our ``Decoder`` when the architecture maps, the ``transformers`` model itself when it does
-not (Mistral, Phi, a RoPE type other than llama3, ...), and converts a ``.gguf`` file once into a cached Hugging Face
-folder.
+Weights map name by name through one table per family (``weight_plan``), used in both directions. Our fused
+matrices are split into row ranges: ``qkv`` = [W_q; W_k; W_v] ↔ q_proj, k_proj, v_proj (query, key, value in BERT),
+and the SwiGLU ``up`` = [W_gate; W_up] ↔ gate_proj, up_proj. GPT-2 keeps its fused ``c_attn`` but stores every
+projection as a Conv1D, i.e. the transposed matrix Wᵀ. Tied weights (lm_head = embed, the BERT decoder = word
+embeddings) are written once, under the embedding's name, as ``save_pretrained`` does. Gemma's RMSNorm scales by
+(1 + w) where ours scales by g, so its norm gains are folded on import, g = w + 1, and unfolded on export, w = g − 1.
 """
 from __future__ import annotations
 
-import copy
-import dataclasses
-import hashlib
-import json
-import os
 import re
-import shutil
-import tempfile
-from contextlib import contextmanager
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 from torch import nn
 
-from ..config import cache_root
-from ..device import parse_dtype
 from ..errors import LLMLabError
-from .config import ROPE_SCALING_KEYS, ModelConfig, preset
-from .decoder import build_empty, init_weights
+from ..model.config import ROPE_SCALING_KEYS, ModelConfig, preset
 
 FAMILIES = ("llama", "qwen2", "qwen3", "gemma2", "gemma3_text", "gpt2", "bert")      # transformers' model_type
 ARCHITECTURES = {   # family → (language-model head, classification head)
@@ -59,25 +41,8 @@ ARCHITECTURES = {   # family → (language-model head, classification head)
     "gpt2": ("GPT2LMHeadModel", "GPT2ForSequenceClassification"),
     "bert": ("BertForMaskedLM", "BertForSequenceClassification"),
 }
-# Fields config.json must have (alternatives separated by |), so that transformers' defaults never stand in.
-REQUIRED_FIELDS = {
-    "llama": ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads"),
-    "qwen2": ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads"),
-    "qwen3": ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads"),
-    "gemma2": ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
-               "head_dim"),
-    "gemma3_text": ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
-                    "head_dim"),
-    "gpt2": ("vocab_size", "n_embd|hidden_size", "n_layer|num_hidden_layers", "n_head|num_attention_heads"),
-    "bert": ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads"),
-}
 # Buffers some checkpoints carry that are not weights (recomputed by every implementation).
 IGNORED_KEYS = re.compile(r"(position_ids|rotary_emb\.inv_freq|\.attn\.bias|\.attn\.masked_bias)$")
-# Files a model directory owns; anything else in an existing output directory (run.yaml, checkpoints/) is kept.
-MODEL_FILES = re.compile(r"(config\.json|generation_config\.json|model.*\.safetensors(\.index\.json)?|tokenizer.*|"
-                         r"special_tokens_map\.json|added_tokens\.json|chat_template\.jinja|vocab\.(txt|json)|"
-                         r"merges\.txt)$")
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.txt", "vocab.json")
 
 
 # ----------------------------------------------------------------------------------------------- configurations
@@ -203,7 +168,7 @@ def _rope_parameters(cfg: ModelConfig) -> dict:
 
 
 def _rope_scaling(rope_parameters: dict) -> dict | None:
-    """Our ``rope_scaling`` from config.json's RoPE parameters (whose type ``_unsupported`` has checked)."""
+    """Our ``rope_scaling`` from config.json's RoPE parameters (whose type ``unsupported`` has checked)."""
     if rope_parameters["rope_type"] == "default":
         return None
     return {"rope_type": "llama3", **{k: rope_parameters[k] for k in ROPE_SCALING_KEYS}}
@@ -237,7 +202,7 @@ def _gemma_fields(cfg: ModelConfig) -> dict:
                 attention_bias=False, attention_dropout=cfg.dropout)
 
 
-def _unsupported(hf) -> str | None:
+def unsupported(hf) -> str | None:
     """Why ``hf`` (a transformers config) has no exact llmlab equivalent, or None when it has one."""
     family = hf.model_type
     if family not in FAMILIES:
@@ -288,7 +253,7 @@ def _unsupported(hf) -> str | None:
 def config_from_hf(hf_config) -> ModelConfig:
     """Our ModelConfig for a ``transformers`` config of the Llama, Qwen2, Qwen3, Gemma 2, Gemma 3 (text), GPT-2
     or BERT family."""
-    reason = _unsupported(hf_config)
+    reason = unsupported(hf_config)
     if reason:
         raise LLMLabError(f"this Hugging Face config has no llmlab equivalent: {reason}")
     hf, family = hf_config, hf_config.model_type
@@ -373,7 +338,7 @@ GEMMA_BLOCK_NORMS = {"input_layernorm": "attn_norm", "post_attention_layernorm":
                      "pre_feedforward_layernorm": "mlp_norm", "post_feedforward_layernorm": "mlp_out_norm"}
 
 
-def _plan(cfg: ModelConfig) -> list[Entry]:
+def weight_plan(cfg: ModelConfig) -> list[Entry]:
     """Every Hugging Face tensor of ``cfg``'s family, with where it lives in our model."""
     family = _family(cfg)
     qkv_sizes = [cfg.n_head * cfg.head_dim, cfg.n_kv_head * cfg.head_dim, cfg.n_kv_head * cfg.head_dim]
@@ -450,7 +415,7 @@ def state_dict_to_hf(model: nn.Module, keep_lm_head: bool = False) -> dict[str, 
     model whose reward reads the model's own likelihood; ``transformers`` ignores the extra tensor)."""
     params = dict(model.named_parameters(remove_duplicate=False))
     out = {}
-    for e in _plan(model.config):
+    for e in weight_plan(model.config):
         if e.export or (keep_lm_head and e.hf == "lm_head.weight"):
             t = params[e.ours].detach()
             t = t[e.rows[0]:e.rows[1]] if e.rows else t
@@ -485,7 +450,7 @@ def load_hf_state_dict(model: nn.Module, hf_state_dict: dict[str, torch.Tensor])
     cfg = model.config
     family = _family(cfg)
     state = _normalize_keys(family, hf_state_dict)
-    plan = _plan(cfg)
+    plan = weight_plan(cfg)
     # tolerated extras: tied copies some checkpoints store anyway (a classifier's own LM head is an optional entry)
     extras = {"cls.predictions.decoder.bias"}
     if cfg.tie_embeddings:
@@ -515,344 +480,3 @@ def load_hf_state_dict(model: nn.Module, hf_state_dict: dict[str, torch.Tensor])
                 raise LLMLabError(f"weight {e.hf} has shape {shown}, but the config needs {wanted}")
             target.copy_(source)
     return absent
-
-
-# ------------------------------------------------------------------------------------------ directories: saving
-
-@contextmanager
-def _atomic_dir(out_dir: Path):
-    """Yield an empty staging directory beside ``out_dir``; when the block succeeds, it takes ``out_dir``'s place.
-
-    Entries of an existing ``out_dir`` that are not model files (run.yaml, metrics.jsonl, checkpoints/) are moved
-    into the new directory. The swap is two renames on one filesystem: a crash before it leaves the old directory
-    untouched, a crash between them leaves both complete copies beside each other; never a half-written one.
-    When the block fails, the staging directory is removed and ``out_dir`` is untouched.
-    """
-    out_dir = Path(out_dir)
-    if out_dir.exists() and not out_dir.is_dir():
-        raise LLMLabError(f"{out_dir} exists and is not a directory")
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    stage = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".saving", dir=out_dir.parent))
-    try:
-        yield stage
-    except BaseException:
-        shutil.rmtree(stage, ignore_errors=True)
-        raise
-    os.chmod(stage, 0o755)
-    if not out_dir.exists():
-        os.rename(stage, out_dir)
-        return
-    for entry in out_dir.iterdir():
-        if not MODEL_FILES.fullmatch(entry.name) and not (stage / entry.name).exists():
-            os.rename(entry, stage / entry.name)
-    old = tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".old", dir=out_dir.parent)
-    os.rename(out_dir, old)        # replaces the empty placeholder
-    os.rename(stage, out_dir)
-    shutil.rmtree(old)
-
-
-def _as_hf_tokenizer(tokenizer):
-    """A ``transformers`` tokenizer: passed through, or wrapped around a bare ``tokenizers.Tokenizer``."""
-    if hasattr(tokenizer, "save_pretrained"):
-        return tokenizer
-    from tokenizers import Tokenizer
-    if isinstance(tokenizer, Tokenizer):
-        from transformers import PreTrainedTokenizerFast
-        return PreTrainedTokenizerFast(tokenizer_object=tokenizer)
-    raise LLMLabError(f"cannot save a tokenizer of type {type(tokenizer).__name__}: pass a transformers tokenizer "
-                      "or a tokenizers.Tokenizer")
-
-
-def end_of_turn_id(tokenizer, chat_template: str) -> int | None:
-    """The special token the template puts right after an assistant message (``<|im_end|>``, ``<|eot_id|>``,
-    ``<end_of_turn>``...), found by rendering a probe conversation; None when the template ends turns with
-    plain text."""
-    probe = "llmlab-probe-answer"
-    messages = [{"role": "user", "content": "hello"}, {"role": "assistant", "content": probe}]
-    try:
-        text = tokenizer.apply_chat_template(messages, chat_template=chat_template, tokenize=False)
-    except Exception as e:   # a template is user input: any rendering failure is theirs to fix
-        raise LLMLabError(f"the chat template does not render a user/assistant conversation: {e}") from e
-    if probe not in text:
-        return None
-    after = tokenizer.encode(text.split(probe, 1)[1], add_special_tokens=False)
-    special = set(tokenizer.all_special_ids) | set(getattr(tokenizer, "added_tokens_decoder", {}))
-    return after[0] if after and after[0] in special else None
-
-
-def generation_settings(hf_config, tokenizer=None, chat_template: str | None = None,
-                        extra: dict | None = None) -> dict:
-    """The content of ``generation_config.json``: bos/eos/pad ids, with the end-of-turn id as a second eos when
-    there is a chat template, then ``extra`` (e.g. temperature) on top."""
-    eos = hf_config.eos_token_id
-    eos_ids = list(eos) if isinstance(eos, (list, tuple)) else ([eos] if eos is not None else [])
-    if chat_template and tokenizer is not None:
-        turn_end = end_of_turn_id(tokenizer, chat_template)
-        if turn_end is not None and turn_end not in eos_ids:
-            eos_ids.append(turn_end)
-    settings = {"bos_token_id": hf_config.bos_token_id,
-                "eos_token_id": eos_ids[0] if len(eos_ids) == 1 else (eos_ids or None),
-                "pad_token_id": hf_config.pad_token_id}
-    return {**settings, **(extra or {})}
-
-
-def _write_weights(model: nn.Module, path: Path, keep_lm_head: bool = False) -> None:
-    from safetensors.torch import save_file
-    save_file(state_dict_to_hf(model, keep_lm_head), str(path), metadata={"format": "pt"})
-
-
-def save_model(model: nn.Module, out_dir, tokenizer=None, chat_template: str | None = None,
-               generation_config: dict | None = None, keep_lm_head: bool = False,
-               extra_files: dict[str, str] | None = None) -> Path:
-    """Write ``model`` (our Decoder or Encoder) as a Hugging Face directory, atomically.
-
-    ``config.json`` and ``model.safetensors`` always; the tokenizer files when ``tokenizer`` is given (a
-    transformers tokenizer or a ``tokenizers.Tokenizer``); ``chat_template.jinja`` when ``chat_template`` is given
-    (else the tokenizer's own, if any); ``generation_config.json`` from the ids (``generation_config`` adds keys).
-    Token ids the model config leaves unset are taken from the tokenizer. ``keep_lm_head``: see
-    ``state_dict_to_hf``; ``extra_files`` (name → text) are written in the same atomic step.
-    """
-    if chat_template and tokenizer is None:
-        raise LLMLabError("save_model: a chat_template needs the tokenizer (to find its end-of-turn token id)")
-    out_dir = Path(out_dir)
-    hf = config_to_hf(model.config)
-    hf.dtype = next(model.parameters()).dtype
-    if tokenizer is not None:
-        tokenizer = _as_hf_tokenizer(tokenizer)
-        for field in ("bos_token_id", "eos_token_id", "pad_token_id"):
-            if getattr(hf, field) is None:
-                setattr(hf, field, getattr(tokenizer, field, None))
-    template = chat_template or getattr(tokenizer, "chat_template", None)
-    with _atomic_dir(out_dir) as stage:
-        hf.save_pretrained(stage)
-        _write_weights(model, stage / "model.safetensors", keep_lm_head)
-        for name, text in (extra_files or {}).items():
-            (stage / name).write_text(text, encoding="utf-8")
-        if tokenizer is not None:
-            tokenizer.save_pretrained(stage)
-        if chat_template:
-            (stage / "chat_template.jinja").write_text(chat_template)
-        settings = generation_settings(hf, tokenizer, template, generation_config)
-        (stage / "generation_config.json").write_text(json.dumps(settings, indent=2) + "\n")
-    return out_dir
-
-
-# ----------------------------------------------------------------------------------------- directories: loading
-
-def read_config_json(folder: Path) -> dict:
-    """``config.json`` as a dict, checked: valid JSON, a ``model_type``, and for the families we map every
-    field that would otherwise silently take a transformers default."""
-    path = Path(folder) / "config.json"
-    if not path.is_file():
-        raise LLMLabError(f"{folder}: no config.json (not a Hugging Face model directory)")
-    try:
-        raw = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise LLMLabError(f"{path}: invalid JSON at line {e.lineno}: {e.msg}") from e
-    if not isinstance(raw, dict) or not isinstance(raw.get("model_type"), str):
-        raise LLMLabError(f"{path}: missing field 'model_type' (e.g. \"llama\", \"gpt2\", \"bert\")")
-    for field in REQUIRED_FIELDS.get(raw["model_type"], ()):
-        names = field.split("|")
-        value = next((raw[n] for n in names if n in raw), None)
-        if value is None:
-            raise LLMLabError(f"{path}: missing field '{names[0]}' for model_type {raw['model_type']!r}")
-        if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-            raise LLMLabError(f"{path}: field '{names[0]}' must be a positive integer, got {value!r}")
-    return raw
-
-
-def _hf_config(folder: Path):
-    """The transformers config of a checked ``config.json``."""
-    import transformers
-
-    raw = read_config_json(folder)
-    try:
-        return transformers.AutoConfig.from_pretrained(folder)
-    except (ValueError, KeyError, TypeError, OSError) as e:
-        raise LLMLabError(f"{folder}/config.json: transformers cannot read it (model_type "
-                          f"{raw['model_type']!r}): {e}") from e
-
-
-def read_weights(folder: Path) -> dict[str, torch.Tensor]:
-    """All tensors of a folder's ``model.safetensors`` (or its shards, or ``pytorch_model.bin`` loaded with
-    ``weights_only=True``)."""
-    from safetensors.torch import load_file
-
-    folder = Path(folder)
-    index = folder / "model.safetensors.index.json"
-    if (folder / "model.safetensors").is_file():
-        files = [folder / "model.safetensors"]
-    elif index.is_file():
-        try:
-            files = [folder / f for f in sorted(set(json.loads(index.read_text())["weight_map"].values()))]
-        except (json.JSONDecodeError, KeyError, AttributeError) as e:
-            raise LLMLabError(f"{index}: not a valid safetensors index ({e})") from e
-    elif (folder / "pytorch_model.bin").is_file():
-        try:
-            return torch.load(folder / "pytorch_model.bin", map_location="cpu", weights_only=True)
-        except Exception as e:
-            raise LLMLabError(f"{folder / 'pytorch_model.bin'}: unreadable weights ({e})") from e
-    else:
-        raise LLMLabError(f"{folder}: no model.safetensors (nor an index or pytorch_model.bin)")
-    state = {}
-    for f in files:
-        try:
-            state.update(load_file(str(f)))
-        except Exception as e:    # safetensors raises its own error types for corrupt headers and data
-            raise LLMLabError(f"{f}: corrupt or unreadable safetensors file ({e})") from e
-    return state
-
-
-def load_tokenizer(folder):
-    """The folder's tokenizer (``AutoTokenizer``, chat template included), or None when it has none."""
-    folder = Path(folder)
-    if not any((folder / f).is_file() for f in TOKENIZER_FILES):
-        return None
-    from transformers import AutoTokenizer
-    try:
-        return AutoTokenizer.from_pretrained(folder)
-    except Exception as e:
-        raise LLMLabError(f"{folder}: cannot load the tokenizer ({type(e).__name__}: {e})") from e
-
-
-def _to(model: nn.Module, device, dtype) -> nn.Module:
-    dtype = parse_dtype(dtype) if isinstance(dtype, str) or dtype is None else dtype
-    return model.to(device=device, dtype=dtype or torch.float32)
-
-
-def _build_ours(folder: Path, hf, overrides: dict) -> nn.Module:
-    try:
-        cfg = config_from_hf(hf)
-        if overrides:
-            cfg = dataclasses.replace(cfg, **overrides)
-    except LLMLabError as e:
-        raise LLMLabError(f"{folder}/config.json: {e}") from e
-    except TypeError as e:
-        raise LLMLabError(f"unknown model field in overrides {sorted(overrides)}: {e}") from e
-    model = build_empty(cfg)
-    try:
-        absent = load_hf_state_dict(model, read_weights(folder))
-    except LLMLabError as e:
-        raise LLMLabError(f"{folder}: {e}") from e
-    ours = {e.hf: e.ours for e in _plan(cfg)}
-    init_weights(model, cfg, only={ours[name] for name in absent})     # e.g. a new classification head
-    if (folder / "generation_config.json").is_file():
-        from transformers import GenerationConfig
-        model.generation_config = GenerationConfig.from_pretrained(folder)
-    return model.eval()
-
-
-def gguf_cache_dir(gguf_path) -> Path:
-    """Where the converted folder of a ``.gguf`` file lives:
-    ``$LLMLAB_CACHE/gguf/<name>-<size>-<hash>`` (default ``~/.cache/llmlab``), the hash over the file's absolute
-    path and modification time, so that a changed file is converted again."""
-    path = Path(gguf_path).resolve()
-    stat = path.stat()
-    key = hashlib.sha256(f"{path}:{stat.st_mtime_ns}".encode()).hexdigest()[:12]
-    return cache_root() / "gguf" / f"{path.stem}-{stat.st_size}-{key}"
-
-
-def _convert_gguf(gguf_path: Path, dest: Path) -> None:
-    """Dequantize a GGUF file into a plain Hugging Face folder (slow: minutes for a few hundred million weights).
-
-    transformers refuses ``save_pretrained`` on a GGUF-loaded model, so a plain model is rebuilt from its config
-    without ``quantization_config`` and the weights are copied in.
-    """
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    folder, name = gguf_path.parent, gguf_path.name
-    try:
-        loaded = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
-        tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
-    except Exception as e:
-        raise LLMLabError(f"{gguf_path}: transformers cannot load this GGUF file ({type(e).__name__}: {e})") from e
-    config = copy.deepcopy(loaded.config)
-    if hasattr(config, "quantization_config"):
-        del config.quantization_config
-    plain = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    plain.load_state_dict(loaded.state_dict())
-    with _atomic_dir(dest) as stage:
-        plain.save_pretrained(stage)
-        tokenizer.save_pretrained(stage)
-        settings = generation_settings(config, tokenizer, tokenizer.chat_template)
-        (stage / "generation_config.json").write_text(json.dumps(settings, indent=2) + "\n")
-
-
-def model_name(path) -> str:
-    """A readable name for a model path: the file's stem or the folder's name, or the parent's when the folder is
-    just ``model`` (our run directories, some packages): ``runs/sft/model`` → ``sft``."""
-    p = Path(str(path).rstrip("/"))
-    if p.suffix == ".gguf":
-        return p.stem
-    return p.parent.name if p.name == "model" and p.parent.name else p.name
-
-
-def resolve_model_dir(path) -> Path:
-    """A local folder for ``path``: a directory as is; a ``.gguf`` file converted once into the cache; a hub name
-    (``org/name`` or ``name``) from the local Hugging Face cache or a download."""
-    p = Path(path).expanduser()
-    if p.is_dir():
-        return p
-    if p.suffix == ".gguf":
-        if not p.is_file():
-            raise LLMLabError(f"GGUF file not found: {p}")
-        dest = gguf_cache_dir(p)
-        if not (dest / "config.json").is_file():
-            _convert_gguf(p, dest)
-        return dest
-    if p.exists():
-        raise LLMLabError(f"{p} is neither a model directory nor a .gguf file")
-    if re.fullmatch(r"[\w.-]+(/[\w.-]+)?", str(path)):
-        from huggingface_hub import snapshot_download
-        try:
-            return Path(snapshot_download(str(path), allow_patterns=["*.json", "*.safetensors", "*.jinja",
-                                                                      "tokenizer*", "*.txt", "*.model"]))
-        except Exception as e:
-            raise LLMLabError(f"{path}: no such model directory, and the Hugging Face model of that name is not "
-                              f"in the local cache and could not be downloaded ({type(e).__name__})") from e
-    raise LLMLabError(f"model directory not found: {p}")
-
-
-def load_model(path, *, device="cpu", dtype=None):
-    """(model, tokenizer) for inference from our directory, a Hugging Face folder or hub name, or a ``.gguf`` file.
-
-    Llama, Qwen2, Qwen3, Gemma 2, Gemma 3 (text) and GPT-2 causal LMs become our ``Decoder`` with the weights
-    imported (and the folder's ``generation_config`` attached as ``model.generation_config``); any other causal LM
-    is returned as the ``transformers`` model itself (``AutoModelForCausalLM``, eval mode). ``dtype`` defaults to
-    float32.
-    """
-    folder = resolve_model_dir(path)
-    hf = _hf_config(folder)
-    if hf.model_type == "bert":
-        raise LLMLabError(f"{folder} is a BERT encoder, not a causal language model: use load_encoder")
-    if _unsupported(hf) is None:
-        model = _build_ours(folder, hf, {})
-    else:
-        from transformers import AutoModelForCausalLM
-        try:
-            model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
-        except Exception as e:
-            raise LLMLabError(f"{folder}: transformers cannot load it as a causal LM ({type(e).__name__}: {e})") from e
-    return _to(model, device, dtype), load_tokenizer(folder)
-
-
-def load_our_model(path, **overrides) -> nn.Module:
-    """Our Decoder or Encoder from our directory or a mappable Hugging Face folder, for training stages;
-    ``overrides`` replace config fields (e.g. ``num_labels=2`` adds a fresh classification head)."""
-    folder = resolve_model_dir(path)
-    hf = _hf_config(folder)
-    reason = _unsupported(hf)
-    if reason:
-        raise LLMLabError(f"{folder}/config.json: no llmlab model for this architecture: {reason}; training "
-                          "stages need a Llama, Qwen2, Qwen3, Gemma 2, Gemma 3, GPT-2 or BERT model")
-    return _build_ours(folder, hf, overrides)
-
-
-def load_encoder(path, *, device="cpu", dtype=None, **overrides) -> nn.Module:
-    """Our Encoder from our directory or a Hugging Face BERT folder (``BertModel``, ``BertForMaskedLM``,
-    ``BertForSequenceClassification``)."""
-    folder = resolve_model_dir(path)
-    hf = _hf_config(folder)
-    if hf.model_type != "bert":
-        raise LLMLabError(f"{folder}/config.json: model_type {hf.model_type!r} is not a BERT encoder")
-    return _to(load_our_model(folder, **overrides), device, dtype)
