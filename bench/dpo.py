@@ -60,7 +60,7 @@ def run_ours(model_dir: Path, pairs: Path, out: Path, steps: int, batch: int) ->
     dpo_stage.train = timed_train
     try:
         start = time.perf_counter()
-        dpo_stage.run_dpo(str(model_dir), str(pairs), str(out), recipe)
+        dpo_stage.run(str(model_dir), str(pairs), str(out), recipe)
     finally:
         dpo_stage.train = real_train
     per_step = step_times(marks, steps)

@@ -41,7 +41,7 @@ def run_ours(model_dir: Path, data: Path, out: Path, steps: int, batch: int, pad
                   "checkpoint_every": 0, "eval_every": 0, "log_every": 1000, "device": "cpu"}})
     sft_stage.train = timed_train
     try:
-        sft_stage.run_sft(str(model_dir), str(data), str(out), recipe)
+        sft_stage.run(str(model_dir), str(data), str(out), recipe)
     finally:
         sft_stage.train = real_train
     return step_times(marks, steps)

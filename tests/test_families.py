@@ -23,10 +23,11 @@ from llmlab.model.attention import llama3_frequencies
 from llmlab.model.config import preset
 from llmlab.model.decoder import Decoder, build_model
 from llmlab.stages.common import deep_merge
-from llmlab.stages.dpo import DEFAULTS as DPO_DEFAULTS, run_dpo
+from llmlab.stages.dpo import DEFAULTS as DPO_DEFAULTS
+from llmlab.stages.dpo import run as run_dpo
 from llmlab.stages.pretrain import CausalLM
 from llmlab.stages.logprobs import token_logps
-from llmlab.stages.sft import run_sft
+from llmlab.stages.sft import run as run_sft
 from llmlab.tokenizer import train_bpe
 from conftest import logit_error
 from test_sft import one_thread, sft_recipe, write_jsonl

@@ -97,3 +97,16 @@ def test_lower_floors_import_no_stage():
         if module in upper:
             continue
         assert not targets & upper, f"{module} imports {sorted(targets & upper)}"
+
+
+@pytest.mark.parametrize("name", ["pretrain", "sft", "reward", "dpo", "ppo", "classify"])
+def test_every_training_stage_has_one_entry_point(name):
+    """``run(model, data, out, recipe=None, *, resume=False, ...)``, the recipe laid over the stage's DEFAULTS."""
+    import importlib
+    import inspect
+    stage = importlib.import_module(f"llmlab.stages.{name}")
+    params = inspect.signature(stage.run).parameters
+    assert list(params)[:4] == (["models"] if name == "classify" else ["model_dir"]) + ["data_path", "out_dir",
+                                                                                          "recipe"]
+    assert params["recipe"].default is None and params["resume"].kind is inspect.Parameter.KEYWORD_ONLY
+    assert isinstance(stage.DEFAULTS, dict) and callable(stage.register)

@@ -19,7 +19,8 @@ from llmlab.model.config import preset
 from llmlab.model.decoder import build_model
 from llmlab.model.heads import PolicyWithValue
 from llmlab.stages.ppo import (KLController, PPOConfig, advantages_and_returns, encode_prompts, make_scorer,
-                               per_token_rewards, ppo_losses, rollout_batch, run_ppo)
+                               per_token_rewards, ppo_losses, rollout_batch)
+from llmlab.stages.ppo import run as run_ppo
 from llmlab.tokenizer import train_char
 from llmlab.train.checkpoint import load_latest
 from llmlab.world.build import build_world, preset as world_preset
@@ -150,7 +151,7 @@ def test_rollout_layout_gives_the_engines_distribution(setup):
 @pytest.fixture(scope="module")
 def trained(setup):
     run = setup["root"] / "run"
-    run_ppo(setup["policy"], setup["world"] / "rl_train.jsonl", run, letter_share, recipe(10))
+    run_ppo(setup["policy"], setup["world"] / "rl_train.jsonl", run, recipe(10), reward=letter_share)
     return run
 
 
@@ -183,10 +184,10 @@ def test_saved_policy_loads_in_transformers_and_the_engine(setup, trained):
 
 def test_resume_continues_exactly(setup, trained, tmp_path):
     data = setup["world"] / "rl_train.jsonl"
-    run_ppo(setup["policy"], data, tmp_path, letter_share, recipe(1))        # checkpoints its last step
+    run_ppo(setup["policy"], data, tmp_path, recipe(1), reward=letter_share)        # checkpoints its last step
     with pytest.raises(LLMLabError, match="--resume"):
-        run_ppo(setup["policy"], data, tmp_path, letter_share, recipe(3))
-    run_ppo(setup["policy"], data, tmp_path, letter_share, recipe(3), resume=True)
+        run_ppo(setup["policy"], data, tmp_path, recipe(3), reward=letter_share)
+    run_ppo(setup["policy"], data, tmp_path, recipe(3), reward=letter_share, resume=True)
     resumed, straight = read_metrics(tmp_path), read_metrics(trained)[:3]
     assert [r["step"] for r in resumed] == [1, 2, 3]
     for a, b in zip(resumed, straight):
@@ -195,15 +196,15 @@ def test_resume_continues_exactly(setup, trained, tmp_path):
 
 def test_value_head_learns_at_its_own_rate(setup, tmp_path):
     """ppo.value_lr_scale: the value head is its own AdamW group at that multiple of the policy's learning rate."""
-    run_ppo(setup["policy"], setup["world"] / "rl_train.jsonl", tmp_path, letter_share,
-            recipe(2, value_lr_scale=30))
+    run_ppo(setup["policy"], setup["world"] / "rl_train.jsonl", tmp_path, recipe(2, value_lr_scale=30),
+            reward=letter_share)
     groups = load_latest(tmp_path).optimizer["param_groups"]
     assert [g["lr"] for g in groups] == pytest.approx([1e-2] * (len(groups) - 1) + [0.3])
     assert sorted(groups[-1]["params"]) == ["value_head.bias", "value_head.weight"]
     assert not any(name.startswith("value_head") for g in groups[:-1] for name in g["params"])
     with pytest.raises(LLMLabError, match="ppo.value_lr_scale must be > 0"):
-        run_ppo(setup["policy"], setup["world"] / "rl_train.jsonl", tmp_path / "bad", letter_share,
-                recipe(1, value_lr_scale=0))
+        run_ppo(setup["policy"], setup["world"] / "rl_train.jsonl", tmp_path / "bad", recipe(1, value_lr_scale=0),
+                reward=letter_share)
 
 
 def test_ppo_whole_number_fields_refuse_fractions():
@@ -229,14 +230,15 @@ def test_world_and_reward_model_scorers(setup, tmp_path):
 def test_missing_or_wrong_reward_is_a_clear_error(setup, tmp_path, capsys):
     data = setup["world"] / "rl_train.jsonl"
     with pytest.raises(LLMLabError, match="ppo needs a reward"):
-        run_ppo(setup["policy"], data, tmp_path / "a", None, recipe(1))
+        run_ppo(setup["policy"], data, tmp_path / "a", recipe(1), reward=None)
     code = main(["ppo", "--model", str(setup["policy"]), "--data", str(data), "--out", str(tmp_path / "b")])
     assert code == 2 and "ppo needs a reward: --reward RM_DIR" in capsys.readouterr().err
     with pytest.raises(LLMLabError, match="no reward head"):
-        run_ppo(setup["policy"], data, tmp_path / "c", str(setup["policy"]), recipe(1))
+        run_ppo(setup["policy"], data, tmp_path / "c", recipe(1), reward=str(setup["policy"]))
     other = tmp_path / "prompts.jsonl"
     other.write_text(json.dumps({"prompt": "hi"}) + "\n")
     with pytest.raises(LLMLabError, match="reward.world"):
-        run_ppo(setup["policy"], other, tmp_path / "d", "world", recipe(1))
+        run_ppo(setup["policy"], other, tmp_path / "d", recipe(1), reward="world")
     with pytest.raises(LLMLabError, match=r"needs the field\(s\) kind, reference"):
-        run_ppo(setup["policy"], other, tmp_path / "e", "world", {**recipe(1), "reward": {"world": str(setup["world"])}})
+        run_ppo(setup["policy"], other, tmp_path / "e", {**recipe(1), "reward": {"world": str(setup["world"])}},
+                reward="world")

@@ -17,7 +17,8 @@ from llmlab.hub.load import load_encoder, load_model, load_our_model, read_weigh
 from llmlab.model.decoder import build_model
 from llmlab.stages.common import resolve_recipe
 from llmlab.experiments.encoder_vs_decoder import decoder_nll, encoder_nll
-from llmlab.stages.pretrain import DEFAULTS, pretrain
+from llmlab.stages.pretrain import DEFAULTS
+from llmlab.stages.pretrain import run as run_pretrain
 from llmlab.train.checkpoint import load_latest
 
 REPO = Path(__file__).resolve().parent.parent
@@ -87,10 +88,10 @@ def test_kill_then_resume_is_bitwise_identical(decoder_run, corpus, tmp_path):
     out = tmp_path / "killed"
     argv = ["--set", f"data.path={corpus}", *TINY, "--set", "model.preset=gpt2"]
     script = ("import os, signal, sys; from llmlab.stages.common import resolve_recipe; "
-              "from llmlab.stages.pretrain import DEFAULTS, pretrain; "
+              "from llmlab.stages.pretrain import DEFAULTS, run; "
               "sets = [a for a in sys.argv[2:] if a != '--set']; "
               "kill = lambda step, record: step == 3 and os.kill(os.getpid(), signal.SIGKILL); "
-              "pretrain(resolve_recipe(DEFAULTS, None, sets), sys.argv[1], on_step=kill)")
+              "run(None, None, sys.argv[1], resolve_recipe(DEFAULTS, None, sets), on_step=kill)")
     killed = subprocess.run([sys.executable, "-c", script, str(out), *argv], cwd=REPO, capture_output=True, text=True)
     assert killed.returncode == -9, killed.stderr[-2000:]
     assert load_latest(out).step == 2 and not (out / "model").exists()
@@ -114,7 +115,7 @@ def test_compiled_training_matches_eager(decoder_run, corpus, tmp_path):
     compiled, eager = read_weights(out / "model"), read_weights(decoder_run / "model")
     for name, tensor in eager.items():
         assert torch.allclose(compiled[name], tensor, atol=1e-4), name
-    from llmlab.stages.sft import DEFAULTS as SFT_DEFAULTS, run_sft
+    from llmlab.stages.sft import DEFAULTS as SFT_DEFAULTS, run as run_sft
     with pytest.raises(LLMLabError, match="train.compile=true is supported by `llmlab pretrain` only"):
         run_sft(str(decoder_run / "model"), str(corpus), str(tmp_path / "sft"),
                 resolve_recipe(SFT_DEFAULTS, None, ["train.compile=true", "train.progress=false"]))
@@ -165,7 +166,7 @@ def test_user_errors(corpus, tmp_path, change, message):
     sets = [s for s in TINY if s != "--set"] + [f"data.path={corpus}"]
     sets += [f"{k}={empty if v == 'EMPTY' else ('null' if v is None else v)}" for k, v in change.items()]
     with pytest.raises(LLMLabError, match=message):
-        pretrain(resolve_recipe(DEFAULTS, None, sets), tmp_path / "run")
+        run_pretrain(None, None, tmp_path / "run", resolve_recipe(DEFAULTS, None, sets))
     assert not (tmp_path / "run" / "checkpoints").exists()
 
 

@@ -16,7 +16,8 @@ from llmlab.model.decoder import build_model
 from llmlab.chat import encode_reply
 from llmlab.data.batching import pad
 from llmlab.model.heads import RewardModel
-from llmlab.stages.reward import (encode_reward_pairs, load_pair_records, pair_loss, reward_pair_collate, run_rm,
+from llmlab.stages.reward import run as run_rm
+from llmlab.stages.reward import (encode_reward_pairs, load_pair_records, pair_loss, reward_pair_collate,
                                   split_pairs)
 from llmlab.tokenizer import train_char
 from llmlab.world.build import build_world, preset as world_preset

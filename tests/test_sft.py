@@ -31,7 +31,8 @@ from llmlab.data.batching import pack, pack_batch, pad_collate
 from llmlab.data.chat_data import load_prompts
 from llmlab.infer.replies import exact_match_rate, generate_replies
 from llmlab.stages.logprobs import sequence_logps
-from llmlab.stages.sft import DEFAULTS, encode_conversations, run_sft, sft_loss
+from llmlab.stages.sft import DEFAULTS, encode_conversations, sft_loss
+from llmlab.stages.sft import run as run_sft
 from llmlab.tokenizer import train_bpe
 from llmlab.world.build import build_world, preset as world_preset
 from llmlab.world.vocab import REFUSAL

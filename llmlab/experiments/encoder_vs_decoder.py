@@ -32,7 +32,7 @@ from ..hub.load import load_our_model
 from ..infer.engine import Engine, SamplingParams, next_tokens
 from ..plots import read_metrics
 from ..tokenizer import load_tokenizer
-from ..stages.pretrain import DEFAULTS, pretrain
+from ..stages import pretrain
 from ..stages.common import deep_merge
 
 DEFAULT_CORPUS = "tinyshakespeare"      # a built-in corpus of data/sources.py
@@ -43,7 +43,7 @@ SAMPLE_TEMPERATURE = 0.8
 
 def run_recipe(preset: str, data: str, steps: int, sets: list[str], tokenizer: dict) -> dict:
     """The ``llmlab pretrain`` recipe of one side; ``sets`` apply to both sides alike."""
-    recipe = deep_merge(DEFAULTS, {
+    recipe = deep_merge(pretrain.DEFAULTS, {
         "model": {"preset": preset, **SIZE},
         "data": {"path": data, "max_length": SIZE["max_seq_len"], "batch_size": 12},
         "tokenizer": tokenizer,
@@ -203,9 +203,9 @@ def encoder_vs_decoder(out_dir, *, data: str | None = None, steps: int = 500, se
     corpus = data or DEFAULT_CORPUS
     sets = list(sets or [])
     char = {"kind": "char", "path": None}
-    pretrain(run_recipe("gpt2", corpus, steps, sets, char), out / "decoder", resume=True)
+    pretrain.run(None, None, out / "decoder", run_recipe("gpt2", corpus, steps, sets, char), resume=True)
     shared = {"kind": "path", "path": str(out / "decoder" / "tokenizer")}
-    pretrain(run_recipe("bert", corpus, steps, sets, shared), out / "encoder", resume=True)
+    pretrain.run(None, None, out / "encoder", run_recipe("bert", corpus, steps, sets, shared), resume=True)
 
     tokenizer = load_tokenizer(out / "decoder" / "tokenizer")
     decoder = load_our_model(out / "decoder" / "model").eval()

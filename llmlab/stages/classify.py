@@ -45,7 +45,7 @@ from ..progress import progress_bar
 from ..tokenizer import ensure_pad_token
 from ..train import dist
 from ..train.loop import train
-from .common import add_config_args, resolve_max_length, resolve_recipe, start_run, train_config
+from .common import add_config_args, deep_merge, resolve_max_length, resolve_recipe, start_run, train_config
 
 METHODS = ("full", "lora", "probe")
 TRUNCATIONS = ("head", "head+tail")
@@ -342,7 +342,7 @@ def _training_recipe(recipe: dict, n_buckets: int) -> dict:
 
 def classify_one(model_path: str, data: ClassificationData, recipe: dict, out_dir: Path, resume: bool = False) -> dict:
     """Before / zero-shot / after accuracy and training time of one model; the classifier is saved in
-    ``out_dir``, whose name is the model's name in the report (``run_classify`` names it with ``model_slug``)."""
+    ``out_dir``, whose name is the model's name in the report (``run`` names it with ``model_slug``)."""
     d = from_dict(DataSection, recipe["data"], "data")
     c = from_dict(ClassifySection, recipe["classify"], "classify")
     lora = from_dict(LoraSection, recipe["lora"], "lora")
@@ -442,19 +442,16 @@ def _plot(results: list[dict], path: Path) -> None:
 
 # ----------------------------------------------------------------------------------------------- entry points
 
-def run_classify(models: list[str], data: str, out_dir, *, config: str | None = None, sets: list[str] | None = None,
-                 method: str | None = None, train_limit: int | None = None, test_limit: int | None = None,
-                 resume: bool = False) -> dict:
-    """Fine-tune and evaluate each model on ``data``; returns ``{"results": [per-model dicts], "report",
-    "figure"}``. Each model's run (and its saved classifier) is ``out_dir/<model name>``."""
+def run(models, data_path, out_dir, recipe: dict | None = None, *, resume: bool = False) -> dict:
+    """Fine-tune and evaluate each model of ``models`` (one or a list: folders, hub ids or .gguf files) on
+    ``data_path``; ``recipe`` is laid over ``DEFAULTS``. Returns ``{"results": [per-model dicts], "report", "figure"}``.
+    Each model's run (and its saved classifier) is ``out_dir/<model name>``."""
+    models = [models] if isinstance(models, (str, Path)) else list(models)
     if not models:
         raise LLMLabError("classify: name at least one --model")
-    extra = [f"classify.method={method}"] if method else []
-    extra += [f"data.train_limit={train_limit}"] if train_limit is not None else []
-    extra += [f"data.test_limit={test_limit}"] if test_limit is not None else []
-    recipe = resolve_recipe(DEFAULTS, config, list(sets or []) + extra)
+    recipe = deep_merge(DEFAULTS, recipe or {})
     d = from_dict(DataSection, recipe["data"], "data")
-    full = load_classification(data, text_field=d.text_field, label_field=d.label_field,
+    full = load_classification(data_path, text_field=d.text_field, label_field=d.label_field,
                                label_names=d.label_names, test=d.test, clean=d.clean_html)
     subset = ClassificationData(balanced_subset(full.train, d.train_limit, d.subset_seed),
                                 balanced_subset(full.test, d.test_limit, d.subset_seed), full.label_names,
@@ -482,7 +479,10 @@ def register(subparsers) -> None:
 
 
 def _command(args) -> int:
-    summary = run_classify(args.model, args.data, args.out, config=args.config, sets=args.sets, method=args.method,
-                           train_limit=args.train_limit, test_limit=args.test_limit, resume=args.resume)
+    extra = [f"classify.method={args.method}"] if args.method else []
+    extra += [f"data.train_limit={args.train_limit}"] if args.train_limit is not None else []
+    extra += [f"data.test_limit={args.test_limit}"] if args.test_limit is not None else []
+    recipe = resolve_recipe(DEFAULTS, args.config, args.sets + extra)
+    summary = run(args.model, args.data, args.out, recipe, resume=args.resume)
     print((Path(summary["report"])).read_text(encoding="utf-8"))
     return 0

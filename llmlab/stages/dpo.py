@@ -41,7 +41,7 @@ from ..losses import dpo_loss
 from ..lora import LoRAConfig
 from ..train import dist
 from ..train.loop import refuse_existing_checkpoints, to_device, train
-from .common import (ExampleData, add_stage_args, batches_for, context_of, disable_dropout, load_trainable,
+from .common import (ExampleData, add_stage_args, batches_for, context_of, deep_merge, disable_dropout, load_trainable,
                      resolve_max_length, save_trained, split_heldout, stage_recipe, start_run, train_config)
 from .logprobs import sequence_logps
 
@@ -184,9 +184,10 @@ def heldout_metrics(model: nn.Module, rows: list[dict], collate, loss_fn, batch_
     return {k: v / n for k, v in sums.items()}
 
 
-def run_dpo(model_dir: str, data_path: str, out_dir: str, recipe: dict, *, resume: bool = False) -> dict:
-    """Train ``model_dir`` with DPO on the pairs of ``data_path``; writes ``out_dir/model``, the reference cache and
-    the run files; returns the loop's summary."""
+def run(model_dir, data_path, out_dir, recipe: dict | None = None, *, resume: bool = False) -> dict:
+    """Train ``model_dir`` (a folder, hub id or .gguf) with DPO on the pairs of ``data_path``; ``recipe`` is laid over
+    ``DEFAULTS``. Writes ``out_dir/model``, the reference cache and the run files; returns the loop's summary."""
+    recipe = deep_merge(DEFAULTS, recipe or {})
     recipe = {**recipe, "model": str(model_dir), "data": {**recipe.get("data", {}), "path": str(data_path)}}
     data = from_dict(ExampleData, recipe.get("data"), "data")
     dpo = from_dict(DPOConfig, recipe.get("dpo"), "dpo")
@@ -243,6 +244,6 @@ def register(subparsers) -> None:
 
 
 def _run_cli(args) -> int:
-    summary = run_dpo(args.model, args.data, args.out, stage_recipe(args, DEFAULTS), resume=args.resume)
+    summary = run(args.model, args.data, args.out, stage_recipe(args, DEFAULTS), resume=args.resume)
     print(f"dpo: {summary['steps']} steps, final loss {summary['final_loss']:.4f}; model in {Path(args.out) / 'model'}")
     return 0

@@ -364,8 +364,7 @@ def _load_policy(model: ModelDir) -> tuple[nn.Module, object]:
     return policy, tokenizer
 
 
-def run_ppo(model_dir, data_path, out_dir, reward=None, recipe: dict | None = None, *,
-            resume: bool = False) -> dict:
+def run(model_dir, data_path, out_dir, recipe: dict | None = None, *, reward=None, resume: bool = False) -> dict:
     """PPO from the policy in ``model_dir`` on the prompts in ``data_path``; the tuned policy goes to
     ``out_dir/model`` beside the run files.
 
@@ -453,7 +452,7 @@ def register(subparsers) -> None:
 
 
 def _command(args) -> int:
-    summary = run_ppo(args.model, args.data, args.out, args.reward, stage_recipe(args, DEFAULTS), resume=args.resume)
+    summary = run(args.model, args.data, args.out, stage_recipe(args, DEFAULTS), reward=args.reward, resume=args.resume)
     last = summary["last"]
     shown = f", held-out score {summary['eval']['eval_score']:.3f}" if summary["eval"] else ""
     print(f"ppo: {summary['steps']} steps; last score {last.get('score', math.nan):.3f}, KL "

@@ -67,7 +67,7 @@ from ..tokenizer import load_tokenizer, save_tokenizer, special_ids, train_bpe, 
 from ..train import dist
 from ..train.checkpoint import list_checkpoints
 from ..train.loop import train
-from .common import add_config_args, resolve_max_length, resolve_recipe, start_run, train_config
+from .common import add_config_args, deep_merge, resolve_max_length, resolve_recipe, start_run, train_config
 
 TOKENIZER_KINDS = ("char", "bpe", "path")
 SOURCE_FILE = "source.json"      # beside the shards' index.json: which data they were built from
@@ -309,9 +309,15 @@ def save_final(objective: nn.Module, out: Path, tokenizer) -> None:
 
 # --- the stage -------------------------------------------------------------------------------------------------
 
-def pretrain(recipe: dict, out_dir, *, resume: bool = False, model_dir: str | None = None,
-             on_step: Callable[[int, dict], None] | None = None) -> dict:
-    """Run the whole stage for a resolved ``recipe``; return the loop's summary (plus ``model_dir``)."""
+def run(model_dir, data_path, out_dir, recipe: dict | None = None, *, resume: bool = False,
+        on_step: Callable[[int, dict], None] | None = None) -> dict:
+    """Pre-train a new model (``model_dir`` None; its ``model:`` section) or continue ``model_dir`` (a folder, hub id
+    or .gguf) on ``data_path`` (one or several corpora; None: the recipe's ``data.path``); ``recipe`` is laid over
+    ``DEFAULTS``. Returns the loop's summary (plus ``model_dir``, where the model was written)."""
+    recipe = deep_merge(DEFAULTS, recipe or {})
+    if data_path is not None:
+        paths = [str(p) for p in data_path] if isinstance(data_path, (list, tuple)) else str(data_path)
+        recipe = {**recipe, "data": {**recipe["data"], "path": paths}}
     data = from_dict(DataConfig, recipe.get("data"), "data")
     tok_cfg = from_dict(TokenizerConfig, recipe.get("tokenizer"), "tokenizer")
     loss_cfg = from_dict(LossConfig, recipe.get("loss"), "loss")
@@ -358,6 +364,8 @@ def register(subparsers) -> None:
                                           "the corpus comes from the recipe or --set data.path=PATH.")
     add_config_args(p)
     p.add_argument("--out", required=True, metavar="DIR", help="the run directory")
+    p.add_argument("--data", nargs="+", default=None, metavar="PATH",
+                   help="corpus files, folders or built-in names (sets data.path; default: the recipe's)")
     p.add_argument("--model", default=None, metavar="DIR",
                    help="continue pre-training this model (its tokenizer and config; the model: section is ignored)")
     p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --out")
@@ -367,7 +375,7 @@ def register(subparsers) -> None:
 def _run_cli(args) -> int:
     recipe = resolve_recipe(DEFAULTS, args.config, args.sets)
     try:
-        summary = pretrain(recipe, args.out, resume=args.resume, model_dir=args.model)
+        summary = run(args.model, args.data, args.out, recipe, resume=args.resume)
         main = dist.is_main()
     finally:
         dist.cleanup()

@@ -141,7 +141,7 @@ def split_pairs(pairs: list[dict], recipe: dict, seed: int) -> tuple[list[dict],
     return [p for i, p in enumerate(pairs) if i not in held], [pairs[i] for i in sorted(held)]
 
 
-def run_rm(model_dir, data_path, out_dir, recipe: dict | None = None, *, resume: bool = False) -> dict:
+def run(model_dir, data_path, out_dir, recipe: dict | None = None, *, resume: bool = False) -> dict:
     """Train a reward model from ``model_dir`` (a language-model folder) on the pairs in ``data_path``.
 
     ``recipe`` (sections ``data``, ``rm``, ``train``, key ``template``) is laid over ``DEFAULTS``. Writes the
@@ -189,7 +189,7 @@ def register(subparsers) -> None:
 
 
 def _command(args) -> int:
-    summary = run_rm(args.model, args.data, args.out, stage_recipe(args, DEFAULTS), resume=args.resume)
+    summary = run(args.model, args.data, args.out, stage_recipe(args, DEFAULTS), resume=args.resume)
     accuracy = summary["eval"].get("val_accuracy")
     shown = f", held-out pairwise accuracy {accuracy:.3f}" if accuracy is not None else ""
     print(f"rm: {summary['steps']} steps, final loss {summary['final_loss']:.4f}{shown}; "

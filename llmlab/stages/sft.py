@@ -44,7 +44,7 @@ from ..infer.replies import exact_match_rate
 from ..lora import LoRAConfig
 from ..train import dist
 from ..train.loop import to_device, train
-from .common import (ExampleData, add_stage_args, batches_for, context_of,
+from .common import (ExampleData, add_stage_args, batches_for, context_of, deep_merge,
                      load_trainable, resolve_max_length, save_trained, split_heldout, stage_recipe, start_run,
                      train_config)
 from .logprobs import token_logps
@@ -110,9 +110,11 @@ def sft_loss(model: nn.Module, batch: dict):
     return -logps.mean(), int(batch["attention_mask"].sum()), {}
 
 
-def run_sft(model_dir: str, data_path: str, out_dir: str, recipe: dict, *, resume: bool = False) -> dict:
-    """Fine-tune ``model_dir`` on the conversations of ``data_path``; writes ``out_dir/model`` and the run files.
-    Returns the loop's summary plus ``exact_match`` when the held-out file has references."""
+def run(model_dir, data_path, out_dir, recipe: dict | None = None, *, resume: bool = False) -> dict:
+    """Fine-tune ``model_dir`` (a folder, hub id or .gguf) on the conversations of ``data_path``; ``recipe`` is laid
+    over ``DEFAULTS``. Writes ``out_dir/model`` and the run files; returns the loop's summary plus ``exact_match``
+    when the held-out file has references."""
+    recipe = deep_merge(DEFAULTS, recipe or {})
     recipe = {**recipe, "model": str(model_dir), "data": {**recipe.get("data", {}), "path": str(data_path)}}
     data = from_dict(SFTData, recipe.get("data"), "data")
     lora = from_dict(LoRAConfig, recipe.get("lora"), "lora")
@@ -187,6 +189,6 @@ def register(subparsers) -> None:
 
 
 def _run_cli(args) -> int:
-    summary = run_sft(args.model, args.data, args.out, stage_recipe(args, DEFAULTS), resume=args.resume)
+    summary = run(args.model, args.data, args.out, stage_recipe(args, DEFAULTS), resume=args.resume)
     print(f"sft: {summary['steps']} steps, final loss {summary['final_loss']:.4f}; model in {Path(args.out) / 'model'}")
     return 0
