@@ -58,7 +58,7 @@ STAGES = {
     "dpo": (lambda lab, out: ["--data", lab.pairs, "--out", out,
                               *sets(*TRAIN, "data.batch_size=2", "data.val_fraction=0")], "model/config.json"),
     "rm": (lambda lab, out: ["--data", lab.pairs, "--out", out,
-                             *sets(*TRAIN, "rm.batch_size=2", "data.eval_fraction=0")], "model/config.json"),
+                             *sets(*TRAIN, "data.batch_size=2", "data.val_fraction=0")], "model/config.json"),
     "ppo": (lambda lab, out: ["--data", lab.prompts, "--out", out, "--reward", lab.reward,
                               *sets(*TRAIN, "ppo.rollout_batch=2", "ppo.minibatch=2", "ppo.epochs=1",
                                     "ppo.max_new_tokens=4")], "model/config.json"),

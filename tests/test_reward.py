@@ -18,7 +18,7 @@ from llmlab.data.batching import pad
 from llmlab.model.heads import RewardModel
 from llmlab.stages.reward import run as run_rm
 from llmlab.stages.reward import (encode_reward_pairs, load_pair_records, pair_loss, reward_pair_collate,
-                                  split_pairs)
+                                  split_pairs, PairData)
 from llmlab.tokenizer import train_char
 from llmlab.world.build import build_world, preset as world_preset
 
@@ -131,13 +131,13 @@ def test_per_pair_margin_and_eval_split(setup, tmp_path):
     assert loss.item() == pytest.approx(expected, rel=1e-6)
 
     pairs = load_pair_records(setup["root"] / "easy_train.jsonl")
-    recipe = {"data": {"eval_path": None, "val_fraction": 0.25}}
-    train, held = split_pairs(pairs, recipe, seed=3)
-    again = split_pairs(pairs, recipe, seed=3)
+    data = PairData(val_fraction=0.25)
+    train, held = split_pairs(pairs, data, seed=3)
+    again = split_pairs(pairs, data, seed=3)
     assert (train, held) == again and len(held) == round(0.25 * len(pairs)) and len(train) + len(held) == len(pairs)
     assert not {json.dumps(p) for p in held} & {json.dumps(p) for p in train}
     with pytest.raises(LLMLabError, match="val_fraction=0.25 leaves no training pairs"):
-        split_pairs(pairs[:1], recipe, seed=3)
+        split_pairs(pairs[:1], data, seed=3)
 
 
 def test_directories_without_a_reward_head_are_refused(setup, tmp_path):
@@ -198,3 +198,5 @@ def test_likelihood_weighted_reward_reads_the_language_models_own_likelihood(set
         RewardModel.load(folder)
     with pytest.raises(LLMLabError, match="rm.likelihood_weight must be a number"):
         run_rm(setup["lm"], setup["root"] / "easy_train.jsonl", tmp_path / "bad", {"rm": {"likelihood_weight": -1}})
+    with pytest.raises(LLMLabError, match=r"unknown config key\(s\) rm.batch_size"):     # it is data.batch_size
+        run_rm(setup["lm"], setup["root"] / "easy_train.jsonl", tmp_path / "typo", {"rm": {"batch_size": 2}})

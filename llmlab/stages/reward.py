@@ -25,11 +25,13 @@ from __future__ import annotations
 
 import random
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from ..chat import encode_reply
+from ..config import from_dict
 from ..data.chat_data import iter_jsonl, load_pairs
 from ..data.shards import BatchSampler
 from ..errors import LLMLabError
@@ -37,7 +39,8 @@ from ..losses import bradley_terry_loss
 from ..model.heads import RewardModel, check_likelihood_weight, reply_batch
 from ..train import dist
 from ..train.loop import train
-from .common import add_stage_args, deep_merge, disable_dropout, resolve_max_length, stage_recipe, start_run, train_config
+from .common import (add_stage_args, deep_merge, disable_dropout, resolve_max_length, stage_recipe, start_run,
+                     train_config)
 
 DEFAULTS = {
     "data": {"eval_path": None, "val_fraction": 0.1, "max_length": None, "batch_size": 8},  # None: the model's context
@@ -46,6 +49,32 @@ DEFAULTS = {
     "train": {"max_steps": 300, "lr": 1e-5, "warmup_steps": 10, "weight_decay": 0.0, "log_every": 10,
               "eval_every": 100, "checkpoint_every": 100},
 }
+
+
+@dataclass
+class PairData:
+    """The ``data:`` section: pairs of at most ``max_length`` tokens a side (longer pairs are dropped), ``batch_size``
+    pairs a step; ``eval_path`` a held-out file, else ``val_fraction`` of the pairs is held out."""
+    max_length: int | None = None   # None: the model's context
+    batch_size: int = 8
+    val_fraction: float = 0.1
+    eval_path: str | None = None
+
+    def __post_init__(self):
+        if self.batch_size < 1 or not 0 <= self.val_fraction < 1:
+            raise LLMLabError(f"data: need batch_size ≥ 1 and val_fraction in [0, 1); got {self.batch_size}, "
+                              f"{self.val_fraction}")
+
+
+@dataclass
+class RewardConfig:
+    """The ``rm:`` section: the loss −log σ(r_chosen − r_rejected − margin) (a pair's own ``margin`` field wins) and
+    the weight λ of the reply's mean log-likelihood in the reward."""
+    margin: float = 0.0
+    likelihood_weight: float = 0.0
+
+    def __post_init__(self):
+        check_likelihood_weight(self.likelihood_weight, "rm.likelihood_weight")
 
 
 # ------------------------------------------------------------------------------------------ encoding and batches
@@ -121,14 +150,11 @@ def pairwise_eval(model: RewardModel, pairs: list[dict], pad_id: int, batch_size
     return {"val_loss": sum(losses) / len(pairs), "val_accuracy": correct / len(pairs)}
 
 
-def split_pairs(pairs: list[dict], recipe: dict, seed: int) -> tuple[list[dict], list[dict]]:
+def split_pairs(pairs: list[dict], data: PairData, seed: int) -> tuple[list[dict], list[dict]]:
     """(train, eval): eval from ``data.eval_path``, else a deterministic ``data.val_fraction`` of the pairs."""
-    data = recipe["data"]
-    if data.get("eval_path"):
-        return pairs, load_pair_records(data["eval_path"])
-    fraction = float(data.get("val_fraction") or 0.0)
-    if not 0 <= fraction < 1:
-        raise LLMLabError(f"data.val_fraction={fraction}: must be in [0, 1)")
+    if data.eval_path:
+        return pairs, load_pair_records(data.eval_path)
+    fraction = data.val_fraction
     n_eval = round(len(pairs) * fraction)
     if fraction and n_eval == 0:
         n_eval = 1
@@ -150,21 +176,20 @@ def run(model_dir, data_path, out_dir, recipe: dict | None = None, *, resume: bo
     """
     recipe = deep_merge(DEFAULTS, recipe or {})
     cfg = train_config(recipe)
-    rm_cfg = recipe["rm"]
-    rm = RewardModel.from_language_model(model_dir, recipe.get("template"),
-                                         check_likelihood_weight(rm_cfg.get("likelihood_weight", 0.0),
-                                                                 "rm.likelihood_weight"))
+    data = from_dict(PairData, recipe["data"], "data")
+    rm_cfg = from_dict(RewardConfig, recipe["rm"], "rm")
+    rm = RewardModel.from_language_model(model_dir, recipe.get("template"), rm_cfg.likelihood_weight)
     disable_dropout(rm)
     tokenizer, template = rm.tokenizer, rm.chat_template
-    max_length = resolve_max_length(recipe["data"].get("max_length"), rm.backbone.config.max_seq_len)
-    margin = float(rm_cfg.get("margin") or 0.0)
-    train_pairs, eval_pairs = split_pairs(load_pair_records(data_path), recipe, cfg.seed)
-    train_rows = encode_reward_pairs(train_pairs, tokenizer, template, max_length, margin, str(data_path))
-    eval_where = recipe["data"].get("eval_path") or f"{data_path} (the data.val_fraction held out)"
-    eval_rows = encode_reward_pairs(eval_pairs, tokenizer, template, max_length, margin, str(eval_where)) if eval_pairs else []
+    max_length = resolve_max_length(data.max_length, rm.backbone.config.max_seq_len)
+    train_pairs, eval_pairs = split_pairs(load_pair_records(data_path), data, cfg.seed)
+    train_rows = encode_reward_pairs(train_pairs, tokenizer, template, max_length, rm_cfg.margin, str(data_path))
+    eval_where = data.eval_path or f"{data_path} (the data.val_fraction held out)"
+    eval_rows = (encode_reward_pairs(eval_pairs, tokenizer, template, max_length, rm_cfg.margin, str(eval_where))
+                 if eval_pairs else [])
     out = start_run(out_dir, recipe)
     rank, world, _, _ = dist.init_distributed(cfg.device)
-    batch_size = int(recipe["data"]["batch_size"])
+    batch_size = data.batch_size
     sampler = BatchSampler(train_rows, batch_size, seed=cfg.seed, rank=rank, world_size=world,
                            collate=reward_pair_collate(tokenizer.pad_token_id))
 
