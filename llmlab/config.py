@@ -26,6 +26,11 @@ def cache_root() -> Path:
     return Path(os.environ.get("LLMLAB_CACHE") or Path.home() / ".cache" / "llmlab")
 
 
+def recipe_path(name: str) -> Path:
+    """Where the shipped recipe ``name`` lives: ``llmlab/configs/NAME.yaml``."""
+    return CONFIG_DIR / f"{name}.yaml"
+
+
 def known_recipes() -> list[str]:
     return sorted(p.stem for p in CONFIG_DIR.glob("*.yaml"))
 
@@ -36,7 +41,7 @@ def load_recipe(name_or_path: str | None) -> dict:
         return {}
     path = Path(name_or_path)
     if not path.suffix:
-        path = CONFIG_DIR / f"{name_or_path}.yaml"
+        path = recipe_path(name_or_path)
     if not path.is_file():
         raise LLMLabError(
             f"recipe {name_or_path!r} not found (looked for {path}); known recipes: {', '.join(known_recipes())}")

@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from .config import CONFIG_DIR
+from .config import recipe_path
 from .data.chat_data import load_prompts
 from .errors import LLMLabError
 from .infer.engine import SamplingParams
@@ -226,7 +226,7 @@ def fingerprint(run: Run, stage: str, upstream: dict[str, str]) -> str:
     the source of the ``llmlab.world`` package and its configuration), its inputs (the fingerprints of the stages
     it reads from). Changing ``rm-world.yaml`` reruns the reward model and what reads it, not the pre-training."""
     settings = {k: v for k, v in PRESETS[run.preset].items() if k != "seconds"}    # estimates change nothing
-    recipe = CONFIG_DIR / f"{RECIPES[stage]}.yaml" if stage in RECIPES else None
+    recipe = recipe_path(RECIPES[stage]) if stage in RECIPES else None
     if stage == "world":
         sources = sorted(Path(world_build.__file__).parent.glob("*.py"))
         world_config = dataclasses.asdict(world_build.preset(settings["world"], seed=run.seed))
