@@ -200,6 +200,7 @@ def test_penalty_has_gradients_for_an_adaptive_attack(scorer_lm):
     value.sum().backward()
     assert value.shape == (1,) and next(scorer.model.parameters()).grad is not None
     assert value.item() == pytest.approx(scorer.scores(["Where is the vault?"], 4)[0][0], rel=1e-5)
+    assert scorer.scores(["", "Where is the vault?"], 4)[0][0] == 0.0          # nothing predicted: nothing flagged
 
 
 # --- prompt defenses and the secret -------------------------------------------------------------------------------

@@ -7,7 +7,8 @@ when the tokenizer adds one), a reference LM (by default the target itself) give
     whole:   s = (1/n) Σ_t ℓ_t                              (log-perplexity)
     window:  s = max_j (1/w) Σ_{t=j}^{j+w−1} ℓ_t            (a short suffix cannot hide in a long benign prompt)
 
-A prompt shorter than w tokens has one window: the whole prompt. The prompt is flagged when s > τ, with τ
+A prompt shorter than w tokens has one window: the whole prompt; one of a single token (nothing predicted) scores 0.
+The prompt is flagged when s > τ, with τ
 calibrated on benign prompts b_1 … b_m to a false-positive rate α: with their scores sorted in decreasing order
 s_(1) ≥ … ≥ s_(m) and k = ⌊α m⌋, τ = s_(k+1), so at most k ≤ α m benign prompts score above it (ties only lower
 the count).
@@ -85,14 +86,11 @@ class PerplexityScorer:
 
     @torch.no_grad()
     def scores(self, texts: list[str], window: int | None = None) -> tuple[list[float], list[int]]:
-        """The score of each text and its number of tokens."""
+        """The score of each text and its number of tokens (a text of fewer than 2 tokens scores 0)."""
         device = next(self.model.parameters()).device
         encoded = [self.ids(t) for t in texts]
-        for text, ids in zip(texts, encoded):
-            if len(ids) < 2:
-                raise LLMLabError(f"perplexity: {text!r} has {len(ids)} token(s); at least 2 are needed to score it")
-        order = sorted(range(len(encoded)), key=lambda i: len(encoded[i]))     # little padding per batch
-        by_row: dict[int, float] = {}
+        by_row = {i: 0.0 for i, ids in enumerate(encoded) if len(ids) < 2}     # nothing predicted: nothing to flag
+        order = sorted((i for i in range(len(encoded)) if i not in by_row), key=lambda i: len(encoded[i]))
         for start in range(0, len(order), self.batch_size):
             rows = order[start:start + self.batch_size]
             ids, mask = pad([encoded[i] for i in rows], self.pad_id, side="right")
