@@ -13,6 +13,7 @@ defenses themselves (``defenses.py``) import no stage, so ``llmlab eval`` can us
 """
 from __future__ import annotations
 
+import argparse
 import sys
 from pathlib import Path
 
@@ -73,7 +74,8 @@ def guard_command(args) -> int:
 
 def register(subparsers) -> None:
     p = subparsers.add_parser("defend", help="calibrate the perplexity filter, train the guard classifier",
-                              description=__doc__.split("\n\n")[0])
+                              description=__doc__.split("\n\nThis module")[0].replace("``", ""),
+                              formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="defend_command", required=True, metavar="<step>")
     c = sub.add_parser("calibrate", help="perplexity-filter thresholds at a false-positive rate on benign prompts")
     c.add_argument("--model", required=True, help="reference LM (usually the target): folder, hub id or .gguf")
