@@ -62,6 +62,11 @@ class GuardClassifier:
     def body(self, text: str) -> list[int]:
         return self.tokenizer(text, add_special_tokens=False)["input_ids"]
 
+    def harmful_logprob(self, ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """log P(harmful) of each row of ``ids`` (B, T; special tokens included), with gradients when enabled: the
+        term an attack on guard and model together adds to its loss."""
+        return torch.log_softmax(self.model(ids, attention_mask).float(), -1)[:, self.harmful]
+
     @torch.no_grad()
     def probabilities(self, bodies: list[list[int]]) -> list[float]:
         """P(harmful) of each text given as its token ids without special tokens (cut to ``max_length``)."""
@@ -71,8 +76,7 @@ class GuardClassifier:
         out = []
         for start in range(0, len(rows), self.batch_size):
             ids, mask = pad(rows[start:start + self.batch_size], self.tokenizer.pad_token_id, side="right")
-            logits = self.model(ids.to(device), mask.to(device)).float()
-            out += torch.softmax(logits, -1)[:, self.harmful].tolist()
+            out += self.harmful_logprob(ids.to(device), mask.to(device)).exp().tolist()
         return out
 
     def tokens(self, bodies: list[list[int]]) -> int:
