@@ -117,8 +117,9 @@ class DefendedChat:
         notes: list[dict] = [{} for _ in range(n)]
         for d in self.defenses:                      # input filters, on the items no earlier filter refused
             open_rows = [i for i in range(n) if replies[i] is None]
-            flags = d.check_input([conversations[i] for i in open_rows], [costs[i] for i in open_rows]) \
-                if open_rows else None
+            if not open_rows:
+                break
+            flags = d.check_input([conversations[i] for i in open_rows], [costs[i] for i in open_rows])
             for i, flag in zip(open_rows, flags or ()):
                 notes[i][d.name] = _note(flag)
                 if flag.flagged:
@@ -132,8 +133,12 @@ class DefendedChat:
                 costs[i].add(self.answerer.prompt_tokens(after) - self.answerer.prompt_tokens(before))
         generator = next((d for d in self.defenses if d.replaces_generation), None)
         todo_costs = [costs[i] for i in todo]
-        made = generator.generate(self.answerer, shown, todo_costs) if generator and todo else \
-            self.answerer(shown) if todo else []
+        if not todo:
+            made = []
+        elif generator is not None:
+            made = generator.generate(self.answerer, shown, todo_costs)
+        else:
+            made = self.answerer(shown)
         for d in self.defenses:                      # output filters, on the model's answers
             open_rows = [k for k, r in enumerate(made) if r.blocked_by is None]
             flags = d.check_output([shown[k] for k in open_rows], [made[k] for k in open_rows],
