@@ -84,20 +84,27 @@ class PerplexityScorer:
         nll = token_nll(self._logits(ids, mask), ids)
         return window_scores(nll, mask[:, 1:], window)
 
-    @torch.no_grad()
     def scores(self, texts: list[str], window: int | None = None) -> tuple[list[float], list[int]]:
         """The score of each text and its number of tokens (a text of fewer than 2 tokens scores 0)."""
+        found, lengths = self.scores_for(texts, [window])
+        return found[window], lengths
+
+    @torch.no_grad()
+    def scores_for(self, texts: list[str], windows: list[int | None]) -> tuple[dict, list[int]]:
+        """``{window: scores}`` for every window of ``windows`` (None: the whole prompt) from one pass of the
+        model, and each text's number of tokens."""
         device = next(self.model.parameters()).device
         encoded = [self.ids(t) for t in texts]
-        by_row = {i: 0.0 for i, ids in enumerate(encoded) if len(ids) < 2}     # nothing predicted: nothing to flag
-        order = sorted((i for i in range(len(encoded)) if i not in by_row), key=lambda i: len(encoded[i]))
+        short = [i for i, ids in enumerate(encoded) if len(ids) < 2]       # nothing predicted: nothing to flag
+        by_row = {w: {i: 0.0 for i in short} for w in windows}
+        order = sorted(set(range(len(encoded))) - set(short), key=lambda i: len(encoded[i]))   # little padding
         for start in range(0, len(order), self.batch_size):
             rows = order[start:start + self.batch_size]
-            ids, mask = pad([encoded[i] for i in rows], self.pad_id, side="right")
-            values = self.penalty(ids.to(device), mask.to(device), window)
-            by_row.update(zip(rows, values.tolist()))
-        out = [by_row[i] for i in range(len(encoded))]
-        return out, [len(ids) for ids in encoded]
+            ids, mask = (t.to(device) for t in pad([encoded[i] for i in rows], self.pad_id, side="right"))
+            nll = token_nll(self._logits(ids, mask), ids)
+            for w in windows:
+                by_row[w].update(zip(rows, window_scores(nll, mask[:, 1:], w).tolist()))
+        return {w: [v[i] for i in range(len(encoded))] for w, v in by_row.items()}, [len(ids) for ids in encoded]
 
 
 def calibrate_threshold(scores: list[float], fpr: float) -> float:
@@ -115,8 +122,9 @@ def calibrate(scorer: PerplexityScorer, texts: list[str], fpr: float, window: in
     """Thresholds of both modes on the benign ``texts`` at the false-positive rate ``fpr``, with the rate each
     reaches on those texts and the calibration set's size."""
     result = {"fpr": fpr, "n_calibration": len(texts), "modes": {}}
+    found, _ = scorer.scores_for(texts, [None, window])
     for mode, w in (("whole", None), ("window", window)):
-        scores, _ = scorer.scores(texts, w)
+        scores = found[w]
         tau = calibrate_threshold(scores, fpr)
         result["modes"][mode] = {"window": w, "threshold": tau,
                                  "calibration_fpr": sum(s > tau for s in scores) / len(scores),
