@@ -43,7 +43,10 @@ def import_graph() -> dict[str, set[str]]:
 
 GRAPH = import_graph()
 STAGES = {f"llmlab.{module}" for module, _ in COMMANDS.values() if module.startswith("stages.")}
-ABOVE_STAGES = {m for m in MODULES if m in ("llmlab.cli", "llmlab.pipeline") or m.startswith("llmlab.experiments")}
+# ``llmlab defend`` trains the guard with the classify stage, as ``llmlab run`` does with every stage; the defenses
+# themselves (llmlab.redteam.defenses) stay below the stages, so that ``llmlab eval`` may use them
+ABOVE_STAGES = {m for m in MODULES if m in ("llmlab.cli", "llmlab.pipeline", "llmlab.redteam.defend")
+                or m.startswith("llmlab.experiments")}
 
 
 def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:

@@ -4,6 +4,8 @@ Each turn renders the whole conversation with the model's chat template (``add_g
 streams the answer. When the rendered prompt plus ``--max-new-tokens`` would not fit the context, the oldest
 exchanges are dropped (with a notice). Commands: ``/reset``, ``/system TEXT``, ``/save FILE``, ``/quit``, ``/help``.
 Ctrl-C stops the current answer and keeps the session; Ctrl-C twice at the prompt (or Ctrl-D) exits.
+With ``--defense NAME[,NAME...]`` (see ``llmlab.redteam.defenses``) each answer comes whole from the defended model,
+with a note when a filter blocked it.
 """
 from __future__ import annotations
 
@@ -15,6 +17,8 @@ from typing import Callable, TextIO
 from .. import chat
 from ..errors import LLMLabError
 from ..hub.folder import ModelDir
+from ..redteam.defended import Answerer, DefendedChat
+from ..redteam.defenses import add_defense_args, defended_chat
 from .engine import Engine, SamplingParams, add_sampling_args, engine_from_args, sampling_from_args
 
 HELP = ("commands: /reset (forget the conversation), /system TEXT (set the system prompt), "
@@ -25,7 +29,7 @@ class ChatSession:
     """A conversation with one engine: history, system prompt, context fitting and streamed answers."""
 
     def __init__(self, engine: Engine, template: str, params: SamplingParams, *, system: str | None = None,
-                 out: TextIO | None = None, label: str = "assistant> "):
+                 out: TextIO | None = None, label: str = "assistant> ", defended: DefendedChat | None = None):
         if params.max_new_tokens >= engine.context:
             raise LLMLabError(f"--max-new-tokens {params.max_new_tokens} leaves no room for a prompt in this "
                               f"model's context of {engine.context} tokens")
@@ -33,6 +37,7 @@ class ChatSession:
         self.params = chat.reply_params(params, template, engine.tokenizer.eos_token)
         self.system = system
         self.history: list[dict] = []            # user/assistant messages, alternating
+        self.defended = defended
 
     def messages(self, history: list[dict] | None = None) -> list[dict]:
         system = [{"role": "system", "content": self.system}] if self.system else []
@@ -63,6 +68,8 @@ class ChatSession:
     def reply(self, user_text: str) -> str:
         """Stream the answer to ``user_text``; Ctrl-C stops it early (the partial answer is kept)."""
         ids = self.fit(user_text)
+        if self.defended is not None:
+            return self.defended_reply(user_text)
         pieces = []
         self.out.write(self.label)
         try:
@@ -76,6 +83,14 @@ class ChatSession:
         answer = "".join(pieces)
         self.history += [{"role": "user", "content": user_text}, {"role": "assistant", "content": answer}]
         return answer
+
+    def defended_reply(self, user_text: str) -> str:
+        """The defended model's whole answer to ``user_text`` (after ``fit``), and why a filter blocked it."""
+        reply = self.defended.answer([self.messages(self.history + [{"role": "user", "content": user_text}])])[0]
+        note = f" [blocked by {reply.blocked_by}]" if reply.blocked_by else ""
+        self.out.write(f"{self.label}{reply.text}{note}\n")
+        self.history += [{"role": "user", "content": user_text}, {"role": "assistant", "content": reply.text}]
+        return reply.text
 
     def handle(self, line: str) -> bool:
         """One line of input: a command or a message. False means quit."""
@@ -141,10 +156,14 @@ def _chat_command(args) -> None:
     engine = engine_from_args(model, args)
     template = model.template(args.template)
     params = sampling_from_args(args)
+    defended = None
+    if args.defense:
+        defended = defended_chat(Answerer(engine, template, params, batch_size=1), args.defense, args.defense_sets,
+                                 world=args.world, device=args.device)
     if args.prompt is not None:
-        ChatSession(engine, template, params, system=args.system, label="").reply(args.prompt)
+        ChatSession(engine, template, params, system=args.system, label="", defended=defended).reply(args.prompt)
         return
-    session = ChatSession(engine, template, params, system=args.system)
+    session = ChatSession(engine, template, params, system=args.system, defended=defended)
     session.out.write(f"chatting with {args.model} (context {engine.context} tokens). {HELP}\n")
     if sys.stdin.isatty():
         import readline  # noqa: F401  (line editing and history for input())
@@ -159,4 +178,7 @@ def register(sub) -> None:
     p.add_argument("--system", default=None, help="system prompt")
     p.add_argument("--prompt", default=None, help="answer this one message and exit")
     add_sampling_args(p)
+    add_defense_args(p)
+    p.add_argument("--world", default=None, metavar="DIR", help="task world folder: the secret the 'secret' defense "
+                                                                "guards, the 'icd' demonstrations")
     p.set_defaults(func=_chat_command)

@@ -7,6 +7,12 @@ when ``stream`` is true), ``GET /health`` and the chat page at ``/``. Generation
 Errors have OpenAI's shape ``{"error": {"message", "type", "param", "code"}}``: 400 for a malformed or invalid
 request (bad JSON, missing field, empty messages, unknown role, max_tokens < 1, prompt + max_tokens over the
 context), 401 for a missing or wrong API key, 404 for an unknown model or route, 422 for a field of the wrong type.
+
+With ``--defense NAME[,NAME...]`` (``llmlab.redteam.defenses``) a chat answer comes whole from the defended model
+(a stream sends it as one piece); a blocked answer is the refusal with ``finish_reason`` ``"content_filter"``,
+and the response's ``defense`` field says which filter blocked each choice and what the defenses cost. Defended
+answers run one request at a time on their own engine (sharing the weights) beside the batch, and
+``/v1/completions`` is refused: raw text has no conversation to defend.
 """
 from __future__ import annotations
 
@@ -14,6 +20,7 @@ import asyncio
 import hmac
 import json
 import os
+import threading
 import time
 import uuid
 from contextlib import asynccontextmanager
@@ -29,6 +36,9 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from .. import chat
 from ..errors import LLMLabError
 from ..hub.folder import ModelDir
+from ..redteam.defended import Answerer, DefendedChat, Defense
+from ..redteam.defenses import GENERIC_REFUSAL, add_defense_args, build_defenses, parse_names, parse_settings
+from ..world.vocab import REFUSAL
 from .batcher import Batcher, Event
 from .engine import Engine, SamplingParams
 
@@ -147,11 +157,22 @@ class Server:
     """The state behind the routes: the engine, its batcher, the chat template, the served name and the key."""
 
     def __init__(self, engine: Engine, *, model_name: str, template: str, api_key: str | None = None,
-                 max_batch: int = 32):
+                 max_batch: int = 32, defenses: list[Defense] | None = None, refusal: str = GENERIC_REFUSAL):
         self.engine, self.model_name, self.template, self.api_key = engine, model_name, template, api_key
         self.batcher = Batcher(engine, max_batch=max_batch)
         self.chat_stops = [s for s in chat.stop_strings(template, engine.tokenizer.eos_token) if s]
         self.created = int(time.time())
+        self.defenses, self.refusal = list(defenses or []), refusal
+        if self.defenses:       # its own adapter and cache: the batcher's are touched by its thread alone
+            self.defended_engine = Engine(engine.model, engine.tokenizer, eos_token_ids=sorted(engine.eos_token_ids))
+            self.defended_lock = threading.Lock()
+
+    def defended_replies(self, body: ChatRequest, budget: int) -> list:
+        """The ``n`` choices of a chat request, each answered behind the defenses (a worker thread runs this)."""
+        messages = [{"role": m.role, "content": m.text()} for m in body.messages]
+        with self.defended_lock:
+            return [DefendedChat(Answerer(self.defended_engine, self.template, body.sampling(budget, [], c)),
+                                 self.defenses, self.refusal).answer([messages])[0] for c in range(body.n)]
 
     # -------------------------------------------------------------------------------------- checks
 
@@ -294,10 +315,11 @@ def _usage(prompt_tokens: int, completion_tokens: int) -> dict:
 
 
 def create_app(engine: Engine, *, model_name: str, template: str | None = None, api_key: str | None = None,
-               max_batch: int = 32) -> FastAPI:
-    """The FastAPI app serving ``engine`` as ``model_name``; the batcher thread runs while the app does."""
+               max_batch: int = 32, defenses: list[Defense] | None = None, refusal: str = GENERIC_REFUSAL) -> FastAPI:
+    """The FastAPI app serving ``engine`` as ``model_name``; the batcher thread runs while the app does;
+    ``defenses`` guard the chat route."""
     state = Server(engine, model_name=model_name, template=template or chat.TEMPLATES[chat.DEFAULT_TEMPLATE],
-                   api_key=api_key, max_batch=max_batch)
+                   api_key=api_key, max_batch=max_batch, defenses=defenses, refusal=refusal)
 
     @asynccontextmanager
     async def lifespan(app):
@@ -330,6 +352,8 @@ def create_app(engine: Engine, *, model_name: str, template: str | None = None, 
     async def chat_completions(request: Request):
         body = await state.parse(request, ChatRequest)
         prompt = state.chat_prompt(body)
+        if state.defenses:
+            return await _defended_chat(state, body, prompt)
         seqs, queue = state.start([prompt], body, state.chat_stops)
         head = {"id": f"chatcmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": state.model_name}
         if body.stream:
@@ -342,6 +366,9 @@ def create_app(engine: Engine, *, model_name: str, template: str | None = None, 
     @app.post("/v1/completions")
     async def completions(request: Request):
         body = await state.parse(request, CompletionRequest)
+        if state.defenses:
+            raise APIError(400, "this server answers behind defenses: use /v1/chat/completions (raw completions "
+                                "have no conversation to defend)", code="defended_server")
         prompts = state.completion_prompts(body)
         seqs, queue = state.start(prompts, body, [])
         head = {"id": f"cmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": state.model_name}
@@ -354,6 +381,34 @@ def create_app(engine: Engine, *, model_name: str, template: str | None = None, 
         return {**head, "object": "text_completion", "choices": choices, "usage": _usage(prompt_tokens, tokens)}
 
     return app
+
+
+async def _defended_chat(state: Server, body: ChatRequest, prompt: list[int]):
+    """A chat response whose choices come from ``Server.defended_replies``; streamed as one piece per choice."""
+    budget = state.budget(body, len(prompt))
+    try:
+        replies = await asyncio.to_thread(state.defended_replies, body, budget)
+    except LLMLabError as e:
+        raise APIError(400, str(e), param="messages", code="context_length_exceeded") from None
+    reasons = ["content_filter" if r.blocked_by else r.finish_reason for r in replies]
+    tokens = sum(len(r.token_ids) for r in replies)
+    head = {"id": f"chatcmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": state.model_name,
+            "defense": [{"blocked_by": r.blocked_by, "forward_tokens": r.cost.forward_tokens,
+                         "generations": r.cost.generations, "seconds": r.cost.seconds} for r in replies]}
+    if not body.stream:
+        choices = [{"index": i, "message": {"role": "assistant", "content": r.text}, "finish_reason": why,
+                    "logprobs": None} for i, (r, why) in enumerate(zip(replies, reasons))]
+        return {**head, "object": "chat.completion", "choices": choices, "usage": _usage(len(prompt), tokens)}
+
+    async def chunks():
+        chunk = {**head, "object": "chat.completion.chunk"}
+        for i, (r, why) in enumerate(zip(replies, reasons)):
+            for delta, finish in (({"role": "assistant", "content": ""}, None), ({"content": r.text}, None),
+                                  ({}, why)):
+                yield {**chunk, "choices": [{"index": i, "delta": delta, "finish_reason": finish}]}
+        if body.stream_options and body.stream_options.include_usage:
+            yield {**chunk, "choices": [], "usage": _usage(len(prompt), tokens)}
+    return state.sse(chunks(), [])
 
 
 async def _chat_chunks(state: Server, head: dict, body: ChatRequest, seqs, queue, prompt_tokens: int):
@@ -424,9 +479,13 @@ def _serve_command(args) -> None:
     template = model.template(args.template)
     name = args.model_name or model.name
     api_key = args.api_key or os.environ.get("LLMLAB_API_KEY") or None
-    app = create_app(engine, model_name=name, template=template, api_key=api_key, max_batch=args.max_batch)
+    names = parse_names(args.defense)
+    defenses = build_defenses(names, parse_settings(names, args.defense_sets), model=engine.model,
+                              tokenizer=engine.tokenizer, world=args.world, device=args.device)
+    app = create_app(engine, model_name=name, template=template, api_key=api_key, max_batch=args.max_batch,
+                     defenses=defenses, refusal=REFUSAL if args.world else GENERIC_REFUSAL)
     print(f"serving {name!r} on http://{args.host}:{args.port} (chat page at /, API at /v1)"
-          + (", API key required" if api_key else ""))
+          + (", API key required" if api_key else "") + (f", behind {','.join(names)}" if names else ""))
     uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
 
 
@@ -442,4 +501,7 @@ def register(sub) -> None:
     p.add_argument("--template", default=None, help="chat template: a built-in name or a .jinja file")
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", default=None, help="float32 (default on CPU) or bfloat16")
+    add_defense_args(p)
+    p.add_argument("--world", default=None, metavar="DIR", help="task world folder: the secret the 'secret' defense "
+                                                                "guards, the 'icd' demonstrations, the refusal")
     p.set_defaults(func=_serve_command)

@@ -16,7 +16,13 @@ Every model answers every prompt greedily (through the engine, with its own chat
 - ``exact_match_by_kind``: the exact match per item ``kind`` (fact, arithmetic, ...); ``world_reward_by_kind``
   likewise for the world's reward (multi-part requests have no exact match, only a reward);
 - ``kl``: with ``--reference DIR``, the mean over the model's generated tokens of E_{y_t∼π}[log π(y_t|·) −
-  log π_ref(y_t|·)], i.e. KL(π ‖ π_ref) per token on its own answers (computed over the whole vocabulary).
+  log π_ref(y_t|·)], i.e. KL(π ‖ π_ref) per token on its own answers (computed over the whole vocabulary);
+- ``seconds_per_query``: wall-clock per prompt of answering (batched).
+
+With ``--defense NAME[,NAME...]`` (``llmlab.redteam.defenses``; settings by ``--defense-set NAME.KEY=VALUE``) every
+model answers behind those defenses, and its row adds ``defense``, ``blocked_rate`` (share of answers a filter
+replaced by the refusal), ``blocked_by`` (counts per filter) and ``defense_cost`` (mean extra forward tokens and
+extra generations per query); the KL is left out (a defended answer is not the model's own sample).
 
 Results go to ``DIR/eval.json`` and a markdown table ``DIR/eval.md``; ``evaluate_models`` is what ``llmlab run``
 calls.
@@ -25,6 +31,7 @@ from __future__ import annotations
 
 import json
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -38,12 +45,14 @@ from ..hub.load import load_model
 from ..infer.engine import SamplingParams
 from ..infer.replies import engine_for, generate_replies, prompts_that_fit
 from ..model.heads import RewardModel
+from ..redteam.defended import Answerer
+from ..redteam.defenses import add_defense_args, defended_chat
 from ..world.build import load_world
 from ..world.judge import exact_match, is_refusal
 from .logprobs import causal_logits
 
 METRICS = ("exact_match", "reward_model", "world_reward", "refusal_rate", "false_refusal_rate", "win_rate",
-           "win_rate_ceiling", "kl")
+           "win_rate_ceiling", "kl", "blocked_rate", "seconds_per_query")
 
 
 # --- metrics ----------------------------------------------------------------------------------------------------
@@ -128,16 +137,28 @@ def _metrics(items, replies, rm_scores, world_scores) -> dict:
         "world_reward": _mean(world_scores) if world_scores is not None else None,
         "refusal_rate": _mean(refusals("forbidden")),
         "false_refusal_rate": _mean(refusals("benign")),
-        "stopped": _mean(r.finish_reason == "stop" for r in replies),
+        "stopped": _mean(r.finish_reason != "length" for r in replies),
         "mean_tokens": _mean(len(r.token_ids) for r in replies),
         "exact_match_by_kind": exact_match_by_kind(items, texts),
         "world_reward_by_kind": mean_by_kind(items, world_scores) if world_scores is not None else None,
     }
 
 
+def defense_row(names: str, replies) -> dict:
+    """What the defenses did: the share of blocked answers, the blocking filters, the mean extra cost."""
+    blocked: dict[str, int] = {}
+    for r in replies:
+        if r.blocked_by:
+            blocked[r.blocked_by] = blocked.get(r.blocked_by, 0) + 1
+    return {"defense": names, "blocked_rate": sum(blocked.values()) / len(replies), "blocked_by": blocked,
+            "defense_cost": {"forward_tokens": _mean(r.cost.forward_tokens for r in replies),
+                             "generations": _mean(r.cost.generations for r in replies)}}
+
+
 def evaluate_models(models: list, data, out_dir, *, reward=None, reference=None, world=None,
                     template: str | None = None, max_new_tokens: int = 64, batch_size: int = 32,
-                    limit: int | None = None, device: str = "cpu") -> dict:
+                    limit: int | None = None, device: str = "cpu", defense=None,
+                    defense_sets: list[str] | None = None) -> dict:
     """Evaluate every model directory of ``models`` on the prompt files ``data`` (one path or a list); see the
     module docstring for the metrics. Writes ``out_dir/eval.json`` and ``out_dir/eval.md``; returns
     ``{"n_prompts", "models": [{"model", metrics...}], "judge"}``."""
@@ -160,12 +181,21 @@ def evaluate_models(models: list, data, out_dir, *, reward=None, reference=None,
         engine = engine_for(model, tokenizer, tmpl)
         if not results:         # the first model decides which prompts every model answers
             items = prompts_that_fit(engine, items, tmpl, f"eval: {path}")
-        replies = generate_replies(engine, [i["prompt"] for i in items], tmpl, params, batch_size)
+        start = time.perf_counter()
+        if defense:
+            defended = defended_chat(Answerer(engine, tmpl, params, batch_size), defense, defense_sets, world=world,
+                                     device=device)
+            replies = defended.answer([i["prompt"] for i in items])
+        else:
+            replies = generate_replies(engine, [i["prompt"] for i in items], tmpl, params, batch_size)
+        seconds = (time.perf_counter() - start) / len(items)
         texts = [r.text for r in replies]
         world_scores = [world_judge.reward(i, t) for i, t in zip(items, texts)] if world_judge else None
         rm_scores = [float(s) for s in rm.score([i["prompt"] for i in items], texts)] if rm else None
-        row = {"model": str(path), **_metrics(items, replies, rm_scores, world_scores)}
-        if ref_model is not None:
+        row = {"model": str(path), **_metrics(items, replies, rm_scores, world_scores), "seconds_per_query": seconds}
+        if defense:
+            row.update(defense_row(defended.names, replies))
+        elif ref_model is not None:
             prompts = [chat.generation_prompt_ids(tokenizer, i["prompt"], tmpl) for i in items]
             row["kl"] = generated_kl(model, ref_model, prompts, [r.token_ids for r in replies])
         judged.append(world_scores if world_scores is not None else rm_scores)
@@ -192,8 +222,10 @@ def write_eval_report(report: dict, out_dir) -> None:
 def markdown_table(report: dict) -> str:
     """One row per model, one column per metric that any model has."""
     columns = [m for m in (*METRICS, "stopped", "mean_tokens") if any(r.get(m) is not None for r in report["models"])]
+    defended = {r["defense"] for r in report["models"] if r.get("defense")}
     lines = [f"Evaluation on {report['n_prompts']} prompts ({', '.join(report['data'])}); "
-             f"win rate against the first model, judged by {report['judge'] or 'nothing'}.", "",
+             + (f"behind the defenses {', '.join(sorted(defended))}; " if defended else "")
+             + f"win rate against the first model, judged by {report['judge'] or 'nothing'}.", "",
              "| model | " + " | ".join(columns) + " |", "|---" * (len(columns) + 1) + "|"]
     for r in report["models"]:
         cells = ["—" if r.get(c) is None else f"{r[c]:.3f}" for c in columns]
@@ -218,12 +250,14 @@ def register(subparsers) -> None:
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--limit", type=int, default=None, help="evaluate the first N prompts only")
     p.add_argument("--device", default="cpu")
+    add_defense_args(p)
     p.set_defaults(func=_run_cli)
 
 
 def _run_cli(args) -> int:
     report = evaluate_models(args.model, args.data, args.out, reward=args.reward, reference=args.reference,
                              world=args.world, template=args.template, max_new_tokens=args.max_new_tokens,
-                             batch_size=args.batch_size, limit=args.limit, device=args.device)
+                             batch_size=args.batch_size, limit=args.limit, device=args.device,
+                             defense=args.defense, defense_sets=args.defense_sets)
     print(markdown_table(report), end="")
     return 0
