@@ -118,8 +118,9 @@ TEENS = {w: 10 + i for i, w in enumerate("ten eleven twelve thirteen fourteen fi
                                          "nineteen".split())}
 TENS = {w: 10 * i for i, w in enumerate("twenty thirty forty fifty sixty seventy eighty ninety".split(), start=2)}
 # Between two digits (or numbers) of one code: whitespace and punctuation that only separates, at most 3 characters
-# ("4-8-2-1", "4, 8, 2, 1", "4 / 8", "4_8_2_1"); "and" between spelled numbers ("four thousand and twenty").
-_SEPARATED = re.compile(r"(?<=\d)(?:[\s,.;:/|_*·'\"()\[\]-]{1,3}|\s+and\s+)(?=\d)")
+# ("4-8-2-1", "4, 8, 2, 1", "4 / 8", "4_8_2_1"). "and" joins only spelled numbers ("four thousand and twenty"), in
+# ``_WORD_RUN``: "48 and 21" are two numbers.
+_SEPARATED = re.compile(r"(?<=\d)[\s,.;:/|_*·'\"()\[\]-]{1,3}(?=\d)")
 NUMBER_WORDS = {*UNITS, *TEENS, *TENS, "hundred", "thousand", "zero", "oh"}
 _NUMBER_WORD = "|".join(sorted(NUMBER_WORDS, key=len, reverse=True))
 _WORD_RUN = re.compile(rf"\b(?:{_NUMBER_WORD})(?:(?:[\s,-]+|\s+and\s+)(?:{_NUMBER_WORD}))*\b", re.IGNORECASE)
