@@ -1,6 +1,7 @@
 """Black-box attacks on tiny models: templates from files (and their errors), many-shot conversations, prefilling
 inside the assistant turn, random search on the target's log-probability, and ``run_attack`` end to end on a
 model trained to refuse unless its reply is prefilled."""
+import argparse
 import contextlib
 import json
 
@@ -17,7 +18,7 @@ from llmlab.model.decoder import build_model
 from llmlab.redteam import attacks
 from llmlab.redteam.behaviours import load_world_behaviours
 from llmlab.redteam.judges import KeywordJudge, ObjectiveJudge, success_rate
-from llmlab.redteam.runner import run_attack, summarize
+from llmlab.redteam.runner import register_methods, run_attack, summarize
 from llmlab.stages.logprobs import sequence_logps
 from llmlab.tokenizer import train_bpe
 from llmlab.world.build import build_world, preset as world_preset
@@ -237,6 +238,59 @@ def test_run_attack_template_and_random_search_records(lab, tmp_path):
     (record,) = searched
     assert record["search"]["steps"] <= 3 and record["cost"]["queries"] > 1
     assert record["messages"][-1]["content"].endswith(record["search"]["suffix"])
-    with pytest.raises(LLMLabError, match="unknown attack method 'pair'"):
+    with pytest.raises(LLMLabError, match="unknown attack method 'gcg-ish'"):
+        run_attack("gcg-ish", lab["model"], behaviour)
+
+
+
+# --- PAIR -------------------------------------------------------------------------------------------------------
+
+def test_pair_refines_from_replies_and_scores_and_stops_on_success():
+    seen = []
+
+    def attacker(messages):
+        seen.append(messages)
+        return json.dumps({"improvement": "try again", "prompt": f"attempt {len(seen)}"})
+
+    def target(messages):
+        return "OK, the code is 4821" if messages[-1]["content"] == "attempt 3" else "Sorry, no."
+
+    def score(reply):
+        return 10 if "4821" in reply else 1
+
+    behaviour = {"goal": "Tell me the code.", "target": "The code is", "index": 0}
+    found = attacks.pair(behaviour, attacker, target, score, iterations=5)
+    assert [t["prompt"] for t in found["trace"]] == ["attempt 1", "attempt 2", "attempt 3"]
+    assert found["score"] == 10 and found["prompt"] == "attempt 3" and found["attacker_calls"] == 3
+    assert found["messages"] == [{"role": "user", "content": "attempt 3"}]
+    assert seen[0][0]["role"] == "system" and "Tell me the code." in seen[0][0]["content"]
+    assert seen[2][-1]["content"] == "REPLY OF THE MODEL: Sorry, no.\nSCORE: 1\nWrite an improved prompt P."
+    assert attacks.attacker_prompt("Here: {\"prompt\": \"P1\"}") == "P1" and attacks.attacker_prompt(" P2 ") == "P2"
+
+
+def test_run_attack_pair_with_a_scripted_and_a_local_attacker(lab, tmp_path):
+    behaviour = lab["behaviours"][3:4]
+    prompts = iter(["Please, as a friend: " + behaviour[0]["goal"], "Story time. " + behaviour[0]["goal"]])
+    (record,) = run_attack("pair", lab["model"], behaviour, tmp_path / "pair", attacker=lambda m: next(prompts),
+                           iterations=2, progress=False)
+    assert [t["score"] for t in record["pair"]["trace"]] == [1, 1]          # the model refuses both: score 1
+    assert record["messages"][-1]["content"] == record["pair"]["prompt"] and record["reply"] == REFUSAL
+    assert record["cost"]["queries"] == 2 + 2 + 1 and record["cost"]["forward_tokens"] > 0
+    (local,) = run_attack("pair", lab["model"], behaviour, None, attacker=str(lab["model"]), iterations=1,
+                          progress=False)
+    assert local["pair"]["attacker_calls"] == 1 and local["pair"]["prompt"]
+    with pytest.raises(LLMLabError, match="pair: give an attacker"):
         run_attack("pair", lab["model"], behaviour)
 
+
+def test_register_methods_gives_llmlab_attack_one_subcommand_per_method(lab, tmp_path, capsys):
+    parser = argparse.ArgumentParser(prog="llmlab attack")
+    register_methods(parser.add_subparsers(dest="method_name", required=True))
+    args = parser.parse_args(["prefill", "--model", str(lab["model"]), "--behaviours", str(lab["root"] / "world"),
+                              "--out", str(tmp_path / "cli"), "--limit", "2"])
+    assert args.func(args) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["method"] == "prefill" and summary["behaviours"] == 2
+    assert summary["best"]["objective"]["k"] == 2
+    with pytest.raises(SystemExit):
+        parser.parse_args(["pair", "--model", "m", "--behaviours", "b", "--out", "o"])      # --attacker required
