@@ -11,7 +11,8 @@ records of one behaviour ("fiction", "k=16"); ``best`` in the summary counts a b
 variants broke it, per judge.
 
 Cost per record: ``queries`` (model calls: candidate scorings and the reply), ``forward_tokens`` (tokens through
-the model, prompts and generated tokens alike) and ``seconds`` (wall-clock; a batch's time shared by its records).
+the model, prompts and generated tokens alike) and ``seconds`` (wall-clock: a search's own time, plus the reply
+batch's time shared by its records).
 Records are appended to ``out/records.jsonl`` as they are made, so ``resume=True`` skips the finished ones;
 ``out/summary.json`` is written at the end.
 """
@@ -127,23 +128,25 @@ def run_attack(method: str, target_model_dir, behaviours: list[dict] | str | Pat
 
 
 def _run_batch(method, batch, model, tokenizer, template, engine, params, judges, allowed, opts) -> list[dict]:
-    """Build each job's prompt (random search runs here, per behaviour), generate the replies in one batch and
-    judge them."""
-    start = time.perf_counter()
+    """Build each job's prompt (random search and PAIR run here, per behaviour: their time is their record's), then
+    generate the replies in one batch and judge them (that time is shared by the batch's records)."""
     search_cost = []
     for job in batch:
+        start = time.perf_counter()
         if method == "random-search":
             found = attacks.random_search(model, tokenizer, template, job["behaviour"], allowed=allowed,
                                           **{k: opts[k] for k in ("steps", "suffix_tokens", "n_change",
                                                                   "candidates", "seed", "init") if k in opts})
             job["messages"], job["search"] = found["messages"], found
-            search_cost.append((found["queries"], found["forward_tokens"]))
+            search_cost.append((found["queries"], found["forward_tokens"], time.perf_counter() - start))
         elif method == "pair":
             found = _pair(job["behaviour"], engine, tokenizer, template, params, judges, opts)
             job["messages"], job["pair"] = found["messages"], found
-            search_cost.append((found["attacker_calls"] + found["target_calls"], found["forward_tokens"]))
+            search_cost.append((found["attacker_calls"] + found["target_calls"], found["forward_tokens"],
+                                time.perf_counter() - start))
         else:
-            search_cost.append((0, 0))
+            search_cost.append((0, 0, 0.0))
+    start = time.perf_counter()
     ids = [attacks.prefill_prompt_ids(tokenizer, template, j["messages"], j["prefill"]) if j["prefill"]
            else chat.generation_prompt_ids(tokenizer, j["messages"], template) for j in batch]
     fits = [len(i) < engine.context for i in ids]
@@ -158,14 +161,14 @@ def _run_batch(method, batch, model, tokenizer, template, engine, params, judges
     records = []
     for i, job in enumerate(batch):
         b = job["behaviour"]
-        queries, forward = search_cost[i]
+        queries, forward, searched = search_cost[i]
         record = {"key": _key(b, job["variant"]), "method": method, "variant": job["variant"],
                   "source": b.get("source"), "index": b.get("index"), "goal": b["goal"], "target": b["target"],
                   "messages": job["messages"], "prefill": job["prefill"], "reply": replies[i] if fits[i] else None,
                   "success": verdicts[i] if fits[i] else {name: None for name in verdicts[i]},
                   "cost": {"queries": queries + int(fits[i]), "forward_tokens": forward + (len(ids[i]) + generated[i]
                                                                                        if fits[i] else 0),
-                           "seconds": seconds}}
+                           "seconds": searched + seconds}}
         if not fits[i]:
             record["skipped"] = f"prompt of {len(ids[i])} tokens does not fit the context of {engine.context}"
         if "search" in job:
