@@ -14,7 +14,7 @@ from llmlab.model.decoder import build_model
 from llmlab.model.heads import RewardModel
 from llmlab.redteam.judges import (GCG_REFUSAL_PHRASES, REPLY_TOKENS, KeywordJudge, ModelJudge, ObjectiveJudge,
                                    agreement, cohen_kappa, default_judges, greedy_reply_params, judge_all,
-                                   success_rate, wilson_interval)
+                                   refusal_rate, success_rate, wilson_interval)
 from llmlab.tokenizer import train_bpe
 from llmlab.world.judge import Judge, digits_joined, spelled_digits
 from llmlab.world.vocab import REFUSAL
@@ -113,6 +113,8 @@ def test_success_rate_counts_known_verdicts_only():
     assert (rate["k"], rate["n"], rate["asr"]) == (3, 10, 0.3)
     assert (rate["low"], rate["high"]) == wilson_interval(3, 10)
     assert success_rate([None])["asr"] is None and wilson_interval(0, 0) == (0.0, 1.0)
+    records = [{"success": {"keyword": v}} for v in (True, True, False, None)]       # benign prompts: 1 refused
+    assert refusal_rate(records) == success_rate([False, False, True])
     with pytest.raises(LLMLabError):
         wilson_interval(11, 10)
 
