@@ -224,6 +224,14 @@ def test_run_attack_many_shot_skips_what_does_not_fit_and_resumes(lab, tmp_path)
     again = run_attack("many-shot", lab["model"], behaviours, tmp_path / "ms", shots=(1, 32), progress=False,
                        pool=lab["behaviours"], resume=True)
     assert again == records
+    # a kill in the middle of writing a record leaves half a line: resume drops it and makes that record again
+    path = tmp_path / "ms" / "records.jsonl"
+    lines = path.read_text().splitlines()
+    path.write_text("\n".join(lines[:-1] + [lines[-1][:40]]))
+    again = run_attack("many-shot", lab["model"], behaviours, tmp_path / "ms", shots=(1, 32), progress=False,
+                       pool=lab["behaviours"], resume=True)
+    assert [r["key"] for r in again] == [r["key"] for r in records] and again[:3] == records[:3]
+    assert [json.loads(x) for x in path.read_text().splitlines()] == again
 
 
 def test_run_attack_template_and_random_search_records(lab, tmp_path):

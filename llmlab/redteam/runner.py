@@ -34,8 +34,8 @@ from ..infer.replies import engine_for
 from ..progress import progress_bar
 from . import attacks
 from .behaviours import load_behaviours
-from .judges import (REPLY_TOKENS, KeywordJudge, agreement, default_judges, greedy_reply_params, judge_all, prompt_messages,
-                     success_rate)
+from .judges import (REPLY_TOKENS, KeywordJudge, agreement, default_judges, greedy_reply_params, judge_all,
+                     prompt_messages, success_rate)
 
 METHODS = ("direct", "template", "many-shot", "prefill", "random-search", "pair")
 SHOTS = (1, 2, 4, 8, 16, 32)
@@ -84,6 +84,8 @@ def run_attack(method: str, target_model_dir, behaviours: list[dict] | str | Pat
     chat function), ``iterations``. Returns the records (also written to ``out`` when given)."""
     if method not in METHODS:
         raise LLMLabError(f"unknown attack method {method!r}; known: {', '.join(METHODS)} (and gcg)")
+    if method == "pair" and opts.get("attacker") is None:
+        raise LLMLabError("pair: give an attacker model (attacker=FOLDER or hosted:PROVIDER[:MODEL])")
     if not isinstance(behaviours, list):
         behaviours = load_behaviours(behaviours)
     if not behaviours:
@@ -99,14 +101,15 @@ def run_attack(method: str, target_model_dir, behaviours: list[dict] | str | Pat
         out.mkdir(parents=True, exist_ok=True)
         path = out / "records.jsonl"
         if resume and path.is_file():
-            done = {r["key"]: r for r in map(json.loads, path.read_text(encoding="utf-8").splitlines()) if r}
+            done = {r["key"]: r for r in _read_records(path)}
+            tmp = path.with_suffix(".jsonl.tmp")        # without a cut-off last line, before appending to it
+            tmp.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in done.values()), encoding="utf-8")
+            os.replace(tmp, path)
         elif path.exists():
             path.unlink()
     jobs = [j for j in _jobs(method, behaviours, opts) if _key(j["behaviour"], j["variant"]) not in done]
     allowed = attacks.allowed_tokens(tokenizer) if method == "random-search" and jobs else None
     if method == "pair":
-        if opts.get("attacker") is None:
-            raise LLMLabError("pair: give an attacker model (attacker=FOLDER or hosted:PROVIDER[:MODEL])")
         opts = {**opts, "attacker": attacker_from(opts["attacker"], opts.get("seed", 0))}
     records = list(done.values())
     bar = progress_bar(total=len(jobs), desc=f"attack {method}", unit="prompt", disable=not progress)
@@ -124,6 +127,19 @@ def run_attack(method: str, target_model_dir, behaviours: list[dict] | str | Pat
         tmp = out / "summary.json.tmp"
         tmp.write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
         os.replace(tmp, out / "summary.json")
+    return records
+
+
+def _read_records(path: Path) -> list[dict]:
+    """The records of an earlier run; a last line cut short by a kill is dropped (its batch runs again)."""
+    lines = path.read_text(encoding="utf-8").splitlines()
+    records = []
+    for i, line in enumerate(lines):
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            if i < len(lines) - 1:
+                raise LLMLabError(f"{path}:{i + 1}: not a JSON record; remove the file to start over") from None
     return records
 
 
