@@ -15,7 +15,7 @@ from llmlab.hub.load import load_model
 from llmlab.hub.save import save_model
 from llmlab.model.config import preset
 from llmlab.model.decoder import build_model
-from llmlab.redteam import attacks
+from llmlab.redteam import attacks, runner
 from llmlab.redteam.behaviours import load_world_behaviours
 from llmlab.redteam.judges import KeywordJudge, ObjectiveJudge, success_rate
 from llmlab.redteam.runner import register_methods, run_attack, summarize
@@ -302,3 +302,18 @@ def test_register_methods_gives_llmlab_attack_one_subcommand_per_method(lab, tmp
     assert summary["best"]["objective"]["k"] == 2
     with pytest.raises(SystemExit):
         parser.parse_args(["pair", "--model", "m", "--behaviours", "b", "--out", "o"])      # --attacker required
+
+
+def test_a_hosted_attacker_goes_through_the_client(monkeypatch):
+    calls = []
+
+    def fake_chat(messages, **kw):
+        calls.append(kw)
+        return '{"prompt": "P"}'
+
+    monkeypatch.setattr(runner.client, "chat", fake_chat)
+    attacker = runner.attacker_from("hosted:zhipu:glm-4-flash")
+    assert attacker([{"role": "user", "content": "go"}]) == '{"prompt": "P"}'
+    assert calls[0]["provider"] == "zhipu" and calls[0]["model"] == "glm-4-flash"
+    runner.attacker_from("hosted:openai")([{"role": "user", "content": "go"}])
+    assert calls[1]["provider"] == "openai" and calls[1]["model"] is None
