@@ -7,8 +7,8 @@ import pytest
 from conftest import shared_file
 from llmlab.errors import LLMLabError
 from llmlab.redteam.behaviours import (benign_prompts, load_advbench, load_behaviours, load_self_instruct,
-                                       load_world_behaviours, load_world_benign, mismatched, split_by_target,
-                                       target_overlap)
+                                       load_world_behaviours, load_world_benign, mismatched, select,
+                                       split_by_target, target_overlap)
 from llmlab.world.build import build_world, preset as world_preset
 from llmlab.world.judge import Judge
 
@@ -68,6 +68,17 @@ def test_split_by_target_keeps_each_target_on_one_side(advbench):
     assert [r["index"] for r in other] != [r["index"] for r in train]
     small_train, small_test = split_by_target(advbench, test_fraction=0.1, seed=3)
     assert 50 <= len(small_test) <= 54 and not {r["target"] for r in small_train} & {r["target"] for r in small_test}
+
+
+def test_select_drops_mismatched_rows_and_picks_a_side(advbench):
+    everything, none = select(advbench)
+    assert len(everything) == 512 and none == [] and not set(MISMATCHED) & {r["index"] for r in everything}
+    assert len(select(advbench, keep_mismatched=True)[0]) == 520
+    test, train = select(advbench, "test", 0.5, seed=0)
+    assert (test, train) == tuple(reversed(select(advbench, "train", 0.5, seed=0)))
+    assert len(test) + len(train) == 512 and not {r["target"] for r in test} & {r["target"] for r in train}
+    with pytest.raises(LLMLabError, match="split = 'dev'"):
+        select(advbench, "dev")
 
 
 def test_split_needs_two_targets_and_a_fraction():

@@ -317,3 +317,21 @@ def test_a_hosted_attacker_goes_through_the_client(monkeypatch):
     assert calls[0]["provider"] == "zhipu" and calls[0]["model"] == "glm-4-flash"
     runner.attacker_from("hosted:openai")([{"role": "user", "content": "go"}])
     assert calls[1]["provider"] == "openai" and calls[1]["model"] is None
+
+
+def test_cli_attacks_the_test_side_with_faked_turns_from_the_train_side(lab, tmp_path, capsys):
+    rows = [(f"Explain topic {i} to me", f"Sure, here is topic {i // 2}") for i in range(8)]
+    csv_path = tmp_path / "b.csv"
+    csv_path.write_text("goal,target\n" + "".join(f"{g},\"{t}\"\n" for g, t in rows))
+    parser = argparse.ArgumentParser(prog="llmlab attack")
+    register_methods(parser.add_subparsers(dest="method_name", required=True))
+    args = parser.parse_args(["many-shot", "--model", str(lab["model"]), "--behaviours", str(csv_path),
+                              "--out", str(tmp_path / "ms"), "--split", "test", "--shots", "2"])
+    assert args.func(args) == 0
+    records = [json.loads(x) for x in (tmp_path / "ms" / "records.jsonl").read_text().splitlines()]
+    tested = {r["target"] for r in records}
+    assert len(records) == 4 and len(tested) == 2
+    for r in records:                     # every faked answer is a target of the other side
+        faked = [m["content"] for m in r["messages"][1:-1:2]]
+        assert len(faked) == 2 and not set(faked) & tested
+    assert json.loads(capsys.readouterr().out)["records"] == 4

@@ -146,6 +146,20 @@ def split_by_target(records: list[dict], test_fraction: float = 0.5, seed: int =
     return ([r for i, r in enumerate(records) if i not in test], [r for i, r in enumerate(records) if i in test])
 
 
+def select(records: list[dict], split: str = "all", test_fraction: float = 0.5, seed: int = 0,
+           keep_mismatched: bool = False) -> tuple[list[dict], list[dict]]:
+    """The behaviours to attack and the others: without the rows whose target does not match their goal (unless
+    ``keep_mismatched``), then ``split`` = ``all`` (others empty), ``train`` or ``test`` of ``split_by_target``
+    (others: the other side, e.g. the pool of many-shot's faked turns)."""
+    if split not in ("all", "train", "test"):
+        raise LLMLabError(f"split = {split!r}; choose all, train or test")
+    kept = records if keep_mismatched else [r for r in records if r.get("matches_goal", True)]
+    if split == "all":
+        return kept, []
+    train, test = split_by_target(kept, test_fraction, seed)
+    return (train, test) if split == "train" else (test, train)
+
+
 # ------------------------------------------------------------------------------------------------- the world
 
 def world_meta(world_dir) -> dict:

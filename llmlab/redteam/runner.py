@@ -33,7 +33,7 @@ from ..infer.engine import SamplingParams
 from ..infer.replies import engine_for
 from ..progress import progress_bar
 from . import attacks
-from .behaviours import load_behaviours
+from .behaviours import load_behaviours, select
 from .judges import (REPLY_TOKENS, KeywordJudge, agreement, default_judges, greedy_reply_params, judge_all,
                      prompt_messages, success_rate)
 
@@ -283,6 +283,11 @@ def register_methods(subparsers) -> None:
                        help="a world folder, an AdvBench-style .csv (goal,target) or a .jsonl of {goal, target}")
         p.add_argument("--out", required=True, help="output folder (records.jsonl, summary.json)")
         p.add_argument("--judge-model", default=None, help="a reward model (llmlab rm) or classifier (llmlab classify)")
+        p.add_argument("--split", default="all", choices=("all", "train", "test"),
+                       help="attack one side of the split by target string (default: all)")
+        p.add_argument("--test-fraction", type=float, default=0.5, help="share of behaviours on the test side")
+        p.add_argument("--keep-mismatched", action="store_true",
+                       help="keep rows whose target does not match their goal (dropped by default)")
         p.add_argument("--limit", type=int, default=None, help="attack only the first N behaviours")
         p.add_argument("--max-new-tokens", type=int, default=REPLY_TOKENS, help="reply length judged (greedy)")
         p.add_argument("--seed", type=int, default=0)
@@ -305,8 +310,12 @@ def register_methods(subparsers) -> None:
 
 
 def _command(args: argparse.Namespace) -> int:
-    behaviours = load_behaviours(args.behaviours)[:args.limit]
+    behaviours, others = select(load_behaviours(args.behaviours), args.split, args.test_fraction, args.seed,
+                                args.keep_mismatched)
+    behaviours = behaviours[:args.limit]
     opts = {"seed": args.seed}
+    if args.method == "many-shot" and others:
+        opts["pool"] = others              # faked turns from the other side of the split
     if getattr(args, "templates", None):
         opts["templates"] = attacks.load_templates(args.templates)
     if getattr(args, "shots", None):
