@@ -184,6 +184,7 @@ def test_random_search_raises_the_targets_logprob(lab):
     history = found["history"]
     assert len(history) == found["steps"] == 12
     assert all(b >= a for a, b in zip(history, history[1:])) and found["logp"] == history[-1] > float(first[0])
+    assert found["initial_logp"] == pytest.approx(float(first[0]), abs=1e-5)
     assert found["messages"][-1]["content"] == f"{behaviour['goal']} {found['suffix']}"
     assert 1 < found["queries"] <= 1 + 12 * 4 and found["forward_tokens"] > 0
     again = attacks.random_search(model, tok, lab["template"], behaviour, steps=12, suffix_tokens=8, candidates=4,

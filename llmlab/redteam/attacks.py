@@ -226,8 +226,8 @@ def random_search(model, tokenizer, template: str, behaviour: dict, *, steps: in
     the suffix when its log-probability is higher. Stops early, with ``stop_on_greedy``, once greedy decoding
     would produce the whole target.
 
-    Returns ``{"suffix", "messages", "logp", "history", "queries", "forward_tokens", "seconds", "steps",
-    "greedy_target"}``: ``history`` the best log-probability after each step (non-decreasing)."""
+    Returns ``{"suffix", "messages", "logp", "initial_logp", "history", "queries", "forward_tokens", "seconds",
+    "steps", "greedy_target"}``: ``history`` the best log-probability after each step (non-decreasing)."""
     start = time.perf_counter()
     rng = random.Random(seed)
     allowed = allowed if allowed is not None else allowed_tokens(tokenizer)
@@ -242,6 +242,7 @@ def random_search(model, tokenizer, template: str, behaviour: dict, *, steps: in
     rows = rows_for([suffix])
     best, greedy = target_logps(model, rows, pad_id)
     best, greedy = float(best[0]), bool(greedy[0])
+    initial = best
     queries, forward = 1, sum(len(p) + len(t) for p, t in rows)
     history, step = [], 0
     for step in range(1, steps + 1):
@@ -268,6 +269,7 @@ def random_search(model, tokenizer, template: str, behaviour: dict, *, steps: in
                 best, greedy, suffix = float(logps[i]), bool(greedies[i]), pool[i]
         history.append(best)
     return {"suffix": suffix, "messages": with_request(behaviour, f"{request} {suffix}"), "logp": best,
+            "initial_logp": initial,
             "history": history, "queries": queries, "forward_tokens": forward,
             "seconds": time.perf_counter() - start, "steps": step, "greedy_target": greedy}
 

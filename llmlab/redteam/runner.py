@@ -189,7 +189,8 @@ def _run_batch(method, batch, model, tokenizer, template, engine, params, judges
             record["skipped"] = f"prompt of {len(ids[i])} tokens does not fit the context of {engine.context}"
         if "search" in job:
             s = job["search"]
-            record["search"] = {"suffix": s["suffix"], "logp": s["logp"], "history": s["history"],
+            record["search"] = {"suffix": s["suffix"], "logp": s["logp"], "initial_logp": s["initial_logp"],
+                                "history": s["history"],
                                 "steps": s["steps"], "greedy_target": s["greedy_target"]}
         if "pair" in job:
             record["pair"] = {k: job["pair"][k] for k in ("prompt", "score", "trace", "attacker_calls")}
