@@ -1,0 +1,312 @@
+"""``llmlab experiment warmup``: why warm up the learning rate.
+
+    llmlab experiment warmup [--preset test|default|large] [--seeds K] [--data PATH] [--set key=value ...] --out DIR
+
+The same GPT-2-style network (LayerNorm, learned positions, GELU) on the same characters of the same corpus
+(default: the built-in Tiny Shakespeare), trained with AdamW at each learning rate η of ``lrs`` for ``steps``
+updates, once with no warm-up and once with a linear warm-up over the first ``warmup`` updates
+(η_t = η·(t+1)/W, ``train/schedule.py``), then constant: the first W updates are the only difference. Each pair
+runs for a pre-norm Transformer (x + Attn(LN(x)), GPT-2) and a post-norm one (LN(x + Attn(x)), the original
+Transformer and BERT). Gradient clipping is off by default (``--set train.grad_clip=1``), since clipping is the
+other remedy for the early large updates that warm-up tames.
+
+Measured per run (``DIR/seed-N/ARM/metrics.jsonl``, every step): the training loss, the gradient norm ‖g‖ before any
+clipping, the size of AdamW's update ‖Δθ‖/‖θ‖ (``train.trace_updates``) and the final validation loss. A run
+*diverged* when a step's loss or gradient was not finite (the loop skips that step: ``train.on_nan=skip``), or when
+its loss at the end (the mean over the last tenth of the steps) or its final validation loss is at or above the loss
+of its first step.
+"""
+from __future__ import annotations
+
+import math
+import os
+import shutil
+import statistics
+from pathlib import Path
+
+import numpy as np
+
+from ..config import from_dict
+from ..data.shards import TokenShards
+from ..data.sources import iter_documents
+from ..errors import LLMLabError
+from ..plots import bar_chart, curve_grid, read_metrics, series
+from ..report import Section
+from ..stages import pretrain
+from ..stages.common import deep_merge
+from ..tokenizer import save_tokenizer, train_char
+from .common import Context, Result, show, spread
+
+CLAIM = ("Claim tested: a post-norm Transformer trained with Adam and no learning-rate warm-up diverges at learning "
+         "rates where the same model with warm-up trains, while a pre-norm Transformer needs warm-up much less "
+         "(Xiong et al. 2020, 'On Layer Normalization in the Transformer Architecture'; Liu et al. 2020). The run "
+         "below confirms or refutes it for a small character-level model.")
+OPEN = ("model", "data", "train")          # recipe sections of every run (llmlab pretrain checks their keys)
+
+_MODEL = {"preset": "gpt2", "n_layer": 6, "n_head": 4, "d_model": 64, "max_seq_len": 64, "dropout": 0.0}
+_TRAIN = {"schedule": "constant", "grad_clip": 0.0, "betas": [0.9, 0.98], "weight_decay": 0.0, "eval_batches": 8}
+PRESETS = {
+    "test": {"seeds": 1, "corpus": "tinyshakespeare", "steps": 12, "warmup": 4, "lrs": [1e-3, 3e-3, 1e-2],
+             "norms": ["pre", "post"], "trace": 12,
+             "model": {**_MODEL, "n_layer": 2, "n_head": 2, "d_model": 32, "max_seq_len": 32},
+             "data": {"max_length": 32, "batch_size": 4}, "train": {**_TRAIN, "eval_batches": 2, "progress": False}},
+    "default": {"seeds": 3, "corpus": "tinyshakespeare", "steps": 200, "warmup": 50, "lrs": [1e-3, 3e-3, 1e-2],
+                "norms": ["pre", "post"], "trace": 100, "model": dict(_MODEL),
+                "data": {"max_length": 64, "batch_size": 16}, "train": dict(_TRAIN)},
+    "large": {"seeds": 3, "corpus": "tinyshakespeare", "steps": 2000, "warmup": 200, "lrs": [3e-4, 1e-3, 3e-3],
+              "norms": ["pre", "post"], "trace": 400,
+              "model": {**_MODEL, "n_layer": 12, "n_head": 8, "d_model": 512, "max_seq_len": 256},
+              "data": {"max_length": 256, "batch_size": 32}, "train": dict(_TRAIN)},
+}
+
+
+def arms(s: dict) -> list[tuple[str, str, float, int]]:
+    """(name, norm, lr, warm-up steps) of every run of one seed."""
+    return [(f"{norm}-lr{lr:g}-warm{w}", norm, float(lr), w)
+            for norm in s["norms"] for lr in s["lrs"] for w in (0, s["warmup"])]
+
+
+def check(s: dict) -> None:
+    if int(s["steps"]) < 2 or not 0 < int(s["warmup"]) < int(s["steps"]):
+        raise LLMLabError(f"warmup: need steps ≥ 2 and 0 < warmup < steps, got steps={s['steps']}, "
+                          f"warmup={s['warmup']}")
+    if not s["lrs"] or not all(isinstance(lr, (int, float)) and lr > 0 for lr in s["lrs"]):
+        raise LLMLabError(f"warmup: lrs must be a list of positive learning rates, got {s['lrs']!r}")
+    if not s["norms"] or not set(s["norms"]) <= {"pre", "post"}:
+        raise LLMLabError(f"warmup: norms must list pre and/or post, got {s['norms']!r}")
+
+
+def recipe(s: dict, corpus: str, tokenizer: Path, norm: str, lr: float, warmup: int, seed: int) -> dict:
+    steps = int(s["steps"])
+    return deep_merge(pretrain.DEFAULTS, {
+        "model": {**s["model"], "norm_position": norm},
+        "data": {**s["data"], "path": corpus},
+        "tokenizer": {"kind": "path", "path": str(tokenizer)},
+        "train": {**s["train"], "max_steps": steps, "lr": lr, "warmup_steps": warmup, "seed": seed,
+                  "log_every": 1, "trace_updates": int(s["trace"]), "on_nan": "skip",
+                  "eval_every": max(1, steps // 4), "checkpoint_every": max(1, steps // 2)},
+    })
+
+
+def shared_tokenizer(out: Path, corpus: str) -> Path:
+    """One character tokenizer for every run, trained on the corpus once (``out/tokenizer``)."""
+    folder = out / "tokenizer"
+    if not (folder / "tokenizer.json").is_file():
+        save_tokenizer(train_char(iter_documents(corpus)), folder)
+    return folder
+
+
+def shared_shards(out: Path, s: dict, corpus: str, tokenizer: Path) -> Path:
+    """The corpus tokenized once (``out/data``, by pretrain's own ``prepare_shards``), so that each run finds its
+    shards already built (hard links, or copies across filesystems) instead of tokenizing the corpus again."""
+    from ..tokenizer import load_tokenizer
+    data = from_dict(pretrain.DataConfig, {**s["data"], "path": corpus}, "data")
+    return pretrain.prepare_shards(data, load_tokenizer(tokenizer), out)
+
+
+def place_shards(shards: Path, run: Path) -> None:
+    if (run / "data").exists():
+        return
+    run.mkdir(parents=True, exist_ok=True)
+
+    def link(src, dst):
+        try:
+            os.link(src, dst)
+        except OSError:
+            shutil.copy2(src, dst)
+    shutil.copytree(shards, run / "data", copy_function=link)
+
+
+def unigram_loss(shards: Path) -> float:
+    """Cross-entropy (nats per character) of the val split under the train split's character frequencies: the
+    loss of a model that has learned nothing but how often each character occurs."""
+    train, val = (np.asarray(TokenShards(shards, split).tokens(0, len(TokenShards(shards, split))))
+                  for split in ("train", "val"))
+    size = int(max(train.max(), val.max())) + 1
+    p = (np.bincount(train, minlength=size) + 1.0) / (len(train) + size)        # add-one: no zero for unseen ones
+    return float(-np.log(p[val]).mean())
+
+
+# --- what one run measured -------------------------------------------------------------------------------------
+
+def measure(run: Path, steps: int, trace: int) -> dict:
+    records = read_metrics(run / "metrics.jsonl")
+    skipped = sum(1 for r in records if r.get("skipped"))
+    _, loss = series(records, "loss")
+    first = loss[0] if loss else math.nan
+    tail = loss[-max(1, steps // 10):]
+    end = statistics.fmean(tail) if tail else math.nan
+    vals = [r["val_loss"] for r in records if "val_loss" in r]
+    val = float(vals[-1]) if vals and vals[-1] is not None else math.nan
+    early = [r for r in records if r.get("step", 0) <= trace]
+    grad = [r["grad_norm"] for r in early if isinstance(r.get("grad_norm"), (int, float))]
+    ratio = [r["update_ratio"] for r in early if isinstance(r.get("update_ratio"), (int, float))]
+    diverged = bool(skipped) or not (math.isfinite(val) and val < first and end < first)
+    return {"first_loss": first, "end_loss": end, "val_loss": val, "skipped_steps": skipped, "diverged": diverged,
+            "max_grad_norm": max(grad) if grad else math.nan, "max_update_ratio": max(ratio) if ratio else math.nan}
+
+
+def traces(run: Path, key: str, last: int | None = None) -> tuple[list, list]:
+    steps, values = series(read_metrics(run / "metrics.jsonl"), key)
+    if last is None:
+        return steps, values
+    keep = [i for i, st in enumerate(steps) if st <= last]
+    return [steps[i] for i in keep], [values[i] for i in keep]
+
+
+# --- the experiment --------------------------------------------------------------------------------------------
+
+def run(ctx: Context) -> Result:
+    s = ctx.settings
+    check(s)
+    corpus, steps, warm, trace = str(s["corpus"]), int(s["steps"]), int(s["warmup"]), int(s["trace"])
+    tokenizer = shared_tokenizer(ctx.out, corpus)
+    shards = shared_shards(ctx.out, s, corpus, tokenizer)
+    for seed in ctx.seeds:                       # seed by seed: an interrupted run has whole seeds to show
+        for name, norm, lr, w in arms(s):
+            run_dir = ctx.run_dir(name, seed)
+            place_shards(shards, run_dir)
+            pretrain.run(None, None, run_dir, recipe(s, corpus, tokenizer, norm, lr, w, seed),
+                         resume=(run_dir / "checkpoints").is_dir())
+    unigram = unigram_loss(shards)
+
+    per_arm = {}
+    for name, norm, lr, w in arms(s):
+        runs = [measure(ctx.run_dir(name, seed), steps, trace) for seed in ctx.seeds]
+        per_arm[name] = {"norm": norm, "lr": lr, "warmup": w,
+                         "diverged": sum(r["diverged"] for r in runs), "runs": len(runs),
+                         **{key: spread([r[key] for r in runs]) for key in
+                            ("val_loss", "end_loss", "first_loss", "max_grad_norm", "max_update_ratio")},
+                         "skipped_steps": sum(r["skipped_steps"] for r in runs)}
+    figures = draw(ctx, s, per_arm)
+    verdict, verdict_numbers = judge(s, per_arm, unigram)
+    return Result(
+        title="Why warm up: warm-up 0 vs N steps, pre-norm vs post-norm",
+        setup=(f"Corpus `{corpus}`, one character tokenizer for every run; model `{s['model']}` (pre- or post-norm); "
+               f"{steps} AdamW updates at a constant learning rate η ∈ {s['lrs']} after either no warm-up or a "
+               f"linear warm-up over {warm} updates; gradient clipping "
+               f"{'off' if not s['train'].get('grad_clip') else s['train']['grad_clip']}; "
+               f"betas {s['train'].get('betas')}. Each of the {len(arms(s))} runs per seed is `llmlab pretrain` in "
+               f"`seed-N/<norm>-lr<η>-warm<W>/`."),
+        sections=[Section("Result", text=verdict, table=result_table(s, per_arm), figures=figures[:2]),
+                  Section("The first steps", text=FIRST_STEPS.format(trace=trace, warm=warm),
+                          table=trace_table(s, per_arm), figures=figures[2:]),
+                  Section("What the numbers mean", text=MEANING.format(warm=warm))],
+        summary={"arms": per_arm, "unigram_loss": unigram, **verdict_numbers},
+        headline=verdict.split("\n")[0],
+        figures=figures)
+
+
+def result_table(s: dict, per_arm: dict) -> list[list[str]]:
+    warm = s["warmup"]
+    rows = [["norm", "η", "val loss, no warm-up", f"val loss, warm-up {warm}", "diverged, no warm-up",
+             f"diverged, warm-up {warm}"]]
+    for norm in s["norms"]:
+        for lr in s["lrs"]:
+            cold, hot = per_arm[f"{norm}-lr{lr:g}-warm0"], per_arm[f"{norm}-lr{lr:g}-warm{warm}"]
+            rows.append([norm, f"{lr:g}", show(cold["val_loss"]), show(hot["val_loss"]),
+                         f"{cold['diverged']}/{cold['runs']}", f"{hot['diverged']}/{hot['runs']}"])
+    return rows
+
+
+def trace_table(s: dict, per_arm: dict) -> list[list[str]]:
+    rows = [["run", "loss at step 1", "max ‖g‖ (first steps)", "max ‖Δθ‖/‖θ‖ (first steps)", "skipped steps"]]
+    for name, a in per_arm.items():
+        rows.append([name, show(a["first_loss"]), show(a["max_grad_norm"], 3), show(a["max_update_ratio"], 3),
+                     str(a["skipped_steps"])])
+    return rows
+
+
+def judge(s: dict, per_arm: dict, unigram: float) -> tuple[str, dict]:
+    """The verdict: is there a learning rate where post-norm without warm-up diverged (in most seeds) and
+    post-norm with warm-up trained (in every seed)?"""
+    warm = s["warmup"]
+
+    def state(norm, lr, w):
+        a = per_arm.get(f"{norm}-lr{lr:g}-warm{w}")
+        return None if a is None else (a["diverged"], a["runs"])
+
+    where = [lr for lr in s["lrs"] if "post" in s["norms"]
+             and 2 * state("post", lr, 0)[0] > state("post", lr, 0)[1] and state("post", lr, warm)[0] == 0]
+    pre_cold = [lr for lr in s["lrs"] if "pre" in s["norms"] and 2 * state("pre", lr, 0)[0] > state("pre", lr, 0)[1]]
+    gaps = {f"{norm}-lr{lr:g}": per_arm[f"{norm}-lr{lr:g}-warm0"]["val_loss"]["mean"]
+            - per_arm[f"{norm}-lr{lr:g}-warm{warm}"]["val_loss"]["mean"] for norm in s["norms"] for lr in s["lrs"]}
+    if "post" not in s["norms"]:
+        head = "Not tested: the run has no post-norm model (norms lacks post)."
+        confirmed = None
+    elif where:
+        head = (f"Confirmed: post-norm without warm-up diverged at η = {', '.join(f'{lr:g}' for lr in where)}, "
+                f"where post-norm with a {warm}-step warm-up trained.")
+        confirmed = True
+    else:
+        head = ("Refuted at these settings: at no learning rate did post-norm without warm-up diverge while post-norm "
+                f"with a {warm}-step warm-up trained.")
+        confirmed = False
+    lines = [head]
+    if "pre" in s["norms"]:
+        lines.append("Pre-norm without warm-up diverged at η = " + ", ".join(f"{lr:g}" for lr in pre_cold) + "."
+                     if pre_cold else "Pre-norm without warm-up trained at every learning rate tried.")
+    stuck = [name for name, a in per_arm.items() if not a["val_loss"]["mean"] < unigram - 0.05]
+    lines.append(f"A model that learned only how often each character occurs scores {unigram:.3f} (the unigram loss); "
+                 + (f"these runs ended no more than 0.05 below it, i.e. learned little else: {', '.join(stuck)}."
+                    if stuck else "every run ended below it."))
+    lines.append("Validation loss without warm-up minus with warm-up (mean over seeds; positive: warm-up helped): "
+                 + "; ".join(f"{k} {v:+.3f}" for k, v in gaps.items()) + ".")
+    return "\n\n".join(lines), {"confirmed": confirmed, "post_norm_diverges_without_warmup_at": where,
+                                "near_unigram_loss": stuck,
+                                "pre_norm_diverges_without_warmup_at": pre_cold, "val_loss_gap": gaps}
+
+
+def draw(ctx: Context, s: dict, per_arm: dict) -> list[str]:
+    warm, trace = s["warmup"], int(s["trace"])
+    labels = {0: "no warm-up", warm: f"warm-up {warm}"}
+
+    def panels(key: str, last: int | None) -> list:
+        out = []
+        for norm in s["norms"]:
+            for lr in s["lrs"]:
+                lines = {labels[w]: [traces(ctx.run_dir(f"{norm}-lr{lr:g}-warm{w}", seed), key, last)
+                                     for seed in ctx.seeds] for w in (0, warm)}
+                out.append((f"{norm}-norm, η = {lr:g}", lines))
+        return out
+
+    first = statistics.fmean(a["first_loss"]["mean"] for a in per_arm.values())
+    names = ["loss_curves.png", "val_loss.png", "grad_norm.png", "update_ratio.png"]
+    curve_grid(panels("loss", None), ctx.out / names[0], cols=len(s["lrs"]), ylabel="training loss",
+               title="training loss (each seed one line; the y-axis stops at 1.5× the first loss)",
+               ylim=(0, 1.5 * first))
+    bar_chart([f"{norm} η={lr:g}" for norm in s["norms"] for lr in s["lrs"]],
+              {labels[w]: [per_arm[f"{norm}-lr{lr:g}-warm{w}"]["val_loss"]["mean"] for norm in s["norms"]
+                           for lr in s["lrs"]] for w in (0, warm)},
+              ctx.out / names[1], title="final validation loss (mean over seeds; lower is better)",
+              ylabel="validation loss")
+    curve_grid(panels("grad_norm", trace), ctx.out / names[2], cols=len(s["lrs"]), ylabel="‖g‖ (before clipping)",
+               title=f"gradient norm over the first {trace} steps", logy=True)
+    curve_grid(panels("update_ratio", trace), ctx.out / names[3], cols=len(s["lrs"]), ylabel="‖Δθ‖ / ‖θ‖",
+               title=f"size of AdamW's update over the first {trace} steps", logy=True)
+    return names
+
+
+FIRST_STEPS = """\
+The gradient norm ‖g‖ (before any clipping) and the relative size of each update ‖Δθ‖/‖θ‖ over the first {trace} \
+steps, every step logged. With warm-up the update starts about W = {warm} times smaller and grows as η_t does; \
+without it, Adam's first updates are already full-size: Adam divides by the root of its second-moment estimate, \
+so each coordinate moves by about η no matter how small or large its gradient is, before those estimates have \
+seen more than a few gradients."""
+
+MEANING = """\
+Adam's step is roughly η·sign(g) per coordinate at the start of training, whatever the scale of the gradient, so \
+the first updates of a fresh network are as large as they will ever be, and they are taken on gradients computed \
+from random weights. In a post-norm Transformer every sub-layer's output is added to the residual stream and then \
+normalised, so the residual path does not carry a well-scaled copy of the input through the depth: the gradients \
+of the layers near the output are large at initialisation (Xiong et al. 2020) and the model's output depends \
+strongly on every layer's update. Full-size steps there can push the network into a region it does not recover \
+from: the loss rises above where it started, or becomes NaN. Pre-norm keeps an identity path from the embedding \
+to the last norm, so its gradients are better scaled at the start and it tolerates larger first steps.
+
+Warm-up ({warm} steps here) makes the first steps small while Adam's moment estimates settle and the network leaves \
+its random start; after that the full learning rate is safe. A divergence count of k/n means k of the n seeds \
+diverged by the definition in the setup. Where neither arm diverged, the val-loss gap says whether warm-up still \
+helped within the same number of steps (it spends its first steps at a lower rate, so it can also cost a little). \
+The numbers hold for this small model, this corpus and this many steps; deeper post-norm models are more fragile \
+than the one trained here, so the learning rate at which they diverge is lower."""
