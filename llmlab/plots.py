@@ -125,10 +125,12 @@ def curve_grid(panels: list[tuple[str, dict[str, list[tuple[list, list]]]]], out
     for ax in axes[-1, :]:
         ax.set_xlabel(xlabel)
     handles, names = axes.flat[0].get_legend_handles_labels()
-    fig.legend(handles, names, loc="upper center", ncol=max(1, len(names)), fontsize=8)
+    top = 1.0 - 0.75 / (2.7 * rows + 0.5)          # room for the title and the legend above the panels
     if title:
         fig.suptitle(title, y=0.995, fontsize=10, va="top")
-    fig.tight_layout(rect=(0, 0, 1, 0.93))
+    fig.legend(handles, names, loc="lower center", bbox_to_anchor=(0.5, top), ncol=max(1, len(names)), fontsize=8,
+               frameon=False)
+    fig.tight_layout(rect=(0, 0, 1, top))
     out = Path(out_png)
     out.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out)

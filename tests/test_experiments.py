@@ -56,14 +56,15 @@ def test_the_report_shows_the_numbers_of_summary_json(warmup_run):
     summary = json.loads((warmup_run / "summary.json").read_text())
     report = (warmup_run / "report.md").read_text()
     rows = {(m[1], m[2]): m.groups()[2:] for m in re.finditer(
-        r"^\| (pre|post) \| ([0-9.e-]+) \| (\S+) \| (\S+) \| (\d+/\d+) \| (\d+/\d+) \|$", report, re.M)}
+        r"^\| (pre|post) \| ([0-9.e-]+) \| (\S+) \| (\S+) \| (\d+/\d+, \d+/\d+) \| (\d+/\d+, \d+/\d+) \|$",
+        report, re.M)}
     assert len(rows) == 6, report
     warm = summary["settings"]["warmup"]
     for (norm, lr), (cold_val, hot_val, cold_div, hot_div) in rows.items():
         cold, hot = summary["arms"][f"{norm}-lr{lr}-warm0"], summary["arms"][f"{norm}-lr{lr}-warm{warm}"]
         assert cold_val == show(cold["val_loss"]) == f"{cold['val_loss']['values'][0]:.4g}"
         assert hot_val == show(hot["val_loss"])
-        assert (cold_div, hot_div) == (f"{cold['diverged']}/1", f"{hot['diverged']}/1")
+        assert (cold_div, hot_div) == (f"{cold['diverged']}/1, {cold['stuck']}/1", f"{hot['diverged']}/1, {hot['stuck']}/1")
     verdict = "Confirmed" if summary["confirmed"] else "Refuted"
     assert verdict in report and f"{summary['unigram_loss']:.3f}" in report
 

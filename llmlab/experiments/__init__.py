@@ -10,11 +10,7 @@ and report (``report.md``, ``report.html``, ``summary.json`` and PNG figures in 
 """
 from __future__ import annotations
 
-EXPERIMENTS = {       # name → (module, one line for --list)
-    "encoder-vs-decoder": ("encoder_vs_decoder", "why a masked-LM encoder is not a text generator (perplexity, "
-                                                 "samples, cost per token)"),
-    "warmup": ("warmup", "why warm up the learning rate: warm-up 0 vs N at three learning rates, pre- vs post-norm"),
-}
+from .common import EXPERIMENTS
 
 
 def register(subparsers) -> None:

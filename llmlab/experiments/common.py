@@ -32,8 +32,12 @@ from ..config import apply_overrides
 from ..errors import LLMLabError
 from ..report import Section, write_report
 
+EXPERIMENTS = {       # name → (module, one line for --list)
+    "encoder-vs-decoder": ("encoder_vs_decoder", "why a masked-LM encoder is not a text generator (perplexity, "
+                                                 "samples, cost per token)"),
+    "warmup": ("warmup", "why warm up the learning rate: warm-up 0 vs N at three learning rates, pre- vs post-norm"),
+}
 RECORD = "experiment.json"     # in the output folder: which experiment, preset and settings it holds
-PRESET_NAMES = ("test", "default", "large")
 
 
 @dataclass
@@ -87,7 +91,6 @@ def show(s: dict, digits: int = 4) -> str:
 
 def load(name: str):
     """The module of experiment ``name``, or an error listing the known ones."""
-    from . import EXPERIMENTS
     if name not in EXPERIMENTS:
         raise LLMLabError(f"unknown experiment {name!r}; known: {', '.join(EXPERIMENTS)} "
                           "(llmlab experiment --list)")

@@ -14,7 +14,8 @@ Measured per run (``DIR/seed-N/ARM/metrics.jsonl``, every step): the training lo
 clipping, the size of AdamW's update ‖Δθ‖/‖θ‖ (``train.trace_updates``) and the final validation loss. A run
 *diverged* when a step's loss or gradient was not finite (the loop skips that step: ``train.on_nan=skip``), or when
 its loss at the end (the mean over the last tenth of the steps) or its final validation loss is at or above the loss
-of its first step.
+of its first step. A run that did not diverge *did not learn* when its final validation loss stays within 0.05 nats of
+the unigram loss (predicting each character by its frequency alone): the other way a too-large first step fails.
 """
 from __future__ import annotations
 
@@ -50,7 +51,7 @@ PRESETS = {
              "norms": ["pre", "post"], "trace": 12,
              "model": {**_MODEL, "n_layer": 2, "n_head": 2, "d_model": 32, "max_seq_len": 32},
              "data": {"max_length": 32, "batch_size": 4}, "train": {**_TRAIN, "eval_batches": 2, "progress": False}},
-    "default": {"seeds": 3, "corpus": "tinyshakespeare", "steps": 200, "warmup": 50, "lrs": [1e-3, 3e-3, 1e-2],
+    "default": {"seeds": 3, "corpus": "tinyshakespeare", "steps": 200, "warmup": 40, "lrs": [1e-3, 3e-3, 1e-2],
                 "norms": ["pre", "post"], "trace": 100, "model": dict(_MODEL),
                 "data": {"max_length": 64, "batch_size": 16}, "train": dict(_TRAIN)},
     "large": {"seeds": 3, "corpus": "tinyshakespeare", "steps": 2000, "warmup": 200, "lrs": [3e-4, 1e-3, 3e-3],
@@ -129,7 +130,10 @@ def unigram_loss(shards: Path) -> float:
 
 # --- what one run measured -------------------------------------------------------------------------------------
 
-def measure(run: Path, steps: int, trace: int) -> dict:
+STUCK_MARGIN = 0.05     # nats: a run whose val loss ends less than this below the unigram loss "did not learn"
+
+
+def measure(run: Path, steps: int, trace: int, unigram: float) -> dict:
     records = read_metrics(run / "metrics.jsonl")
     skipped = sum(1 for r in records if r.get("skipped"))
     _, loss = series(records, "loss")
@@ -142,8 +146,10 @@ def measure(run: Path, steps: int, trace: int) -> dict:
     grad = [r["grad_norm"] for r in early if isinstance(r.get("grad_norm"), (int, float))]
     ratio = [r["update_ratio"] for r in early if isinstance(r.get("update_ratio"), (int, float))]
     diverged = bool(skipped) or not (math.isfinite(val) and val < first and end < first)
+    stuck = not diverged and not val < unigram - STUCK_MARGIN
     return {"first_loss": first, "end_loss": end, "val_loss": val, "skipped_steps": skipped, "diverged": diverged,
-            "max_grad_norm": max(grad) if grad else math.nan, "max_update_ratio": max(ratio) if ratio else math.nan}
+            "stuck": stuck, "max_grad_norm": max(grad) if grad else math.nan,
+            "max_update_ratio": max(ratio) if ratio else math.nan}
 
 
 def traces(run: Path, key: str, last: int | None = None) -> tuple[list, list]:
@@ -172,9 +178,9 @@ def run(ctx: Context) -> Result:
 
     per_arm = {}
     for name, norm, lr, w in arms(s):
-        runs = [measure(ctx.run_dir(name, seed), steps, trace) for seed in ctx.seeds]
-        per_arm[name] = {"norm": norm, "lr": lr, "warmup": w,
-                         "diverged": sum(r["diverged"] for r in runs), "runs": len(runs),
+        runs = [measure(ctx.run_dir(name, seed), steps, trace, unigram) for seed in ctx.seeds]
+        per_arm[name] = {"norm": norm, "lr": lr, "warmup": w, "runs": len(runs),
+                         "diverged": sum(r["diverged"] for r in runs), "stuck": sum(r["stuck"] for r in runs),
                          **{key: spread([r[key] for r in runs]) for key in
                             ("val_loss", "end_loss", "first_loss", "max_grad_norm", "max_update_ratio")},
                          "skipped_steps": sum(r["skipped_steps"] for r in runs)}
@@ -182,12 +188,17 @@ def run(ctx: Context) -> Result:
     verdict, verdict_numbers = judge(s, per_arm, unigram)
     return Result(
         title="Why warm up: warm-up 0 vs N steps, pre-norm vs post-norm",
-        setup=(f"Corpus `{corpus}`, one character tokenizer for every run; model `{s['model']}` (pre- or post-norm); "
-               f"{steps} AdamW updates at a constant learning rate η ∈ {s['lrs']} after either no warm-up or a "
-               f"linear warm-up over {warm} updates; gradient clipping "
-               f"{'off' if not s['train'].get('grad_clip') else s['train']['grad_clip']}; "
-               f"betas {s['train'].get('betas')}. Each of the {len(arms(s))} runs per seed is `llmlab pretrain` in "
-               f"`seed-N/<norm>-lr<η>-warm<W>/`."),
+        setup=(f"Corpus `{corpus}`, one character tokenizer for every run; a GPT-2-style model (settings below), "
+               f"pre- or post-norm; {steps} AdamW updates at a constant learning rate η ∈ {s['lrs']} after either "
+               f"no warm-up or a linear warm-up over {warm} updates; gradient clipping "
+               f"{'off' if not s['train'].get('grad_clip') else s['train']['grad_clip']}; betas "
+               f"{s['train'].get('betas')}. Each of the {len(arms(s))} runs per seed is `llmlab pretrain` in "
+               f"`seed-N/<norm>-lr<η>-warm<W>/`.\n\n"
+               "A run *diverged* when a step's loss or gradient was not finite, or when its training loss at the end "
+               "(mean of the last tenth of the steps) or its final validation loss is at or above its loss at step 1. "
+               f"A run that did not diverge *did not learn* when its final validation loss is less than "
+               f"{STUCK_MARGIN} below the unigram loss {unigram:.3f} (the loss of predicting each character by its "
+               "frequency alone). Otherwise it *trained*."),
         sections=[Section("Result", text=verdict, table=result_table(s, per_arm), figures=figures[:2]),
                   Section("The first steps", text=FIRST_STEPS.format(trace=trace, warm=warm),
                           table=trace_table(s, per_arm), figures=figures[2:]),
@@ -199,13 +210,14 @@ def run(ctx: Context) -> Result:
 
 def result_table(s: dict, per_arm: dict) -> list[list[str]]:
     warm = s["warmup"]
-    rows = [["norm", "η", "val loss, no warm-up", f"val loss, warm-up {warm}", "diverged, no warm-up",
-             f"diverged, warm-up {warm}"]]
+    rows = [["norm", "η", "val loss, no warm-up", f"val loss, warm-up {warm}",
+             "diverged / did not learn, no warm-up", f"diverged / did not learn, warm-up {warm}"]]
     for norm in s["norms"]:
         for lr in s["lrs"]:
             cold, hot = per_arm[f"{norm}-lr{lr:g}-warm0"], per_arm[f"{norm}-lr{lr:g}-warm{warm}"]
             rows.append([norm, f"{lr:g}", show(cold["val_loss"]), show(hot["val_loss"]),
-                         f"{cold['diverged']}/{cold['runs']}", f"{hot['diverged']}/{hot['runs']}"])
+                         f"{cold['diverged']}/{cold['runs']}, {cold['stuck']}/{cold['runs']}",
+                         f"{hot['diverged']}/{hot['runs']}, {hot['stuck']}/{hot['runs']}"])
     return rows
 
 
@@ -217,44 +229,61 @@ def trace_table(s: dict, per_arm: dict) -> list[list[str]]:
     return rows
 
 
+def _lrs(values: list[float]) -> str:
+    return ", ".join(f"{lr:g}" for lr in values)
+
+
 def judge(s: dict, per_arm: dict, unigram: float) -> tuple[str, dict]:
-    """The verdict: is there a learning rate where post-norm without warm-up diverged (in most seeds) and
-    post-norm with warm-up trained (in every seed)?"""
+    """The verdict. Strict form of the claim: at some η post-norm without warm-up diverged (in most seeds) while
+    post-norm with warm-up trained (in every seed). Weaker form: without warm-up it diverged or did not learn."""
     warm = s["warmup"]
 
-    def state(norm, lr, w):
-        a = per_arm.get(f"{norm}-lr{lr:g}-warm{w}")
-        return None if a is None else (a["diverged"], a["runs"])
+    def arm(norm, lr, w):
+        return per_arm[f"{norm}-lr{lr:g}-warm{w}"]
 
-    where = [lr for lr in s["lrs"] if "post" in s["norms"]
-             and 2 * state("post", lr, 0)[0] > state("post", lr, 0)[1] and state("post", lr, warm)[0] == 0]
-    pre_cold = [lr for lr in s["lrs"] if "pre" in s["norms"] and 2 * state("pre", lr, 0)[0] > state("pre", lr, 0)[1]]
-    gaps = {f"{norm}-lr{lr:g}": per_arm[f"{norm}-lr{lr:g}-warm0"]["val_loss"]["mean"]
-            - per_arm[f"{norm}-lr{lr:g}-warm{warm}"]["val_loss"]["mean"] for norm in s["norms"] for lr in s["lrs"]}
-    if "post" not in s["norms"]:
-        head = "Not tested: the run has no post-norm model (norms lacks post)."
-        confirmed = None
-    elif where:
-        head = (f"Confirmed: post-norm without warm-up diverged at η = {', '.join(f'{lr:g}' for lr in where)}, "
-                f"where post-norm with a {warm}-step warm-up trained.")
-        confirmed = True
+    def most(a, key):
+        return 2 * a[key] > a["runs"]
+
+    def failed(a):
+        return 2 * (a["diverged"] + a["stuck"]) > a["runs"]
+
+    def trained(a):
+        return a["diverged"] == 0 and a["stuck"] == 0
+
+    post, pre = "post" in s["norms"], "pre" in s["norms"]
+    strict = [lr for lr in s["lrs"] if post and most(arm("post", lr, 0), "diverged") and trained(arm("post", lr, warm))]
+    weak = [lr for lr in s["lrs"] if post and failed(arm("post", lr, 0)) and trained(arm("post", lr, warm))]
+    post_fail_both = [lr for lr in s["lrs"] if post and failed(arm("post", lr, 0)) and failed(arm("post", lr, warm))]
+    if not post:
+        head, confirmed = "Not tested: the run has no post-norm model (norms lacks post).", None
+    elif strict:
+        head, confirmed = (f"Confirmed: post-norm without warm-up diverged at η = {_lrs(strict)}, where post-norm with "
+                           f"a {warm}-step warm-up trained."), "confirmed"
+    elif weak:
+        head, confirmed = (f"Confirmed in a weaker form: post-norm without warm-up did not diverge, but did not learn "
+                           f"(or diverged) at η = {_lrs(weak)}, where post-norm with a {warm}-step warm-up trained."), \
+            "weaker"
     else:
-        head = ("Refuted at these settings: at no learning rate did post-norm without warm-up diverge while post-norm "
-                f"with a {warm}-step warm-up trained.")
-        confirmed = False
+        head, confirmed = ("Refuted at these settings: at no learning rate did post-norm fail without warm-up and "
+                           f"train with a {warm}-step warm-up."), "refuted"
     lines = [head]
-    if "pre" in s["norms"]:
-        lines.append("Pre-norm without warm-up diverged at η = " + ", ".join(f"{lr:g}" for lr in pre_cold) + "."
-                     if pre_cold else "Pre-norm without warm-up trained at every learning rate tried.")
-    stuck = [name for name, a in per_arm.items() if not a["val_loss"]["mean"] < unigram - 0.05]
-    lines.append(f"A model that learned only how often each character occurs scores {unigram:.3f} (the unigram loss); "
-                 + (f"these runs ended no more than 0.05 below it, i.e. learned little else: {', '.join(stuck)}."
-                    if stuck else "every run ended below it."))
+    if post_fail_both:
+        lines.append(f"Post-norm failed with and without warm-up at η = {_lrs(post_fail_both)}: there the learning "
+                     "rate is too high for it whatever the first steps.")
+    if pre:
+        pre_cold = [lr for lr in s["lrs"] if failed(arm("pre", lr, 0))]
+        pre_rescued = [lr for lr in pre_cold if trained(arm("pre", lr, warm))]
+        lines.append((f"Pre-norm without warm-up diverged or did not learn at η = {_lrs(pre_cold)}"
+                      + (f"; warm-up rescued it at η = {_lrs(pre_rescued)}." if pre_rescued else ".")) if pre_cold
+                     else "Pre-norm without warm-up trained at every learning rate tried.")
+    gaps = {f"{norm}-lr{lr:g}": arm(norm, lr, 0)["val_loss"]["mean"] - arm(norm, lr, warm)["val_loss"]["mean"]
+            for norm in s["norms"] for lr in s["lrs"]}
     lines.append("Validation loss without warm-up minus with warm-up (mean over seeds; positive: warm-up helped): "
-                 + "; ".join(f"{k} {v:+.3f}" for k, v in gaps.items()) + ".")
-    return "\n\n".join(lines), {"confirmed": confirmed, "post_norm_diverges_without_warmup_at": where,
-                                "near_unigram_loss": stuck,
-                                "pre_norm_diverges_without_warmup_at": pre_cold, "val_loss_gap": gaps}
+                 + "; ".join(f"{k} {v:+.3f}" for k, v in gaps.items()) + f". The unigram loss is {unigram:.3f}.")
+    return "\n\n".join(lines), {"verdict": confirmed, "confirmed": confirmed in ("confirmed", "weaker"),
+                                "post_norm_diverges_without_warmup_at": strict,
+                                "post_norm_fails_only_without_warmup_at": weak,
+                                "post_norm_fails_either_way_at": post_fail_both, "val_loss_gap": gaps}
 
 
 def draw(ctx: Context, s: dict, per_arm: dict) -> list[str]:
@@ -305,8 +334,8 @@ from: the loss rises above where it started, or becomes NaN. Pre-norm keeps an i
 to the last norm, so its gradients are better scaled at the start and it tolerates larger first steps.
 
 Warm-up ({warm} steps here) makes the first steps small while Adam's moment estimates settle and the network leaves \
-its random start; after that the full learning rate is safe. A divergence count of k/n means k of the n seeds \
-diverged by the definition in the setup. Where neither arm diverged, the val-loss gap says whether warm-up still \
+its random start; after that the full learning rate is safe. A count of k/n means k of the n seeds diverged \
+(or did not learn) by the definitions in the setup. Where both arms trained, the val-loss gap says whether warm-up still \
 helped within the same number of steps (it spends its first steps at a lower rate, so it can also cost a little). \
 The numbers hold for this small model, this corpus and this many steps; deeper post-norm models are more fragile \
 than the one trained here, so the learning rate at which they diverge is lower."""
