@@ -127,3 +127,20 @@ def test_trace_updates_adds_update_sizes_and_changes_no_other_number(corpus, tmp
     assert all(r["update_norm"] > 0 and 0 < r["update_ratio"] < 1 for r in runs[2][:2])
     keep = ("step", "loss", "lr", "grad_norm", "tokens", "val_loss")
     assert [{k: r.get(k) for k in keep} for r in runs[0]] == [{k: r.get(k) for k in keep} for r in runs[2]]
+
+
+def test_max_length_end_to_end(corpus, tmp_path):
+    out = tmp_path / "max-length"
+    assert cli.main(["experiment", "max-length", "--preset", "test", "--data", str(corpus), "--out", str(out)]) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert set(summary["arms"]) == {"learned-L16", "learned-L32", "rope-L16", "rope-L32"}
+    assert summary["arms"]["learned-L16"]["steps"] == 2 * summary["arms"]["learned-L32"]["steps"]   # equal tokens
+    profile = summary["profile"]
+    assert profile["32"]["activation_mib"] > profile["16"]["activation_mib"] > 0
+    assert all(len(c[0]) == 64 for c in summary["position_loss"].values())     # every position of eval_length
+    report = (out / "report.md").read_text()
+    for name, arm in summary["arms"].items():
+        row = f"| {arm['pos']} | {arm['length']} | {show(arm['loss_short'])} | {show(arm['loss_own'])} | "
+        assert row in report, (row, report)
+    for name in ("report.html", "throughput.png", "step_profile.png", "loss_by_position.png"):
+        assert (out / name).stat().st_size > 0

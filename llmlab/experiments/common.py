@@ -36,6 +36,8 @@ EXPERIMENTS = {       # name → (module, one line for --list)
     "encoder-vs-decoder": ("encoder_vs_decoder", "why a masked-LM encoder is not a text generator (perplexity, "
                                                  "samples, cost per token)"),
     "warmup": ("warmup", "why warm up the learning rate: warm-up 0 vs N at three learning rates, pre- vs post-norm"),
+    "max-length": ("max_length", "what the row length does: tokens/s, attention's share, activation memory, loss "
+                                 "past the trained length (learned vs rotary positions)"),
 }
 RECORD = "experiment.json"     # in the output folder: which experiment, preset and settings it holds
 
