@@ -131,7 +131,14 @@ def test_trace_updates_adds_update_sizes_and_changes_no_other_number(corpus, tmp
 
 def test_max_length_end_to_end(corpus, tmp_path):
     out = tmp_path / "max-length"
-    assert cli.main(["experiment", "max-length", "--preset", "test", "--data", str(corpus), "--out", str(out)]) == 0
+    pairs = tmp_path / "pairs.jsonl"
+    with pairs.open("w") as f:
+        for i, line in enumerate(LINES):
+            prompt = f"\n\nHuman: {line}" * (1 + 3 * i)          # longer and longer prompts: later answers are cut
+            f.write(json.dumps({"chosen": f"{prompt}\n\nAssistant: {LINES[-1 - i]}",
+                                "rejected": f"{prompt}\n\nAssistant: no."}) + "\n")
+    assert cli.main(["experiment", "max-length", "--preset", "test", "--data", str(corpus), "--out", str(out),
+                     "--set", f"sft_data={pairs}"]) == 0
     summary = json.loads((out / "summary.json").read_text())
     assert set(summary["arms"]) == {"learned-L16", "learned-L32", "rope-L16", "rope-L32"}
     assert summary["arms"]["learned-L16"]["steps"] == 2 * summary["arms"]["learned-L32"]["steps"]   # equal tokens
@@ -142,5 +149,10 @@ def test_max_length_end_to_end(corpus, tmp_path):
     for name, arm in summary["arms"].items():
         row = f"| {arm['pos']} | {arm['length']} | {show(arm['loss_short'])} | {show(arm['loss_own'])} | "
         assert row in report, (row, report)
+    cuts = summary["sft"]["cuts"]
+    assert summary["sft"]["conversations"] == 4
+    assert cuts["16"]["examples_cut"] >= cuts["32"]["examples_cut"] >= cuts["64"]["examples_cut"]
+    assert cuts["16"]["examples_cut"] == 1.0 and 0 < cuts["16"]["answer_tokens_cut"] <= 1
+    assert f"| 16 | {cuts['16']['examples_cut']:.1%} | {cuts['16']['answer_tokens_cut']:.1%} |" in report
     for name in ("report.html", "throughput.png", "step_profile.png", "loss_by_position.png"):
         assert (out / name).stat().st_size > 0

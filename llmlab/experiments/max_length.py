@@ -15,6 +15,12 @@ the length it was trained at. Measured:
 - the validation loss at each position 0 … eval_length − 1 of held-out windows: positions before the shortest L
   (every model was trained there) and positions at or past the model's own L (where a learned position embedding
   was never trained and rotary angles were never seen).
+
+With ``--set sft_data=PATH`` (a JSONL file of preference pairs, e.g. HH-RLHF's
+``../shared/data/hh-rlhf/harmless-base/test.jsonl.gz``) it also counts, for SFT on each pair's prompt + chosen
+reply rendered with the ``llmlab`` chat template and a byte-level BPE tokenizer of ``sft_vocab`` tokens trained on
+those conversations, the share of examples longer than each max_length in ``sft_lengths`` and the share of answer
+tokens (the tokens SFT learns) that a cut at that length throws away.
 """
 from __future__ import annotations
 
@@ -27,6 +33,8 @@ import torch
 import torch.nn.functional as F
 import yaml
 
+from ..chat import DEFAULT_TEMPLATE, TEMPLATES, encode_chat
+from ..data.chat_data import load_pairs
 from ..data.shards import TokenShards
 from ..errors import LLMLabError
 from ..losses import lm_loss
@@ -36,7 +44,7 @@ from ..plots import bar_chart, curve_grid, read_metrics
 from ..report import Section
 from ..stages import pretrain
 from ..stages.common import deep_merge
-from ..tokenizer import load_tokenizer
+from ..tokenizer import load_tokenizer, save_tokenizer, train_bpe
 from ..train.checkpoint import load_latest
 from .common import Context, Result, show, spread
 
@@ -52,13 +60,16 @@ PRESETS = {
     "test": {"seeds": 1, "corpus": "tinyshakespeare", "lengths": [16, 32], "eval_length": 64, "tokens": 2048,
              "positions": ["learned", "rope"], "batch_size": 4, "eval_windows": 4, "profile_repeats": 2,
              "model": {**_MODEL, "n_layer": 1, "n_head": 2, "d_model": 16},
+             "sft_data": None, "sft_lengths": [16, 32, 64], "sft_vocab": 300,
              "data": {}, "train": {**_TRAIN, "warmup_steps": 2, "eval_batches": 1, "progress": False}},
     "default": {"seeds": 3, "corpus": "tinyshakespeare", "lengths": [64, 128, 256, 512], "eval_length": 1024,
                 "tokens": 400_000, "positions": ["learned", "rope"], "batch_size": 8, "eval_windows": 16,
-                "profile_repeats": 5, "model": dict(_MODEL), "data": {}, "train": dict(_TRAIN)},
+                "profile_repeats": 5, "sft_data": None, "sft_lengths": [128, 256, 512, 1024, 2048],
+                "sft_vocab": 4096, "model": dict(_MODEL), "data": {}, "train": dict(_TRAIN)},
     "large": {"seeds": 3, "corpus": "tinyshakespeare", "lengths": [128, 256, 512, 1024, 2048], "eval_length": 4096,
               "tokens": 20_000_000, "positions": ["learned", "rope"], "batch_size": 16, "eval_windows": 64,
-              "profile_repeats": 10, "model": {**_MODEL, "n_layer": 8, "n_head": 8, "d_model": 512},
+              "profile_repeats": 10, "sft_data": None, "sft_lengths": [128, 256, 512, 1024, 2048, 4096],
+              "sft_vocab": 8192, "model": {**_MODEL, "n_layer": 8, "n_head": 8, "d_model": 512},
               "data": {}, "train": dict(_TRAIN)},
 }
 
@@ -168,6 +179,43 @@ def step_profile(s: dict, vocab: int, length: int) -> dict:
             "activation_mib": sum(saved.values()) / 2**20}
 
 
+def sft_cuts(s: dict, out: Path) -> dict:
+    """For each max_length M of ``sft_lengths``: the share of conversations longer than M, the share of answer
+    tokens past M (cut away, so never learned), and the share of conversations whose answer is cut entirely."""
+    pairs = load_pairs(s["sft_data"])
+    conversations = [p["prompt"] + [{"role": "assistant", "content": p["chosen"]}] for p in pairs]
+    folder = out / "sft_tokenizer"
+    if not (folder / "tokenizer.json").is_file():
+        texts = (m["content"] for c in conversations for m in c)
+        save_tokenizer(train_bpe(texts, int(s["sft_vocab"])), folder)
+    tokenizer = load_tokenizer(folder)
+    template = TEMPLATES[DEFAULT_TEMPLATE]
+    masks = [encode_chat(tokenizer, c, template)[1] for c in conversations]
+    answers = sum(sum(m) for m in masks)
+    lengths = sorted(len(m) for m in masks)
+    table = {}
+    for limit in (int(n) for n in s["sft_lengths"]):
+        table[limit] = {"examples_cut": sum(len(m) > limit for m in masks) / len(masks),
+                        "answer_tokens_cut": sum(sum(m[limit:]) for m in masks) / max(answers, 1),
+                        "answers_lost": sum(sum(m[:limit]) == 0 for m in masks) / len(masks)}
+    return {"conversations": len(masks), "tokens_median": lengths[len(lengths) // 2],
+            "tokens_p90": lengths[int(0.9 * (len(lengths) - 1))], "tokens_max": lengths[-1], "cuts": table}
+
+
+def sft_section(s: dict, cuts: dict) -> Section:
+    rows = [["max_length", "examples cut", "answer tokens cut", "examples with no answer token left"]]
+    for limit, c in cuts["cuts"].items():
+        rows.append([str(limit), f"{c['examples_cut']:.1%}", f"{c['answer_tokens_cut']:.1%}",
+                     f"{c['answers_lost']:.1%}"])
+    return Section("SFT: what a max_length cuts", table=rows, text=(
+        f"`{s['sft_data']}`: {cuts['conversations']} conversations (prompt + chosen reply) in the `llmlab` chat "
+        f"template, tokenized by a {s['sft_vocab']}-token byte-level BPE trained on them; median "
+        f"{cuts['tokens_median']} tokens, 90th percentile {cuts['tokens_p90']}, longest {cuts['tokens_max']}. "
+        "Truncation keeps the first max_length tokens: the answer comes last, so it is what a cut removes first, "
+        "and an example cut before its answer teaches nothing at all. (The effect of each cut on a trained model "
+        "is not measured here.)"))
+
+
 def throughput(run: Path) -> float:
     values = [r["tokens_per_s"] for r in read_metrics(run / "metrics.jsonl")[1:] if "tokens_per_s" in r]
     return statistics.median(values) if values else math.nan
@@ -207,6 +255,7 @@ def run(ctx: Context) -> Result:
     vocab = len(load_tokenizer(ctx.run_dir(arms(s)[0][0], ctx.seeds[0]) / "tokenizer"))
     profile = {int(length): step_profile(s, vocab, int(length)) for length in s["lengths"]}
     figures = draw(ctx, s, per_arm, curves, profile)
+    cuts = sft_cuts(s, ctx.out) if s.get("sft_data") else None
     return Result(
         title="What the sequence length does: cost, memory, and positions past the trained length",
         setup=(f"Corpus `{corpus}`, a character tokenizer; a GPT-2-style model (settings below) with a context of "
@@ -219,8 +268,9 @@ def run(ctx: Context) -> Result:
                           figures=figures[:2]),
                   Section("Loss by position", text=POSITIONS.format(shortest=shortest, eval_length=eval_length),
                           table=loss_table(s, per_arm, shortest), figures=figures[2:]),
+                  *([sft_section(s, cuts)] if cuts else []),
                   Section("What the numbers mean", text=MEANING)],
-        summary={"arms": per_arm, "profile": profile, "position_loss": {k: [c.tolist() for c in v]
+        summary={"arms": per_arm, "profile": profile, "sft": cuts, "position_loss": {k: [c.tolist() for c in v]
                                                                         for k, v in curves.items()}},
         headline=headline(s, per_arm, profile),
         figures=figures)
