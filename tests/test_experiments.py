@@ -156,3 +156,19 @@ def test_max_length_end_to_end(corpus, tmp_path):
     assert f"| 16 | {cuts['16']['examples_cut']:.1%} | {cuts['16']['answer_tokens_cut']:.1%} |" in report
     for name in ("report.html", "throughput.png", "step_profile.png", "loss_by_position.png"):
         assert (out / name).stat().st_size > 0
+
+
+@pytest.mark.parametrize("cold, verdict", [({"diverged": 3, "stuck": 0}, "confirmed"),
+                                           ({"diverged": 1, "stuck": 2}, "weaker"),
+                                           ({"diverged": 1, "stuck": 0}, "refuted")])
+def test_the_warmup_verdict_follows_the_counts(cold, verdict):
+    from llmlab.experiments.warmup import judge
+    s = {"warmup": 5, "lrs": [0.01], "norms": ["pre", "post"]}
+    loss = spread([2.0, 2.1, 2.2])
+    arm = {"runs": 3, "diverged": 0, "stuck": 0, "val_loss": loss}
+    per_arm = {"pre-lr0.01-warm0": arm, "pre-lr0.01-warm5": arm, "post-lr0.01-warm5": arm,
+               "post-lr0.01-warm0": {**arm, **cold}}
+    text, numbers = judge(s, per_arm, unigram=3.3)
+    assert numbers["verdict"] == verdict and numbers["confirmed"] == (verdict != "refuted")
+    assert text.startswith({"confirmed": "Confirmed:", "weaker": "Confirmed in a weaker form",
+                            "refuted": "Refuted"}[verdict])

@@ -106,6 +106,7 @@ def shared_shards(out: Path, s: dict, corpus: str, tokenizer: Path) -> Path:
 
 
 def place_shards(shards: Path, run: Path) -> None:
+    """Hard links are safe: ``build_shards`` never writes into an existing folder (it builds beside it, renames)."""
     if (run / "data").exists():
         return
     run.mkdir(parents=True, exist_ok=True)
