@@ -325,18 +325,22 @@ so each coordinate moves by about η no matter how small or large its gradient i
 seen more than a few gradients."""
 
 MEANING = """\
-Adam's step is roughly η·sign(g) per coordinate at the start of training, whatever the scale of the gradient, so \
-the first updates of a fresh network are as large as they will ever be, and they are taken on gradients computed \
-from random weights. In a post-norm Transformer every sub-layer's output is added to the residual stream and then \
-normalised, so the residual path does not carry a well-scaled copy of the input through the depth: the gradients \
-of the layers near the output are large at initialisation (Xiong et al. 2020) and the model's output depends \
-strongly on every layer's update. Full-size steps there can push the network into a region it does not recover \
-from: the loss rises above where it started, or becomes NaN. Pre-norm keeps an identity path from the embedding \
-to the last norm, so its gradients are better scaled at the start and it tolerates larger first steps.
+Adam divides each coordinate's gradient by a running estimate of its magnitude, so its first updates move every \
+weight by about η whatever the size of the gradient, on gradients computed from random weights (the update-size \
+trace is at its largest at step 1 without warm-up). Warm-up ({warm} steps here) scales those first steps down, by \
+up to {warm}×, while the moment estimates settle and the network leaves its random start.
 
-Warm-up ({warm} steps here) makes the first steps small while Adam's moment estimates settle and the network leaves \
-its random start; after that the full learning rate is safe. A count of k/n means k of the n seeds diverged \
-(or did not learn) by the definitions in the setup. Where both arms trained, the val-loss gap says whether warm-up still \
-helped within the same number of steps (it spends its first steps at a lower rate, so it can also cost a little). \
-The numbers hold for this small model, this corpus and this many steps; deeper post-norm models are more fragile \
-than the one trained here, so the learning rate at which they diverge is lower."""
+A post-norm block normalises the residual sum after every sub-layer, so there is no identity path from the input \
+to the output, and at initialisation the gradients of the layers near the output are larger than those near the \
+input (Xiong et al. 2020): a large step changes the function a lot. Failure has two faces: the loss rises above its \
+start or becomes NaN (divergence), or the network settles where every position predicts the same character \
+frequencies (the unigram loss) and stays there for the rest of the run. Pre-norm keeps an identity path from the \
+embeddings to the final norm, and tolerates larger first steps.
+
+Reading the table: a count of k/n means k of the n seeds diverged (or did not learn) by the definitions in the \
+setup. Where both arms trained, the val-loss gap says whether warm-up still helped within the same number of \
+steps; it spends its first steps at a lower rate, so in a short run it can cost as much as it gains. Where post-norm \
+fails with and without warm-up, the learning rate is too high for it whatever the start: warm-up moves the edge \
+of stability, it does not remove it. The numbers hold for this small model, this corpus and this many steps; the \
+textbook result comes from deeper and wider models trained for much longer (Xiong et al.: 6-layer, d = 512 \
+Transformers for translation), whose output-side gradients grow with depth."""
