@@ -326,7 +326,8 @@ def draw(ctx: Context, s: dict, per_arm: dict, curves: dict, profile: dict) -> l
                                     for n in lengths}) for pos in s["positions"]]
     top = max(float(c.max()) for v in curves.values() for c in v)
     curve_grid(panels, ctx.out / names[2], cols=len(panels), ylabel="val loss", xlabel="position",
-               title=f"validation loss by position (means over {bucket} positions)", ylim=(0, min(top, 8.0) * 1.05))
+               title="validation loss by position" + (f" (each point: the mean over {bucket} positions)"
+                                                      if bucket > 1 else ""), ylim=(0, min(top, 8.0) * 1.05))
     return names
 
 
