@@ -163,9 +163,9 @@ def test_max_length_end_to_end(corpus, tmp_path):
                                            ({"diverged": 1, "stuck": 0}, "refuted")])
 def test_the_warmup_verdict_follows_the_counts(cold, verdict):
     from llmlab.experiments.warmup import judge
-    s = {"warmup": 5, "lrs": [0.01], "norms": ["pre", "post"]}
+    s = {"warmup": 5, "lrs": [0.01], "norms": ["pre", "post"], "trace": 10}
     loss = spread([2.0, 2.1, 2.2])
-    arm = {"runs": 3, "diverged": 0, "stuck": 0, "val_loss": loss}
+    arm = {"runs": 3, "diverged": 0, "stuck": 0, "val_loss": loss, "max_grad_norm": spread([1.0, 2.0, 3.0])}
     per_arm = {"pre-lr0.01-warm0": arm, "pre-lr0.01-warm5": arm, "post-lr0.01-warm5": arm,
                "post-lr0.01-warm0": {**arm, **cold}}
     text, numbers = judge(s, per_arm, unigram=3.3)

@@ -272,11 +272,17 @@ def judge(s: dict, per_arm: dict, unigram: float) -> tuple[str, dict]:
         lines.append(f"Post-norm failed with and without warm-up at η = {_lrs(post_fail_both)}: there the learning "
                      "rate is too high for it whatever the first steps.")
     if pre:
-        pre_cold = [lr for lr in s["lrs"] if failed(arm("pre", lr, 0))]
-        pre_rescued = [lr for lr in pre_cold if trained(arm("pre", lr, warm))]
-        lines.append((f"Pre-norm without warm-up diverged or did not learn at η = {_lrs(pre_cold)}"
-                      + (f"; warm-up rescued it at η = {_lrs(pre_rescued)}." if pre_rescued else ".")) if pre_cold
-                     else "Pre-norm without warm-up trained at every learning rate tried.")
+        pre_cold = [lr for lr in s["lrs"] if arm("pre", lr, 0)["diverged"] + arm("pre", lr, 0)["stuck"]]
+        counts = ", ".join(f"{arm('pre', lr, 0)['diverged'] + arm('pre', lr, 0)['stuck']}/{arm('pre', lr, 0)['runs']} "
+                           f"seeds at η = {lr:g}" for lr in pre_cold)
+        rescued = all(trained(arm("pre", lr, warm)) for lr in pre_cold)
+        lines.append(f"Pre-norm without warm-up diverged or did not learn in {counts}"
+                     + ("; with warm-up every seed trained there." if rescued else ".") if pre_cold
+                     else "Pre-norm without warm-up trained at every learning rate tried, in every seed.")
+    lines.append(f"Largest gradient norm over the first {s['trace']} steps, no warm-up → warm-up (mean over seeds): "
+                 + "; ".join(f"{norm} η={lr:g}: {arm(norm, lr, 0)['max_grad_norm']['mean']:.3g} → "
+                             f"{arm(norm, lr, warm)['max_grad_norm']['mean']:.3g}"
+                             for norm in s["norms"] for lr in s["lrs"]) + ".")
     gaps = {f"{norm}-lr{lr:g}": arm(norm, lr, 0)["val_loss"]["mean"] - arm(norm, lr, warm)["val_loss"]["mean"]
             for norm in s["norms"] for lr in s["lrs"]}
     lines.append("Validation loss without warm-up minus with warm-up (mean over seeds; positive: warm-up helped): "
