@@ -48,10 +48,10 @@ from ..tokenizer import load_tokenizer, save_tokenizer, train_bpe
 from ..train.checkpoint import load_latest
 from .common import Context, Result, show, spread
 
-CLAIM = ("Claim tested: a longer training row costs more per token (attention is O(T²) in the row length T) and "
-         "gives a model that predicts better late in a sequence, while a model cannot use positions past the length "
-         "it was trained at: with learned position embeddings its loss there collapses, with rotary positions it "
-         "degrades as well (RoPE does not extrapolate by itself).")
+CLAIM = ("Claims tested: (1) a longer training row costs more per token, because attention's cost grows as T² in "
+         "the row length T; (2) the activation memory of a training step grows with T; (3) a model does not work "
+         "past the length it was trained at, whether its positions are learned embeddings (the rows past T were "
+         "never trained) or rotary angles (RoPE does not extrapolate by itself).")
 OPEN = ("model", "data", "train")
 
 _MODEL = {"preset": "gpt2", "n_layer": 4, "n_head": 4, "d_model": 64, "dropout": 0.0}
@@ -264,7 +264,8 @@ def run(ctx: Context) -> Result:
                f"Each run is `llmlab pretrain` in `seed-N/<pos>-L<L>/`. Validation: {s['eval_windows']} windows of "
                f"{eval_length} tokens from the val split, the loss read at every position. The step profile builds "
                "one fresh model per L (learned positions) and times forward + backward on random tokens."),
-        sections=[Section("Cost of a longer row", text=COST, table=cost_table(s, per_arm, profile),
+        sections=[Section("Result", text=verdict(s, per_arm, profile)),
+                  Section("Cost of a longer row", text=COST, table=cost_table(s, per_arm, profile),
                           figures=figures[:2]),
                   Section("Loss by position", text=POSITIONS.format(shortest=shortest, eval_length=eval_length),
                           table=loss_table(s, per_arm, shortest), figures=figures[2:]),
@@ -296,6 +297,35 @@ def loss_table(s: dict, per_arm: dict, shortest: int) -> list[list[str]]:
         rows.append([a["pos"], str(a["length"]), show(a["loss_short"]), show(a["loss_own"]),
                      show(a["loss_past"]) if a["loss_past"] else "–"])
     return rows
+
+
+def verdict(s: dict, per_arm: dict, profile: dict) -> str:
+    """The three claims against the numbers of this run."""
+    lengths = [int(n) for n in s["lengths"]]
+    lo, hi = lengths[0], lengths[-1]
+    rates = {pos: (per_arm[f"{pos}-L{lo}"]["tokens_per_s"]["mean"], per_arm[f"{pos}-L{hi}"]["tokens_per_s"]["mean"])
+             for pos in s["positions"]}
+    slower = all(b < a for a, b in rates.values())
+    share = [profile[n]["attention_share"] for n in lengths]
+    memory = profile[hi]["activation_mib"] / profile[lo]["activation_mib"]
+    lines = [(f"(1) {'Confirmed' if slower and share[-1] > share[0] else 'Not confirmed'}: tokens/s went from "
+              + "; ".join(f"{a:,.0f} at L={lo} to {b:,.0f} at L={hi} ({pos})" for pos, (a, b) in rates.items())
+              + f", and the attention core's share of a training step from {share[0]:.0%} to {share[-1]:.0%}."),
+             (f"(2) {'Confirmed' if memory > 1 else 'Not confirmed'}: the activation memory of a step grew "
+              f"{memory:.1f}× for {hi / lo:g}× the row length "
+              f"({profile[lo]['activation_mib']:.3g} → {profile[hi]['activation_mib']:.3g} MiB).")]
+    gaps = {name: a["loss_past"]["mean"] - a["loss_own"]["mean"] for name, a in per_arm.items() if a["loss_past"]}
+    if gaps:
+        worse = all(g > 0 for g in gaps.values())
+        lines.append(f"(3) {'Confirmed' if worse else 'Not everywhere'}: loss past the trained length minus loss "
+                     "within it (positive: worse past it): " + "; ".join(f"{k} {v:+.3f}" for k, v in gaps.items())
+                     + ".")
+    best = {pos: min((a["loss_short"]["mean"], a["length"]) for a in per_arm.values() if a["pos"] == pos)
+            for pos in s["positions"]}
+    lines.append("At equal tokens a shorter row means more optimizer steps (" + ", ".join(
+        f"{steps_for(s, n)} at L={n}" for n in lengths) + "), so the runs also differ in steps: the lowest loss on "
+        "the first positions came from " + "; ".join(f"L={n} ({pos}, {v:.3f})" for pos, (v, n) in best.items()) + ".")
+    return "\n\n".join(lines)
 
 
 def headline(s: dict, per_arm: dict, profile: dict) -> str:
@@ -346,8 +376,14 @@ learned positions, the embedding rows past L are still at their random initialis
 the angles past L were never seen, and the attention patterns learnt at short range do not transfer."""
 
 MEANING = """\
-A longer row gives each prediction more context, which lowers the loss late in a sequence; it costs more per token \
-(the attention core grows with L while everything else stays per-token), and a model trained at L does not \
-generalise past L: the loss there rises (learned positions: to roughly where an untrained model starts; rotary: \
-less, but far from the loss it reaches inside its trained length). That is why max_length at training time is the \
-practical context limit, and why long-context models are trained, or fine-tuned, at the length they are used at."""
+Attention compares every position with every earlier one: L² scores per head per row, against the projections and \
+the MLP whose work is linear in L. At short rows those dominate and the cost per token barely moves; the attention \
+share grows with L and with it the cost per token. The activation memory a step keeps grows with the tokens per \
+step (batch × L); fused attention keeps no L × L matrix, so it grows linearly here.
+
+Past its trained length a model meets inputs it never saw: position-embedding rows still at their random start \
+(learned) or rotation angles it never saw at work (RoPE). How much the loss rises there, and for how many positions \
+a rotary model still copes, is what the last column and the figure show. Training at the length a model is used \
+at (or fine-tuning there, or rescaling RoPE) is the remedy; max_length at training time is the practical context \
+limit. For SFT, the answer is the end of an example, so a max_length below the long tail cuts answers first: the \
+table above shows how much of HH-RLHF each choice throws away."""
