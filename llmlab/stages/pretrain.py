@@ -16,6 +16,9 @@ optionally sets ``chunk_size`` and ``mlm_probability``. The run directory ends u
     DIR/checkpoints/ resumable training state;  DIR/model/  the final model (Hugging Face layout)
     DIR/metrics.jsonl  DIR/loss.png  DIR/run.yaml
 
+(A model with no Hugging Face equivalent, e.g. ``--set model.norm_position=post`` for a decoder, trains and
+checkpoints as any other, but gets no ``DIR/model``: its weights stay in ``DIR/checkpoints``.)
+
 The objective follows the architecture. A decoder learns the next token over packed rows (``x = row[:-1]``,
 ``y = row[1:]``):  L = −(1/N) Σ_t log p(y_t | x_≤t), through ``losses.chunked_lm_loss``: ``loss.chunk_size``
 (512) tokens at a time through the LM head, each chunk's gradient computed at once, so the B·T·V logits never

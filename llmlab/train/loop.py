@@ -299,8 +299,8 @@ def _train_step(model, optimizer, loss_fn, batches, cfg: TrainConfig, lr: float,
     finite = math.isfinite(loss) and math.isfinite(grad_norm)
     update = {}
     if finite:
-        params = [p for group in optimizer.param_groups for p in group["params"]]
-        before = [p.detach().clone() for p in params] if trace else None
+        params = [p for group in optimizer.param_groups for p in group["params"]] if trace else []
+        before = [p.detach().clone() for p in params]
         optimizer.step()
         if trace:
             update = _update_size(params, before)
