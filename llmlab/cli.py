@@ -20,7 +20,7 @@ COMMANDS = {       # subcommand → (module, one-line help), in the order of a m
     "tokenizer": ("tokenizer", "train a tokenizer"),
     "shards": ("data.shards", "tokenize text into memory-mapped token shards"),
     "pretrain": ("stages.pretrain", "pre-train a language model (decoder) or a masked-LM encoder on text"),
-    "experiment": ("experiments.encoder_vs_decoder", "small experiments that explain a design choice"),
+    "experiment": ("experiments", "small experiments that explain a design choice"),
     "sft": ("stages.sft", "supervised fine-tuning on chat conversations"),
     "pairs": ("stages.pairs", "preference pairs from a model's samples, scored by a judge"),
     "rm": ("stages.reward", "train a reward model on preference pairs (Bradley–Terry)"),

@@ -94,3 +94,44 @@ def bar_chart(categories: list[str], series: dict[str, list[float]], out_png: st
     out.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out)
     return out
+
+
+def curve_grid(panels: list[tuple[str, dict[str, list[tuple[list, list]]]]], out_png: str | Path, *, cols: int,
+               ylabel: str = "", title: str = "", logy: bool = False, ylim: tuple[float, float] | None = None,
+               xlabel: str = "step") -> Path:
+    """Small multiples: one axes per panel ``(title, {label: [(steps, values), …]})``, one line per run (e.g. per
+    seed) in the label's colour, the same colours in every panel and one legend."""
+    rows = max(1, math.ceil(len(panels) / cols))
+    fig = Figure(figsize=(3.4 * cols, 2.7 * rows + 0.5), dpi=110)
+    FigureCanvasAgg(fig)
+    axes = fig.subplots(rows, cols, squeeze=False, sharex=True)
+    labels = list(dict.fromkeys(label for _, lines in panels for label in lines))
+    colours = {label: f"C{i % 10}" for i, label in enumerate(labels)}
+    for ax, (name, lines) in zip(axes.flat, panels):
+        for label, runs in lines.items():
+            for i, (steps, values) in enumerate(runs):
+                ax.plot(steps, values, color=colours[label], linewidth=1.0, alpha=0.85,
+                        label=label if i == 0 else None)
+        if logy:
+            ax.set_yscale("log")
+        if ylim:
+            ax.set_ylim(*ylim)
+        ax.set_title(name, fontsize=9)
+        ax.grid(alpha=0.3)
+    for ax in axes.flat[len(panels):]:
+        ax.set_visible(False)
+    for ax in axes[:, 0]:
+        ax.set_ylabel(ylabel)
+    for ax in axes[-1, :]:
+        ax.set_xlabel(xlabel)
+    handles, names = axes.flat[0].get_legend_handles_labels()
+    top = 1.0 - 0.75 / (2.7 * rows + 0.5)          # room for the title and the legend above the panels
+    if title:
+        fig.suptitle(title, y=0.995, fontsize=10, va="top")
+    fig.legend(handles, names, loc="lower center", bbox_to_anchor=(0.5, top), ncol=max(1, len(names)), fontsize=8,
+               frameon=False)
+    fig.tight_layout(rect=(0, 0, 1, top))
+    out = Path(out_png)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out)
+    return out

@@ -172,7 +172,8 @@ def test_user_errors(corpus, tmp_path, change, message):
 
 def test_encoder_vs_decoder_experiment(corpus, tmp_path):
     out = tmp_path / "exp"
-    assert cli.main(["experiment", "encoder-vs-decoder", "--data", str(corpus), "--steps", "4", "--out", str(out),
+    assert cli.main(["experiment", "encoder-vs-decoder", "--preset", "test", "--data", str(corpus), "--steps", "4",
+                     "--out", str(out),
                      "--set", "model.n_layer=1", "--set", "model.d_model=32", "--set", "model.n_head=2",
                      "--set", "model.max_seq_len=16", "--set", "data.max_length=16", "--set", "data.batch_size=4",
                      "--set", "train.progress=false"]) == 0
@@ -182,9 +183,9 @@ def test_encoder_vs_decoder_experiment(corpus, tmp_path):
     assert "Samples" in report and "full forward pass" in report
     assert (out / "perplexity.png").stat().st_size > 0
 
-    decoder = load_our_model(out / "decoder" / "model").eval()
-    encoder = load_our_model(out / "encoder" / "model").eval()
-    mask_id = ModelDir(out / "encoder" / "model").tokenizer().mask_token_id
+    decoder = load_our_model(out / "seed-0" / "decoder" / "model").eval()
+    encoder = load_our_model(out / "seed-0" / "encoder" / "model").eval()
+    mask_id = ModelDir(out / "seed-0" / "encoder" / "model").tokenizer().mask_token_id
     window = torch.tensor([[0, 12, 20, 25, 9, 14, 30, 11]])
     with torch.no_grad():   # each position on its own, unpadded: the batched versions must agree
         dec = [-decoder(window[:, :t]).log_softmax(-1)[0, -1, window[0, t]] for t in range(1, 8)]

@@ -1,6 +1,7 @@
 """``llmlab experiment encoder-vs-decoder``: why a masked-LM encoder is not a text generator.
 
-    llmlab experiment encoder-vs-decoder [--data PATH] [--steps N] [--set key=value ...] --out DIR
+    llmlab experiment encoder-vs-decoder [--preset test|default|large] [--seeds K] [--data PATH] [--steps N]
+                                         [--set key=value ...] --out DIR
 
 Trains two networks of the same size on the same corpus for the same number of steps with ``llmlab pretrain``:
 a GPT-2-style decoder (next-token loss) and a BERT-style encoder (masked-LM loss); both use LayerNorm, learned
@@ -13,9 +14,11 @@ character-level and shared. Then, on a fixed set of held-out positions t of the 
     perplexity = exp(−(1/N) Σ_t log p(x_t | x_<t))
 
 and each model continues the same prompt: the decoder with the KV-cache engine, the encoder by appending one
-``<|mask|>``, filling it, and repeating (a full forward pass per token). ``DIR/report.md`` holds the numbers, the
-samples and the explanation; ``DIR/perplexity.png`` the bar chart; ``DIR/decoder`` and ``DIR/encoder`` the two runs
-(a rerun with the same ``--out`` resumes them, so only the evaluation is repeated).
+``<|mask|>``, filling it, and repeating (a full forward pass per token). ``DIR/report.md`` holds the numbers (mean ±
+std over the seeds), the samples (first seed) and the explanation; ``DIR/perplexity.png`` the bar chart;
+``DIR/seed-N/decoder`` and ``DIR/seed-N/encoder`` the runs (a rerun with the same ``--out`` resumes them, so only
+the evaluation is repeated). ``--set`` keys: ``steps``, ``corpus``, ``windows``, and any key of the two pretrain
+recipes' ``model``, ``data``, ``train`` and ``loss`` sections (applied to both sides alike).
 """
 from __future__ import annotations
 
@@ -25,33 +28,51 @@ from pathlib import Path
 
 import torch
 
-from ..config import apply_overrides
 from ..data.shards import TokenShards
 from ..errors import LLMLabError
 from ..hub.load import load_our_model
 from ..infer.engine import Engine, SamplingParams, next_tokens
 from ..plots import read_metrics
+from ..report import Section
 from ..tokenizer import load_tokenizer
 from ..stages import pretrain
 from ..stages.common import deep_merge
+from .common import Context, Result, show, spread
 
 DEFAULT_CORPUS = "tinyshakespeare"      # a built-in corpus of data/sources.py
 SIZE = {"n_layer": 4, "n_head": 4, "d_model": 128, "max_seq_len": 128, "dropout": 0.0}
 PROMPT_TOKENS = 16
 SAMPLE_TEMPERATURE = 0.8
+CLAIM = ("Claim tested: a BERT-style masked-LM encoder is not a text generator. Trained on the same text for as "
+         "many steps as a decoder of the same size, it predicts the next token from its left context worse (higher "
+         "perplexity) and generates each token at a higher cost, because it was trained to fill masks with both "
+         "sides visible and has no causal structure to cache.")
+OPEN = ("model", "data", "train", "loss")   # pretrain recipe sections, applied to both sides (pretrain checks them)
+_TRAIN = {"lr": 1e-3, "eval_every": 0, "eval_batches": 10, "log_every": 50, "betas": [0.9, 0.99]}
+PRESETS = {
+    "test": {"seeds": 1, "corpus": DEFAULT_CORPUS, "steps": 20, "windows": 4,
+             "model": {**SIZE, "n_layer": 1, "n_head": 2, "d_model": 32, "max_seq_len": 32},
+             "data": {"max_length": 32, "batch_size": 4}, "train": {**_TRAIN, "eval_batches": 2, "progress": False}},
+    "default": {"seeds": 3, "corpus": DEFAULT_CORPUS, "steps": 500, "windows": 16, "model": dict(SIZE),
+                "data": {"max_length": SIZE["max_seq_len"], "batch_size": 12}, "train": dict(_TRAIN)},
+    "large": {"seeds": 3, "corpus": DEFAULT_CORPUS, "steps": 5000, "windows": 64,
+              "model": {**SIZE, "n_layer": 8, "n_head": 8, "d_model": 512, "max_seq_len": 256},
+              "data": {"max_length": 256, "batch_size": 32}, "train": dict(_TRAIN)},
+}
 
 
-def run_recipe(preset: str, data: str, steps: int, sets: list[str], tokenizer: dict) -> dict:
-    """The ``llmlab pretrain`` recipe of one side; ``sets`` apply to both sides alike."""
+def run_recipe(preset: str, s: dict, tokenizer: dict, seed: int) -> dict:
+    """The ``llmlab pretrain`` recipe of one side (``preset``: gpt2 or bert); the settings apply to both alike."""
+    steps = int(s["steps"])
     recipe = deep_merge(pretrain.DEFAULTS, {
-        "model": {"preset": preset, **SIZE},
-        "data": {"path": data, "max_length": SIZE["max_seq_len"], "batch_size": 12},
+        "model": {**s["model"], "preset": preset},
+        "data": {**s["data"], "path": str(s["corpus"])},
         "tokenizer": tokenizer,
-        "train": {"max_steps": steps, "lr": 1e-3, "warmup_steps": min(100, steps // 10), "eval_every": 0,
-                  "eval_batches": 10, "log_every": 50, "checkpoint_every": steps, "betas": [0.9, 0.99]},
+        "train": {"warmup_steps": min(100, steps // 10), "checkpoint_every": steps, **s["train"],
+                  "max_steps": steps, "seed": seed},
     })
-    recipe = apply_overrides(recipe, sets)
-    recipe["model"]["preset"] = preset
+    if "loss" in s:                              # a loss: section, when --set gives one
+        recipe["loss"] = {**recipe["loss"], **s["loss"]}
     return recipe
 
 
@@ -169,49 +190,22 @@ work per token.
 """
 
 
-def write_experiment_report(out: Path, rows: dict, samples: dict, prompt: str, positions: int, steps: int, corpus: str) -> Path:
-    ppl = {name: r["ppl"] for name, r in rows.items()}
-    bar_chart(ppl, out / "perplexity.png")
-    lines = [
-        "# Encoder vs decoder: the same network size, two objectives", "",
-        f"Corpus: `{corpus}`; {steps} training steps each; character tokenizer; perplexity over {positions} "
-        "held-out positions of the val split (the same positions for both).", "",
-        "| model | parameters | own val loss (training objective) | next-token perplexity, left context only "
-        "| ms per generated token |",
-        "|---|---|---|---|---|",
-    ]
-    for name, r in rows.items():
-        own = f"{r['val_loss']:.3f}" if r["val_loss"] is not None else "n/a"
-        lines.append(f"| {name} | {r['params']:,} | {own} | {r['ppl']:.2f} | {r['ms_per_token']:.1f} |")
-    lines += ["", "![perplexity](perplexity.png)", "", f"## Samples (temperature {SAMPLE_TEMPERATURE}, same seed)",
-              "", "Prompt:", "", "```", prompt, "```", ""]
-    for name, text in samples.items():
-        lines += [f"{name}:", "", "```", prompt + text, "```", ""]
-    lines.append(EXPLANATION.format(ratio=rows["encoder"]["ppl"] / rows["decoder"]["ppl"],
-                                    cost=rows["encoder"]["ms_per_token"] / max(rows["decoder"]["ms_per_token"], 1e-9)))
-    path = out / "report.md"
-    path.write_text("\n".join(lines), encoding="utf-8")
-    return path
-
-
-def encoder_vs_decoder(out_dir, *, data: str | None = None, steps: int = 500, sets: list[str] | None = None,
-                       windows: int = 16) -> dict:
-    """Train both sides (resuming finished runs), evaluate them, write the report; return the numbers."""
-    out = Path(out_dir)
-    if steps < 1:
-        raise LLMLabError(f"--steps {steps}: must be at least 1")
-    corpus = data or DEFAULT_CORPUS
-    sets = list(sets or [])
+def one_seed(ctx: Context, seed: int) -> tuple[dict, dict, str]:
+    """Train both sides of one seed (resuming finished runs), evaluate them; the rows, the samples, the prompt."""
+    s = ctx.settings
+    decoder_dir, encoder_dir = ctx.run_dir("decoder", seed), ctx.run_dir("encoder", seed)
     char = {"kind": "char", "path": None}
-    pretrain.run(None, None, out / "decoder", run_recipe("gpt2", corpus, steps, sets, char), resume=True)
-    shared = {"kind": "path", "path": str(out / "decoder" / "tokenizer")}
-    pretrain.run(None, None, out / "encoder", run_recipe("bert", corpus, steps, sets, shared), resume=True)
+    pretrain.run(None, None, decoder_dir, run_recipe("gpt2", s, char, seed),
+                 resume=(decoder_dir / "checkpoints").is_dir())
+    shared = {"kind": "path", "path": str(decoder_dir / "tokenizer")}
+    pretrain.run(None, None, encoder_dir, run_recipe("bert", s, shared, seed),
+                 resume=(encoder_dir / "checkpoints").is_dir())
 
-    tokenizer = load_tokenizer(out / "decoder" / "tokenizer")
-    decoder = load_our_model(out / "decoder" / "model").eval()
-    encoder = load_our_model(out / "encoder" / "model").eval()
+    tokenizer = load_tokenizer(decoder_dir / "tokenizer")
+    decoder = load_our_model(decoder_dir / "model").eval()
+    encoder = load_our_model(encoder_dir / "model").eval()
     length = min(decoder.config.max_seq_len, encoder.config.max_seq_len)
-    held = heldout_windows(out / "decoder" / "data", length, windows)
+    held = heldout_windows(decoder_dir / "data", length, int(s["windows"]))
     nll = {"decoder": decoder_nll(decoder, held), "encoder": encoder_nll(encoder, held, tokenizer.mask_token_id)}
 
     prompt = held[0, :min(PROMPT_TOKENS, length // 4)].tolist()
@@ -219,29 +213,44 @@ def encoder_vs_decoder(out_dir, *, data: str | None = None, steps: int = 500, se
     generated = {"decoder": decoder_sample(decoder, tokenizer, prompt, params),
                  "encoder": encoder_sample(encoder, tokenizer, prompt, params)}
     rows = {name: {"params": sum(p.numel() for p in model.parameters()), "ppl": perplexity(nll[name]),
-                   "val_loss": last_value(out / name, "val_loss"), "ms_per_token": generated[name][1] * 1000}
+                   "val_loss": last_value(ctx.run_dir(name, seed), "val_loss"),
+                   "ms_per_token": generated[name][1] * 1000, "positions": held[:, 1:].numel()}
             for name, model in (("decoder", decoder), ("encoder", encoder))}
-    report = write_experiment_report(out, rows, {name: g[0] for name, g in generated.items()},
-                          tokenizer.decode(prompt, skip_special_tokens=True), held[:, 1:].numel(), steps, corpus)
-    return {"report": str(report), **{f"{name}_ppl": r["ppl"] for name, r in rows.items()}}
+    return rows, {name: g[0] for name, g in generated.items()}, tokenizer.decode(prompt, skip_special_tokens=True)
 
 
-def register(subparsers) -> None:
-    p = subparsers.add_parser("experiment", help="small experiments that explain a design choice")
-    which = p.add_subparsers(dest="experiment", required=True, metavar="<experiment>")
-    e = which.add_parser("encoder-vs-decoder", help="masked-LM encoder vs causal decoder as next-token predictors",
-                         description=__doc__.splitlines()[0])
-    e.add_argument("--data", default=None, metavar="PATH",
-                   help=f"corpus: a file, folder or built-in name (default: {DEFAULT_CORPUS}, downloaded once)")
-    e.add_argument("--steps", type=int, default=500, help="training steps of each model (default 500)")
-    e.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a key of both pretrain recipes, e.g. --set model.d_model=64 (repeatable)")
-    e.add_argument("--out", required=True, metavar="DIR")
-    e.set_defaults(func=_run_cli)
-
-
-def _run_cli(args) -> int:
-    result = encoder_vs_decoder(args.out, data=args.data, steps=args.steps, sets=args.sets)
-    print(f"decoder perplexity {result['decoder_ppl']:.2f}, encoder (left to right) {result['encoder_ppl']:.2f}; "
-          f"report in {result['report']}")
-    return 0
+def run(ctx: Context) -> Result:
+    s = ctx.settings
+    if int(s["steps"]) < 1:
+        raise LLMLabError(f"--steps {s['steps']}: must be at least 1")
+    per_seed = [one_seed(ctx, seed) for seed in ctx.seeds]
+    samples, prompt = per_seed[0][1], per_seed[0][2]
+    nan = float("nan")
+    rows = {name: {"params": per_seed[0][0][name]["params"],
+                   **{key: spread([r[0][name][key] if r[0][name][key] is not None else nan for r in per_seed])
+                      for key in ("ppl", "val_loss", "ms_per_token")}}
+            for name in ("decoder", "encoder")}
+    bar_chart({name: r["ppl"]["mean"] for name, r in rows.items()}, ctx.out / "perplexity.png")
+    ratio = rows["encoder"]["ppl"]["mean"] / rows["decoder"]["ppl"]["mean"]
+    cost = rows["encoder"]["ms_per_token"]["mean"] / max(rows["decoder"]["ms_per_token"]["mean"], 1e-9)
+    positions = per_seed[0][0]["decoder"]["positions"]
+    table = [["model", "parameters", "own val loss (training objective)",
+              "next-token perplexity, left context only", "ms per generated token"]]
+    for name, r in rows.items():
+        table.append([name, f"{r['params']:,}", show(r["val_loss"]), show(r["ppl"]), show(r["ms_per_token"], 3)])
+    result = Section("Result", text=f"Perplexity over {positions} held-out positions of the val split (the same "
+                                    "positions for both models).", table=table, figures=["perplexity.png"])
+    sample_section = Section(f"Samples (temperature {SAMPLE_TEMPERATURE}, same seed, first training seed)",
+                             text="Prompt: " + prompt, samples=[(name, prompt + text) for name, text in samples.items()])
+    why = Section("What the numbers mean", text=EXPLANATION.format(ratio=ratio, cost=cost).split("\n", 2)[2])
+    return Result(
+        title="Encoder vs decoder: the same network size, two objectives",
+        setup=(f"Corpus `{s['corpus']}`; {s['steps']} training steps each (`llmlab pretrain`, in `seed-N/decoder` "
+               "and `seed-N/encoder`); a character tokenizer shared by both; GPT-2-style decoder vs BERT-style "
+               "encoder of the same size (LayerNorm, learned positions, GELU)."),
+        sections=[result, sample_section, why],
+        summary={"rows": rows, "perplexity_ratio": ratio, "cost_ratio": cost, "samples": samples, "prompt": prompt,
+                 "decoder_ppl": rows["decoder"]["ppl"]["mean"], "encoder_ppl": rows["encoder"]["ppl"]["mean"]},
+        headline=f"decoder perplexity {show(rows['decoder']['ppl'])}, encoder (left to right) "
+                 f"{show(rows['encoder']['ppl'])}",
+        figures=["perplexity.png"])

@@ -113,6 +113,15 @@ def _family(cfg: ModelConfig) -> str:
     return "gpt2"
 
 
+def hf_layout_problem(cfg: ModelConfig) -> str | None:
+    """Why ``cfg`` has no Hugging Face equivalent (the error ``save_model`` would raise), or None when it has one."""
+    try:
+        _family(cfg)
+    except LLMLabError as e:
+        return str(e)
+    return None
+
+
 def config_to_hf(cfg: ModelConfig):
     """The ``transformers`` config (with ``architectures``) that describes the same network as ``cfg``."""
     import transformers

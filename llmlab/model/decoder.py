@@ -1,5 +1,8 @@
 """The decoder-only language model: tokens → embedding → N × block → norm → lm_head → next-token logits.
 
+With ``norm_position: post`` (the original Transformer's decoder) each block already ends in a norm, so there is
+no final norm: tokens → embedding → N × post-norm block → lm_head.
+
 One class covers GPT-2, Llama, Qwen2, Gemma 2 and Gemma 3 styles through ``ModelConfig`` switches (see
 ``model/config.py``). The model computes logits; losses live in ``llmlab/losses.py`` and generation in
 ``llmlab/infer/engine.py``.
@@ -75,7 +78,8 @@ class Decoder(nn.Module):
                            if self.rope is not None and local_theta != cfg.rope_theta and any(self.windows) else None)
         self.drop = nn.Dropout(cfg.dropout)
         self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer))
-        self.final_norm = make_norm(cfg)
+        # post-norm: the last block's output is already normalised (Vaswani et al. 2017 has no final norm)
+        self.final_norm = make_norm(cfg) if cfg.norm_position == "pre" else nn.Identity()
         self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
         self.score = nn.Linear(cfg.d_model, cfg.num_labels, bias=False) if cfg.num_labels else None
         init_weights(self, cfg)

@@ -16,6 +16,9 @@ optionally sets ``chunk_size`` and ``mlm_probability``. The run directory ends u
     DIR/checkpoints/ resumable training state;  DIR/model/  the final model (Hugging Face layout)
     DIR/metrics.jsonl  DIR/loss.png  DIR/run.yaml
 
+(A model with no Hugging Face equivalent, e.g. ``--set model.norm_position=post`` for a decoder, trains and
+checkpoints as any other, but gets no ``DIR/model``: its weights stay in ``DIR/checkpoints``.)
+
 The objective follows the architecture. A decoder learns the next token over packed rows (``x = row[:-1]``,
 ``y = row[1:]``):  L = −(1/N) Σ_t log p(y_t | x_≤t), through ``losses.chunked_lm_loss``: ``loss.chunk_size``
 (512) tokens at a time through the LM head, each chunk's gradient computed at once, so the B·T·V logits never
@@ -59,6 +62,7 @@ from ..data.sources import iter_documents, iter_documents_many
 from ..errors import LLMLabError
 from ..hub.folder import ModelDir
 from ..hub.load import load_our_model
+from ..hub.mapping import hf_layout_problem
 from ..hub.save import save_model
 from ..losses import chunked_lm_loss, lm_loss, mlm_mask
 from ..model.config import ModelConfig, preset
@@ -295,14 +299,31 @@ def row_length(max_length: int | None, given: nn.Module | None, section: dict) -
     return max_length or ModelConfig.max_seq_len
 
 
-def finished(out: Path, steps: int) -> bool:
-    """A completed run: a checkpoint at ``steps`` or later and the final model directory."""
+def writes_model_dir(section: dict) -> bool:
+    """Whether a new model of the recipe's ``model:`` section ends in ``out/model``: every architecture with a
+    Hugging Face equivalent does; one without (a post-norm decoder) keeps its weights in the checkpoints only."""
+    section = dict(section or {})
+    try:
+        cfg = preset(section.pop("preset", None) or "llama", **section)
+    except (LLMLabError, TypeError, ValueError):
+        return True                      # the model section's own error is raised where the model is built
+    return hf_layout_problem(cfg) is None
+
+
+def finished(out: Path, steps: int, model_dir: bool = True) -> bool:
+    """A completed run: a checkpoint at ``steps`` or later and (``model_dir``) the final model directory."""
     ckpts = list_checkpoints(out)
-    return bool(ckpts) and ckpts[-1][0] >= steps and (out / "model" / "config.json").is_file()
+    return bool(ckpts) and ckpts[-1][0] >= steps and (not model_dir or (out / "model" / "config.json").is_file())
 
 
 def save_final(objective: nn.Module, out: Path, tokenizer) -> None:
-    """The Hugging Face directory ``out/model``: weights, tokenizer, and (decoders) the ``llmlab`` chat template."""
+    """The Hugging Face directory ``out/model``: weights, tokenizer, and (decoders) the ``llmlab`` chat template.
+    A model with no Hugging Face equivalent is not written (its weights are in ``out/checkpoints``)."""
+    problem = hf_layout_problem(objective.lm.config)
+    if problem:
+        print(f"pretrain: no model directory written ({problem}); the weights are in {out / 'checkpoints'}",
+              file=sys.stderr)
+        return
     template = TEMPLATES[DEFAULT_TEMPLATE] if isinstance(objective, CausalLM) else None
     save_model(objective.lm, out / "model", tokenizer=tokenizer, chat_template=template)
 
@@ -324,7 +345,7 @@ def run(model_dir, data_path, out_dir, recipe: dict | None = None, *, resume: bo
     cfg = train_config(recipe, compile_ok=True)
     out = Path(out_dir)
     rank, world, _, _ = dist.init_distributed(cfg.device)
-    if resume and finished(out, cfg.max_steps):
+    if resume and finished(out, cfg.max_steps, model_dir is not None or writes_model_dir(recipe.get("model"))):
         if rank == 0:
             print(f"pretrain: {out} already finished {cfg.max_steps} steps; nothing to do", file=sys.stderr)
         return {"steps": cfg.max_steps, "skipped": True, "model_dir": str(out / "model")}

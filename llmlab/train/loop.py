@@ -69,6 +69,7 @@ class TrainConfig:
     progress: bool = True
     peak_flops: float | None = None    # per device, FLOP/s, for MFU
     compile: bool = False              # torch.compile the training forward (nanoGPT's compile); pretrain only
+    trace_updates: int = 0             # log update_norm ‖Δθ‖ and update_ratio ‖Δθ‖/‖θ‖ for the first N updates
 
     def __post_init__(self):
         self._validate()
@@ -83,6 +84,7 @@ class TrainConfig:
             (0.0 < self.decay_fraction <= 1.0, "decay_fraction must be in (0, 1]"),
             (len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas), "betas must be two numbers in [0, 1)"),
             (self.grad_accum >= 1, "grad_accum must be ≥ 1"),
+            (self.trace_updates >= 0, "trace_updates must be ≥ 0"),
             (self.log_every >= 1, "log_every must be ≥ 1"),
             (self.eval_every >= 0 and self.checkpoint_every >= 0, "eval_every/checkpoint_every must be ≥ 0"),
             (self.on_nan in ON_NAN, f"on_nan must be one of {', '.join(ON_NAN)}"),
@@ -276,8 +278,18 @@ def _reduce_step(losses: list[torch.Tensor], n_tokens: int, metrics: list[dict],
     return packed[0] / world, int(packed[-1]), {key: v / world for key, v in zip(keys, packed[1:-1])}
 
 
-def _train_step(model, optimizer, loss_fn, batches, cfg: TrainConfig, lr: float, device, amp) -> dict:
-    """Accumulate ``grad_accum`` micro-batches, clip, and step unless the loss or gradient is not finite."""
+def _update_size(params: list[torch.Tensor], before: list[torch.Tensor]) -> dict:
+    """The whole update Δθ = θ_after − θ_before of one optimizer step: ‖Δθ‖ and ‖Δθ‖ / ‖θ_before‖ (global L2
+    norms over every trained parameter)."""
+    update = _full_tensor(torch.nn.utils.get_total_norm([p.detach() - b for p, b in zip(params, before)])).item()
+    size = _full_tensor(torch.nn.utils.get_total_norm(before)).item()
+    return {"update_norm": update, "update_ratio": update / max(size, 1e-12)}
+
+
+def _train_step(model, optimizer, loss_fn, batches, cfg: TrainConfig, lr: float, device, amp,
+                trace: bool = False) -> dict:
+    """Accumulate ``grad_accum`` micro-batches, clip, and step unless the loss or gradient is not finite;
+    ``trace``: also measure the size of the update (``_update_size``)."""
     for group in optimizer.param_groups:
         group["lr"] = lr
     losses, n_tokens, metrics = accumulate_gradients(model, loss_fn, batches.next_batch, cfg.grad_accum, device, amp)
@@ -285,10 +297,16 @@ def _train_step(model, optimizer, loss_fn, batches, cfg: TrainConfig, lr: float,
     max_norm = cfg.grad_clip if cfg.grad_clip > 0 else math.inf
     grad_norm = _full_tensor(torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)).item()
     finite = math.isfinite(loss) and math.isfinite(grad_norm)
+    update = {}
     if finite:
+        params = [p for group in optimizer.param_groups for p in group["params"]] if trace else []
+        before = [p.detach().clone() for p in params]
         optimizer.step()
+        if trace:
+            update = _update_size(params, before)
     optimizer.zero_grad(set_to_none=True)
-    return {"loss": loss, "grad_norm": grad_norm, "tokens": n_tokens, "metrics": stage_metrics, "finite": finite}
+    return {"loss": loss, "grad_norm": grad_norm, "tokens": n_tokens, "metrics": stage_metrics, "finite": finite,
+            "update": update}
 
 
 def _evaluate(model: nn.Module, eval_fn: Callable, amp, device) -> dict:
@@ -438,7 +456,8 @@ def train(model: nn.Module, loss_fn: Callable, batches, cfg: TrainConfig, out_di
     try:
         while step < cfg.max_steps:
             lr = lr_at(step, cfg)
-            result = _train_step(step_model, optimizer, loss_fn, batches, cfg, lr, device, amp)
+            result = _train_step(step_model, optimizer, loss_fn, batches, cfg, lr, device, amp,
+                                 trace=step < cfg.trace_updates)
             step += 1
             tokens += result["tokens"]
             tokens_since_log += result["tokens"]
@@ -452,7 +471,7 @@ def train(model: nn.Module, loss_fn: Callable, batches, cfg: TrainConfig, out_di
             now = time.perf_counter()
             elapsed = elapsed_before + now - start
             record = {**result["metrics"], "step": step, "loss": result["loss"], "lr": lr,
-                      "grad_norm": result["grad_norm"], "tokens": tokens, "elapsed": elapsed}
+                      "grad_norm": result["grad_norm"], **result["update"], "tokens": tokens, "elapsed": elapsed}
             if not result["finite"]:
                 record.update(loss=None, grad_norm=None, skipped=True)
             final = step == cfg.max_steps

@@ -1,0 +1,196 @@
+"""What every experiment shares: presets, seeds, the settings a user may change, resume, and the report.
+
+An experiment is a module with
+
+    CLAIM     the statement the run tests (the report's introduction)
+    PRESETS   {"test": {...}, "default": {...}, "large": {...}}: its settings; "seeds" is how many seeds
+    OPEN      settings sections handed to a stage as a recipe overlay (the stage checks their keys), e.g.
+              ("model", "train"): ``--set model.d_model=64`` passes; any other key must exist in the preset
+    run(ctx)  trains and measures through the stage entry points and returns a ``Result``
+
+``run_experiment`` resolves the settings (preset, then ``--set``), refuses an ``--out`` folder that holds another
+experiment or other settings (``experiment.json``), calls ``run`` and writes ``report.md``, ``report.html`` and
+``summary.json`` (the settings, the seeds, the machine, the wall time and every number the report shows).
+Resume: each arm of each seed is a stage run in its own folder (``ctx.run_dir(arm, seed)``) that the stage resumes
+from its checkpoints, or skips when it is finished; a rerun with more seeds trains only the new ones.
+"""
+from __future__ import annotations
+
+import copy
+import datetime
+import importlib
+import json
+import math
+import os
+import platform
+import statistics
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from ..config import apply_overrides
+from ..errors import LLMLabError
+from ..report import Section, write_report
+
+EXPERIMENTS = {       # name → (module, one line for --list)
+    "encoder-vs-decoder": ("encoder_vs_decoder", "why a masked-LM encoder is not a text generator (perplexity, "
+                                                 "samples, cost per token)"),
+    "warmup": ("warmup", "why warm up the learning rate: warm-up 0 vs N at three learning rates, pre- vs post-norm"),
+    "max-length": ("max_length", "what the row length does: tokens/s, attention's share, activation memory, loss "
+                                 "past the trained length (learned vs rotary positions)"),
+}
+RECORD = "experiment.json"     # in the output folder: which experiment, preset and settings it holds
+
+
+@dataclass
+class Context:
+    """What an experiment's ``run`` receives."""
+    name: str
+    out: Path
+    preset: str
+    settings: dict
+    seeds: list[int]
+
+    def run_dir(self, arm: str, seed: int) -> Path:
+        """The folder of one stage run: ``out/seed-N/ARM``."""
+        return self.out / f"seed-{seed}" / arm
+
+
+@dataclass
+class Result:
+    """What an experiment's ``run`` returns: the report's title, its setup text, sections and numbers."""
+    title: str
+    setup: str
+    sections: list[Section]
+    summary: dict
+    headline: str                         # one line for the terminal
+    figures: list[str] = field(default_factory=list)
+
+
+# --- numbers over seeds ----------------------------------------------------------------------------------------
+
+def spread(values: list[float]) -> dict:
+    """Mean, standard deviation (n − 1), min and max of one number over seeds; non-finite values count as such
+    (a diverged run's NaN makes the mean NaN, which the report shows)."""
+    values = [float(v) for v in values]
+    finite = all(math.isfinite(v) for v in values)
+    mean = statistics.fmean(values) if finite else math.nan
+    std = statistics.stdev(values) if finite and len(values) > 1 else 0.0
+    return {"mean": mean, "std": std, "min": min(values) if finite else math.nan,
+            "max": max(values) if finite else math.nan, "n": len(values), "values": values}
+
+
+def show(s: dict, digits: int = 4) -> str:
+    """``mean ± std`` (or the one value) of a ``spread``, as the report prints it."""
+    if s["n"] == 1:
+        return f"{s['values'][0]:.{digits}g}"
+    if not math.isfinite(s["mean"]):
+        return " / ".join(f"{v:.{digits}g}" for v in s["values"])
+    return f"{s['mean']:.{digits}g} ± {s['std']:.2g}"
+
+
+# --- settings --------------------------------------------------------------------------------------------------
+
+def load(name: str):
+    """The module of experiment ``name``, or an error listing the known ones."""
+    if name not in EXPERIMENTS:
+        raise LLMLabError(f"unknown experiment {name!r}; known: {', '.join(EXPERIMENTS)} "
+                          "(llmlab experiment --list)")
+    return importlib.import_module(f"{__package__}.{EXPERIMENTS[name][0]}")
+
+
+def check_keys(settings: dict, sets: list[str], open_sections: tuple[str, ...], name: str) -> None:
+    """Every ``--set`` key must name a setting of the preset, or a key inside one of ``open_sections``."""
+    for item in sets:
+        key = item.split("=", 1)[0].strip()
+        parts = key.split(".")
+        if parts[0] in open_sections:
+            continue
+        node = settings
+        for part in parts:
+            if not isinstance(node, dict) or part not in node:
+                known = ", ".join(sorted(k for k in settings if k != "seeds"))
+                raise LLMLabError(f"--set {key}: experiment {name} has no such setting; its settings: {known} "
+                                  f"(and any key under {', '.join(open_sections) or 'no section'})")
+            node = node[part]
+
+
+def resolve(module, name: str, preset: str, sets: list[str]) -> tuple[dict, int]:
+    """The settings of ``preset`` with ``sets`` applied, and the preset's number of seeds."""
+    if preset not in module.PRESETS:
+        raise LLMLabError(f"experiment {name} has no preset {preset!r}; choose one of {', '.join(module.PRESETS)}")
+    settings = copy.deepcopy(module.PRESETS[preset])
+    seeds = settings.pop("seeds", 1)
+    open_sections = tuple(getattr(module, "OPEN", ()))
+    check_keys(settings, sets, open_sections, name)
+    return apply_overrides(settings, sets), seeds
+
+
+def claim_folder(out: Path, record: dict) -> None:
+    """Write ``experiment.json`` in ``out``, or check that the one there is this experiment with these settings;
+    a folder holding anything else is refused, so nothing is overwritten."""
+    path = out / RECORD
+    if path.is_file():
+        held = json.loads(path.read_text(encoding="utf-8"))
+        if held.get("experiment") != record["experiment"]:
+            raise LLMLabError(f"{out} holds the results of experiment {held.get('experiment')!r}, not "
+                              f"{record['experiment']!r}; choose another --out")
+        if held != record:
+            differ = sorted(k for k in set(held["settings"]) | set(record["settings"])
+                            if held["settings"].get(k) != record["settings"].get(k))
+            raise LLMLabError(f"{out} holds a {record['experiment']} run with other settings (preset "
+                              f"{held.get('preset')!r}; differing: {', '.join(differ) or 'preset'}); rerun with "
+                              "the same preset and --set values to resume it, or choose another --out")
+        return
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise LLMLabError(f"{out} exists and holds files that are not an experiment's; choose another --out")
+    out.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(record, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+
+
+def machine() -> str:
+    import torch
+    cpu = platform.processor() or platform.machine()
+    threads = torch.get_num_threads()
+    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
+    return f"{platform.system()} {cpu}, {os.cpu_count()} CPUs, {threads} torch threads" + (f", {gpu}" if gpu else "")
+
+
+def settings_table(settings: dict, prefix: str = "") -> list[list[str]]:
+    rows = []
+    for key, value in settings.items():
+        if isinstance(value, dict):
+            rows += settings_table(value, f"{prefix}{key}.")
+        else:
+            rows.append([f"{prefix}{key}", json.dumps(value)])
+    return rows
+
+
+# --- the run ---------------------------------------------------------------------------------------------------
+
+def run_experiment(name: str, out_dir, *, preset: str = "default", seed: int = 0, seeds: int | None = None,
+                   sets: list[str] | None = None) -> dict:
+    """Run (or resume) experiment ``name`` into ``out_dir`` and write its report; returns the report's path, the
+    headline and the summary."""
+    module = load(name)
+    settings, preset_seeds = resolve(module, name, preset, list(sets or []))
+    count = preset_seeds if seeds is None else seeds
+    if count < 1:
+        raise LLMLabError(f"--seeds {count}: must be at least 1")
+    out = Path(out_dir)
+    claim_folder(out, {"experiment": name, "preset": preset, "settings": settings})
+    ctx = Context(name=name, out=out, preset=preset, settings=settings, seeds=list(range(seed, seed + count)))
+    start = time.perf_counter()
+    result = module.run(ctx)
+    wall = time.perf_counter() - start
+    when = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    host = machine()
+    seed_text = (f"{count} seeds ({ctx.seeds[0]}…{ctx.seeds[-1]}); a ± b is the mean ± standard deviation over them"
+                 if count > 1 else f"one seed ({seed}): no spread; use the default preset or --seeds 3 for one")
+    setup = Section("Setup", text=f"{result.setup}\n\nPreset `{preset}`, {seed_text}. Run {when} on {host}; "
+                                  f"this invocation took {wall:.0f} s (finished runs it found were not retrained).",
+                    table=[["setting", "value"]] + settings_table(settings))
+    summary = {"experiment": name, "preset": preset, "seeds": ctx.seeds, "settings": settings, "date": when,
+               "machine": host, "wall_seconds": wall, **result.summary}
+    paths = write_report(out, result.title, module.CLAIM, [setup, *result.sections], summary)
+    return {"report": str(paths["md"]), "headline": result.headline, "summary": summary}

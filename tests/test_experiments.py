@@ -1,0 +1,174 @@
+"""``llmlab experiment``: the list, a ``test``-preset warmup run end to end on a tiny local text, its resume, its
+report, and the errors for bad input."""
+import json
+import re
+from pathlib import Path
+
+import pytest
+
+from llmlab import cli
+from llmlab.experiments import EXPERIMENTS
+from llmlab.experiments.common import show, spread
+from llmlab.stages import pretrain
+
+LINES = ["Shall I compare thee to a summer's day?", "Thou art more lovely and more temperate:",
+         "Rough winds do shake the darling buds of May,", "And summer's lease hath all too short a date."]
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("corpus") / "sonnet.txt"
+    path.write_text("\n".join(LINES * 12) + "\n", encoding="utf-8")
+    return path
+
+
+@pytest.fixture(scope="module")
+def warmup_run(tmp_path_factory, corpus) -> Path:
+    out = tmp_path_factory.mktemp("exp") / "warmup"
+    assert cli.main(["experiment", "warmup", "--preset", "test", "--data", str(corpus), "--out", str(out)]) == 0
+    return out
+
+
+def test_list_names_every_experiment_on_one_line(capsys):
+    assert cli.main(["experiment", "--list"]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert [line.split()[0] for line in lines] == list(EXPERIMENTS)
+    assert {"warmup", "encoder-vs-decoder"} <= set(EXPERIMENTS)
+
+
+def test_warmup_writes_every_run_and_the_report(warmup_run):
+    summary = json.loads((warmup_run / "summary.json").read_text())
+    assert summary["experiment"] == "warmup" and summary["preset"] == "test" and summary["seeds"] == [0]
+    assert len(summary["arms"]) == 12                    # 2 norms × 3 learning rates × (no warm-up, warm-up)
+    for name in summary["arms"]:
+        records = [json.loads(line) for line in (warmup_run / "seed-0" / name / "metrics.jsonl").open()]
+        assert [r["step"] for r in records] == list(range(1, 13))
+        assert all("grad_norm" in r and "update_ratio" in r for r in records if not r.get("skipped"))
+    for name in ("report.md", "report.html", "loss_curves.png", "val_loss.png", "grad_norm.png",
+                 "update_ratio.png"):
+        assert (warmup_run / name).stat().st_size > 0, name
+    html = (warmup_run / "report.html").read_text()
+    assert html.count("data:image/png;base64,") == 4
+    assert summary["confirmed"] in (True, False)
+
+
+def test_the_report_shows_the_numbers_of_summary_json(warmup_run):
+    summary = json.loads((warmup_run / "summary.json").read_text())
+    report = (warmup_run / "report.md").read_text()
+    rows = {(m[1], m[2]): m.groups()[2:] for m in re.finditer(
+        r"^\| (pre|post) \| ([0-9.e-]+) \| (\S+) \| (\S+) \| (\d+/\d+, \d+/\d+) \| (\d+/\d+, \d+/\d+) \|$",
+        report, re.M)}
+    assert len(rows) == 6, report
+    warm = summary["settings"]["warmup"]
+    for (norm, lr), (cold_val, hot_val, cold_div, hot_div) in rows.items():
+        cold, hot = summary["arms"][f"{norm}-lr{lr}-warm0"], summary["arms"][f"{norm}-lr{lr}-warm{warm}"]
+        assert cold_val == show(cold["val_loss"]) == f"{cold['val_loss']['values'][0]:.4g}"
+        assert hot_val == show(hot["val_loss"])
+        assert (cold_div, hot_div) == (f"{cold['diverged']}/1, {cold['stuck']}/1", f"{hot['diverged']}/1, {hot['stuck']}/1")
+    verdict = "Confirmed" if summary["confirmed"] else "Refuted"
+    assert verdict in report and f"{summary['unigram_loss']:.3f}" in report
+
+
+def test_a_second_invocation_trains_nothing(warmup_run, corpus, monkeypatch):
+    def no_training(*args, **kwargs):
+        raise AssertionError("a finished run was trained again")
+    monkeypatch.setattr(pretrain, "train", no_training)
+    metrics = sorted(warmup_run.glob("seed-0/*/metrics.jsonl"))
+    before = [p.read_bytes() for p in metrics]
+    assert cli.main(["experiment", "warmup", "--preset", "test", "--data", str(corpus), "--out",
+                     str(warmup_run)]) == 0
+    assert [p.read_bytes() for p in metrics] == before
+
+
+@pytest.mark.parametrize("args, message", [
+    (["experiment", "no-such-thing"], "unknown experiment 'no-such-thing'"),
+    (["experiment", "warmup", "--preset", "huge"], "no preset 'huge'"),
+    (["experiment", "warmup", "--seeds", "0"], "--seeds 0"),
+    (["experiment", "warmup", "--set", "nonsense=1"], "--set nonsense: experiment warmup has no such setting"),
+    (["experiment", "warmup", "--set", "lrs.first=1"], "--set lrs.first"),
+])
+def test_bad_input_is_a_clear_error(args, message, tmp_path, capsys):
+    out = tmp_path / "out"
+    assert cli.main(args + ["--preset", "test"] * ("--preset" not in args) + ["--out", str(out)]) == 2
+    assert message in capsys.readouterr().err
+    assert not out.exists()
+
+
+def test_a_folder_of_another_experiment_or_other_settings_is_refused(warmup_run, corpus, capsys):
+    before = {p: p.stat().st_mtime_ns for p in warmup_run.rglob("*")}
+    args = ["--preset", "test", "--data", str(corpus), "--out", str(warmup_run)]
+    assert cli.main(["experiment", "encoder-vs-decoder", *args]) == 2
+    assert "holds the results of experiment 'warmup'" in capsys.readouterr().err
+    assert cli.main(["experiment", "warmup", *args, "--set", "steps=13"]) == 2
+    err = capsys.readouterr().err
+    assert "other settings" in err and "differing: steps" in err
+    assert {p: p.stat().st_mtime_ns for p in warmup_run.rglob("*")} == before
+
+
+def test_spread_and_how_the_report_shows_it():
+    s = spread([1.0, 2.0, 3.0])
+    assert (s["mean"], s["std"], s["min"], s["max"], s["n"]) == (2.0, 1.0, 1.0, 3.0, 3)
+    assert show(s) == "2 ± 1" and show(spread([2.5])) == "2.5"
+    assert show(spread([1.0, float("nan")])) == "1 / nan"
+
+
+def test_trace_updates_adds_update_sizes_and_changes_no_other_number(corpus, tmp_path):
+    base = {"model": {"preset": "gpt2", "n_layer": 1, "n_head": 2, "d_model": 16, "max_seq_len": 16},
+            "data": {"max_length": 16, "batch_size": 2}, "tokenizer": {"kind": "char"},
+            "train": {"max_steps": 3, "warmup_steps": 1, "log_every": 1, "eval_batches": 1, "progress": False}}
+    runs = {}
+    for trace in (0, 2):
+        recipe = json.loads(json.dumps(base))
+        recipe["train"]["trace_updates"] = trace
+        pretrain.run(None, str(corpus), tmp_path / f"trace{trace}", recipe)
+        runs[trace] = [json.loads(line) for line in (tmp_path / f"trace{trace}" / "metrics.jsonl").open()]
+    assert not any("update_norm" in r for r in runs[0])
+    assert ["update_norm" in r for r in runs[2]] == [True, True, False]
+    assert all(r["update_norm"] > 0 and 0 < r["update_ratio"] < 1 for r in runs[2][:2])
+    keep = ("step", "loss", "lr", "grad_norm", "tokens", "val_loss")
+    assert [{k: r.get(k) for k in keep} for r in runs[0]] == [{k: r.get(k) for k in keep} for r in runs[2]]
+
+
+def test_max_length_end_to_end(corpus, tmp_path):
+    out = tmp_path / "max-length"
+    pairs = tmp_path / "pairs.jsonl"
+    with pairs.open("w") as f:
+        for i, line in enumerate(LINES):
+            prompt = f"\n\nHuman: {line}" * (1 + 3 * i)          # longer and longer prompts: later answers are cut
+            f.write(json.dumps({"chosen": f"{prompt}\n\nAssistant: {LINES[-1 - i]}",
+                                "rejected": f"{prompt}\n\nAssistant: no."}) + "\n")
+    assert cli.main(["experiment", "max-length", "--preset", "test", "--data", str(corpus), "--out", str(out),
+                     "--set", f"sft_data={pairs}"]) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert set(summary["arms"]) == {"learned-L16", "learned-L32", "rope-L16", "rope-L32"}
+    assert summary["arms"]["learned-L16"]["steps"] == 2 * summary["arms"]["learned-L32"]["steps"]   # equal tokens
+    profile = summary["profile"]
+    assert profile["32"]["activation_mib"] > profile["16"]["activation_mib"] > 0
+    assert all(len(c[0]) == 64 for c in summary["position_loss"].values())     # every position of eval_length
+    report = (out / "report.md").read_text()
+    for name, arm in summary["arms"].items():
+        row = f"| {arm['pos']} | {arm['length']} | {show(arm['loss_short'])} | {show(arm['loss_own'])} | "
+        assert row in report, (row, report)
+    cuts = summary["sft"]["cuts"]
+    assert summary["sft"]["conversations"] == 4
+    assert cuts["16"]["examples_cut"] >= cuts["32"]["examples_cut"] >= cuts["64"]["examples_cut"]
+    assert cuts["16"]["examples_cut"] == 1.0 and 0 < cuts["16"]["answer_tokens_cut"] <= 1
+    assert f"| 16 | {cuts['16']['examples_cut']:.1%} | {cuts['16']['answer_tokens_cut']:.1%} |" in report
+    for name in ("report.html", "throughput.png", "step_profile.png", "loss_by_position.png"):
+        assert (out / name).stat().st_size > 0
+
+
+@pytest.mark.parametrize("cold, verdict", [({"diverged": 3, "stuck": 0}, "confirmed"),
+                                           ({"diverged": 1, "stuck": 2}, "weaker"),
+                                           ({"diverged": 1, "stuck": 0}, "refuted")])
+def test_the_warmup_verdict_follows_the_counts(cold, verdict):
+    from llmlab.experiments.warmup import judge
+    s = {"warmup": 5, "lrs": [0.01], "norms": ["pre", "post"], "trace": 10}
+    loss = spread([2.0, 2.1, 2.2])
+    arm = {"runs": 3, "diverged": 0, "stuck": 0, "val_loss": loss, "max_grad_norm": spread([1.0, 2.0, 3.0])}
+    per_arm = {"pre-lr0.01-warm0": arm, "pre-lr0.01-warm5": arm, "post-lr0.01-warm5": arm,
+               "post-lr0.01-warm0": {**arm, **cold}}
+    text, numbers = judge(s, per_arm, unigram=3.3)
+    assert numbers["verdict"] == verdict and numbers["confirmed"] == (verdict != "refuted")
+    assert text.startswith({"confirmed": "Confirmed:", "weaker": "Confirmed in a weaker form",
+                            "refuted": "Refuted"}[verdict])
