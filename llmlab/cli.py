@@ -32,6 +32,7 @@ COMMANDS = {       # subcommand → (module, one-line help), in the order of a m
     "chat": ("infer.chat_cli", "chat in the terminal with a model directory, Hugging Face folder or GGUF file"),
     "serve": ("infer.server", "OpenAI-compatible API (continuous batching) and a chat page for a model"),
     "ask": ("infer.client", "send one message to a hosted chat API and print the answer"),
+    "attack": ("redteam.attack_cli", "attack a chat model (GCG, ...) and record what it takes"),
 }
 
 
