@@ -297,10 +297,11 @@ def sample_candidates(suffix: torch.Tensor, grad: torch.Tensor, search_width: in
     n = len(suffix)
     grad = grad.clone()
     if banned is not None and len(banned):
-        grad[:, banned] = float("inf")
+        grad[:, banned.to(grad.device)] = float("inf")
     top = (-grad).topk(topk, dim=1).indices                                          # (n, k): X_i
-    positions = torch.argsort(torch.rand((search_width, n), generator=generator, device=grad.device))[..., :n_replace]
-    choice = torch.randint(0, topk, (search_width, n_replace, 1), generator=generator, device=grad.device)
+    # drawn on the CPU generator whatever the device, so that a seed gives the same candidates everywhere
+    positions = torch.argsort(torch.rand((search_width, n), generator=generator))[..., :n_replace].to(grad.device)
+    choice = torch.randint(0, topk, (search_width, n_replace, 1), generator=generator).to(grad.device)
     tokens = torch.gather(top[positions], 2, choice).squeeze(2)                      # (B, n_replace)
     return suffix.repeat(search_width, 1).scatter_(1, positions, tokens)
 
