@@ -79,6 +79,17 @@ def test_prefix_cache_target_logits_and_chunks_give_the_plain_losses(tok, name, 
             assert relative_error(losses, want) <= 1e-5, (cache, chunk)
             again, _ = objective.losses(suffixes[:5])      # a smaller batch reuses the same cache rows
             assert relative_error(again, want[:5]) <= 1e-5
+    # (e) candidates made from a current string share its tokens before their first change
+    current = suffixes[0]
+    made = current.repeat(8, 1)
+    for row, position in enumerate([4, 0, 5, 2, 5, 1, 3]):
+        made[row, position:] = suffixes[row % 6 + 1, position:]
+    want = plain_losses(model, prompt, made, 1.0 if mellowmax else None)
+    for chunk in (1, 3, 8, None):
+        objective, _, _ = setup(tok, model, batch_size=chunk, use_mellowmax=mellowmax)
+        losses, _ = objective.losses(made, current=current)
+        assert relative_error(losses, want) <= 1e-5, chunk
+        assert objective.forward_tokens < objective.tail(made).numel()       # tokens were skipped
 
 
 def test_the_prefix_cache_is_never_changed(tok):

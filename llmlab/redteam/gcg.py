@@ -39,7 +39,10 @@ Exact speed-ups, each tested to give the losses of the plain computation (tests/
     (c) the token gradient through the embeddings: e_{x_i} enters the model as Eᵀe_{x_i} (row x_i of the
         embedding matrix E, then times the model's embedding scale, √d for Gemma, inside the decoder), so
         G_i = E · ∂L/∂(Eᵀe_{x_i}): one backward pass to the n embedding rows and an (n × d)·(d × V) product;
-    (d) candidates are evaluated in chunks of ``batch_size`` rows (memory); the losses do not depend on it.
+    (d) candidates are evaluated in chunks of ``batch_size`` rows (memory); the losses do not depend on it;
+    (e) a candidate that first differs from the current string at position j shares the tokens before j with it:
+        their keys and values are computed once per step and copied, and each chunk of candidates (sorted by j)
+        runs only from its smallest j on (with 4 chunks, about a third of the string's tokens are skipped).
 
 Every step's state (suffix, buffer, losses, random generator) is written atomically to ``out/state.json``; running
 again with the same ``out`` resumes and follows the same trajectory.
@@ -70,6 +73,7 @@ OPTIM_STR = "{optim_str}"
 INIT_CHARS = [".", ",", "!", "?", ";", ":", "(", ")", "[", "]", "{", "}", "@", "#", "$", "%", "&", "*",
               "w", "x", "y", "z"]
 LOGITS_BUDGET = 512 * 2 ** 20      # bytes of float32 target logits per candidate chunk when batch_size is None
+SHARE_CHUNKS = 4                   # (e) candidates sorted by first changed position run in at least this many chunks
 
 
 @dataclass
@@ -237,14 +241,23 @@ class Objective:
         cache.length = p
         return cache
 
-    def target_logits(self, tail: torch.Tensor | None = None, embeds: torch.Tensor | None = None) -> torch.Tensor:
+    def target_logits(self, tail: torch.Tensor | None = None, embeds: torch.Tensor | None = None,
+                      shared: KVCache | None = None, skip: int = 0) -> torch.Tensor:
         """Logits (B, m, V) at the positions that predict the target, for the ids ``tail`` (or the embeddings
-        ``embeds``, before the embedding scale) that follow the prefix."""
+        ``embeds``, before the embedding scale) that follow the prefix. (e) When the first ``skip`` tokens of every
+        row are those of the string whose cache is ``shared``, their keys and values are copied from it and only
+        ``tail[:, skip:]`` runs."""
         x = tail if embeds is None else embeds
         b, t = x.shape[:2]
         cache = None
         if self.prefix is not None:
             cache = self.prefix_cache(b, self.prefix.length + t, fresh=embeds is not None)
+            if skip:
+                p = self.prefix.length
+                for layer in range(len(cache.k)):
+                    cache.k[layer][:, :, p:p + skip] = shared.k[layer][:, :, p:p + skip]
+                    cache.v[layer][:, :, p:p + skip] = shared.v[layer][:, :, p:p + skip]
+                cache.length, tail = p + skip, tail[:, skip:]
         elif len(self.before):            # no prefix cache: the whole sequence, every time
             if embeds is None:
                 tail = torch.cat([self.before.expand(b, -1), tail], dim=1)
@@ -262,17 +275,39 @@ class Objective:
         return max(1, min(n, LOGITS_BUDGET // per_candidate))
 
     @torch.no_grad()
-    def losses(self, suffixes: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def losses(self, suffixes: torch.Tensor, current: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """(losses (N,), exact (N,)) of N candidate suffixes (N, n), in chunks (d); ``exact``: the greedy reply
-        starts with the target (every target position's argmax is its token)."""
-        chunk = self.chunk_size(len(suffixes))
+        starts with the target (every target position's argmax is its token).
+
+        (e) With ``current``, the string the candidates were made from, and the prefix cache: a candidate that
+        first differs from it at position j shares its first j tokens, whose keys and values are computed once
+        (``string_cache``). The candidates are sorted by j and cut into at least ``SHARE_CHUNKS`` chunks, each run
+        from its smallest j."""
+        n, order = suffixes.shape[1], torch.arange(len(suffixes))
+        first, chunk, shared = torch.zeros(len(suffixes), dtype=torch.long), self.chunk_size(len(suffixes)), None
+        if current is not None and self.prefix is not None:
+            differs = (suffixes != current).cpu()
+            first = torch.where(differs.any(1), differs.long().argmax(1), n).clamp(max=n - 1)   # j; ≥ 1 token runs
+            order = first.argsort(stable=True)
+            chunk = min(chunk, -(-len(suffixes) // SHARE_CHUNKS))
+            shared = self.string_cache(current)
         losses, exact = [], []
         for start in range(0, len(suffixes), chunk):
-            logits = self.target_logits(self.tail(suffixes[start:start + chunk]))
+            rows = order[start:start + chunk]
+            logits = self.target_logits(self.tail(suffixes[rows.to(suffixes.device)]), shared=shared,
+                                        skip=int(first[rows].min()))
             losses.append(target_loss(logits, self.target, self.alpha))
             exact.append((logits.argmax(-1) == self.target).all(-1))
         self.candidate_evaluations += len(suffixes)
-        return torch.cat(losses), torch.cat(exact)
+        back = order.argsort().to(suffixes.device)                      # undo the sort
+        return torch.cat(losses)[back], torch.cat(exact)[back]
+
+    def string_cache(self, suffix: torch.Tensor) -> KVCache:
+        """(e) The keys and values of the prefix and then ``suffix`` (batch 1)."""
+        cache = self.prefix_cache(1, self.prefix.length + len(suffix), fresh=True)
+        self.model.hidden_states(suffix[None], cache=cache)
+        self.forward_tokens += len(suffix)
+        return cache
 
     def gradient(self, suffix: torch.Tensor) -> torch.Tensor:
         """(c) G (n, V): row i is ∂L/∂e_{x_i}, the gradient with respect to the one-hot vector of the i-th token.
@@ -420,7 +455,7 @@ class GCG:
                                                self.banned, generator)
                 if cfg.filter_ids:
                     candidates = retokenisation_filter(candidates, tokenizer)
-                losses, exact = objective.losses(candidates)                              # 4
+                losses, exact = objective.losses(candidates, current=suffix)              # 4
             # 5: the lowest loss; a candidate whose greedy reply is already the target wins over lower-loss others
             pool = exact.nonzero().squeeze(1) if bool(exact.any()) else torch.arange(len(losses))
             best = int(pool[losses[pool].argmin()])
