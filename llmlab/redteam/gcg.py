@@ -61,7 +61,6 @@ from pathlib import Path
 from typing import Callable
 
 import torch
-import torch.nn.functional as F
 
 from .. import chat
 from ..encoding import encode_rendered
@@ -183,13 +182,14 @@ def mellowmax(t: torch.Tensor, alpha: float = 1.0, dim: int = -1) -> torch.Tenso
 
 def target_loss(logits: torch.Tensor, target: torch.Tensor, mellowmax_alpha: float | None = None) -> torch.Tensor:
     """L for each row, from the logits z (B, m, V) at the m positions that predict y_1 … y_m: the mean
-    cross-entropy −(1/m) Σ_i log softmax(z_i)[y_i]; with ``mellowmax_alpha`` α, mm_α over i of −z_i[y_i] (it raises
-    the weakest target logit rather than the average probability)."""
+    cross-entropy −(1/m) Σ_i log softmax(z_i)[y_i] = (1/m) Σ_i (logsumexp(z_i) − z_i[y_i]) (one pass over each row
+    of V logits, no log-softmax tensor); with ``mellowmax_alpha`` α, mm_α over i of −z_i[y_i] (it raises the weakest
+    target logit rather than the average probability)."""
     logits = logits.float()
-    labels = target.expand(logits.shape[0], -1)
+    chosen = logits.gather(-1, target.expand(logits.shape[0], -1)[..., None]).squeeze(-1)     # z_i[y_i]: (B, m)
     if mellowmax_alpha is None:
-        return F.cross_entropy(logits.transpose(1, 2), labels, reduction="none").mean(-1)
-    return mellowmax(-logits.gather(-1, labels[..., None]).squeeze(-1), mellowmax_alpha)
+        return (torch.logsumexp(logits, dim=-1) - chosen).mean(-1)
+    return mellowmax(-chosen, mellowmax_alpha)
 
 
 @torch.no_grad()
