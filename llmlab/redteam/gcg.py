@@ -390,7 +390,7 @@ class GCGResult:
     reply: str                        # the greedy reply to the final string (the successful one, else the best)
     forward_tokens: int               # tokens run through the model (the cached prefix counted once)
     candidate_evaluations: int
-    wall_clock_s: float
+    wall_clock_s: float               # seconds of the steps (loading and set-up not counted), resumes included
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
