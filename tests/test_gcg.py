@@ -135,7 +135,8 @@ def test_token_gradient_is_autograd_through_the_one_hot_path(tok, name, cache):
 def test_candidates_avoid_banned_tokens_and_change_n_replace_positions(tok):
     banned = gcg.banned_tokens(tok, len(tok) + 3)
     names = set(banned.tolist())
-    assert {tok.bos_token_id, tok.eos_token_id, tok.pad_token_id, *tok.convert_tokens_to_ids(["<|im_start|>", "<|im_end|>"])} <= names
+    turns = tok.convert_tokens_to_ids(["<|im_start|>", "<|im_end|>"])
+    assert {tok.bos_token_id, tok.eos_token_id, tok.pad_token_id, *turns} <= names
     assert {len(tok), len(tok) + 1, len(tok) + 2} <= names                 # rows without a token
     assert tok.convert_tokens_to_ids("x") not in names
     assert all(i in names for i in range(len(tok)) if not tok.decode([i]).isascii())

@@ -176,7 +176,8 @@ def banned_tokens(tokenizer, vocab_size: int, allow_non_ascii: bool = False) -> 
 # ------------------------------------------------------------------------------------------------- the loss
 
 def mellowmax(t: torch.Tensor, alpha: float = 1.0, dim: int = -1) -> torch.Tensor:
-    """mm_α(t) = (1/α) · log((1/n) Σ_i exp(α·t_i)): a smooth maximum, between the mean (α → 0) and the max (α → ∞)."""
+    """mm_α(t) = (1/α) · log((1/n) Σ_i exp(α·t_i)): a smooth maximum, between the mean (α → 0) and the max
+    (α → ∞)."""
     return (torch.logsumexp(alpha * t, dim=dim) - math.log(t.shape[dim])) / alpha
 
 
