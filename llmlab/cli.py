@@ -33,6 +33,7 @@ COMMANDS = {       # subcommand → (module, one-line help), in the order of a m
     "serve": ("infer.server", "OpenAI-compatible API (continuous batching) and a chat page for a model"),
     "ask": ("infer.client", "send one message to a hosted chat API and print the answer"),
     "defend": ("redteam.defend", "calibrate the perplexity filter, train the guard classifier"),
+    "attack": ("redteam.attack_cli", "attack a chat model (GCG, ...) and record what it takes"),
 }
 
 

@@ -135,3 +135,25 @@ def curve_grid(panels: list[tuple[str, dict[str, list[tuple[list, list]]]]], out
     out.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out)
     return out
+
+
+def line_chart(curves: dict[str, list[float]], out_png: str | Path, *, xlabel: str = "step", ylabel: str = "",
+               title: str = "") -> Path:
+    """One line per named series against 1, 2, 3, ... (e.g. the GCG loss of each behaviour); the legend is left
+    out when there are more than ten series."""
+    fig = Figure(figsize=(7, 4), dpi=110)
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
+    for name, values in curves.items():
+        ax.plot(range(1, len(values) + 1), values, label=name, linewidth=1)
+    if 1 < len(curves) <= 10:
+        ax.legend(fontsize=8)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    out = Path(out_png)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out)
+    return out

@@ -86,16 +86,22 @@ class Decoder(nn.Module):
         if cfg.tie_embeddings:
             self.lm_head.weight = self.embed.weight
 
-    def hidden_states(self, input_ids: torch.Tensor, *, attention_mask: torch.Tensor | None = None,
+    def hidden_states(self, input_ids: torch.Tensor | None, *, attention_mask: torch.Tensor | None = None,
                       position_ids: torch.Tensor | None = None, cache: KVCache | None = None,
-                      segment_ids: torch.Tensor | None = None) -> torch.Tensor:
+                      segment_ids: torch.Tensor | None = None, embeds: torch.Tensor | None = None) -> torch.Tensor:
         """Final-norm hidden states (B, T, d_model) for ``input_ids`` (B, T).
 
         ``attention_mask`` (B, past + T) marks real tokens with 1 (left padding for batched prompts);
         ``cache`` holds earlier positions and is advanced by T. ``segment_ids`` (B, T) packs several sequences
         per row, each attending only to itself (``segment_mask``; training and scoring, not with a cache).
+        ``embeds`` (B, T, d_model) replaces ``embed(input_ids)`` (pass ``input_ids=None``): token embeddings
+        *before* the embedding scale, which is applied here as to looked-up ones, so a gradient with respect to
+        ``embeds`` is one with respect to the embedding rows (GCG's token gradient, ``redteam/gcg.py``).
         """
-        b, t = input_ids.shape
+        if (input_ids is None) == (embeds is None):
+            raise ValueError("give exactly one of input_ids and embeds")
+        b, t = input_ids.shape if embeds is None else embeds.shape[:2]
+        device = (input_ids if embeds is None else embeds).device
         past = cache.length if cache is not None else 0
         if past + t > self.config.max_seq_len:
             raise ValueError(f"sequence of {past + t} tokens exceeds the model's context of "
@@ -107,7 +113,7 @@ class Decoder(nn.Module):
         contiguous = position_ids is None and attention_mask is None     # positions past … past+t−1 in every row
         if position_ids is None and not contiguous:
             position_ids = positions_from_mask(attention_mask, past, t)
-        x = self.embed(input_ids)
+        x = self.embed(input_ids) if embeds is None else embeds
         if self.config.embed_scale:     # × √d_model, rounded to the embedding's dtype as Gemma does
             x = x * torch.tensor(self.config.d_model ** 0.5, dtype=x.dtype)
         if self.pos_embed is not None:
@@ -120,7 +126,7 @@ class Decoder(nn.Module):
         rope = angles(self.rope) if self.rope is not None else None
         rope_local = angles(self.rope_local) if self.rope_local is not None else rope
         layouts = {w: (segment_mask(segment_ids, w), False) if segment_ids is not None else
-                   attention_layout(attention_mask, t, past + t, input_ids.device, w) for w in set(self.windows)}
+                   attention_layout(attention_mask, t, past + t, device, w) for w in set(self.windows)}
         for i, block in enumerate(self.blocks):
             window = self.windows[i]
             mask, is_causal = layouts[window]

@@ -252,9 +252,13 @@ def benign_prompts(world_dir=None, self_instruct=()) -> list[dict]:
     return records
 
 
+OPTIM_STR = "{optim_str}"     # where an optimised attack string goes in a behaviour's conversation
+
+
 def load_behaviours(path) -> list[dict]:
     """Behaviours from whatever ``path`` is: a world folder (its forbidden requests), an AdvBench-style ``.csv``
-    (``goal``, ``target``), or a ``.jsonl`` file of ``{"goal", "target"}`` records."""
+    (``goal``, ``target``), or a ``.jsonl`` file of records with ``target`` and either ``goal`` or ``messages``
+    (a conversation holding ``{optim_str}`` exactly once: where GCG's string goes), optional ``system`` and ``id``."""
     path = Path(path)
     if path.is_dir():
         return load_world_behaviours(path)
@@ -262,10 +266,26 @@ def load_behaviours(path) -> list[dict]:
         return load_advbench(path)
     records = []
     for where, r in iter_jsonl(path):
-        for field in ("goal", "target"):
-            if not isinstance(r.get(field), str) or not r[field].strip():
-                raise LLMLabError(f"{where}: field {field!r} must be a non-empty string")
+        _check_record(r, where)
         records.append({**r, "source": r.get("source", path.stem), "index": len(records), "where": where})
     if not records:
         raise LLMLabError(f"{path}: empty file; expected behaviours ({{\"goal\", \"target\"}} per line)")
     return records
+
+
+def _check_record(r: dict, where: str) -> None:
+    if not isinstance(r.get("target"), str) or not r["target"].strip():
+        raise LLMLabError(f"{where}: field 'target' must be a non-empty string")
+    messages = r.get("messages")
+    if messages is None:
+        if not isinstance(r.get("goal"), str) or not r["goal"].strip():
+            raise LLMLabError(f"{where}: field 'goal' must be a non-empty string (or give 'messages')")
+    elif "goal" in r:
+        raise LLMLabError(f"{where}: give 'goal' or 'messages', not both")
+    elif not isinstance(messages, list) or not all(isinstance(m, dict) for m in messages):
+        raise LLMLabError(f"{where}: field 'messages' must be a list of {{\"role\", \"content\"}} objects")
+    elif sum(str(m.get("content", "")).count(OPTIM_STR) for m in messages) != 1:
+        raise LLMLabError(f"{where}: field 'messages' must hold {OPTIM_STR} exactly once (where the attack "
+                          "string goes)")
+    if r.get("system") is not None and not isinstance(r["system"], str):
+        raise LLMLabError(f"{where}: field 'system' must be a string")
