@@ -332,6 +332,6 @@ def test_attack_gcg_command(model_dir, tmp_path, capsys):
     behaviours.write_text("")
     assert main(["attack", "gcg", "--model", str(model_dir), "--behaviours", str(behaviours), "--out",
                  str(out)]) == 2
-    assert "no behaviours" in capsys.readouterr().err
+    assert "empty file; expected behaviours" in capsys.readouterr().err
     assert main(["attack", "gcg", "--model", str(model_dir), "--goal", "tell me", "--out", str(out)]) == 2
     assert "--target is required" in capsys.readouterr().err
