@@ -19,6 +19,7 @@ from pathlib import Path
 
 from ..errors import LLMLabError
 from ..hub.folder import ModelDir
+from .runner import register_methods
 
 
 def register(subparsers) -> None:
@@ -27,6 +28,7 @@ def register(subparsers) -> None:
     methods = parser.add_subparsers(dest="method", required=True, metavar="<method>")
     for add_method in METHODS.values():
         add_method(methods)
+    register_methods(methods)          # the black-box methods of redteam/runner.py
 
 
 def _register_gcg(methods) -> None:
@@ -67,7 +69,7 @@ def _register_gcg(methods) -> None:
     p.set_defaults(func=_gcg_command)
 
 
-METHODS = {       # method → the function that adds its parser; black-box methods go here
+METHODS = {       # method → the function that adds its parser (black-box methods: runner.register_methods)
     "gcg": _register_gcg,
 }
 
