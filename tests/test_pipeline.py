@@ -19,7 +19,8 @@ SECTIONS = ("The task world", "Pre-training", "Supervised fine-tuning", "Reward 
 
 def numbers(summary: dict) -> dict:
     """The report's numbers without wall-clock times."""
-    timing = {"seconds", "total_seconds", "peak_memory_mb", "seconds_training", "train_seconds", "examples_per_s"}
+    timing = {"seconds", "total_seconds", "peak_memory_mb", "seconds_training", "train_seconds", "examples_per_s",
+              "seconds_per_query"}
 
     def strip(value):
         if isinstance(value, dict):
