@@ -19,13 +19,13 @@ Every record may carry ``messages`` (the conversation to send; else one user tur
 from __future__ import annotations
 
 import csv
-import json
 import random
 import re
 from pathlib import Path
 
 from ..data.chat_data import iter_jsonl
 from ..errors import LLMLabError
+from ..world.build import read_world_json
 
 ADVBENCH_COLUMNS = ("goal", "target")
 # Words that carry no topic: function words, and the genre words a target uses in place of its goal's verb
@@ -164,14 +164,8 @@ def select(records: list[dict], split: str = "all", test_fraction: float = 0.5, 
 
 def world_meta(world_dir) -> dict:
     """``world.json`` of a folder that ``llmlab world`` wrote."""
-    path = Path(world_dir) / "world.json"
-    try:
-        meta = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise LLMLabError(f"{path}: not found; write a world first with `llmlab world --out DIR`") from None
-    except json.JSONDecodeError as e:
-        raise LLMLabError(f"{path}: not valid JSON ({e})") from None
-    if not isinstance(meta, dict) or not re.fullmatch(r"\d+", str(meta.get("vault_code", ""))):
+    path, meta = read_world_json(Path(world_dir) / "world.json")
+    if not re.fullmatch(r"\d+", str(meta.get("vault_code", ""))):
         raise LLMLabError(f"{path}: no 'vault_code' of digits (write the world with `llmlab world`)")
     return meta
 

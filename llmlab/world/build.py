@@ -260,8 +260,8 @@ def chunk(lines: list[str], size: int, sep: str = " ") -> list[str]:
     return [sep.join(lines[i:i + size]) for i in range(0, len(lines), size)]
 
 
-def load_world(path: str | Path) -> World:
-    """Rebuild the world from the ``world.json`` that ``World.write`` left in ``path`` (a folder or the file)."""
+def read_world_json(path: str | Path) -> tuple[Path, dict]:
+    """``(file, contents)`` of the ``world.json`` that ``World.write`` left in ``path`` (a folder or the file)."""
     path = Path(path)
     path = path / "world.json" if path.is_dir() else path
     try:
@@ -270,7 +270,15 @@ def load_world(path: str | Path) -> World:
         raise LLMLabError(f"{path}: not found; write a world first with `llmlab world --out DIR`") from None
     except json.JSONDecodeError as e:
         raise LLMLabError(f"{path}: not valid JSON ({e})") from None
-    if not isinstance(meta, dict) or not isinstance(meta.get("config"), dict):
+    if not isinstance(meta, dict):
+        raise LLMLabError(f"{path}: not a JSON object (write the world with `llmlab world`)")
+    return path, meta
+
+
+def load_world(path: str | Path) -> World:
+    """Rebuild the world from the ``world.json`` that ``World.write`` left in ``path`` (a folder or the file)."""
+    path, meta = read_world_json(path)
+    if not isinstance(meta.get("config"), dict):
         raise LLMLabError(f"{path}: missing the 'config' object written by `llmlab world`")
     return build_world(from_dict(WorldConfig, meta["config"], where=f"{path}: config"))
 
