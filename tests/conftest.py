@@ -1,5 +1,6 @@
 """Shared fixtures: a tiny byte-level tokenizer and tiny models, built in memory (nothing downloaded), and a
 private llmlab cache that holds Tiny Shakespeare and refuses every download."""
+import contextlib
 import shutil
 import urllib.error
 from pathlib import Path
@@ -11,6 +12,33 @@ from transformers import PreTrainedTokenizerFast
 
 CORPUS = ["hello world, this is a tiny corpus.", "the quick brown fox jumps over the lazy dog",
           "你好，世界 🙂 emoji and ünïcödé", "1 + 2 = 3; 10 - 4 = 6"] * 10
+
+
+@contextlib.contextmanager
+def one_thread():
+    """Tiny models run fastest on one thread (the test machine has two cores, often busy)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def single_threaded():
+    """One thread for a whole test module: ``pytestmark = pytest.mark.usefixtures("single_threaded")``."""
+    with one_thread():
+        yield
+
+
+@pytest.fixture(scope="session")
+def lab(tmp_path_factory):
+    """The post-training lab of ``test_sft.build_lab`` (the test world, its tokenizer, a base and an SFT model),
+    built once a session for every test module that reads it."""
+    from test_sft import build_lab      # a test module: imported when first asked for, after this file
+    with one_thread():
+        return build_lab(tmp_path_factory.getbasetemp() / "post_training_lab")
 
 
 def make_byte_tokenizer(vocab_size: int = 320) -> PreTrainedTokenizerFast:

@@ -2,7 +2,6 @@
 inside the assistant turn, random search on the target's log-probability, and ``run_attack`` end to end on a
 model trained to refuse unless its reply is prefilled."""
 import argparse
-import contextlib
 import json
 
 import pytest
@@ -25,20 +24,7 @@ from llmlab.world.build import build_world, preset as world_preset
 from llmlab.world.vocab import REFUSAL
 
 
-@contextlib.contextmanager
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
-
-
-@pytest.fixture(autouse=True, scope="module")
-def single_threaded():
-    with one_thread():
-        yield
+pytestmark = pytest.mark.usefixtures("single_threaded")
 
 
 @pytest.fixture(scope="module")

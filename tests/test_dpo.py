@@ -20,19 +20,10 @@ from llmlab.stages.dpo import run as run_dpo
 from llmlab.stages.evaluate import evaluate_models
 from llmlab.data.batching import pad_collate
 from llmlab.stages.logprobs import sequence_logps
-from test_sft import FAST, build_lab, one_thread, write_jsonl
+from test_sft import FAST, write_jsonl
 
 
-@pytest.fixture(autouse=True, scope="module")
-def single_threaded():
-    with one_thread():
-        yield
-
-
-@pytest.fixture(scope="session")
-def lab(tmp_path_factory):
-    with one_thread():
-        return build_lab(tmp_path_factory.getbasetemp() / "post_training_lab")
+pytestmark = pytest.mark.usefixtures("single_threaded")
 
 
 @pytest.fixture(scope="module")

@@ -18,19 +18,10 @@ from llmlab.stages.evaluate import evaluate_models, generated_kl, win_rate_ceili
 from llmlab.world.build import load_world
 from llmlab.world.judge import exact_match, is_refusal
 from llmlab.world.vocab import REFUSAL
-from test_sft import build_lab, one_thread, write_jsonl
+from test_sft import write_jsonl
 
 
-@pytest.fixture(autouse=True, scope="module")
-def single_threaded():
-    with one_thread():
-        yield
-
-
-@pytest.fixture(scope="session")
-def lab(tmp_path_factory):
-    with one_thread():
-        return build_lab(tmp_path_factory.getbasetemp() / "post_training_lab")
+pytestmark = pytest.mark.usefixtures("single_threaded")
 
 
 def answers(model_dir, items, max_new_tokens=24):

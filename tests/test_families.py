@@ -30,7 +30,7 @@ from llmlab.stages.logprobs import token_logps
 from llmlab.stages.sft import run as run_sft
 from llmlab.tokenizer import train_bpe
 from conftest import logit_error
-from test_sft import one_thread, sft_recipe, write_jsonl
+from test_sft import sft_recipe, write_jsonl
 
 transformers.logging.set_verbosity_error()
 TOL = 1e-4
@@ -40,10 +40,7 @@ LLAMA3_ROPE = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "hi
                "original_max_position_embeddings": 64}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def single_threaded():
-    with one_thread():
-        yield
+pytestmark = pytest.mark.usefixtures("single_threaded")
 
 
 def hf_config(family: str, vocab_size: int = VOCAB, **ids):

@@ -12,7 +12,8 @@ from llmlab.hub.folder import ModelDir
 from llmlab.hub.load import load_our_model
 from llmlab.hub.save import save_model
 from conftest import offline_hub, write_tiny_llama_gguf
-from test_sft import one_thread, write_jsonl
+from conftest import one_thread
+from test_sft import write_jsonl
 
 TRAIN = ["train.max_steps=1", "train.warmup_steps=0", "train.progress=false", "train.checkpoint_every=0",
          "train.eval_every=0"]

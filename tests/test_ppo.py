@@ -29,13 +29,7 @@ transformers.logging.set_verbosity_error()
 LETTERS = set("abcdefghijklmnopqrstuvwxyz ")
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models run no faster on two threads, and a busy machine makes two threads much slower."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("single_threaded")
 
 
 def save_decoder(folder, tokenizer, **overrides):

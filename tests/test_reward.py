@@ -25,13 +25,7 @@ from llmlab.world.build import build_world, preset as world_preset
 transformers.logging.set_verbosity_error()
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models run no faster on two threads, and a busy machine makes two threads much slower."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("single_threaded")
 
 
 def save_lm(folder, tokenizer, seed=0, **overrides):

@@ -4,7 +4,6 @@
 preset), a BPE tokenizer trained on it, a random-init tiny Llama saved as a model directory, and an SFT model
 fine-tuned on the world's forbidden requests (whose answer is always the refusal).
 """
-import contextlib
 import json
 import math
 import sys
@@ -41,21 +40,7 @@ transformers.logging.set_verbosity_error()
 FAST = {"progress": False, "checkpoint_every": 0, "eval_every": 0, "log_every": 5, "warmup_steps": 5}
 
 
-@contextlib.contextmanager
-def one_thread():
-    """Tiny models run fastest on one thread (the test machine has two cores, often busy)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
-
-
-@pytest.fixture(autouse=True, scope="module")
-def single_threaded():
-    with one_thread():
-        yield
+pytestmark = pytest.mark.usefixtures("single_threaded")
 
 
 def write_jsonl(path: Path, rows) -> Path:
@@ -88,12 +73,6 @@ def build_lab(root: Path) -> SimpleNamespace:
     (root / "sft_summary.json").write_text(json.dumps(lab.sft_summary, default=str))
     (root / "done").write_text("ok")
     return lab
-
-
-@pytest.fixture(scope="session")
-def lab(tmp_path_factory):
-    with one_thread():
-        return build_lab(tmp_path_factory.getbasetemp() / "post_training_lab")
 
 
 @pytest.fixture(scope="module")
