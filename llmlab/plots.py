@@ -15,6 +15,14 @@ from matplotlib.figure import Figure
 from .errors import LLMLabError
 
 
+def save(fig: Figure, out_png: str | Path) -> Path:
+    """Write ``fig`` to ``out_png`` (its folder created as needed) and return the path."""
+    out = Path(out_png)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out)
+    return out
+
+
 def read_metrics(metrics_jsonl: str | Path) -> list[dict]:
     """All records of a ``metrics.jsonl`` file, in order."""
     path = Path(metrics_jsonl)
@@ -63,10 +71,7 @@ def plot_metrics(metrics_jsonl: str | Path, out_png: str | Path, keys=("loss", "
     ax.set_title(title or Path(metrics_jsonl).parent.name)
     ax.grid(alpha=0.3)
     fig.tight_layout()
-    out = Path(out_png)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out)
-    return out
+    return save(fig, out_png)
 
 
 def bar_chart(categories: list[str], series: dict[str, list[float]], out_png: str | Path, *,
@@ -90,10 +95,7 @@ def bar_chart(categories: list[str], series: dict[str, list[float]], out_png: st
         ax.legend(fontsize=8)
     ax.grid(axis="y", alpha=0.3)
     fig.tight_layout()
-    out = Path(out_png)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out)
-    return out
+    return save(fig, out_png)
 
 
 def curve_grid(panels: list[tuple[str, dict[str, list[tuple[list, list]]]]], out_png: str | Path, *, cols: int,
@@ -131,10 +133,7 @@ def curve_grid(panels: list[tuple[str, dict[str, list[tuple[list, list]]]]], out
     fig.legend(handles, names, loc="lower center", bbox_to_anchor=(0.5, top), ncol=max(1, len(names)), fontsize=8,
                frameon=False)
     fig.tight_layout(rect=(0, 0, 1, top))
-    out = Path(out_png)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out)
-    return out
+    return save(fig, out_png)
 
 
 def line_chart(curves: dict[str, list[float]], out_png: str | Path, *, xlabel: str = "step", ylabel: str = "",
@@ -153,7 +152,4 @@ def line_chart(curves: dict[str, list[float]], out_png: str | Path, *, xlabel: s
     ax.set_title(title)
     ax.grid(alpha=0.3)
     fig.tight_layout()
-    out = Path(out_png)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out)
-    return out
+    return save(fig, out_png)
