@@ -29,6 +29,7 @@ from typing import Callable
 from .config import recipe_path
 from .data.chat_data import load_prompts
 from .errors import LLMLabError
+from .files import write_text_atomic
 from .infer.engine import SamplingParams
 from .infer.replies import engine_for, generate_replies
 from .hub.folder import ModelDir
@@ -246,9 +247,7 @@ def _read_state(path: Path) -> dict | None:
 
 
 def _write_state(path: Path, state: dict) -> None:
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(state, indent=2, default=str), encoding="utf-8")
-    tmp.replace(path)
+    write_text_atomic(path, json.dumps(state, indent=2, default=str))
 
 
 def run_stage(run: Run, stage: str, prints: str, upstream: dict[str, str], force: bool) -> tuple[dict, float, bool]:

@@ -54,7 +54,6 @@ import copy
 import dataclasses
 import json
 import math
-import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -65,6 +64,7 @@ import torch
 from .. import chat
 from ..encoding import encode_rendered
 from ..errors import LLMLabError
+from ..files import write_text_atomic
 from ..model.attention import KVCache
 from .behaviours import OPTIM_STR
 
@@ -547,9 +547,7 @@ def _load_state(out: Path, key: dict) -> dict | None:
 def _save_state(out: Path, state: dict) -> None:
     """Atomically: a half-written state.json never replaces a whole one."""
     out.mkdir(parents=True, exist_ok=True)
-    tmp = out / "state.json.tmp"
-    tmp.write_text(json.dumps(state), encoding="utf-8")
-    os.replace(tmp, out / "state.json")
+    write_text_atomic(out / "state.json", json.dumps(state))
 
 
 def _write_metrics(out: Path, history: list[dict]) -> None:

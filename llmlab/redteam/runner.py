@@ -20,12 +20,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import time
 from pathlib import Path
 
 from .. import chat
 from ..errors import LLMLabError
+from ..files import write_text_atomic
 from ..hub.folder import ModelDir
 from ..hub.load import load_model
 from ..infer import client
@@ -102,9 +102,8 @@ def run_attack(method: str, target_model_dir, behaviours: list[dict] | str | Pat
         path = out / "records.jsonl"
         if resume and path.is_file():
             done = {r["key"]: r for r in _read_records(path)}
-            tmp = path.with_suffix(".jsonl.tmp")        # without a cut-off last line, before appending to it
-            tmp.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in done.values()), encoding="utf-8")
-            os.replace(tmp, path)
+            # without a cut-off last line, before appending to it
+            write_text_atomic(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in done.values()))
         elif path.exists():
             path.unlink()
     jobs = [j for j in _jobs(method, behaviours, opts) if _key(j["behaviour"], j["variant"]) not in done]
@@ -124,9 +123,7 @@ def run_attack(method: str, target_model_dir, behaviours: list[dict] | str | Pat
     bar.close()
     if out is not None:
         summary = summarize(records, [j.name for j in judges], method=method, model=str(model_dir.given))
-        tmp = out / "summary.json.tmp"
-        tmp.write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
-        os.replace(tmp, out / "summary.json")
+        write_text_atomic(out / "summary.json", json.dumps(summary, indent=2) + "\n")
     return records
 
 

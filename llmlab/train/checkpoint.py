@@ -33,6 +33,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from ..errors import LLMLabError
+from ..files import write_text_atomic
 
 CHECKPOINT_FILES = ("model.safetensors", "optimizer.pt", "state.pt", "state.json")
 _STEP_DIR = re.compile(r"^step_(\d+)$")
@@ -178,12 +179,7 @@ def _write_files(folder: Path, model_state: dict, optimizer_state: dict, state: 
 
 
 def _write_latest(root: Path, name: str) -> None:
-    tmp = root / ".latest.tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(name + "\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, root / "latest")
+    write_text_atomic(root / "latest", name + "\n")
     _fsync_path(root)
 
 
