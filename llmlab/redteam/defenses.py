@@ -173,9 +173,9 @@ def parse_settings(names: list[str], sets: list[str] | None) -> dict[str, dict]:
 def build_defenses(names: list[str], settings: dict[str, dict], *, model=None, tokenizer=None, world=None,
                    device="cpu") -> list[Defense]:
     """The defenses ``names`` with their ``settings`` (``parse_settings``). ``model`` and ``tokenizer`` are the
-    target's (the default perplexity scorer); ``world`` a task-world folder (the secret, the world's
-    demonstrations for ``icd`` and its refusal)."""
-    loaded = load_world(world) if world else None
+    target's (the default perplexity scorer); ``world`` a task world, loaded or its folder (the secret, the
+    world's demonstrations for ``icd`` and its refusal)."""
+    loaded = load_world(world) if isinstance(world, (str, Path)) else world
     guards: dict = {}
 
     def guard(path, label) -> GuardClassifier:

@@ -166,7 +166,8 @@ def evaluate_models(models: list, data, out_dir, *, reward=None, reference=None,
         raise LLMLabError("evaluate: give at least one model")
     paths = [data] if isinstance(data, (str, Path)) else list(data)
     items = [item for path in paths for item in load_prompts(path)][:limit]
-    world_judge = load_world(world).judge if world else None
+    the_world = load_world(world) if world else None        # built once: the judge and the defenses read it
+    world_judge = the_world.judge if the_world else None
     if world_judge is not None:
         world_judge.check_items(items)
     rm = RewardModel.load(reward) if reward else None
@@ -183,8 +184,8 @@ def evaluate_models(models: list, data, out_dir, *, reward=None, reference=None,
             items = prompts_that_fit(engine, items, tmpl, f"eval: {path}")
         start = time.perf_counter()
         if defense:
-            defended = defended_chat(Answerer(engine, tmpl, params, batch_size), defense, defense_sets, world=world,
-                                     device=device)
+            defended = defended_chat(Answerer(engine, tmpl, params, batch_size), defense, defense_sets,
+                                     world=the_world, device=device)
             replies = defended.answer([i["prompt"] for i in items])
         else:
             replies = generate_replies(engine, [i["prompt"] for i in items], tmpl, params, batch_size)
