@@ -18,6 +18,8 @@ COMMANDS = {       # subcommand → (module, one-line help), in the order of a m
     "run": ("pipeline", "the whole life cycle on the built-in task world, with a report"),
     "world": ("world.build", "generate the built-in task world's data files"),
     "tokenizer": ("tokenizer", "train a tokenizer"),
+    "tokenize": ("tokenize_cli", "show the tokens, ids and byte spans a model's tokenizer gives a text"),
+    "template": ("template_cli", "show a chat template's rendering: special tokens and the tokens the loss trains"),
     "shards": ("data.shards", "tokenize text into memory-mapped token shards"),
     "pretrain": ("stages.pretrain", "pre-train a language model (decoder) or a masked-LM encoder on text"),
     "experiment": ("experiments", "small experiments that explain a design choice"),

@@ -91,6 +91,17 @@ class ModelDir:
         return chat.load_template(self.path, override)
 
 
+def tokenizer_of(given):
+    """The tokenizer of what ``--model`` names, as ``ModelDir(given).tokenizer()`` gives it, except that a ``.gguf``
+    file not converted yet has its tokenizer read from its metadata (``gguf.gguf_tokenizer``) rather than the whole
+    model dequantized first."""
+    p = Path(str(given)).expanduser()
+    if p.suffix == ".gguf" and not p.is_dir():
+        from .gguf import gguf_tokenizer
+        return gguf_tokenizer(p)
+    return ModelDir(given).tokenizer()
+
+
 def model_name(given) -> str:
     """A readable name for a model path or hub id: the file's stem or the folder's name, or the parent's when the
     folder is just ``model`` (our run directories, some packages): ``runs/sft/model`` → ``sft``,

@@ -38,6 +38,25 @@ def converted(gguf_path: Path) -> Path:
     return dest
 
 
+def gguf_tokenizer(gguf_path: Path):
+    """The tokenizer of a ``.gguf`` file without its weights: the converted folder's when the file was converted
+    already, else read from the file's metadata (seconds), so that a command that needs only the tokenizer
+    (``llmlab tokenize``) does not dequantize the whole model."""
+    from transformers import AutoTokenizer
+
+    from ..tokenizer import load_tokenizer
+
+    if not gguf_path.is_file():
+        raise LLMLabError(f"GGUF file not found: {gguf_path}")
+    if (cache_dir(gguf_path) / "config.json").is_file():
+        return load_tokenizer(cache_dir(gguf_path))
+    try:
+        return AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
+    except Exception as e:      # transformers raises many types for a file it cannot read
+        raise LLMLabError(f"{gguf_path}: transformers cannot read the tokenizer of this GGUF file "
+                          f"({type(e).__name__}: {e})") from e
+
+
 def convert(gguf_path: Path, dest: Path) -> None:
     """Dequantize a GGUF file into a plain Hugging Face folder ``dest`` (written atomically).
 
