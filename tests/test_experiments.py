@@ -172,3 +172,95 @@ def test_the_warmup_verdict_follows_the_counts(cold, verdict):
     assert numbers["verdict"] == verdict and numbers["confirmed"] == (verdict != "refuted")
     assert text.startswith({"confirmed": "Confirmed:", "weaker": "Confirmed in a weaker form",
                             "refuted": "Refuted"}[verdict])
+
+
+# --- llmlab experiment tokenizer ---------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def tokenizer_run(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("exp") / "tokenizer"
+    assert cli.main(["experiment", "tokenizer", "--preset", "test", "--out", str(out)]) == 0
+    return out
+
+
+def test_tokenizer_experiment_end_to_end(tokenizer_run):
+    summary = json.loads((tokenizer_run / "summary.json").read_text())
+    assert summary["experiment"] == "tokenizer" and summary["seeds"] == [0]
+    arms = summary["arms"]
+    assert set(arms) == {"char", "bpe-262", "bpe-320"}
+    assert arms["bpe-262"]["vocab_size"] == 262 and arms["bpe-262"]["bytes_per_token"] == 1.0   # ASCII: bytes
+    assert arms["bpe-320"]["bytes_per_token"] > 1.0                  # merges pack more bytes into a token
+    assert arms["char"]["params"]["share"] < arms["bpe-262"]["params"]["share"] < arms["bpe-320"]["params"]["share"]
+    for name, arm in arms.items():                                   # equal compute: equal tokens, equal body
+        records = [json.loads(line) for line in (tokenizer_run / "seed-0" / name / "metrics.jsonl").open()]
+        assert records[-1]["tokens"] == summary["training_tokens"] == 4 * 4 * 16
+        assert arm["params"]["total"] - arm["params"]["embedding"] == arms["char"]["params"]["total"] - \
+            arms["char"]["params"]["embedding"]
+        assert 0 < arm["bits_per_byte"]["mean"] < 10
+    report = (tokenizer_run / "report.md").read_text()
+    for name, arm in arms.items():
+        assert f"| {name} | {arm['vocab_size']:,} | {arm['bytes_per_token']:.3f} |" in report
+        assert f"| {show(arm['bits_per_byte'])} | {show(arm['nats_per_token'])} |" in report
+    assert summary["verdict"] in ("confirmed", "within-noise", "refuted") and "one seed" in report
+    for name in ("report.html", "compression.png", "parameters.png", "bits_per_byte.png", "loss_per_byte.png"):
+        assert (tokenizer_run / name).stat().st_size > 0, name
+
+
+def test_bits_per_byte_of_a_uniform_model_is_log2_of_the_vocabulary_per_token():
+    import math
+
+    import torch
+
+    from llmlab.experiments.tokenizer import bits_per_byte, stream_nll
+
+    class Uniform:           # equal logits: −ln p = ln V for every token
+        def __call__(self, x):
+            return torch.zeros(*x.shape, 8)
+
+    ids = [0, 5, 6, 7, 1, 0, 5, 1]                  # two documents: [BOS] 5 6 7 [EOS] [BOS] 5 [EOS]
+    scored = [False, True, True, True, False, False, True, False]
+    nll, count = stream_nll(Uniform(), ids, scored, window=3)
+    assert count == 4 and nll == pytest.approx(4 * math.log(8))
+    # the 4 text tokens stand for 10 bytes: 4 · log2(8) bits / 10 bytes
+    assert bits_per_byte(nll, 10) == pytest.approx(4 * 3 / 10)
+    assert bits_per_byte(10 * math.log(2) * 8, 10) == pytest.approx(8.0)       # 8 bits a byte: a uniform byte model
+
+
+def test_the_heldout_stream_scores_text_tokens_only():
+    from llmlab.experiments.tokenizer import heldout_stream
+    from llmlab.tokenizer import train_char
+    tok = train_char(["abc"])
+    ids, scored = heldout_stream(tok, ["ab", "c"])
+    assert ids == [tok.bos_token_id, 6, 7, tok.eos_token_id, tok.bos_token_id, 8, tok.eos_token_id]
+    assert scored == [False, True, True, False, False, True, False]
+
+
+def test_the_heldout_split():
+    from llmlab.experiments.tokenizer import split_heldout, take_bytes
+    docs = [f"doc {i}" for i in range(20)]
+    train, held = split_heldout(docs, 0.1)
+    assert held == ["doc 9", "doc 19"] and len(train) == 18
+    text = "".join(f"line {i}\n" for i in range(100))                 # one document: its tail, at a line break
+    train, held = split_heldout([text], 0.1)
+    assert train[0] + held[0] == text and held[0].startswith("line ") and 0.09 < len(held[0]) / len(text) < 0.12
+    assert take_bytes(["héllo", "world"], 4) == ["hél"]                # cut at a character boundary
+
+
+def test_a_saturated_bpe_vocabulary_is_not_trained_twice(tmp_path):
+    from llmlab.experiments.tokenizer import distinct_vocabularies
+    from llmlab.tokenizer import save_tokenizer, train_bpe, train_char
+    texts = ["the cat sat on the mat"] * 20                           # few words: BPE runs out of merges
+    folders = {}
+    for name, tok in (("char", train_char(texts)), ("bpe-300", train_bpe(texts, 300)),
+                      ("bpe-400", train_bpe(texts, 400)), ("bpe-500", train_bpe(texts, 500))):
+        folders[name] = save_tokenizer(tok, tmp_path / name)
+    kept, saturated = distinct_vocabularies(folders)
+    assert kept == ["char", "bpe-300"] and saturated == {"bpe-400": "bpe-300", "bpe-500": "bpe-300"}
+
+
+@pytest.mark.parametrize("sets, message", [(["vocab_sizes=[100]"], "each ≥ 262"),
+                                           (["heldout=0.9"], "heldout = 0.9")])
+def test_tokenizer_experiment_bad_settings(sets, message, tmp_path, capsys):
+    args = ["experiment", "tokenizer", "--preset", "test", "--out", str(tmp_path / "out")]
+    assert cli.main(args + [x for s in sets for x in ("--set", s)]) == 2
+    assert message in capsys.readouterr().err

@@ -38,6 +38,8 @@ EXPERIMENTS = {       # name → (module, one line for --list)
     "warmup": ("warmup", "why warm up the learning rate: warm-up 0 vs N at three learning rates, pre- vs post-norm"),
     "max-length": ("max_length", "what the row length does: tokens/s, attention's share, activation memory, loss "
                                  "past the trained length (learned vs rotary positions)"),
+    "tokenizer": ("tokenizer", "characters vs byte-level BPE at 262…8k tokens: bytes per token, embedding share, "
+                               "bits per byte at equal compute"),
 }
 RECORD = "experiment.json"     # in the output folder: which experiment, preset and settings it holds
 
