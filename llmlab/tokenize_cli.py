@@ -64,7 +64,11 @@ def tokenize(tokenizer, text: str, *, add_special_tokens: bool = True) -> dict:
     if not getattr(tokenizer, "is_fast", False):
         raise LLMLabError("llmlab tokenize needs a fast (Rust) tokenizer, which reports offsets; this model's "
                           f"tokenizer ({type(tokenizer).__name__}) has no tokenizer.json")
-    encoded = tokenizer(text, add_special_tokens=add_special_tokens, return_offsets_mapping=True)
+    try:
+        encoded = tokenizer(text, add_special_tokens=add_special_tokens, return_offsets_mapping=True)
+    except Exception as e:      # the tokenizers library raises its own types (a character-level vocabulary
+        raise LLMLabError(f"the tokenizer cannot encode this text ({type(e).__name__}: {e}); a character-level "
+                          "tokenizer knows only the characters of its training text") from e
     ids = list(encoded["input_ids"])
     pieces = tokenizer.convert_ids_to_tokens(ids)
     specials = special_token_ids(tokenizer)

@@ -80,6 +80,15 @@ def test_a_missing_model_is_a_clear_error(tmp_path, capsys):
     assert "no tokenizer files" in capsys.readouterr().err
 
 
+def test_a_character_the_tokenizer_cannot_encode_is_a_clear_error(tmp_path, capsys):
+    from llmlab.tokenizer import train_char
+    save_tokenizer(train_char(["abc"]), tmp_path / "char")
+    assert cli_main(["tokenize", "--model", str(tmp_path / "char"), "abc"]) == 0
+    capsys.readouterr()
+    assert cli_main(["tokenize", "--model", str(tmp_path / "char"), "abz"]) == 2
+    assert "cannot encode this text" in capsys.readouterr().err
+
+
 def test_smollm2_gguf_tokens_without_converting_the_model(smollm2_gguf, tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("LLMLAB_CACHE", str(tmp_path / "cache"))
     result = run_json(capsys, "--model", str(smollm2_gguf), TEXT + " <|im_start|>")
