@@ -264,3 +264,22 @@ def test_tokenizer_experiment_bad_settings(sets, message, tmp_path, capsys):
     args = ["experiment", "tokenizer", "--preset", "test", "--out", str(tmp_path / "out")]
     assert cli.main(args + [x for s in sets for x in ("--set", s)]) == 2
     assert message in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("char, bpe, verdict, turn", [
+    (2.0, [2.1, 1.5, 1.0, 1.4], "confirmed", "bpe-2048"),      # BPE wins, then the largest turns back up
+    (2.0, [2.1, 1.5, 1.0, 0.9], "confirmed", None),
+    (1.0, [0.9, 1.5, 1.2, 1.3], "refuted", "bpe-2048"),        # plain bytes best: no merge helped
+    (1.5, [2.0, 1.49, 1.6, 1.7], "within-noise", "bpe-1024"),
+])
+def test_the_tokenizer_verdict_follows_the_numbers(char, bpe, verdict, turn):
+    from llmlab.experiments.tokenizer import judge
+    names = ["bpe-262", "bpe-512", "bpe-1024", "bpe-2048"]
+
+    def arm(vocab, value):
+        return {"vocab_size": vocab, "bytes_per_token": 1.0 + vocab / 1000, "params": {"share": vocab / 10000},
+                "bits_per_byte": spread([value - 0.01, value, value + 0.01])}
+    per_arm = {"char": arm(80, char), **{n: arm(int(n[4:]), v) for n, v in zip(names, bpe)}}
+    text, numbers = judge(per_arm)
+    assert numbers["verdict"] == verdict and numbers["turns_up_at"] == turn
+    assert numbers["compression_grows"] and text.split()[0] in ("Confirmed:", "Refuted", "Not")

@@ -389,12 +389,23 @@ def judge(per_arm: dict) -> tuple[str, dict]:
     lines.append(f"Embedding (= tied LM head) share of the parameters: {per_arm['char']['params']['share']:.1%} for "
                  f"characters, {per_arm[first]['params']['share']:.1%} for {first}, "
                  f"{per_arm[last]['params']['share']:.1%} for {last}.")
-    ordered = [bpb[n] for n in merged]
-    turn = next((merged[i] for i in range(1, len(merged)) if ordered[i] > ordered[i - 1]), None)
+    if "bpe-262" in per_arm:
+        lines.append(f"Plain bytes against characters, both about one byte per token on this text: bpe-262 "
+                     f"{bpb['bpe-262']:.3f}, char {bpb['char']:.3f} bits per byte"
+                     + (" (the bytes' unused embedding rows and larger softmax cost more than they give)."
+                        if bpb["bpe-262"] > bpb["char"] + std["bpe-262"] + std["char"] else "."))
+    pairs = list(zip(merged, merged[1:]))
+    turn = next((b for a, b in pairs if bpb[b] - bpb[a] > std[a] + std[b]), None)
+    flat = [(a, b) for a, b in pairs if abs(bpb[b] - bpb[a]) <= std[a] + std[b]]
+    best_bpe = min(merged, key=bpb.get) if merged else None
     if turn is not None:
-        best_bpe = min(merged, key=bpb.get)
-        lines.append(f"Bits per byte did not fall with every larger vocabulary: the best BPE was {best_bpe} "
-                     f"({bpb[best_bpe]:.3f}); the largest, {last}, reached {bpb[last]:.3f}.")
+        lines.append(f"Bits per byte turned back up with a larger vocabulary, beyond the spread over seeds: the best "
+                     f"BPE was {best_bpe} ({bpb[best_bpe]:.3f}); {turn} reached {bpb[turn]:.3f}, the largest, {last}, "
+                     f"{bpb[last]:.3f}.")
+    elif flat:
+        lines.append("Bits per byte levelled off: " + "; ".join(f"{a} {bpb[a]:.3f} and {b} {bpb[b]:.3f}"
+                                                                for a, b in flat)
+                     + " differ by less than the spread over seeds (or there is one seed and they are equal).")
     elif len(merged) > 1:
         lines.append(f"Bits per byte fell with every larger vocabulary tried, down to {bpb[merged[-1]]:.3f} at "
                      f"{merged[-1]}.")
