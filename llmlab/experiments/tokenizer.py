@@ -409,6 +409,12 @@ def judge(per_arm: dict) -> tuple[str, dict]:
     elif len(merged) > 1:
         lines.append(f"Bits per byte fell with every larger vocabulary tried, down to {bpb[merged[-1]]:.3f} at "
                      f"{merged[-1]}.")
+    if "flops_per_token" in per_arm[best] and best != "char":
+        ratio = per_arm[best]["flops_per_token"] / per_arm["char"]["flops_per_token"]
+        lines.append(f"Equal tokens are not equal FLOPs: with the LM head, a training token of {best} cost "
+                     f"{ratio:.1f}× a character model's ({per_arm[best]['flops_per_token'] / 1e6:.2f} M vs "
+                     f"{per_arm['char']['flops_per_token'] / 1e6:.2f} M FLOPs), because this body is small (d = "
+                     "the model's width; the head costs 6·d·V per token in training). The body's compute is equal.")
     lines.append("Held-out bits per byte (mean over seeds): " + "; ".join(f"{n} {v:.3f}" for n, v in bpb.items())
                  + ".")
     return "\n\n".join(lines), {"verdict": verdict, "confirmed": verdict == "confirmed", "best": best,
