@@ -60,7 +60,7 @@ PRESETS = {
              "lm_eval_windows": 4, "timing_examples": 2, "warmup_steps": 2,
              "model": {**_MODEL, "d_model": 16, "n_head": 2, "max_seq_len": 96}},
     "default": {**_COMMON, "seeds": 3, "world": "tiny", "groups": 1500, "eval_examples": 100, "curve_examples": 30,
-                "steps": 600, "batch_size": 32, "eval_every": 75, "checkpoint_every": 300, "lm_window": 64,
+                "steps": 400, "batch_size": 32, "eval_every": 50, "checkpoint_every": 200, "lm_window": 64,
                 "lm_eval_windows": 64, "model": dict(_MODEL)},
     "large": {**_COMMON, "seeds": 3, "world": "small", "groups": 4000, "eval_examples": 300, "curve_examples": 100,
               "steps": 5000, "batch_size": 64, "eval_every": 500, "checkpoint_every": 1000, "lm_window": 256,
@@ -270,14 +270,15 @@ def heldout_lm_loss(arm: str, model, data: sd.Data, s: dict) -> tuple[float, flo
 
 @torch.no_grad()
 def inference_cost(arm: str, model, data: sd.Data, count: int) -> dict:
-    """Batch-1 greedy decoding of ``count`` held-out problems (one warm-up first): prefill time (decoder-only: the
+    """Batch-1 greedy decoding of ``count`` held-out problems (one warm-up first), as many steps as the reference
+    answer has tokens whatever the model writes (a cost, not a score): prefill time (decoder-only: the
     prompt; encoder-decoder: encoder, cross-attention keys/values and the first step), ms per decode step, and the
     bytes of keys and values held at the end (decoder-only: every layer, prompt + answer; encoder-decoder: the
     decoder's self-attention over the answer plus cross-attention over the source)."""
     pairs = [p for group in zip(*data.heldout.values()) for p in group][:count + 1]
     cfg, prefill, steps, step_s, held = model.config, [], 0, 0.0, []
     for i, p in enumerate(pairs):
-        max_new = len(p.target) + 2
+        max_new = len(p.target) + 1
         t0 = time.perf_counter()
         if arm == "decoder-only":
             cache = model.new_cache(1, len(p.source) + 2 + max_new)
@@ -288,14 +289,11 @@ def inference_cost(arm: str, model, data: sd.Data, count: int) -> dict:
             cache = model.new_cache(1, max_new + 1)
             logits = model.decode(torch.tensor([[sd.BOS]]), kv, None, cache)[:, -1]
         t1 = time.perf_counter()
-        n = 0
-        for _ in range(max_new - 1):
+        n = len(p.target)                              # the reference's length, whatever the model writes
+        for _ in range(n):
             token = logits.argmax(-1)
-            if int(token) == sd.EOS:
-                break
             logits = (model(token[:, None], cache=cache) if arm == "decoder-only"
                       else model.decode(token[:, None], kv, None, cache))[:, -1]
-            n += 1
         t2 = time.perf_counter()
         if i == 0:
             continue                                   # warm-up
