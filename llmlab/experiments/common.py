@@ -7,6 +7,7 @@ An experiment is a module with
     OPEN      settings sections handed to a stage as a recipe overlay (the stage checks their keys), e.g.
               ("model", "train"): ``--set model.d_model=64`` passes; any other key must exist in the preset
     run(ctx)  trains and measures through the stage entry points and returns a ``Result``
+    check_settings(settings)  (optional) refuses bad settings before the output folder is claimed
 
 ``run_experiment`` resolves the settings (preset, then ``--set``), refuses an ``--out`` folder that holds another
 experiment or other settings (``experiment.json``), calls ``run`` and writes ``report.md``, ``report.html`` and
@@ -40,6 +41,8 @@ EXPERIMENTS = {       # name → (module, one line for --list)
                                  "past the trained length (learned vs rotary positions)"),
     "tokenizer": ("tokenizer", "characters vs byte-level BPE at 262…8k tokens: bytes per token, embedding share, "
                                "bits per byte at equal compute"),
+    "decoder-vs-encoder-decoder": ("decoder_vs_encoder_decoder", "why decoder-only dominates: an encoder-decoder "
+                                   "of equal size on seq2seq tasks and LM (quality, tokens/s, KV cache)"),
 }
 RECORD = "experiment.json"     # in the output folder: which experiment, preset and settings it holds
 
@@ -125,7 +128,10 @@ def resolve(module, name: str, preset: str, sets: list[str]) -> tuple[dict, int]
     seeds = settings.pop("seeds", 1)
     open_sections = tuple(getattr(module, "OPEN", ()))
     check_keys(settings, sets, open_sections, name)
-    return apply_overrides(settings, sets), seeds
+    settings = apply_overrides(settings, sets)
+    if hasattr(module, "check_settings"):
+        module.check_settings(settings)
+    return settings, seeds
 
 
 def claim_folder(out: Path, record: dict) -> None:
