@@ -43,6 +43,8 @@ EXPERIMENTS = {       # name → (module, one line for --list)
                                "bits per byte at equal compute"),
     "decoder-vs-encoder-decoder": ("decoder_vs_encoder_decoder", "why decoder-only dominates: an encoder-decoder "
                                    "of equal size on seq2seq tasks and LM (quality, tokens/s, KV cache)"),
+    "lora-vs-full": ("lora_vs_full", "LoRA at ranks 4…64 vs full fine-tuning for SFT: exact match, trainable "
+                                     "parameters, optimizer memory, time per step"),
 }
 RECORD = "experiment.json"     # in the output folder: which experiment, preset and settings it holds
 
