@@ -48,6 +48,7 @@ CLAIM = ("Claim tested (Hu et al. 2021, 'LoRA: Low-Rank Adaptation of Large Lang
          "run below measures both sides for supervised fine-tuning of a small pre-trained model on the task world.")
 OPEN = ()
 FULL = "full"
+LOSS_MARGIN = 0.05            # nats: a held-out loss this much above full fine-tuning's is reported as worse
 RESULT = "result.json"        # in each arm's run folder, once it finished and was measured
 
 _PRETRAIN = {"steps": 600, "n_layer": 4, "n_head": 4, "d_model": 128, "max_seq_len": 192, "vocab_size": 1024,
@@ -343,6 +344,12 @@ def judge(s: dict, per_arm: dict) -> tuple[str, dict]:
                  f"r = {a['rank']}: {speed[name]:.2f}×" for name, a in lora) + " (LoRA still runs the whole "
              "forward and backward pass through the frozen weights; it saves only their weight gradients and "
              "their optimizer update)."]
+    worse = [name for name, a in lora if a["val_loss"]["mean"] - full["val_loss"]["mean"] > LOSS_MARGIN]
+    if worse and verdict in ("confirmed", "partly"):
+        lines[0] += (f" Not so on the held-out loss: full fine-tuning reached {show(full['val_loss'])} nats per answer "
+                     f"token, LoRA {min(per_arm[n]['val_loss']['mean'] for n in worse):.3f} at best "
+                     f"({', '.join(worse)} more than {LOSS_MARGIN} nats worse): on the answers' tokens LoRA fits far "
+                     "less, yet the greedy answers come out right as often.")
     above = [name for name, a in lora if a["exact_match"]["mean"] > f_em + tol]
     if above:
         lines.append(f"LoRA beat full fine-tuning by more than {tol:g} at {', '.join(above)}: at this data size "
@@ -353,6 +360,7 @@ def judge(s: dict, per_arm: dict) -> tuple[str, dict]:
         "equals the count (2 × 4 bytes per trainable parameter)." if agree else
         "differs from the count in some arm: see the cost table."))
     return "\n\n".join(lines), {"verdict": verdict, "confirmed": verdict == "confirmed", "adam_count_agrees": agree,
+                                "worse_loss": worse,
                                 "matching_ranks": [a["rank"] for _, a in matching],
                                 "trainable_share": share, "state_share": state, "time_ratio": speed}
 
@@ -447,7 +455,11 @@ not. Time: the backward pass still computes the gradient with respect to every a
 gradients of the frozen matrices (about a third of a linear layer's training FLOPs) and their optimizer update, and \
 adds two thin matrix products per adapted linear, so on a small model the saving per step is modest.
 
-Quality: the learning rate matters more than the rank. LoRA's update starts at zero (B = 0) and moves through the \
+Quality: exact match and loss can disagree. Exact match asks whether the greedy answer is right; the loss scores \
+every answer token's probability, so a model can put less mass on the reference yet still rank it first. Full \
+fine-tuning also trains what LoRA keeps frozen, the token embeddings (tied to the LM head here) and the norms, among \
+them the embeddings of the chat template's tokens, which the pre-training corpus never contains. The learning rate \
+matters as much as the rank. LoRA's update starts at zero (B = 0) and moves through the \
 product B·A, so it needs a larger η than full fine-tuning; with α fixed, the scale α/r shrinks as r grows, which \
 slows the larger ranks down at one η (Kalajdzievski 2023, rsLoRA, scales by α/√r instead). The numbers hold for \
 this model, this data and this many steps, with one η per method chosen rather than tuned."""
