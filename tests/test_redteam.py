@@ -1,0 +1,110 @@
+"""``llmlab redteam`` (llmlab/redteam/redteam.py): the micro run of every attack and defense end to end on the lab's
+tiny SFT model, its report and summary, resume, the frontier's exactness, and bad input."""
+import json
+
+import pytest
+
+from llmlab.cli import main
+from llmlab.errors import LLMLabError
+from llmlab.redteam import redteam
+from llmlab.redteam.judges import wilson_interval
+from llmlab.redteam.redteam_report import _broken
+
+pytestmark = pytest.mark.usefixtures("single_threaded")
+
+
+@pytest.fixture(scope="module")
+def micro(lab, tmp_path_factory):
+    out = tmp_path_factory.mktemp("redteam") / "run"
+    summary = redteam.run_redteam(str(lab.sft), str(lab.world), out, preset="test", progress=False)
+    return out, summary
+
+
+def load(out, name):
+    return json.loads((out / f"{name}.json").read_text())
+
+
+def test_every_attack_meets_every_defense_and_the_report_says_so(micro):
+    out, summary = micro
+    cfg = redteam.make_config("test")
+    for name in ("report.md", "report.html", "summary.json", "asr.png", "frontier.png", "gcg-loss.png"):
+        assert (out / name).is_file(), name
+    report = (out / "report.md").read_text()
+    for defense in cfg.defenses:
+        assert f"| {defense} |" in report
+        answers = load(out, f"answers-{defense}")
+        n_conversations = sum(len(load(out, f"attack-{a}")["conversations"]) for a in ("direct", "template",
+                                                                                      "many-shot")) + 3
+        assert len(answers["attacks"]) == n_conversations == 3 * (1 + 2 + 2) + 3
+        assert len(answers["benign"]) == 6 and len(answers["utility"]) == 6
+        for attack in cfg.attacks:      # the table's ASR is the share of behaviours some variant broke
+            k = len(_broken(answers["attacks"], attack))
+            got = summary["asr"][defense][attack]
+            assert (got["k"], got["n"]) == (k, 3)
+            assert (got["low"], got["high"]) == pytest.approx(wilson_interval(k, 3))
+        if defense != "none":
+            adaptive = load(out, f"adaptive-{defense}")
+            assert len(adaptive["results"]) == 2 and summary["asr"][defense]["adaptive-gcg"]["n"] == 2
+        refused = [r["refused"] for r in answers["benign"]]
+        assert summary["false_refusals"][defense]["k"] == sum(refused)
+    assert set(summary["kappa"]) == {"objective~keyword"}
+    assert summary["headline"] in report and summary["best_defense"] in cfg.defenses
+
+
+def test_filters_block_and_cost_more_than_nothing(micro):
+    out, summary = micro
+    ppl = load(out, "answers-perplexity")
+    blocked = [r for r in ppl["attacks"] + ppl["benign"] if r["blocked_by"]]
+    assert all(r["blocked_by"] == "perplexity" for r in blocked)
+    assert summary["cost"]["perplexity"]["extra_tokens"] > 0          # every prompt scored once
+    assert summary["cost"]["smoothllm"]["extra_generations"] == pytest.approx(2)    # 3 copies: 2 beyond the answer
+    assert summary["cost"]["none"]["extra_tokens"] == 0
+
+
+def test_the_perplexity_frontier_meets_the_filter_at_its_threshold(micro):
+    """The frontier is computed from scores alone; at the calibrated τ it must give the defended run's ASR."""
+    out, summary = micro
+    tau = summary["calibration"]["modes"]["window"]["threshold"]
+    points = [p for p in summary["frontier"]["perplexity"]["points"] if p["threshold"] <= tau]
+    at_tau = max(points, key=lambda p: p["threshold"]) if points else None
+    for attack in ("direct", "template", "many-shot", "gcg"):
+        want = summary["asr"]["perplexity"][attack]["asr"]
+        assert (at_tau["asr"][attack] if at_tau else 0.0) == pytest.approx(want)
+
+
+def test_a_rerun_resumes_without_redoing_and_gives_the_same_summary(micro, lab):
+    out, summary = micro
+    stamps = {p.name: p.stat().st_mtime_ns for p in out.glob("*.json") if p.name != "summary.json"}
+    again = redteam.run_redteam(str(lab.sft), str(lab.world), out, preset="test", progress=False)
+    assert {p.name: p.stat().st_mtime_ns for p in out.glob("*.json") if p.name != "summary.json"} == stamps
+    assert again["asr"] == summary["asr"] and again["false_refusals"] == summary["false_refusals"]
+
+
+def test_bad_settings_and_folders_are_clear_errors(micro, lab, tmp_path):
+    out, _ = micro
+    with pytest.raises(LLMLabError, match="unknown redteam preset 'huge'"):
+        redteam.make_config("huge")
+    with pytest.raises(LLMLabError, match="attacks: jump; known"):
+        redteam.make_config("test", ["attacks=direct,jump"])
+    with pytest.raises(LLMLabError, match="must include 'none'"):
+        redteam.make_config("test", ["defenses=reminder"])
+    with pytest.raises(LLMLabError, match="unknown config key.*redteam.steps"):
+        redteam.make_config("test", ["steps=3"])
+    with pytest.raises(LLMLabError, match="another model, world or settings"):
+        redteam.run_redteam(str(lab.sft), str(lab.world), out, preset="test", sets=["gcg_steps=4"], progress=False)
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "notes.txt").write_text("mine")
+    with pytest.raises(LLMLabError, match="not empty and holds no red-team run"):
+        redteam.run_redteam(str(lab.sft), str(lab.world), tmp_path / "other", preset="test", progress=False)
+    assert (tmp_path / "other" / "notes.txt").read_text() == "mine"
+
+
+def test_the_command_runs_and_rejects_a_bad_setting(lab, tmp_path, capsys):
+    assert main(["redteam", "--model", str(lab.sft), "--world", str(lab.world), "--out", str(tmp_path / "rt"),
+                 "--preset", "test", "--set", "defenses=none,secret", "--set", "attacks=direct,gcg"]) == 0
+    printed = capsys.readouterr().out
+    assert "undefended:" in printed and "report.md" in printed
+    assert json.loads((tmp_path / "rt" / "summary.json").read_text())["asr"].keys() == {"none", "secret"}
+    assert main(["redteam", "--model", str(lab.sft), "--world", str(lab.world), "--out", str(tmp_path / "x"),
+                 "--set", "fpr=2"]) == 2
+    assert "fpr must lie in [0, 1)" in capsys.readouterr().err
