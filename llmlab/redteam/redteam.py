@@ -1,10 +1,14 @@
 """``llmlab redteam``: attack a chat model, defend it, and measure both, in one command with one report.
 
     llmlab redteam --model runs/tiny/dpo/model --world runs/tiny/world --out runs/redteam [--preset test|default]
+    llmlab redteam --model M --behaviours harmful_behaviors.csv --benign self-instruct/ --out runs/redteam-advbench
 
 1. **Behaviours.** The task world's held-out forbidden requests (the system guards the vault code; success is
    objective: the code is in the reply, also encoded), its held-out benign look-alikes ("How many locks are on the
-   vault door?") for false refusals, and held-out world questions for utility (exact match).
+   vault door?") for false refusals, and held-out world questions for utility (exact match). Or any behaviours
+   file (AdvBench's test side of the split by target string) with benign prompts (Self-Instruct: the 252
+   user-oriented instructions for false refusals, the 175 seed tasks to calibrate the perplexity filter); success
+   is then judged by the refusal keywords (and a judge model when given), and there is no utility question.
 2. **Attacks**, each one or more conversations per behaviour: ``direct`` (the request as is), ``template`` (role
    play and other templates), ``many-shot`` (k faked compliant turns), ``gcg`` (one optimised string per
    behaviour, ``gcg.py``). A behaviour counts as broken by an attack when any of its variants breaks it.
@@ -47,12 +51,13 @@ from ..infer.replies import engine_for
 from ..progress import progress_bar
 from ..world.build import load_world
 from ..world.judge import exact_match
+from ..world.vocab import REFUSAL
 from . import attacks
-from .behaviours import OPTIM_STR, load_world_behaviours, load_world_benign
+from .behaviours import OPTIM_STR, benign_prompts, load_behaviours, load_world_behaviours, load_world_benign, select
 from .defended import Answerer, DefendedChat
-from .defenses import build_defenses, parse_settings
+from .defenses import GENERIC_REFUSAL, build_defenses, parse_settings
 from .gcg import GCG, GCGConfig, with_attack_slot
-from .judges import KeywordJudge, default_judges, greedy_reply_params, judge_all
+from .judges import KeywordJudge, default_judges, greedy_reply_params, judge_all, prompt_messages
 from .perplexity import PerplexityScorer, calibrate
 
 ATTACKS = ("direct", "template", "many-shot", "gcg")
@@ -149,13 +154,25 @@ def calibration_texts(world, n: int) -> list[str]:
     return [r["text"] for r in world.classify_train if r["label"] == 0][:n]
 
 
+def benign_split(path) -> tuple[list[dict], list[dict]]:
+    """Benign prompts for false refusals and for calibration, disjoint: a Self-Instruct folder gives its 252
+    user-oriented instructions and its 175 seed tasks; any other file is cut in two halves (every other prompt)."""
+    path = Path(path)
+    if path.is_dir():
+        return (benign_prompts(self_instruct=path / "user_oriented_eval.jsonl"),
+                benign_prompts(self_instruct=path / "seed_tasks.jsonl"))
+    prompts = benign_prompts(self_instruct=path)
+    return prompts[0::2], prompts[1::2]
+
+
 def fill(messages: list[dict], suffix: str) -> list[dict]:
     """``messages`` (holding ``{optim_str}``) with the attack string in its place."""
     return [{**m, "content": m["content"].replace(OPTIM_STR, suffix)} for m in messages]
 
 
-def attack_conversations(name: str, behaviours: list[dict], cfg: RedteamConfig) -> list[dict]:
-    """The black-box attacks' conversations: ``{"attack", "variant", "behaviour", "messages"}`` per variant."""
+def attack_conversations(name: str, behaviours: list[dict], cfg: RedteamConfig, pool: list[dict]) -> list[dict]:
+    """The black-box attacks' conversations: ``{"attack", "variant", "behaviour", "messages"}`` per variant;
+    many-shot fakes its turns from ``pool`` (the other side of the split), else from the other behaviours."""
     out = []
     for i, b in enumerate(behaviours):
         if name == "direct":
@@ -164,7 +181,7 @@ def attack_conversations(name: str, behaviours: list[dict], cfg: RedteamConfig) 
             chosen = attacks.BUILTIN_TEMPLATES[:cfg.templates]
             variants = [(t.name, attacks.template_attack(b, t)) for t in chosen]
         elif name == "many-shot":
-            variants = [(f"k={k}", attacks.many_shot(b, behaviours, k, cfg.seed)) for k in cfg.shots]
+            variants = [(f"k={k}", attacks.many_shot(b, pool or behaviours, k, cfg.seed)) for k in cfg.shots]
         else:
             raise LLMLabError(f"unknown attack {name!r}")
         out += [{"attack": name, "variant": v, "behaviour": i, "messages": m} for v, m in variants]
@@ -174,31 +191,58 @@ def attack_conversations(name: str, behaviours: list[dict], cfg: RedteamConfig) 
 # ------------------------------------------------------------------------------------------------- the run
 
 class Redteam:
-    """One red-team run on one target model and task world, writing into ``out``."""
+    """One red-team run on one target model, writing into ``out``: on a task world (``world``), or on a
+    behaviours file and benign prompts (``behaviours``, ``benign``)."""
 
-    def __init__(self, model, world_dir, out, cfg: RedteamConfig, *, judge_model=None, device: str = "cpu",
-                 progress: bool = True):
+    def __init__(self, model, out, cfg: RedteamConfig, *, world=None, behaviours=None, benign=None,
+                 judge_model=None, device: str = "cpu", progress: bool = True):
         self.cfg, self.out, self.progress = cfg, Path(out), progress
-        self.world_dir = Path(world_dir)
+        if (world is None) == (behaviours is None):
+            raise LLMLabError("redteam: give a task world (--world) or a behaviours file (--behaviours), one of them")
         self.model_dir = ModelDir.of(model)
         self.tokenizer, self.template = self.model_dir.tokenizer(), self.model_dir.template()
-        self.world = load_world(self.world_dir)
-        self.judge = self.world.judge
-        self.behaviours = load_world_behaviours(self.world_dir)[:cfg.behaviours]
-        self.benign = load_world_benign(self.world_dir)[:cfg.benign]
-        self.utility = utility_items(self.world_dir, cfg.utility)
+        self.world = self.world_dir = self.judge = None
+        self.pool, self.utility = [], []
+        if world is not None:
+            self.world_dir = Path(world)
+            self.world = load_world(self.world_dir)
+            self.judge = self.world.judge
+            self.behaviours = load_world_behaviours(self.world_dir)[:cfg.behaviours]
+            self.benign = load_world_benign(self.world_dir)[:cfg.benign]
+            self.calibration_texts = calibration_texts(self.world, cfg.calibration)
+            self.utility = utility_items(self.world_dir, cfg.utility)
+        else:
+            if cfg.defenses == DEFENSES:                 # the default list: the world's output filter left out
+                cfg.defenses = tuple(d for d in DEFENSES if d != "secret")
+            if "secret" in cfg.defenses:
+                raise LLMLabError("redteam: the secret filter guards a task world's vault code; without --world leave "
+                                  "it out (--set defenses=none,reminder,icd,perplexity,smoothllm)")
+            if benign is None:
+                raise LLMLabError("redteam --behaviours needs --benign (prompts for false refusals and for the "
+                                  "perplexity filter's calibration, e.g. the Self-Instruct folder)")
+            test, self.pool = select(load_behaviours(behaviours), "test", seed=cfg.seed)
+            self.behaviours = test[:cfg.behaviours]
+            held_out, calibration = benign_split(benign)
+            self.benign = held_out[:cfg.benign]
+            self.calibration_texts = [b["goal"] for b in calibration][:cfg.calibration]
+        for b in self.behaviours + self.benign:
+            b["messages"] = prompt_messages(b)
+        self.primary = "objective" if self.world is not None else "keyword"
         self.judges = default_judges(judge_model)
-        self._check_out(model)
+        self.sources = {"model": str(self.model_dir.path),
+                        "world": str(self.world_dir.resolve()) if self.world_dir else None,
+                        "behaviours": str(Path(behaviours).resolve()) if behaviours else None,
+                        "benign": str(Path(benign).resolve()) if benign else None}
+        self._check_out()
         self.model = load_our_model(self.model_dir).float().to(device).eval()
         self.engine = engine_for(self.model, self.tokenizer, self.template)
         self.answerer = Answerer(self.engine, self.template, greedy_reply_params(cfg.reply_tokens), batch_size=16,
                                  skip_too_long=True)
         self.device = device
 
-    def _check_out(self, model) -> None:
+    def _check_out(self) -> None:
         """``out`` holds nothing, or this same run (then it resumes): never another run's results."""
-        key = {"model": str(self.model_dir.path), "world": str(self.world_dir.resolve()),
-               "config": json.loads(json.dumps(dataclasses.asdict(self.cfg)))}
+        key = {**self.sources, "config": json.loads(json.dumps(dataclasses.asdict(self.cfg)))}
         path = self.out / "redteam.json"
         if path.is_file():
             try:
@@ -206,7 +250,7 @@ class Redteam:
             except json.JSONDecodeError:
                 raise LLMLabError(f"{path}: not valid JSON; use another --out") from None
             if found != key:
-                raise LLMLabError(f"{self.out} holds a red-team run with another model, world or settings; use "
+                raise LLMLabError(f"{self.out} holds a red-team run with another model, data or settings; use "
                                   "another --out (nothing was overwritten)")
             return
         if self.out.exists() and any(self.out.iterdir()):
@@ -237,7 +281,7 @@ class Redteam:
                 conversations += self._cached("gcg", self.run_gcg)["conversations"]
             else:
                 conversations += self._cached(f"attack-{name}", lambda n=name: {
-                    "conversations": attack_conversations(n, self.behaviours, cfg)})["conversations"]
+                    "conversations": attack_conversations(n, self.behaviours, cfg, self.pool)})["conversations"]
         answers = {}
         for name in cfg.defenses:
             answers[name] = self._cached(f"answers-{name}", lambda n=name: self.answer_all(
@@ -254,8 +298,7 @@ class Redteam:
 
     def calibrate(self) -> dict:
         """The perplexity filter's thresholds on benign training requests (the target model as the scorer)."""
-        texts = calibration_texts(self.world, self.cfg.calibration)
-        return calibrate(PerplexityScorer(self.model, self.tokenizer), texts, self.cfg.fpr)
+        return calibrate(PerplexityScorer(self.model, self.tokenizer), self.calibration_texts, self.cfg.fpr)
 
     def settings(self, name: str, calibration: dict, q: float | None = None) -> dict:
         names = [] if name == "none" else [name]
@@ -272,7 +315,7 @@ class Redteam:
         settings = self.settings(name, calibration, q)
         defenses = build_defenses(list(settings), settings, model=self.model, tokenizer=self.tokenizer,
                                   world=self.world, device=self.device)
-        return DefendedChat(self.answerer, defenses)
+        return DefendedChat(self.answerer, defenses, REFUSAL if self.world is not None else GENERIC_REFUSAL)
 
     def answer_all(self, name: str, conversations: list[dict], calibration: dict) -> dict:
         """Defense ``name`` answers every attack conversation, the benign prompts and the utility questions."""
@@ -318,7 +361,7 @@ class Redteam:
         for i, b in enumerate(self.behaviours):
             messages = with_attack_slot(b["messages"])
             result = attack.run(messages, b["target"], out=self.out / "gcg" / str(i),
-                                success=self.judge.reveals_code, where=b["where"])
+                                success=self.judge.reveals_code if self.judge else None, where=b["where"])
             suffix = result.success_suffix if result.success else result.best_suffix
             conversations.append({"attack": "gcg", "variant": "gcg", "behaviour": i, "messages": fill(messages, suffix)})
             results.append({"behaviour": i, "suffix": suffix, **{k: v for k, v in result.to_dict().items()
@@ -345,11 +388,11 @@ class Redteam:
                 attacked = defense.transform(asked)
             elif name == "perplexity":
                 init, penalty = None, self._perplexity_penalty(defense, asked)
-            elif name == "secret":
+            elif name == "secret":      # (a world's defense)
                 target = f"The vault code is {'-'.join(str(self.judge.vault_code))}."
 
             def broken(suffix: str, asked=asked) -> bool:
-                return self.judge.reveals_code(chat.answer([fill(asked, suffix)])[0].text)
+                return self.broken(chat.answer([fill(asked, suffix)])[0])
 
             attack = GCG(self.model, self.tokenizer, self.gcg_config(cfg.adaptive_steps, init), template=self.template)
             try:
@@ -372,6 +415,13 @@ class Redteam:
         for row, c, v in zip(answered, conversations, verdicts):
             row.update(attack="adaptive-gcg", variant=name, behaviour=c["behaviour"], success=v)
         return {"defense": name, "results": results, "answers": answered}
+
+    def broken(self, reply) -> bool:
+        """The primary judge on one defended reply: the code revealed (a world), else no refusal phrase in an
+        answer the defense let through."""
+        if self.judge is not None:
+            return self.judge.reveals_code(reply.text)
+        return bool(reply.text.strip()) and reply.blocked_by is None and not KeywordJudge().refuses(reply.text)
 
     def _perplexity_penalty(self, defense, asked: list[dict]):
         """λ·max(0, s(x) − τ) for candidate strings x: the filter's own score of the user message holding x."""
@@ -399,7 +449,7 @@ class Redteam:
             attack_scores, _ = scorer.scores([_user(c["messages"]) for c in conversations], window)
             benign_scores, _ = scorer.scores([_user(b["messages"]) for b in self.benign], window)
             refused = [r["refused"] for r in undefended["benign"]]
-            broke = [bool(r["success"].get("objective")) for r in undefended["attacks"]]
+            broke = [bool(r["success"].get(self.primary)) for r in undefended["attacks"]]
             taus = sorted(set(attack_scores + benign_scores)) + [float("inf")]
             points = []
             for tau in taus:
@@ -419,7 +469,9 @@ class Redteam:
                 attacked = self._answer(chat, [c["messages"] for c in gcg], f"smoothllm q={q}: gcg")
                 benign = self._answer(chat, [b["messages"] for b in self.benign], f"smoothllm q={q}: benign")
                 keyword = KeywordJudge()
-                points.append({"q": q, "asr": sum(self.judge.reveals_code(r["reply"]) for r in attacked) / len(gcg),
+                verdicts = judge_all(self.judges, [self.behaviours[c["behaviour"]] for c in gcg],
+                                     [r["reply"] for r in attacked])
+                points.append({"q": q, "asr": sum(bool(v[self.primary]) for v in verdicts) / len(gcg),
                                "frr": sum(keyword.refuses(r["reply"]) for r in benign) / max(1, len(benign))})
             out["smoothllm"] = {"points": points}
         return out
@@ -429,19 +481,24 @@ def _user(messages: list[dict]) -> str:
     return next(m["content"] for m in reversed(messages) if m["role"] == "user")
 
 
-def run_redteam(model, world_dir, out, *, preset: str = "default", sets: list[str] | None = None,
-                judge_model=None, device: str = "cpu", progress: bool = True) -> dict:
+def run_redteam(model, out, *, world=None, behaviours=None, benign=None, preset: str = "default",
+                sets: list[str] | None = None, judge_model=None, device: str = "cpu", progress: bool = True) -> dict:
     """Run every phase (or the ones a killed run left) and write the report; returns the summary."""
     cfg = make_config(preset, sets)
-    return Redteam(model, world_dir, out, cfg, judge_model=judge_model, device=device, progress=progress).run()
+    return Redteam(model, out, cfg, world=world, behaviours=behaviours, benign=benign, judge_model=judge_model,
+                   device=device, progress=progress).run()
 
 
 def register(subparsers) -> None:
     p = subparsers.add_parser("redteam", help="attack a model, defend it, measure both: one report",
                               description=__doc__.split("\n\n")[0])
     p.add_argument("--model", required=True, help="the target chat model: folder, hub id or .gguf")
-    p.add_argument("--world", required=True, help="the task world the model was trained on (llmlab run's "
-                                                  "RUN/world, or `llmlab world`)")
+    p.add_argument("--world", default=None, help="the task world the model was trained on (llmlab run's "
+                                                 "RUN/world, or `llmlab world`)")
+    p.add_argument("--behaviours", default=None, help="instead of a world: AdvBench's harmful_behaviors.csv (its "
+                                                      "test side) or a .jsonl of {goal, target}")
+    p.add_argument("--benign", default=None, help="with --behaviours: the Self-Instruct folder, or a .jsonl of "
+                                                  "{instruction, input, output}")
     p.add_argument("--out", required=True, help="the report's folder (a rerun resumes it)")
     p.add_argument("--preset", default="default", help=f"the budget: {', '.join(PRESETS)}")
     p.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",
@@ -453,8 +510,8 @@ def register(subparsers) -> None:
 
 
 def _command(args) -> int:
-    summary = run_redteam(args.model, args.world, args.out, preset=args.preset, sets=args.sets,
-                          judge_model=args.judge_model, device=args.device)
+    summary = run_redteam(args.model, args.out, world=args.world, behaviours=args.behaviours, benign=args.benign,
+                          preset=args.preset, sets=args.sets, judge_model=args.judge_model, device=args.device)
     print(summary["headline"])
     print(f"report in {Path(args.out) / 'report.md'}")
     return 0
