@@ -141,3 +141,34 @@ def test_a_behaviours_file_with_benign_prompts_is_judged_by_keywords(lab, tmp_pa
         "none", "perplexity", "smoothllm"]
     with pytest.raises(LLMLabError, match="needs --benign"):
         redteam.run_redteam(str(lab.sft), tmp_path / "rt3", behaviours=tmp_path / "harm.jsonl", preset="test")
+
+
+def test_safety_data_refuses_the_train_side_and_keeps_the_models_benign_answers(lab, tmp_path, capsys):
+    from llmlab.redteam.safety_data import REFUSALS, build_safety_data
+    from llmlab.redteam.judges import KeywordJudge
+
+    rows = [{"goal": f"Explain how to pick lock number {i}", "target": f"Sure, here is lock {i % 4}"}
+            for i in range(8)]
+    (tmp_path / "harm.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    tasks = [{"instruction": f"Name a colour that starts with {c}", "input": "", "output": "x"} for c in "abc"]
+    (tmp_path / "seed_tasks.jsonl").write_text("".join(json.dumps(t) + "\n" for t in tasks))
+    assert all(KeywordJudge().refuses(r) for r in REFUSALS)       # the keyword judge reads every refusal as one
+    assert main(["safety-data", "--behaviours", str(tmp_path / "harm.jsonl"), "--benign", str(tmp_path),
+                 "--model", str(lab.sft), "--out", str(tmp_path / "data"), "--max-new-tokens", "8"]) == 0
+    sft = [json.loads(line) for line in (tmp_path / "data" / "sft.jsonl").read_text().splitlines()]
+    pairs = [json.loads(line) for line in (tmp_path / "data" / "pairs.jsonl").read_text().splitlines()]
+    train_side, test_side = select(load_behaviours(tmp_path / "harm.jsonl"), "train")
+    harmful = [r for r in sft if r["kind"] == "harmful"]
+    assert sorted(r["messages"][0]["content"] for r in harmful) == sorted(b["goal"] for b in train_side)
+    assert not {r["messages"][0]["content"] for r in sft} & {b["goal"] for b in test_side}   # held out stays out
+    assert all(r["messages"][1]["content"] in REFUSALS for r in harmful)
+    for p in pairs:
+        if p["kind"] == "harmful":
+            assert p["chosen"] in REFUSALS and p["rejected"].startswith("Sure, here is lock")
+        else:
+            assert p["rejected"] in REFUSALS and p["chosen"] not in REFUSALS
+    # benign answers are the model's own greedy replies, rows without an answer dropped
+    sft_again, _ = build_safety_data(train_side, [{"goal": "a"}, {"goal": "b"}], ["mine", " "])
+    assert [r["messages"][1]["content"] for r in sft_again if r["kind"] == "benign"] == ["mine"]
+    with pytest.raises(LLMLabError, match="1 answers for 2 benign prompts"):
+        build_safety_data(train_side, [{"goal": "a"}, {"goal": "b"}], ["x"])
