@@ -172,3 +172,19 @@ def test_safety_data_refuses_the_train_side_and_keeps_the_models_benign_answers(
     assert [r["messages"][1]["content"] for r in sft_again if r["kind"] == "benign"] == ["mine"]
     with pytest.raises(LLMLabError, match="1 answers for 2 benign prompts"):
         build_safety_data(train_side, [{"goal": "a"}, {"goal": "b"}], ["x"])
+
+
+def test_an_attack_too_long_for_the_context_is_counted_not_fatal(lab):
+    from llmlab.hub.folder import ModelDir
+    from llmlab.hub.load import load_model
+    from llmlab.infer.replies import engine_for
+    from llmlab.redteam.defended import Answerer
+
+    folder = ModelDir(lab.sft)
+    engine = engine_for(load_model(folder), folder.tokenizer(), folder.template())
+    short, long = [{"role": "user", "content": "Hi"}], [{"role": "user", "content": "word " * 200}]
+    replies = Answerer(engine, folder.template(), skip_too_long=True)([short, long])
+    assert replies[0].finish_reason in ("stop", "length") and replies[1].finish_reason == "too_long"
+    assert replies[1].text == "" and replies[1].token_ids == []
+    with pytest.raises(LLMLabError, match="does not fit the model's context"):
+        Answerer(engine, folder.template())([short, long])

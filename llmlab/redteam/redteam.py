@@ -77,10 +77,10 @@ class RedteamConfig:
     templates: int | None = None        # the first N built-in templates (None: all)
     shots: tuple = (1, 4, 16)
     gcg_steps: int = 100
-    search_width: int = 128
+    search_width: int = 64
     topk: int = 64
-    adaptive_behaviours: int = 20       # behaviours each adaptive attack runs on (the first N)
-    adaptive_steps: int = 50
+    adaptive_behaviours: int = 10       # behaviours each adaptive attack runs on (the first N)
+    adaptive_steps: int = 30
     penalty_weight: float = 1.0         # λ of the perplexity-adaptive attack
     smooth_copies: int = 10
     smooth_q: tuple = (0.05, 0.1, 0.2)  # SmoothLLM's frontier; the table uses the middle one
