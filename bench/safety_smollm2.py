@@ -1,7 +1,7 @@
 """Safety-align SmolLM2-135M-Instruct with llmlab's own stages, then red-team it as shipped, aligned, and aligned
 behind defenses: the three states of issue 19's table, with the budget each step took.
 
-    cd bench && python safety_smollm2.py --out /tmp/smol [--behaviours 50] [--benign 100] [--sft-steps 60]
+    cd bench && python safety_smollm2.py --out /tmp/smol [--behaviours 50] [--benign 100] [--sft-steps 30]
 
 Steps (each a CLI command, each resumable: rerunning skips what its folder already holds):
 1. ``llmlab safety-data``: AdvBench's train side (split by target string) answered with refusals, Self-Instruct's
@@ -52,9 +52,9 @@ def main() -> None:
     p.add_argument("--out", required=True)
     p.add_argument("--behaviours", type=int, default=50, help="held-out AdvBench goals attacked")
     p.add_argument("--benign", type=int, default=100, help="held-out benign prompts for false refusals")
-    p.add_argument("--sft-steps", type=int, default=60)
+    p.add_argument("--sft-steps", type=int, default=30)
     p.add_argument("--lora-r", type=int, default=16)
-    p.add_argument("--lr", type=float, default=2e-4)
+    p.add_argument("--lr", type=float, default=3e-4)
     args = p.parse_args()
     out, model = Path(args.out), smollm2_gguf()
     advbench, self_instruct = DATA / "advbench" / "harmful_behaviors.csv", DATA / "self-instruct"

@@ -156,7 +156,8 @@ def line_chart(curves: dict[str, list[float]], out_png: str | Path, *, xlabel: s
 
 
 def xy_chart(curves: dict[str, tuple[list[float], list[float]]], out_png: str | Path, *, xlabel: str = "",
-             ylabel: str = "", title: str = "", marks: dict[str, tuple[float, float]] | None = None) -> Path:
+             ylabel: str = "", title: str = "", marks: dict[str, tuple[float, float]] | None = None,
+             ylim: tuple[float, float] | None = None) -> Path:
     """One line with markers per named series of (x, y) points (e.g. ASR against false-refusal rate as a threshold
     moves); ``marks`` adds labelled single points (e.g. the calibrated setting)."""
     fig = Figure(figsize=(6, 4.5), dpi=110)
@@ -169,6 +170,8 @@ def xy_chart(curves: dict[str, tuple[list[float], list[float]]], out_png: str | 
         ax.annotate(name, (x, y), textcoords="offset points", xytext=(6, 6), fontsize=8)
     if curves:
         ax.legend(fontsize=8)
+    if ylim:
+        ax.set_ylim(*ylim)
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
     ax.set_title(title)

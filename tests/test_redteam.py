@@ -49,6 +49,10 @@ def test_every_attack_meets_every_defense_and_the_report_says_so(micro):
         refused = [r["refused"] for r in answers["benign"]]
         assert summary["false_refusals"][defense]["k"] == sum(refused)
     assert set(summary["kappa"]) == {"objective~keyword"}
+    none = load(out, "answers-none")["attacks"]           # many-shot's faked turns overflow the tiny context
+    unsent = [r for r in none if r["finish"] == "too_long"]
+    assert unsent and all(r["reply"] == "" and not any(r["success"].values()) for r in unsent)
+    assert sum(summary["too_long"].values()) == len(unsent)
     assert summary["headline"] in report and summary["best_defense"] in cfg.defenses
 
 
