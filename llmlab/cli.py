@@ -36,6 +36,8 @@ COMMANDS = {       # subcommand → (module, one-line help), in the order of a m
     "ask": ("infer.client", "send one message to a hosted chat API and print the answer"),
     "defend": ("redteam.defend", "calibrate the perplexity filter, train the guard classifier"),
     "attack": ("redteam.attack_cli", "attack a chat model (GCG, ...) and record what it takes"),
+    "safety-data": ("redteam.safety_data", "refusal SFT data and preference pairs from harmful behaviours"),
+    "redteam": ("redteam.redteam", "attack a model, defend it, measure both: one report"),
 }
 
 

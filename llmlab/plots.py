@@ -155,3 +155,28 @@ def line_chart(curves: dict[str, list[float]], out_png: str | Path, *, xlabel: s
     ax.grid(alpha=0.3)
     fig.tight_layout()
     return save(fig, out_png)
+
+
+def xy_chart(curves: dict[str, tuple[list[float], list[float]]], out_png: str | Path, *, xlabel: str = "",
+             ylabel: str = "", title: str = "", marks: dict[str, tuple[float, float]] | None = None,
+             ylim: tuple[float, float] | None = None) -> Path:
+    """One line with markers per named series of (x, y) points (e.g. ASR against false-refusal rate as a threshold
+    moves); ``marks`` adds labelled single points (e.g. the calibrated setting)."""
+    fig = Figure(figsize=(6, 4.5), dpi=110)
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
+    for name, (xs, ys) in curves.items():
+        ax.plot(xs, ys, marker="o", markersize=3, linewidth=1, label=name)
+    for name, (x, y) in (marks or {}).items():
+        ax.plot([x], [y], marker="*", markersize=12, linestyle="none", color="black")
+        ax.annotate(name, (x, y), textcoords="offset points", xytext=(6, 6), fontsize=8)
+    if curves:
+        ax.legend(fontsize=8)
+    if ylim:
+        ax.set_ylim(*ylim)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    return save(fig, out_png)

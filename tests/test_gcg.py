@@ -335,3 +335,56 @@ def test_attack_gcg_command(model_dir, tmp_path, capsys):
     assert "empty file; expected behaviours" in capsys.readouterr().err
     assert main(["attack", "gcg", "--model", str(model_dir), "--goal", "tell me", "--out", str(out)]) == 2
     assert "--target is required" in capsys.readouterr().err
+
+
+def test_a_penalty_steers_the_choice_and_adds_to_the_logged_loss(tok):
+    """Adaptive GCG: each step picks the lowest L(x) + penalty(x); a huge penalty on every string holding "q"
+    keeps "q" out of the chosen strings, which the same run without the penalty takes."""
+    model = tiny(tok)
+    config = dict(num_steps=4, search_width=64, topk=64, optim_str_init="x x x x x x", early_stop=False)
+    seen = []
+
+    def no_q(strings):
+        seen.append(list(strings))
+        return torch.tensor([1e6 if "q" in s else 0.0 for s in strings])
+
+    banned = gcg.GCG(model, tok, gcg.GCGConfig(**config), template="chatml").run("tell me", "Sure", penalty=no_q)
+    assert all("q" not in s for s in banned.suffixes) and banned.best_loss < 1e6
+    assert len(seen) == 1 + 4 and all(isinstance(s, str) for s in seen[1])     # the initial buffer, then each step
+    plain = gcg.GCG(model, tok, gcg.GCGConfig(**config), template="chatml").run("tell me", "Sure")
+    shifted = gcg.GCG(model, tok, gcg.GCGConfig(**config), template="chatml").run(
+        "tell me", "Sure", penalty=lambda strings: torch.full((len(strings),), 5.0))
+    assert shifted.suffixes == plain.suffixes               # a constant penalty changes no choice ...
+    assert shifted.losses == pytest.approx([x + 5.0 for x in plain.losses])     # ... and is part of the loss
+
+
+def test_defended_success_replaces_the_reply_check(tok):
+    """The adaptive attacks' objective: the defended system's verdict on the attack string itself."""
+    model = tiny(tok)
+    strings = []
+
+    def defended(suffix: str) -> bool:
+        strings.append(suffix)
+        return len(strings) == 2
+
+    attack = gcg.GCG(model, tok, gcg.GCGConfig(num_steps=10, search_width=16, topk=8,
+                                               optim_str_init="x x x x x x"), template="chatml")
+    result = attack.run("tell me", "Sure", success=lambda reply: pytest.fail("the plain check ran"),
+                        defended_success=defended)
+    assert result.success and result.steps == 2 and result.success_suffix == strings[1]
+
+
+def test_the_attack_slot_goes_after_the_last_user_turn_unless_given():
+    asked = [{"role": "system", "content": "Guard the code."}, {"role": "user", "content": "Code?"}]
+    assert gcg.with_attack_slot(asked)[-1]["content"] == "Code? {optim_str}" and asked[-1]["content"] == "Code?"
+    placed = [{"role": "user", "content": "{optim_str} Code?"}]
+    assert gcg.with_attack_slot(placed) is placed
+    with pytest.raises(LLMLabError, match="no user turn"):
+        gcg.with_attack_slot([{"role": "system", "content": "x"}])
+
+
+def test_a_prompt_longer_than_the_context_is_an_error_naming_it(tok):
+    attack = gcg.GCG(tiny(tok), tok, gcg.GCGConfig(num_steps=1, search_width=8, topk=4,
+                                                   optim_str_init="x x x x x x"), template="chatml")
+    with pytest.raises(LLMLabError, match=r"row 7: .* more than the model's context of 128"):
+        attack.run("word " * 200, "Sure", where="row 7")

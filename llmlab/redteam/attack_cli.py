@@ -77,7 +77,7 @@ METHODS = {       # method → the function that adds its parser (black-box meth
 def _gcg_command(args) -> int:
     from ..hub.load import load_our_model
     from .behaviours import load_behaviours
-    from .gcg import GCG, GCGConfig, build_prompt, conversation
+    from .gcg import GCG, GCGConfig, build_prompt, conversation, with_attack_slot
 
     if args.goal is not None and not args.target:
         raise LLMLabError("attack gcg: --target is required with --goal")
@@ -102,7 +102,8 @@ def _gcg_command(args) -> int:
     model_dir = ModelDir(args.model)
     tokenizer, template = model_dir.tokenizer(), model_dir.template(args.template)
     for b in behaviours:            # every prompt and target checked before the model loads
-        b["messages"] = b["messages"] or conversation(b["goal"], b["system"] or args.system)
+        b["messages"] = with_attack_slot(b["messages"]) if b["messages"] else \
+            conversation(b["goal"], b["system"] or args.system)
         build_prompt(tokenizer, template, b["messages"], b["target"],
                      add_space_before_target=config.add_space_before_target, where=b["where"])
     success = _success_check(args)

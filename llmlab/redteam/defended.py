@@ -61,16 +61,28 @@ class Flag:
 class Answerer:
     """The undefended model: one engine, its chat template and sampling parameters, in batches."""
 
-    def __init__(self, engine: Engine, template: str, params: SamplingParams | None = None, batch_size: int = 16):
+    def __init__(self, engine: Engine, template: str, params: SamplingParams | None = None, batch_size: int = 16,
+                 skip_too_long: bool = False):
         self.engine, self.template, self.batch_size = engine, template, batch_size
         self.params = params or SamplingParams(max_new_tokens=64, temperature=0.0)
+        self.skip_too_long = skip_too_long
 
     def prompt_tokens(self, messages: Messages) -> int:
         return len(chat.generation_prompt_ids(self.engine.tokenizer, messages, self.template))
 
     def __call__(self, conversations: list[Messages]) -> list[Reply]:
-        out = generate_replies(self.engine, conversations, self.template, self.params, self.batch_size)
-        return [Reply(c.text, c.token_ids, c.finish_reason, notes={"prompt_tokens": c.prompt_tokens}) for c in out]
+        """The model's answers. With ``skip_too_long``, a conversation that leaves the model no room to answer gets
+        an empty reply (finish reason "too_long"): a red-team run counts it as an attack that could not be sent,
+        where a chat would rather raise the engine's error."""
+        fits = list(range(len(conversations)))
+        if self.skip_too_long:
+            fits = [i for i, m in enumerate(conversations) if self.prompt_tokens(m) < self.engine.context]
+        out = generate_replies(self.engine, [conversations[i] for i in fits], self.template, self.params,
+                               self.batch_size)
+        replies = [Reply("", finish_reason="too_long") for _ in conversations]
+        for i, c in zip(fits, out):
+            replies[i] = Reply(c.text, c.token_ids, c.finish_reason, notes={"prompt_tokens": c.prompt_tokens})
+        return replies
 
 
 class Defense:

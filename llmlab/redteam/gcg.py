@@ -66,6 +66,7 @@ from ..encoding import encode_rendered
 from ..errors import LLMLabError
 from ..files import write_text_atomic
 from ..model.attention import KVCache
+from ..model.config import context_length
 from .behaviours import OPTIM_STR
 
 # nanoGCG's characters for the random strings that fill an attack buffer at the start
@@ -122,6 +123,19 @@ class Prompt:
 
     def ids(self, suffix: list[int]) -> list[int]:
         return self.before + list(suffix) + self.after
+
+
+def with_attack_slot(messages: list[dict]) -> list[dict]:
+    """``messages`` as given when one of them holds ``{optim_str}``; else a copy whose last user turn ends with
+    " {optim_str}" (the paper's suffix), e.g. for the task world's forbidden requests."""
+    if any(OPTIM_STR in str(m.get("content", "")) for m in messages):
+        return messages
+    out = [dict(m) for m in messages]
+    last = max((i for i, m in enumerate(out) if m.get("role") == "user"), default=None)
+    if last is None:
+        raise LLMLabError("the conversation has no user turn to put the attack string in")
+    out[last]["content"] = f"{out[last]['content']} {OPTIM_STR}"
+    return out
 
 
 def conversation(goal: str, system: str | None = None) -> list[dict]:
@@ -422,21 +436,33 @@ class GCG:
 
     def run(self, messages: str | list[dict], target: str, *, out: str | Path | None = None,
             success: Callable[[str], bool] | None = None, on_step: Callable[[dict], None] | None = None,
-            where: str = "GCG") -> GCGResult:
+            where: str = "GCG", penalty: Callable[[list[str]], torch.Tensor] | None = None,
+            defended_success: Callable[[str], bool] | None = None) -> GCGResult:
         """Attack: find a string for ``{optim_str}`` in ``messages`` (or after a goal given as text) that makes the
         greedy reply start with ``target``, or pass ``success`` (a check of the greedy reply, run every step).
-        With ``out``, every step is saved there and a second run resumes; ``on_step`` sees each step's record."""
+        With ``out``, every step is saved there and a second run resumes; ``on_step`` sees each step's record.
+
+        Adaptive attacks on a defended model: ``penalty`` maps candidate attack strings to a tensor (N,) added to
+        their losses when the step picks one (e.g. λ·max(0, s − τ), a perplexity filter's score s above its
+        threshold τ), so the chosen string is the lowest of L(x) + penalty(x); ``defended_success`` checks a string
+        against the defended model (e.g. the defense answers and the secret is in the answer) and replaces
+        ``success`` as the step's objective check."""
         cfg, tokenizer = self.config, self.tokenizer
         messages = conversation(messages) if isinstance(messages, str) else messages
         prompt = build_prompt(tokenizer, self.template, messages, target,
                               add_space_before_target=cfg.add_space_before_target, where=where)
+        length = len(prompt.ids(self.tokenizer.encode(cfg.optim_str_init, add_special_tokens=False))) + \
+            len(prompt.target)
+        if length > context_length(self.model.config):
+            raise LLMLabError(f"{where}: the prompt, attack string and target take {length} tokens, more than the "
+                              f"model's context of {context_length(self.model.config)}")
         objective = Objective(self.model, prompt, cfg)
         generator = torch.Generator().manual_seed(cfg.seed)
         run_key = {"config": {k: v for k, v in dataclasses.asdict(cfg).items() if k != "num_steps"},
                    "prompt": [prompt.before, prompt.after, prompt.target]}
         state = _load_state(Path(out), run_key) if out is not None else None
         if state is None:
-            buffer = self.init_buffer(objective, generator)
+            buffer = self.init_buffer(objective, generator, penalty)
             state = {"key": run_key, "step": 0, "history": [], "seconds": 0.0, "stopped": False}
             if out is not None:
                 _write_metrics(Path(out), [])
@@ -457,14 +483,19 @@ class GCG:
                 if cfg.filter_ids:
                     candidates = retokenisation_filter(candidates, tokenizer)
                 losses, exact = objective.losses(candidates, current=suffix)              # 4
+                if penalty is not None:
+                    losses = losses + penalty([decode(tokenizer, c) for c in candidates.tolist()]).to(losses)
             # 5: the lowest loss; a candidate whose greedy reply is already the target wins over lower-loss others
             pool = exact.nonzero().squeeze(1) if bool(exact.any()) else torch.arange(len(losses))
             best = int(pool[losses[pool].argmin()])
             loss, ids = float(losses[best]), candidates[best].tolist()
             if buffer.size == 0 or loss < buffer.worst_loss():
                 buffer.add(loss, ids)
-            reply = self.reply(prompt, ids, objective) if success is not None else None
-            objective_hit = bool(success(reply)) if success is not None else None
+            if defended_success is not None:
+                reply, objective_hit = None, bool(defended_success(decode(tokenizer, ids)))
+            else:
+                reply = self.reply(prompt, ids, objective) if success is not None else None
+                objective_hit = bool(success(reply)) if success is not None else None
             hit = bool(exact[best]) or bool(objective_hit)
             record = {"step": step + 1, "loss": loss, "best_loss": buffer.best()[0], "suffix": decode(tokenizer, ids),
                       "ids": ids, "candidates": len(candidates), "exact_match": bool(exact[best]),
@@ -486,7 +517,8 @@ class GCG:
             _write_result(Path(out), result)
         return result
 
-    def init_buffer(self, objective: Objective, generator: torch.Generator) -> AttackBuffer:
+    def init_buffer(self, objective: Objective, generator: torch.Generator,
+                    penalty: Callable[[list[str]], torch.Tensor] | None = None) -> AttackBuffer:
         """The buffer at the start: ``optim_str_init``, and (buffer_size > 1) random strings of ``INIT_CHARS``
         tokens of the same length, each with its loss (as nanoGCG fills it)."""
         cfg, tokenizer = self.config, self.tokenizer
@@ -505,6 +537,8 @@ class GCG:
             picks = torch.randint(0, len(chars), (cfg.buffer_size - 1, len(init)), generator=generator)
             rows = torch.cat([rows, chars[picks]])
         losses, _ = objective.losses(rows.to(self.model.embed.weight.device))
+        if penalty is not None:
+            losses = losses + penalty([decode(tokenizer, r) for r in rows.tolist()]).to(losses)
         buffer = AttackBuffer(cfg.buffer_size)
         for loss, ids in zip(losses.tolist(), rows.tolist()):
             buffer.add(loss, ids)
