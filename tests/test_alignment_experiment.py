@@ -137,3 +137,16 @@ def test_bad_settings_are_clear_errors(sets, message, tmp_path, capsys):
     assert run_cli(out, *sets) != 0
     assert message in capsys.readouterr().err
     assert not out.exists()                                  # refused before the folder was claimed
+
+
+def test_an_llmlab_run_folder_gives_the_shared_models(align_run, tmp_path):
+    run = tmp_path / "run"                                   # the layout of `llmlab run`: world, pretrain, sft, rm
+    run.mkdir()
+    for name, source in (("world", "world"), ("pretrain", "base"), ("sft", "sft"), ("rm", "rm")):
+        (run / name).symlink_to(align_run / source)
+    out = tmp_path / "out"
+    assert run_cli(out, f"run={run}") == 0
+    assert not any((out / name).exists() for name in ("world", "base", "sft", "rm"))    # nothing shared trained
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["settings"]["run"] == str(run) and f"`{run}`" in (out / "report.md").read_text()
+    assert (out / "seed-0" / "dpo" / "model" / "config.json").is_file()
