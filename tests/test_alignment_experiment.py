@@ -1,7 +1,9 @@
 """``llmlab experiment alignment``: the test preset end to end, the numbers of the report against summary.json, the
 models held, resume without retraining, and the errors for bad settings."""
 import json
+import math
 import re
+import statistics
 from pathlib import Path
 
 import pytest
@@ -62,7 +64,7 @@ def test_the_numbers_in_the_report_are_those_of_the_summary(align_run):
         row = re.search(rf"^\| {label} \| ([^|]+) \| ([^|]+) \| ([^|]+) \| ([^|]+) \|", report, re.M)
         assert [c.strip() for c in row.groups()] == [show(m[k], 3) for k in
                                                       ("win_rate", "kl", "reward_model", "world_reward")]
-        cost = re.search(rf"^\| {label} \| ([^|]+) \| ([^|]+) \| [^|]+ \| policy [^|]+ \| ([0-9,]+) \|", report, re.M)
+        cost = re.search(rf"^\| {label} \| ([^|]+) \| [^|]+ \| ([^|]+) \| [^|]+ \| policy [^|]+ \| ([0-9,]+) \|", report, re.M)
         assert cost.group(1).strip() == show(m["train_seconds"], 3)
         assert cost.group(2).strip() == show(m["peak_rss_mib"], 4)
         assert int(cost.group(3).replace(",", "")) == m["held"]["total"]
@@ -115,7 +117,9 @@ def test_a_rerun_trains_nothing_and_an_interrupted_ppo_resumes(align_run, monkey
 
 
 def test_drift_and_trace_per_step(tmp_path):
-    assert _drift([1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0, 8.0]) == pytest.approx(7.5 - 1.5)
+    d, se = _drift([1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0, 8.0])             # quarters of 2: 7.5 − 1.5
+    assert d == pytest.approx(6.0) and se == pytest.approx(statistics.stdev(range(1, 9)) * math.sqrt(2 / 2))
+    assert all(math.isnan(x) for x in _drift([1.0]))
     path = tmp_path / "trace.jsonl"
     path.write_text("".join(json.dumps({"rm": float(i), "world": -float(i)}) + "\n" for i in range(5)))
     assert alignment.trace_per_step(path, 2) == {"rm": [0.5, 2.5], "world": [-0.5, -2.5]}   # the partial step: out

@@ -10,8 +10,8 @@ the reward model (``llmlab rm`` on the world's preference pairs, ``DIR/rm``). Pe
 - PPO (``llmlab ppo``) against the *reward model* (``ppo_reward: rm``, classic RLHF; ``world`` optimises the world's
   programmatic reward instead), ``DIR/seed-N/ppo``.
 
-Each of the two runs in a child process, so its peak resident memory is its own (``resource.getrusage``'s
-``ru_maxrss``, read in the child after the imports and again at the end). The seed sets DPO's data order and PPO's
+Each of the two runs in a child process, so its peak resident memory is its own (``VmHWM``, the high-water mark
+of the resident set, read in the child after the imports and again at the end; ``peak_rss_mib``). The seed sets DPO's data order and PPO's
 sampling. Then ``llmlab.stages.evaluate`` answers the first ``eval_items`` held-out prompts of ``rl_eval.jsonl``
 greedily with SFT, DPO and PPO (``DIR/seed-N/eval``; base and SFT once in ``DIR/eval``) and measures per model:
 
@@ -167,9 +167,18 @@ def _resume(run_dir: Path) -> bool:
 
 # --- one method, one seed, in a child process ------------------------------------------------------------------
 
-def _rss_mib() -> float:
+def peak_rss_mib() -> float:
+    """This process's peak resident memory in MiB: ``VmHWM`` of ``/proc/self/status`` on Linux, else
+    ``getrusage``'s ``ru_maxrss``. Not ``ru_maxrss`` on Linux: it survives fork and exec, so a child started by a
+    parent holding 600 MiB would report at least 600 MiB however little it used itself."""
+    status = Path("/proc/self/status")
+    if status.is_file():
+        for line in status.read_text(encoding="utf-8").splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024                         # kB
     import resource
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024       # Linux: KiB
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / 2**20 if sys.platform == "darwin" else peak / 1024     # bytes on macOS, KiB elsewhere
 
 
 class TracedReward:
@@ -200,7 +209,7 @@ def child_main(spec_path: str) -> None:
     from ..train.checkpoint import list_checkpoints
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS") or torch.get_num_threads()))
     spec = json.loads(Path(spec_path).read_text(encoding="utf-8"))
-    out, rss_start, start = Path(spec["out"]), _rss_mib(), time.perf_counter()
+    out, rss_start, start = Path(spec["out"]), peak_rss_mib(), time.perf_counter()
     resume = _resume(out)
     if spec["method"] == "dpo":
         summary = dpo.run(spec["sft"], spec["data"], str(out), spec["recipe"], resume=resume)
@@ -210,7 +219,7 @@ def child_main(spec_path: str) -> None:
         summary = ppo.run(spec["sft"], spec["data"], str(out), spec["recipe"], reward=reward, resume=resume)
     write_text_atomic(out / CHILD, json.dumps({
         "train_seconds": float(summary["seconds"]), "process_seconds": time.perf_counter() - start,
-        "rss_after_imports_mib": rss_start, "peak_rss_mib": _rss_mib(), "resumed": resume,
+        "rss_after_imports_mib": rss_start, "peak_rss_mib": peak_rss_mib(), "resumed": resume,
         "steps": summary["steps"]}, indent=2) + "\n")
 
 
@@ -343,8 +352,8 @@ def run(ctx: Context) -> Result:
     for method in METHODS:
         runs = [per_seed[seed][method] for seed in ctx.seeds]
         per_method[method] = {
-            **{k: spread([_num(r[k]) for r in runs]) for k in (*EVAL_KEYS, "train_seconds", "peak_rss_mib",
-                                                                 "rss_after_imports_mib")},
+            **{k: spread([_num(r[k]) for r in runs]) for k in (*EVAL_KEYS, "train_seconds", "process_seconds",
+                                                                 "peak_rss_mib", "rss_after_imports_mib")},
             "held": held[method]}
     fixed = {"base": {k: _num(base_row.get(k)) for k in EVAL_KEYS}, "sft": {k: _num(sft_row.get(k)) for k in EVAL_KEYS}}
     fixed["sft"]["win_rate"], fixed["sft"]["kl"] = 0.5, 0.0
@@ -354,10 +363,11 @@ def run(ctx: Context) -> Result:
                            ctx.out / "samples.json")
     from . import alignment_report as report
     figures = report.draw(ctx.out, per_seed, per_method, fixed, traces, ctx.seeds)
-    verdict, numbers = report.judge(s, per_method, fixed, traces)
+    verdict, numbers = report.judge(s, per_method, fixed, traces,
+                                    int(recipes(s, shared["world"])["dpo"]["data"]["batch_size"]))
     return Result(
         title="Base vs SFT vs DPO vs PPO, and DPO vs PPO over seeds (task world)",
-        setup=report.setup_text(s, shared, held),
+        setup=report.setup_text(s, recipes(s, shared["world"]), held),
         sections=[Section("Result", text=verdict, table=report.result_table(per_method, fixed),
                           figures=figures[:1]),
                   Section("Over-optimisation", text=report.OVEROPT, figures=figures[1:2],

@@ -3,11 +3,13 @@
 The verdict tests four textbook expectations, each confirmed or refuted by the run's means over seeds:
 
 1. both methods improve on SFT: win rate W > ½ against SFT, judged by the world's true reward;
-2. DPO is cheaper than PPO: less training wall-clock, lower peak RSS and fewer parameters held;
+2. DPO is cheaper than PPO: less training wall-clock (loop and whole process), lower peak RSS and fewer parameters
+   held;
 3. DPO varies less across seeds than PPO: std of W over seeds, DPO's below PPO's;
-4. PPO over-optimises the reward model it is trained on: Δ_RM = RM(PPO) − RM(SFT) > 0 while
-   Δ_world = world(PPO) − world(SFT) ≤ 0 (or PPO's rollouts gain reward-model score over training without world
-   reward: the last quarter's mean minus the first quarter's, for each).
+4. PPO over-optimises the reward model it is trained on: on the held-out answers Δ_RM = RM(PPO) − RM(SFT) > 0
+   while Δ_world = world(PPO) − world(SFT) ≤ 0 (means over seeds); over training, PPO's rollouts gain reward-model
+   score and not true reward: with d the last quarter's mean minus the first quarter's (pooled over seeds) and se
+   its standard error were the curve flat noise, d_RM > 2·se_RM and d_world < 2·se_world.
 """
 from __future__ import annotations
 
@@ -49,14 +51,14 @@ def seed_table(per_seed: dict, seeds: list[int]) -> list[list[str]]:
 
 
 def cost_table(per_method: dict) -> list[list[str]]:
-    rows = [["method", "training wall-clock (s)", "peak RSS (MiB)", "RSS after imports (MiB)", "models held",
+    rows = [["method", "training wall-clock (s)", "whole process (s)", "peak RSS (MiB)", "RSS after imports (MiB)", "models held",
              "parameters held", "trainable"]]
     for m in METHODS:
         a, held = per_method[m], per_method[m]["held"]
         models = " + ".join(f"{name} {n:,}" for name, n in held["models"].items())
         if "cached_reference_numbers" in held:
             models += f" + cached reference log-probs ({held['cached_reference_numbers']:,} numbers)"
-        rows.append([NAMES[m], show(a["train_seconds"], 3), show(a["peak_rss_mib"], 4),
+        rows.append([NAMES[m], show(a["train_seconds"], 3), show(a["process_seconds"], 3), show(a["peak_rss_mib"], 4),
                      show(a["rss_after_imports_mib"], 4), models, f"{held['total']:,}", f"{held['trainable']:,}"])
     return rows
 
@@ -88,36 +90,52 @@ def _mean(xs: list[float]) -> float:
     return sum(xs) / len(xs) if xs else math.nan
 
 
-def _drift(values: list[float]) -> float:
-    """Mean of the last quarter of a curve minus the mean of its first quarter (NaN when empty)."""
-    if not values:
-        return math.nan
+def _drift(values: list[float]) -> tuple[float, float]:
+    """(d, se): the mean of the last quarter of a curve minus the mean of its first quarter, and the standard error
+    of that difference were the curve flat noise, se = sd · √(2/q) with sd the curve's standard deviation and q the
+    quarter's length; (NaN, NaN) for a curve shorter than 2 points."""
+    if len(values) < 2:
+        return math.nan, math.nan
     q = max(1, len(values) // 4)
-    return sum(values[-q:]) / q - sum(values[:q]) / q
+    mean = sum(values) / len(values)
+    sd = math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1))
+    return sum(values[-q:]) / q - sum(values[:q]) / q, sd * math.sqrt(2 / q)
 
 
-def judge(s: dict, per_method: dict, fixed: dict, traces: dict) -> tuple[str, dict]:
+def _pooled(drifts: list[tuple[float, float]]) -> tuple[float, float]:
+    """Mean drift over seeds and its standard error √(Σ se²) / n."""
+    if not drifts:
+        return math.nan, math.nan
+    return _mean([d for d, _ in drifts]), math.sqrt(sum(se * se for _, se in drifts)) / len(drifts)
+
+
+def judge(s: dict, per_method: dict, fixed: dict, traces: dict, batch: int = 16) -> tuple[str, dict]:
+    """The verdict text and its numbers; ``batch`` is DPO's pairs per step."""
     d, p = per_method["dpo"], per_method["ppo"]
     w = {m: per_method[m]["win_rate"]["mean"] for m in METHODS}
     improve = {m: w[m] > 0.5 for m in METHODS}
     cheaper = {"time": d["train_seconds"]["mean"] < p["train_seconds"]["mean"],
+               "process_time": d["process_seconds"]["mean"] < p["process_seconds"]["mean"],
                "memory": d["peak_rss_mib"]["mean"] < p["peak_rss_mib"]["mean"],
                "parameters": d["held"]["total"] < p["held"]["total"]}
     n = len(d["win_rate"]["values"])
     steadier = d["win_rate"]["std"] < p["win_rate"]["std"] if n > 1 else None
     d_rm = p["reward_model"]["mean"] - fixed["sft"]["reward_model"]
     d_world = p["world_reward"]["mean"] - fixed["sft"]["world_reward"]
-    drift_rm = [_drift(t["rm"]) for t in traces.values()]
-    drift_world = [_drift(t["world"]) for t in traces.values()]
+    (rm_d, rm_se), (world_d, world_se) = (_pooled([_drift(t[k]) for t in traces.values()]) for k in ("rm", "world"))
     over_eval = d_rm > 0 and d_world <= 0
-    over_train = _mean(drift_rm) > 0 and _mean(drift_world) <= 0
+    over_train = rm_d > 2 * rm_se and world_d < 2 * world_se      # RM rose beyond noise, the true reward did not
     trained_on = "the reward model" if s["ppo_reward"] == "rm" else "the world's true reward"
 
     def word(ok):
         return "confirmed" if ok else "refuted" if ok is not None else "not tested (one seed)"
     both = all(improve.values())
-    head = (f"{'Both DPO and PPO' if both else 'Not both methods'} beat SFT on the held-out prompts (win rate, ties "
-            f"½: DPO {show(d['win_rate'], 3)}, PPO {show(p['win_rate'], 3)}); DPO was "
+    beat = [NAMES[m] for m in METHODS if improve[m]]
+    lost = [NAMES[m] for m in METHODS if not improve[m]]
+    who = ("Both DPO and PPO beat" if both else f"{beat[0]} beat SFT, {lost[0]} did not beat" if beat else
+           "Neither DPO nor PPO beat")
+    head = (f"{who} SFT on the held-out prompts (win rate against SFT, ties ½, judged by the true reward: "
+            f"DPO {show(d['win_rate'], 3)}, PPO {show(p['win_rate'], 3)}); DPO took "
             f"{d['train_seconds']['mean'] / max(p['train_seconds']['mean'], 1e-9):.2f}× PPO's training time and held "
             f"{d['held']['total'] / p['held']['total']:.2f}× its parameters.")
     lines = [
@@ -126,7 +144,11 @@ def judge(s: dict, per_method: dict, fixed: dict, traces: dict) -> tuple[str, di
         f"{'>' if improve['ppo'] else '≤'} ½). KL per token against SFT: DPO {show(d['kl'], 3)}, PPO "
         f"{show(p['kl'], 3)} nats.",
         f"2. DPO is cheaper: time {word(cheaper['time'])} ({show(d['train_seconds'], 3)} s vs "
-        f"{show(p['train_seconds'], 3)} s, for {s['dpo_steps']} DPO steps and {s['ppo_steps']} PPO steps); peak "
+        f"{show(p['train_seconds'], 3)} s in the training loop, for {s['dpo_steps']} DPO steps and {s['ppo_steps']} PPO "
+        f"steps), whole process {word(cheaper['process_time'])} ({show(d['process_seconds'], 3)} s vs "
+        f"{show(p['process_seconds'], 3)} s: DPO's also encodes every pair and runs the reference over all of them "
+        f"once, {d['held']['cached_reference_numbers'] // 2:,} pairs, of which its steps use "
+        f"{min(int(s['dpo_steps']) * batch, d['held']['cached_reference_numbers'] // 2):,}); peak "
         f"memory {word(cheaper['memory'])} ({show(d['peak_rss_mib'], 4)} vs {show(p['peak_rss_mib'], 4)} MiB RSS, "
         f"of which about {p['rss_after_imports_mib']['mean']:.0f} MiB is Python and torch); parameters held "
         f"{word(cheaper['parameters'])} ({d['held']['total']:,} vs {p['held']['total']:,}).",
@@ -135,9 +157,10 @@ def judge(s: dict, per_method: dict, fixed: dict, traces: dict) -> tuple[str, di
         f"{d['win_rate']['min']:.3g}–{d['win_rate']['max']:.3g}, PPO {p['win_rate']['min']:.3g}–"
         f"{p['win_rate']['max']:.3g}).",
         f"4. PPO, trained on {trained_on}, over-optimises the reward model: on the held-out answers "
-        f"{word(over_eval)} (Δ RM score vs SFT {d_rm:+.3g}, Δ world reward {d_world:+.3g}); over its rollouts "
-        f"{word(over_train)} (last quarter minus first quarter of the steps, mean over seeds: RM "
-        f"{_mean(drift_rm):+.3g}, world {_mean(drift_world):+.3g})."
+        f"{word(over_eval)} (mean over seeds: Δ RM score vs SFT {d_rm:+.3g}, Δ world reward {d_world:+.3g}); over "
+        f"its rollouts {word(over_train)} (last quarter minus first quarter of the steps, mean over seeds ± its "
+        f"standard error were the curves flat noise: RM {rm_d:+.3g} ± {rm_se:.2g}, world {world_d:+.3g} ± "
+        f"{world_se:.2g}; confirmed needs the RM's rise above 2 standard errors and the world's below)."
         + (" PPO was trained on the true reward here, so this only shows whether the reward model agrees with it."
            if s["ppo_reward"] != "rm" else ""),
     ]
@@ -149,7 +172,7 @@ def judge(s: dict, per_method: dict, fixed: dict, traces: dict) -> tuple[str, di
     return "\n\n".join(lines), {
         "improves_on_sft": improve, "dpo_cheaper": cheaper, "dpo_steadier": steadier,
         "overoptimisation": {"eval": over_eval, "training": over_train, "delta_rm": d_rm, "delta_world": d_world,
-                             "drift_rm": drift_rm, "drift_world": drift_world},
+                             "drift_rm": [rm_d, rm_se], "drift_world": [world_d, world_se]},
         "refuted": refuted}
 
 
@@ -238,19 +261,25 @@ def draw(out: Path, per_seed: dict, per_method: dict, fixed: dict, traces: dict,
 
 # --- texts -----------------------------------------------------------------------------------------------------
 
-def setup_text(s: dict, shared: dict, held: dict) -> str:
-    p = s["pretrain"]
+def setup_text(s: dict, recipes: dict, held: dict) -> str:
+    """The setup paragraph; the DPO and PPO hyper-parameters are read from the recipes the runs used."""
+    p, dpo, ppo = s["pretrain"], recipes["dpo"], recipes["ppo"]
     base = (f"read from the `llmlab run` folder `{s['run']}` (its world, pretrain, sft and rm)" if s["run"] else
             f"trained once here: world preset `{s['world']}` (seed {s['world_seed']}); a Llama-style decoder "
-            f"({p['n_layer']} layers, width {p['d_model']}, BPE of {p['vocab_size']} tokens; "
+            f"({p['n_layer']} layer{'s' if p['n_layer'] > 1 else ''}, width {p['d_model']}, BPE of {p['vocab_size']} tokens; "
             f"{held['dpo']['total']:,} parameters) pre-trained for {p['steps']} steps (`base/`), SFT for "
             f"{s['sft_steps']} steps (`sft/`), the reward model for {s['rm_steps']} steps on the preference pairs "
             "(`rm/`), all with the world recipes of `llmlab run` (`sft-world`, `rm-world`)")
     reward = "the reward model (RLHF)" if s["ppo_reward"] == "rm" else "the world's programmatic (true) reward"
-    return (f"Shared models {base}. Per seed, from the same SFT model: DPO (`dpo-world`: β = 0.1, RPO α = 1, "
-            f"η = 2e-5) for {s['dpo_steps']} steps of 16 pairs, and PPO (`ppo-world`: clip 0.2, adaptive KL "
-            f"penalty, value head at 30× η) for {s['ppo_steps']} steps of {s['rollout_batch']} rollouts of ≤ "
-            f"{s['ppo_max_new_tokens']} tokens, 4 epochs each, against {reward}. The recipes' own step counts "
+    kl = (f"adaptive KL penalty from β = {ppo['ppo']['kl_coef']:g} toward {ppo['ppo']['kl_target']:g} nats"
+          if ppo["ppo"].get("kl_target") else f"KL penalty β = {ppo['ppo']['kl_coef']:g}")
+    return (f"Shared models {base}. Per seed, from the same SFT model: DPO (`dpo-world`: β = "
+            f"{dpo['dpo']['beta']:g}, RPO α = {dpo['dpo']['rpo_alpha']:g}, η = {dpo['train']['lr']:g}) for "
+            f"{s['dpo_steps']} steps of {dpo['data']['batch_size']} pairs, and PPO (`ppo-world`: η = "
+            f"{ppo['train']['lr']:g}, clip {ppo['ppo']['clip_range']:g}, {kl}, value head at "
+            f"{ppo['ppo']['value_lr_scale']:g}× η) for {s['ppo_steps']} steps of {s['rollout_batch']} rollouts of ≤ "
+            f"{s['ppo_max_new_tokens']} tokens, {ppo['ppo']['epochs']} epochs each, against {reward}. The recipes' "
+            "own step counts "
             "(200 DPO, 120 PPO) are cut to fit the preset's time budget; the number of seeds is not. Each method "
             "trains in a child process (its peak RSS is its own). Evaluation: greedy answers of ≤ "
             f"{s['max_new_tokens']} tokens to the first {s['eval_items']} prompts of the world's held-out "
@@ -266,8 +295,10 @@ policy is trained on the reward-model score when ppo_reward = rm). The table giv
 
 COSTS = """\
 Training wall-clock: the training loop's seconds (DPO's includes no reference pass; that pass is one forward \
-over the pairs before the loop). Peak RSS: `ru_maxrss` of the child process that trained the method, Python and \
-torch included; the column after it is the RSS right after the imports, the floor every process pays. Parameters \
+over the pairs before the loop). Whole process: the child's seconds from its imports to its end: loading the \
+models, DPO's reference pass, training, saving (of the last attempt only, when a run was resumed). Peak RSS: the \
+high-water mark of the resident set (`VmHWM`) of the child process that trained the method, Python and torch \
+included; the column after it is the same mark right after the imports, the floor every process pays. Parameters \
 held: counted exactly from the saved models. DPO as llmlab implements it caches the reference's log-probabilities \
 (2 numbers per pair) instead of holding a second model; textbook DPO holds policy + reference. PPO holds the policy \
 with its value head (trainable), the frozen SFT copy (reference for the KL penalty) and the reward model."""
@@ -285,8 +316,11 @@ implicit KL is set by β and its step count, PPO's by its penalty and its steps,
 DPO needs no sampling during training: one forward and backward pass over a chosen and a rejected answer per pair, \
 with the reference's log-probabilities computed once. PPO samples every step (generation is sequential and \
 dominates on a CPU), scores with the reward model, runs the reference for the KL, and makes four optimisation \
-passes per batch: more time and more models in memory. The memory gap on this small model is mostly Python and \
-torch; on a 7B model each extra copy of the weights is gigabytes.
+passes per batch: more time and more models in memory. On a model this small the extra copies are a few MiB each \
+(4 bytes a parameter), so the peak resident memory is set by the rest: Python and torch, the encoded data set, \
+and the activations of one step, where DPO's batch (chosen and rejected answers of every pair, packed into long \
+rows, logits over the vocabulary) can outweigh PPO's short rollouts. On a 7B model each extra copy of the weights \
+is gigabytes and the count of models held decides what fits.
 
 Over-optimisation (Gao et al. 2023) needs a reward model that is wrong somewhere the policy can find, and enough \
 optimisation to find it: with few PPO steps and a strong KL penalty PPO may not move far enough to show it, and \
