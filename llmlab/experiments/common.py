@@ -45,6 +45,8 @@ EXPERIMENTS = {       # name → (module, one line for --list)
                                    "of equal size on seq2seq tasks and LM (quality, tokens/s, KV cache)"),
     "lora-vs-full": ("lora_vs_full", "LoRA at ranks 4…64 vs full fine-tuning for SFT: exact match, trainable "
                                      "parameters, optimizer memory, time per step"),
+    "alignment": ("alignment", "base vs SFT vs DPO vs PPO side by side; DPO vs PPO over seeds: win rate, KL, "
+                               "cost, models held, reward-model score vs true reward"),
 }
 RECORD = "experiment.json"     # in the output folder: which experiment, preset and settings it holds
 
