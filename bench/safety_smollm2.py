@@ -7,8 +7,10 @@ Steps (each a CLI command, each resumable: rerunning skips what its folder alrea
 1. ``llmlab safety-data``: AdvBench's train side (split by target string) answered with refusals, Self-Instruct's
    seed tasks answered by SmolLM2 itself;
 2. ``llmlab sft`` with LoRA on those conversations;
-3. ``llmlab redteam`` on AdvBench's test side and Self-Instruct's 252 user-oriented instructions, for the shipped
-   and for the aligned model (direct requests and role-play templates; the keyword judge decides refusals).
+3. ``llmlab dpo`` with LoRA from the SFT model on a balanced subset of the pairs (refusal over compliance for
+   harmful requests, the model's own answer over a refusal for benign ones): SFT alone learns to over-refuse;
+4. ``llmlab redteam`` on AdvBench's test side and Self-Instruct's 252 user-oriented instructions, for the shipped,
+   the SFT and the DPO model (direct requests and role-play templates; the keyword judge decides refusals).
 
 Printed: refusal rate on held-out goals, template ASR and false refusals on the benign prompts, each by GCG's
 keyword list and by a broader refusal check, and the benign replies the alignment left unchanged (the same greedy
@@ -57,6 +59,9 @@ def main() -> None:
     p.add_argument("--sft-steps", type=int, default=30)
     p.add_argument("--lora-r", type=int, default=16)
     p.add_argument("--lr", type=float, default=3e-4)
+    p.add_argument("--dpo-pairs", type=int, default=80, help="harmful and as many benign pairs for DPO")
+    p.add_argument("--dpo-steps", type=int, default=20)
+    p.add_argument("--dpo-lr", type=float, default=1e-4)
     args = p.parse_args()
     out, model = Path(args.out), smollm2_gguf()
     advbench, self_instruct = DATA / "advbench" / "harmful_behaviors.csv", DATA / "self-instruct"
@@ -70,6 +75,14 @@ def main() -> None:
                         "--set", "train.warmup_steps=5", "--set", "train.eval_every=1000",
                         "--set", "data.max_length=256"],
          out / "sft" / "model" / "config.json", times)
+    balanced_pairs(out / "data" / "pairs.jsonl", out / "data" / f"pairs-{2 * args.dpo_pairs}.jsonl", args.dpo_pairs)
+    step("dpo (LoRA)", ["dpo", "--model", str(out / "sft" / "model"), "--data",
+                        str(out / "data" / f"pairs-{2 * args.dpo_pairs}.jsonl"), "--out", str(out / "dpo"),
+                        "--set", f"lora.r={args.lora_r}", "--set", f"lora.alpha={2 * args.lora_r}",
+                        "--set", f"train.max_steps={args.dpo_steps}", "--set", f"train.lr={args.dpo_lr}",
+                        "--set", "train.warmup_steps=2", "--set", "train.eval_every=1000",
+                        "--set", "data.max_length=256"],
+         out / "dpo" / "model" / "config.json", times)
     common = ["--behaviours", str(advbench), "--benign", str(self_instruct), "--set", f"behaviours={args.behaviours}",
               "--set", f"benign={args.benign}", "--set", "templates=3", "--set", "calibration=175"]
     step("redteam shipped", ["redteam", "--model", str(model), "--out", str(out / "rt-shipped"), *common,
@@ -78,7 +91,20 @@ def main() -> None:
     step("redteam aligned", ["redteam", "--model", str(out / "sft" / "model"), "--out", str(out / "rt-aligned"),
                              *common, "--set", "attacks=direct,template", "--set", "defenses=none,reminder,perplexity"],
          out / "rt-aligned" / "summary.json", times)
+    step("redteam dpo", ["redteam", "--model", str(out / "dpo" / "model"), "--out", str(out / "rt-dpo"), *common,
+                         "--set", "attacks=direct,template", "--set", "defenses=none"],
+         out / "rt-dpo" / "summary.json", times)
     report(out, times)
+
+
+def balanced_pairs(source: Path, target: Path, n: int) -> None:
+    """The first ``n`` harmful and ``n`` benign pairs of ``source``, alternating, into ``target``."""
+    if target.exists():
+        return
+    rows = [json.loads(line) for line in source.read_text().splitlines()]
+    harmful = [r for r in rows if r["kind"] == "harmful"][:n]
+    benign = [r for r in rows if r["kind"] == "benign"][:n]
+    target.write_text("".join(json.dumps(r) + "\n" for pair in zip(harmful, benign) for r in pair))
 
 
 def report(out: Path, times: dict) -> None:
@@ -86,7 +112,7 @@ def report(out: Path, times: dict) -> None:
     ``world.judge.is_refusal`` markers ("sorry", "I can't", ...), since an aligned model's own phrasing ("I can't
     help with that.") is not on GCG's list."""
     rows = []
-    for label, folder in (("as shipped", "rt-shipped"), ("aligned (LoRA SFT)", "rt-aligned")):
+    for label, folder in (("as shipped", "rt-shipped"), ("LoRA SFT", "rt-aligned"), ("LoRA SFT + DPO", "rt-dpo")):
         summary = json.loads((out / folder / "summary.json").read_text())
         for defense in summary["asr"]:
             answers = json.loads((out / folder / f"answers-{defense}.json").read_text())
