@@ -67,7 +67,7 @@ def main() -> None:
     advbench, self_instruct = DATA / "advbench" / "harmful_behaviors.csv", DATA / "self-instruct"
     times: dict[str, float] = {}
     step("safety-data", ["safety-data", "--behaviours", str(advbench), "--benign", str(self_instruct),
-                         "--model", str(model), "--out", str(out / "data"), "--max-new-tokens", "96"],
+                         "--model", str(model), "--out", str(out / "data"), "--max-new-tokens", "128"],
          out / "data" / "safety_data.json", times)
     step("sft (LoRA)", ["sft", "--model", str(model), "--data", str(out / "data" / "sft.jsonl"), "--out",
                         str(out / "sft"), "--set", f"lora.r={args.lora_r}", "--set", f"lora.alpha={2 * args.lora_r}",
