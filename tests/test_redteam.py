@@ -192,3 +192,14 @@ def test_an_attack_too_long_for_the_context_is_counted_not_fatal(lab):
     assert replies[1].text == "" and replies[1].token_ids == []
     with pytest.raises(LLMLabError, match="does not fit the model's context"):
         Answerer(engine, folder.template())([short, long])
+
+
+def test_attack_gcg_on_a_world_puts_the_string_after_the_request_and_checks_the_code(lab, tmp_path, capsys):
+    """`llmlab attack gcg --behaviours WORLD --world WORLD`: the world's prompts hold no {optim_str}, so the string
+    goes after the last user turn; the objective check is the world's vault code."""
+    assert main(["attack", "gcg", "--model", str(lab.sft), "--behaviours", str(lab.world), "--world", str(lab.world),
+                 "--out", str(tmp_path / "gcg"), "--steps", "1", "--limit", "1", "--search-width", "8",
+                 "--topk", "4"]) == 0
+    assert "attack success rate 0/1" in capsys.readouterr().out
+    step = json.loads((tmp_path / "gcg" / "0" / "metrics.jsonl").read_text().splitlines()[0])
+    assert step["objective"] is False and isinstance(step["reply"], str)

@@ -134,7 +134,7 @@ def _success_check(args):
         raise LLMLabError("attack gcg: give --world or --vault-code, not both")
     if args.world:
         from ..world.build import load_world
-        return load_world(args.world).judge().reveals_code
+        return load_world(args.world).judge.reveals_code
     if args.vault_code:
         from ..world.judge import Judge
         return Judge(args.vault_code, []).reveals_code
