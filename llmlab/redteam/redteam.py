@@ -361,7 +361,7 @@ class Redteam:
         for i, b in enumerate(self.behaviours):
             messages = with_attack_slot(b["messages"])
             result = attack.run(messages, b["target"], out=self.out / "gcg" / str(i),
-                                success=self.judge.reveals_code if self.judge else None, where=b["where"])
+                                success=self.judge.reveals_code if self.judge else None, where=_where(b))
             suffix = result.success_suffix if result.success else result.best_suffix
             conversations.append({"attack": "gcg", "variant": "gcg", "behaviour": i, "messages": fill(messages, suffix)})
             results.append({"behaviour": i, "suffix": suffix, **{k: v for k, v in result.to_dict().items()
@@ -396,7 +396,7 @@ class Redteam:
 
             attack = GCG(self.model, self.tokenizer, self.gcg_config(cfg.adaptive_steps, init), template=self.template)
             try:
-                result = attack.run(attacked, target, out=self.out / "adaptive" / name / str(i), where=b["where"],
+                result = attack.run(attacked, target, out=self.out / "adaptive" / name / str(i), where=_where(b),
                                     penalty=penalty, defended_success=broken)
             except LLMLabError as e:        # the defended prompt leaves no room: an attack that cannot be sent
                 results.append({"behaviour": i, "skipped": str(e)})
@@ -483,6 +483,13 @@ def unsent(row: dict, verdicts: dict) -> dict:
     if row["finish"] != "too_long":
         return verdicts
     return {name: None if v is None else False for name, v in verdicts.items()}
+
+
+def _where(behaviour: dict) -> str:
+    """Where a behaviour came from, for error messages: its file and line (an AdvBench row has only the line)."""
+    if behaviour.get("where"):
+        return behaviour["where"]
+    return f"{behaviour.get('source', 'behaviour')} line {behaviour.get('line', behaviour.get('index'))}"
 
 
 def _user(messages: list[dict]) -> str:
