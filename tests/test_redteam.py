@@ -217,3 +217,20 @@ def test_an_advbench_csv_runs_gcg_with_its_rows_named(lab, tmp_path):
                                   sets=["attacks=gcg", "defenses=none", "behaviours=2"])
     assert summary["asr"]["none"]["gcg"]["n"] == 2 and summary["primary_judge"] == "keyword"
     assert redteam._where({"source": "advbench", "line": 7, "index": 5}) == "advbench line 7"
+
+
+def test_the_guard_defenses_join_with_a_guard_model_and_face_an_adaptive_attack(lab, tmp_path):
+    with pytest.raises(LLMLabError, match="need a guard classifier: --set guard=DIR"):
+        redteam.make_config("test", ["defenses=none,guard"])
+    assert main(["defend", "guard", "--model", str(lab.base), "--data", str(lab.world), "--out", str(tmp_path / "g"),
+                 "--set", "classify.epochs=12", "--set", "train.lr=3e-3", "--set", "train.progress=false"]) == 0
+    summary = redteam.run_redteam(str(lab.sft), tmp_path / "rt", world=str(lab.world), preset="test", progress=False,
+                                  sets=["defenses=none,guard,erase-check", "attacks=direct,gcg",
+                                        f"guard={tmp_path / 'g' / 'base'}"])
+    guarded = load(tmp_path / "rt", "answers-guard")
+    direct = [r for r in guarded["attacks"] if r["attack"] == "direct"]
+    assert any(r["blocked_by"] == "guard" for r in direct)            # the trained guard flags forbidden requests
+    for name in ("guard", "erase-check"):
+        adaptive = load(tmp_path / "rt", f"adaptive-{name}")
+        assert len(adaptive["results"]) == 2 and summary["asr"][name]["adaptive-gcg"]["n"] == 2
+        assert summary["cost"][name]["extra_tokens"] > 0
