@@ -56,7 +56,7 @@ from ..world.judge import exact_match
 from ..world.vocab import REFUSAL
 from . import attacks
 from .behaviours import OPTIM_STR, benign_prompts, load_behaviours, load_world_behaviours, load_world_benign, select
-from .defended import Answerer, DefendedChat
+from .defended import Answerer, DefendedChat, last_user_text
 from .defenses import GENERIC_REFUSAL, build_defenses, parse_settings
 from .gcg import GCG, GCGConfig, with_attack_slot
 from .judges import KeywordJudge, default_judges, greedy_reply_params, judge_all, prompt_messages
@@ -282,10 +282,11 @@ class Redteam:
     def run(self) -> dict:
         cfg = self.cfg
         calibration = self._cached("calibration", self.calibrate)
-        conversations = []
+        conversations, gcg = [], None
         for name in cfg.attacks:
             if name == "gcg":
-                conversations += self._cached("gcg", self.run_gcg)["conversations"]
+                gcg = self._cached("gcg", self.run_gcg)
+                conversations += gcg["conversations"]
             else:
                 conversations += self._cached(f"attack-{name}", lambda n=name: {
                     "conversations": attack_conversations(n, self.behaviours, cfg, self.pool)})["conversations"]
@@ -294,14 +295,15 @@ class Redteam:
             answers[name] = self._cached(f"answers-{name}", lambda n=name: self.answer_all(
                 n, conversations, calibration))
         adaptive = {}
-        if "gcg" in cfg.attacks:
+        if gcg is not None:
+            plain = {r["behaviour"]: r["suffix"] for r in gcg["results"]}
             for name in cfg.defenses:
                 if name != "none":
                     adaptive[name] = self._cached(f"adaptive-{name}", lambda n=name: self.run_adaptive(
-                        n, calibration))
+                        n, calibration, plain))
         frontier = self._cached("frontier", lambda: self.frontiers(conversations, answers["none"], calibration))
         from .redteam_report import write_redteam_report
-        return write_redteam_report(self, calibration, answers, adaptive, frontier)
+        return write_redteam_report(self, calibration, answers, adaptive, frontier, gcg["results"] if gcg else [])
 
     def calibrate(self) -> dict:
         """The perplexity filter's thresholds on benign training requests (the target model as the scorer)."""
@@ -381,11 +383,11 @@ class Redteam:
         bar.close()
         return {"conversations": conversations, "results": results}
 
-    def run_adaptive(self, name: str, calibration: dict) -> dict:
-        """GCG against the defended model (see the module docstring), on the first ``adaptive_behaviours``."""
+    def run_adaptive(self, name: str, calibration: dict, plain: dict[int, str]) -> dict:
+        """GCG against the defended model (see the module docstring), on the first ``adaptive_behaviours``, warm-started
+        from ``plain``, each behaviour's string of the plain GCG run."""
         cfg = self.cfg
         chat = self.defended(name, calibration)
-        plain = {r["behaviour"]: r["suffix"] for r in self._cached("gcg", self.run_gcg)["results"]}
         defense = chat.defenses[0]
         results, conversations = [], []
         behaviours = self.behaviours[:cfg.adaptive_behaviours]
@@ -439,7 +441,7 @@ class Redteam:
     def _guard_penalty(self, defense, asked: list[dict]):
         """λ·max(0, P(harmful | x) − θ) for candidate strings x, the guard's verdict on the user message holding x
         (erase-and-check: on the whole message, the first of the erasures it checks): guard and model together."""
-        user = next(m["content"] for m in reversed(asked) if m["role"] == "user")
+        user = last_user_text(asked)
         weight, guard, threshold = self.cfg.penalty_weight, defense.guard, defense.threshold
 
         def penalty(suffixes: list[str]) -> torch.Tensor:
@@ -449,7 +451,7 @@ class Redteam:
 
     def _perplexity_penalty(self, defense, asked: list[dict]):
         """λ·max(0, s(x) − τ) for candidate strings x: the filter's own score of the user message holding x."""
-        user = next(m["content"] for m in reversed(asked) if m["role"] == "user")
+        user = last_user_text(asked)
         weight, threshold = self.cfg.penalty_weight, defense.threshold
 
         def penalty(suffixes: list[str]) -> torch.Tensor:
@@ -470,8 +472,8 @@ class Redteam:
         if "perplexity" in self.cfg.defenses:
             scorer = PerplexityScorer(self.model, self.tokenizer)
             window = calibration["modes"]["window"]["window"]
-            attack_scores, _ = scorer.scores([_user(c["messages"]) for c in conversations], window)
-            benign_scores, _ = scorer.scores([_user(b["messages"]) for b in self.benign], window)
+            attack_scores, _ = scorer.scores([last_user_text(c["messages"]) for c in conversations], window)
+            benign_scores, _ = scorer.scores([last_user_text(b["messages"]) for b in self.benign], window)
             refused = [r["refused"] for r in undefended["benign"]]
             broke = [bool(r["success"].get(self.primary)) for r in undefended["attacks"]]
             taus = sorted(set(attack_scores + benign_scores)) + [float("inf")]
@@ -514,10 +516,6 @@ def _where(behaviour: dict) -> str:
     if behaviour.get("where"):
         return behaviour["where"]
     return f"{behaviour.get('source', 'behaviour')} line {behaviour.get('line', behaviour.get('index'))}"
-
-
-def _user(messages: list[dict]) -> str:
-    return next(m["content"] for m in reversed(messages) if m["role"] == "user")
 
 
 def run_redteam(model, out, *, world=None, behaviours=None, benign=None, preset: str = "default",

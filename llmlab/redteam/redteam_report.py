@@ -36,7 +36,9 @@ def _cell(rate: dict) -> str:
     return f"{rate['asr']:.2f} [{rate['low']:.2f}–{rate['high']:.2f}] ({rate['k']}/{rate['n']})"
 
 
-def write_redteam_report(rt, calibration: dict, answers: dict, adaptive: dict, frontier: dict) -> dict:
+def write_redteam_report(rt, calibration: dict, answers: dict, adaptive: dict, frontier: dict, gcg: list[dict]
+                         ) -> dict:
+    """The report of run ``rt`` from its phases' results (``gcg``: the plain GCG run's per-behaviour results)."""
     cfg, out = rt.cfg, rt.out
     n = len(rt.behaviours)
     defenses, attack_names = list(answers), list(cfg.attacks)
@@ -76,7 +78,6 @@ def write_redteam_report(rt, calibration: dict, answers: dict, adaptive: dict, f
     best = min(acceptable or [d for d in defenses if d != "none"] or ["none"],
                key=lambda d: (worst[d], frr[d]["asr"], -(utility[d] or 0.0), cost[d]["overhead_seconds"]))
 
-    gcg = rt._cached("gcg", rt.run_gcg)["results"] if "gcg" in attack_names else []
     gcg_cost = {}
     if gcg:
         firsts = [r["first_success_step"] for r in gcg if r["first_success_step"]]
