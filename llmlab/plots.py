@@ -67,11 +67,7 @@ def plot_metrics(metrics_jsonl: str | Path, out_png: str | Path, keys=("loss", "
         ax.legend()
     else:
         ax.text(0.5, 0.5, f"no values for {', '.join(keys)}", ha="center", va="center", transform=ax.transAxes)
-    ax.set_xlabel("step")
-    ax.set_title(title or Path(metrics_jsonl).parent.name)
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    return save(fig, out_png)
+    return _finish(fig, ax, out_png, "step", "", title or Path(metrics_jsonl).parent.name)
 
 
 def bar_chart(categories: list[str], series: dict[str, list[float]], out_png: str | Path, *,
@@ -149,12 +145,7 @@ def line_chart(curves: dict[str, list[float]], out_png: str | Path, *, xlabel: s
         ax.plot(range(1, len(values) + 1), values, label=name, linewidth=1)
     if 1 < len(curves) <= 10:
         ax.legend(fontsize=8)
-    ax.set_xlabel(xlabel)
-    ax.set_ylabel(ylabel)
-    ax.set_title(title)
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    return save(fig, out_png)
+    return _finish(fig, ax, out_png, xlabel, ylabel, title)
 
 
 def xy_chart(curves: dict[str, tuple[list[float], list[float]]], out_png: str | Path, *, xlabel: str = "",
@@ -174,6 +165,11 @@ def xy_chart(curves: dict[str, tuple[list[float], list[float]]], out_png: str | 
         ax.legend(fontsize=8)
     if ylim:
         ax.set_ylim(*ylim)
+    return _finish(fig, ax, out_png, xlabel, ylabel, title)
+
+
+def _finish(fig: Figure, ax, out_png: str | Path, xlabel: str, ylabel: str, title: str) -> Path:
+    """The axis labels, title and grid of a one-axes line chart, then the PNG."""
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
     ax.set_title(title)
