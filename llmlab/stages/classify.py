@@ -28,11 +28,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import from_dict
+from ..chat import load_template, render
 from ..data.batching import pad, truncate
 from ..data.classification import ClassificationData, Example, balanced_subset, load_classification
 from ..data.shards import BatchSampler
 from ..device import pick_device
-from ..encoding import special_affixes
+from ..encoding import encode_rendered, special_affixes
 from ..errors import LLMLabError
 from ..hub.folder import ModelDir, model_name
 from ..hub.load import load_model, load_our_model
@@ -56,9 +57,10 @@ ENCODER_TYPES = ("bert", "roberta", "distilbert", "albert", "electra", "deberta"
 DEFAULTS = {
     "model": {"backend": "auto"},
     "data": {"test": None, "text_field": "text", "label_field": "label", "label_names": None, "max_length": None,
-             "truncation": "head", "train_limit": None, "test_limit": None, "subset_seed": 0, "clean_html": True},
+             "truncation": "head", "train_limit": None, "test_limit": None, "subset_seed": 0, "test_subset_seed": None,
+             "clean_html": True},
     "classify": {"method": "full", "batch_size": 16, "eval_batch_size": 32, "epochs": 1.0, "zero_shot": True,
-                 "prompt": "Review: {text}\nSentiment ({choices}):"},
+                 "prompt": "Review: {text}\nSentiment ({choices}):", "chat": False, "measure_before": True},
     "lora": {"r": 8, "alpha": 16.0, "dropout": 0.05, "targets": None},
     "train": {"max_steps": None, "warmup_steps": None, "lr": 5e-5, "weight_decay": 0.01, "betas": [0.9, 0.999],
               "min_lr_ratio": 0.0, "checkpoint_every": 0, "log_every": 10},
@@ -76,6 +78,7 @@ class DataSection:
     train_limit: int | None = None
     test_limit: int | None = None
     subset_seed: int = 0
+    test_subset_seed: int | None = None     # None: subset_seed (a fixed test subset while the train one varies)
     clean_html: bool = True
 
     def __post_init__(self):
@@ -93,6 +96,8 @@ class ClassifySection:
     epochs: float = 1.0
     zero_shot: bool = True
     prompt: str = "Review: {text}\nSentiment ({choices}):"
+    chat: bool = False              # zero-shot: the prompt as a user turn in the model's chat template
+    measure_before: bool = True     # accuracy with the untrained head (one pass over the test set)
 
     def __post_init__(self):
         if self.method not in METHODS:
@@ -273,34 +278,53 @@ def accuracy(model: nn.Module, rows: list[dict], pad_id: int, batch_size: int, d
     return correct / len(rows)
 
 
-def verbalizer_ids(tokenizer, label_names: list[str]) -> list[int] | None:
-    """The first token id of " <name>" for each class, or None when two classes share it."""
-    ids = [tokenizer(" " + name, add_special_tokens=False)["input_ids"][0] for name in label_names]
-    return ids if len(set(ids)) == len(ids) else None
+def verbalizer_ids(tokenizer, label_names: list[str], chat: bool = False) -> list[list[int]] | None:
+    """For each class, the first token ids that name it next: of " <name>" after a raw prompt; after a chat
+    template's generation prompt, where the reply starts a line, of "<name>" and "<Name>" (a chat model answers
+    either). None when two classes share one."""
+    variants = [[name, name.capitalize()] if chat else [" " + name] for name in label_names]
+    ids = [sorted({tokenizer(v, add_special_tokens=False)["input_ids"][0] for v in names}) for names in variants]
+    flat = [i for group in ids for i in group]
+    return ids if len(set(flat)) == len(flat) else None
 
 
 def prompt_rows(tokenizer, examples: list[Example], template: str, label_names: list[str],
-                max_length: int) -> list[dict]:
-    """``template`` with ``{text}`` = each review (truncated so the prompt fits ``max_length``) as id rows."""
-    before, after = template.replace("{choices}", " or ".join(label_names)).split("{text}", 1)
-    prefix, _ = special_affixes(tokenizer)
-    head = prefix + tokenizer(before, add_special_tokens=False)["input_ids"]
+                max_length: int, chat_template: str | None = None) -> list[dict]:
+    """``template`` with ``{text}`` = each review (truncated so the prompt fits ``max_length``) as id rows; with
+    ``chat_template``, the filled prompt is one user turn of that template followed by its generation prompt."""
+    filled = template.replace("{choices}", " or ".join(label_names))
+    if chat_template is None:
+        before, after = filled.split("{text}", 1)
+        prefix, _ = special_affixes(tokenizer)
+        head = prefix + tokenizer(before, add_special_tokens=False)["input_ids"]
+    else:
+        marker = "\x00text\x00"      # the review's place in the rendered conversation
+        rendered = render([{"role": "user", "content": filled.replace("{text}", marker, 1)}], chat_template,
+                          bos_token=tokenizer.bos_token or "", eos_token=tokenizer.eos_token or "",
+                          add_generation_prompt=True)
+        before, after = rendered.split(marker, 1)
+        head = encode_rendered(tokenizer, before)
     tail = tokenizer(after, add_special_tokens=False)["input_ids"]
     bodies = tokenizer([e.text for e in examples], add_special_tokens=False, verbose=False)["input_ids"]
-    room = max(1, max_length - len(head) - len(tail))
+    room = max_length - len(head) - len(tail)
+    if room < 1:
+        raise LLMLabError(f"classify.prompt takes {len(head) + len(tail)} tokens of this model's tokenizer"
+                          f"{' in its chat template' if chat_template else ''}, leaving no room for the text in "
+                          f"data.max_length = {max_length}: raise data.max_length or shorten the prompt")
     return [{"ids": head + truncate(b, room) + tail, "label": e.label} for b, e in zip(bodies, examples)]
 
 
 @torch.no_grad()
 def zero_shot_accuracy(lm: nn.Module, tokenizer, examples: list[Example], label_names: list[str], template: str,
-                       max_length: int, batch_size: int, device) -> float | None:
-    """Accuracy of predicting argmax_c logit(next token = " <name_c>") after the prompt, with ``lm`` our
-    Decoder or a transformers causal LM; None when the class names share a first token."""
-    targets = verbalizer_ids(tokenizer, label_names)
+                       max_length: int, batch_size: int, device, chat_template: str | None = None) -> float | None:
+    """Accuracy of predicting argmax_c log Σ_{v ∈ V_c} p(next token = v) after the prompt, V_c the first tokens
+    that name class c (``verbalizer_ids``), with ``lm`` our Decoder or a transformers causal LM; None when two
+    classes share a first token."""
+    targets = verbalizer_ids(tokenizer, label_names, chat=chat_template is not None)
     if targets is None:
         return None
     pad_id = tokenizer.pad_token_id
-    rows = prompt_rows(tokenizer, examples, template, label_names, max_length)
+    rows = prompt_rows(tokenizer, examples, template, label_names, max_length, chat_template)
     correct = 0
     for bucket in progress_bar(length_buckets(rows, batch_size), desc="zero-shot", unit="batch", leave=False,
                                disable=not dist.is_main()):
@@ -311,8 +335,9 @@ def zero_shot_accuracy(lm: nn.Module, tokenizer, examples: list[Example], label_
         else:
             hidden = lm.get_decoder()(input_ids=ids, attention_mask=mask).last_hidden_state
             head = lm.get_output_embeddings()
-        logits = head(last_token_states(hidden, mask))[:, targets]
-        correct += int((logits.argmax(-1).cpu() == batch["labels"]).sum())
+        logp = torch.log_softmax(head(last_token_states(hidden, mask)).float(), dim=-1)
+        scores = torch.stack([logp[:, ids].logsumexp(-1) for ids in targets], dim=-1)
+        correct += int((scores.argmax(-1).cpu() == batch["labels"]).sum())
     return correct / len(rows)
 
 
@@ -359,15 +384,17 @@ def classify_one(model_path: str, data: ClassificationData, recipe: dict, out_di
     start_run(out_dir, recipe)
     device = pick_device(cfg.device)
     model.to(device)
-    before = accuracy(model, test_rows, pad_id, c.eval_batch_size, device)
+    before = accuracy(model, test_rows, pad_id, c.eval_batch_size, device) if c.measure_before else None
     zero_shot = None
     if loaded.is_decoder and c.zero_shot and not all(n.isdigit() for n in data.label_names):
         lm = load_model(loaded.model_dir, device=device)
+        chat_template = load_template(loaded.model_dir.path) if c.chat else None
         zero_shot = zero_shot_accuracy(lm, ensure_pad_token(loaded.model_dir.tokenizer()), data.test, data.label_names,
-                                       c.prompt, max_length, c.eval_batch_size, device)
+                                       c.prompt, max_length, c.eval_batch_size, device, chat_template)
         del lm
-    print(f"llmlab classify: {model_path}: before {before:.4f}"
-          + (f", zero-shot {zero_shot:.4f}" if zero_shot is not None else ""), file=sys.stderr)
+    print(f"llmlab classify: {model_path}: "
+          + ", ".join(f"{k} {v:.4f}" for k, v in (("before", before), ("zero-shot", zero_shot)) if v is not None),
+          file=sys.stderr)
 
     sampler = BatchSampler(buckets, 1, seed=cfg.seed, shuffle=True, rank=dist.rank(),
                            world_size=dist.world_size(), collate=BucketCollate(pad_id))
@@ -389,10 +416,12 @@ def classify_one(model_path: str, data: ClassificationData, recipe: dict, out_di
     # periodic evaluation only when asked for (train.eval_every): otherwise the final accuracy is measured after
     # training, so that the training time and examples/s count training alone
     periodic = eval_fn if cfg.eval_every > 0 else None
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)   # save_fn merges LoRA in place
     summary = train(model, loss_fn, sampler, cfg, out_dir, eval_fn=periodic, save_fn=save_fn, resume=resume)
     after = summary["eval"].get("accuracy") if periodic else eval_fn(model)["accuracy"]
     result = {"model": model_path, "name": out_dir.name, "out": str(out_dir), "backend": loaded.backend,
-              "parameters": count_parameters(model), "method": c.method, "before": before, "zero_shot": zero_shot,
+              "parameters": count_parameters(model), "method": c.method,
+              "trainable_parameters": trainable, "before": before, "zero_shot": zero_shot,
               "after": after, "train_seconds": summary["seconds"],
               "steps": summary["steps"], "train_examples": len(train_rows), "test_examples": len(test_rows),
               "examples_per_s": seen["examples"] / max(summary["seconds"], 1e-9)}
@@ -413,7 +442,7 @@ def write_classify_report(results: list[dict], out_dir: Path, data: Classificati
              "| model | parameters | method | before | zero-shot | after | training time |",
              "|---|---:|---|---:|---:|---:|---:|"]
     for r in results:
-        lines.append(f"| {r['name']} | {r['parameters'] / 1e6:.1f}M | {r['method']} | {pct(r['before'])} "
+        lines.append(f"| {r['name']} | {r['parameters'] / 1e6:.1f}M | {r['method']} | {pct(r.get('before'))} "
                      f"| {pct(r['zero_shot'])} | {pct(r['after'])} | {r['train_seconds']:.0f} s |")
     (out_dir / "report.md").write_text("\n".join(lines) + "\n", encoding="utf-8")
     _plot(results, out_dir / "accuracy.png")
@@ -442,6 +471,14 @@ def _plot(results: list[dict], path: Path) -> None:
 
 # ----------------------------------------------------------------------------------------------- entry points
 
+def subsets(full: ClassificationData, d: DataSection) -> ClassificationData:
+    """The balanced training and test subsets the recipe asks for: ``data.subset_seed`` draws the training one,
+    ``data.test_subset_seed`` (default: the same seed) the test one."""
+    test_seed = d.subset_seed if d.test_subset_seed is None else d.test_subset_seed
+    return ClassificationData(balanced_subset(full.train, d.train_limit, d.subset_seed),
+                              balanced_subset(full.test, d.test_limit, test_seed), full.label_names, full.sources)
+
+
 def run(models, data_path, out_dir, recipe: dict | None = None, *, resume: bool = False) -> dict:
     """Fine-tune and evaluate each model of ``models`` (one or a list: folders, hub ids or .gguf files) on
     ``data_path``; ``recipe`` is laid over ``DEFAULTS``. Returns ``{"results": [per-model dicts], "report", "figure"}``.
@@ -453,9 +490,7 @@ def run(models, data_path, out_dir, recipe: dict | None = None, *, resume: bool 
     d = from_dict(DataSection, recipe["data"], "data")
     full = load_classification(data_path, text_field=d.text_field, label_field=d.label_field,
                                label_names=d.label_names, test=d.test, clean=d.clean_html)
-    subset = ClassificationData(balanced_subset(full.train, d.train_limit, d.subset_seed),
-                                balanced_subset(full.test, d.test_limit, d.subset_seed), full.label_names,
-                                full.sources)
+    subset = subsets(full, d)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     taken: set[str] = set()
