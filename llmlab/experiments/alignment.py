@@ -43,7 +43,7 @@ from ..errors import LLMLabError
 from ..files import write_text_atomic
 from ..report import Section
 from ..world import build as world_build
-from .common import Context, Result, spread
+from .common import Context, Result, peak_rss_mib, spread
 
 CLAIM = ("Claims tested (Rafailov et al. 2023, 'Direct Preference Optimization'; Ouyang et al. 2022; Gao et al. "
          "2023, 'Scaling Laws for Reward Model Overoptimization'): DPO reaches what RLHF with PPO reaches from the "
@@ -166,20 +166,6 @@ def _resume(run_dir: Path) -> bool:
 
 
 # --- one method, one seed, in a child process ------------------------------------------------------------------
-
-def peak_rss_mib() -> float:
-    """This process's peak resident memory in MiB: ``VmHWM`` of ``/proc/self/status`` on Linux, else
-    ``getrusage``'s ``ru_maxrss``. Not ``ru_maxrss`` on Linux: it survives fork and exec, so a child started by a
-    parent holding 600 MiB would report at least 600 MiB however little it used itself."""
-    status = Path("/proc/self/status")
-    if status.is_file():
-        for line in status.read_text(encoding="utf-8").splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024                         # kB
-    import resource
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return peak / 2**20 if sys.platform == "darwin" else peak / 1024     # bytes on macOS, KiB elsewhere
-
 
 class TracedReward:
     """PPO's reward as a function ``f(item, text)``: the reward model's score (or the world's reward), while both are

@@ -25,6 +25,7 @@ import math
 import os
 import platform
 import statistics
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -45,6 +46,8 @@ EXPERIMENTS = {       # name → (module, one line for --list)
                                    "of equal size on seq2seq tasks and LM (quality, tokens/s, KV cache)"),
     "lora-vs-full": ("lora_vs_full", "LoRA at ranks 4…64 vs full fine-tuning for SFT: exact match, trainable "
                                      "parameters, optimizer memory, time per step"),
+    "classify-bert-vs-gpt": ("classify_bert_vs_gpt", "a BERT encoder vs GPT decoders on IMDB: untrained head, "
+                            "zero-shot, linear probes by read-out position, fine-tuning; accuracy, time, memory"),
     "alignment": ("alignment", "base vs SFT vs DPO vs PPO side by side; DPO vs PPO over seeds: win rate, KL, "
                                "cost, models held, reward-model score vs true reward"),
 }
@@ -158,6 +161,20 @@ def claim_folder(out: Path, record: dict) -> None:
         raise LLMLabError(f"{out} exists and holds files that are not an experiment's; choose another --out")
     out.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(record, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+
+
+def peak_rss_mib() -> float:
+    """This process's peak resident memory in MiB: ``VmHWM`` of ``/proc/self/status`` on Linux, else
+    ``getrusage``'s ``ru_maxrss``. Not ``ru_maxrss`` on Linux: it survives fork and exec, so a child started by a
+    parent holding 600 MiB would report at least 600 MiB however little it used itself."""
+    status = Path("/proc/self/status")
+    if status.is_file():
+        for line in status.read_text(encoding="utf-8").splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024                         # kB
+    import resource
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / 2**20 if sys.platform == "darwin" else peak / 1024     # bytes on macOS, KiB elsewhere
 
 
 def machine() -> str:
