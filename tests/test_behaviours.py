@@ -145,19 +145,12 @@ def test_benign_prompts_from_the_world_and_self_instruct(world_dir):
                                                  "self-instruct:user_oriented_eval"}
 
 
-def test_world_and_jsonl_errors(tmp_path, world_dir):
+def test_world_and_self_instruct_errors(tmp_path, world_dir):
     with pytest.raises(LLMLabError, match="world.json: not found"):
         load_world_behaviours(tmp_path)
     (tmp_path / "world.json").write_text(json.dumps({"vault_code": "12ab"}))
     with pytest.raises(LLMLabError, match="vault_code"):
         load_world_behaviours(tmp_path)
-    path = tmp_path / "b.jsonl"
-    path.write_text('{"goal": "Do X", "target": "Sure"}\n{"goal": "Do Y"}\n')
-    with pytest.raises(LLMLabError, match=r"b\.jsonl:2: field 'target'"):
-        load_behaviours(path)
-    path.write_text("\n")
-    with pytest.raises(LLMLabError, match="empty file"):
-        load_behaviours(path)
     tasks = tmp_path / "tasks.jsonl"
     tasks.write_text('{"instruction": "", "input": "x"}\n')
     with pytest.raises(LLMLabError, match=r"tasks\.jsonl:1: field 'instruction'"):

@@ -38,8 +38,14 @@ def generate_replies(engine: Engine, prompts: list[list[dict]], template: str, p
                      batch_size: int = 32) -> list[Completion]:
     """One completion per prompt (message list), rendered with ``template`` and generated in batches; generation
     also stops at the template's stop strings, and replies are left-stripped (``SamplingParams.lstrip``)."""
-    params = chat.reply_params(params, template, engine.tokenizer.eos_token)
     encoded = [chat.generation_prompt_ids(engine.tokenizer, p, template) for p in prompts]
+    return generate_from_ids(engine, encoded, template, params, batch_size)
+
+
+def generate_from_ids(engine: Engine, encoded: list[list[int]], template: str, params: SamplingParams,
+                      batch_size: int = 32) -> list[Completion]:
+    """``generate_replies`` for prompts already rendered and encoded (``chat.generation_prompt_ids``)."""
+    params = chat.reply_params(params, template, engine.tokenizer.eos_token)
     out = []
     for start in range(0, len(encoded), batch_size):
         out += engine.generate(encoded[start:start + batch_size], params)

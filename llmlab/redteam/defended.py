@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from .. import chat
 from ..errors import LLMLabError
 from ..infer.engine import Engine, SamplingParams
-from ..infer.replies import generate_replies
+from ..infer.replies import generate_from_ids
 from ..world.vocab import REFUSAL
 
 Messages = list[dict]
@@ -74,11 +74,11 @@ class Answerer:
         """The model's answers. With ``skip_too_long``, a conversation that leaves the model no room to answer gets
         an empty reply (finish reason "too_long"): a red-team run counts it as an attack that could not be sent,
         where a chat would rather raise the engine's error."""
+        encoded = [chat.generation_prompt_ids(self.engine.tokenizer, m, self.template) for m in conversations]
         fits = list(range(len(conversations)))
         if self.skip_too_long:
-            fits = [i for i, m in enumerate(conversations) if self.prompt_tokens(m) < self.engine.context]
-        out = generate_replies(self.engine, [conversations[i] for i in fits], self.template, self.params,
-                               self.batch_size)
+            fits = [i for i, ids in enumerate(encoded) if len(ids) < self.engine.context]
+        out = generate_from_ids(self.engine, [encoded[i] for i in fits], self.template, self.params, self.batch_size)
         replies = [Reply("", finish_reason="too_long") for _ in conversations]
         for i, c in zip(fits, out):
             replies[i] = Reply(c.text, c.token_ids, c.finish_reason, notes={"prompt_tokens": c.prompt_tokens})
