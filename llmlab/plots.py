@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from pathlib import Path
 
 from matplotlib.backends.backend_agg import FigureCanvasAgg
@@ -16,10 +17,13 @@ from .errors import LLMLabError
 
 
 def save(fig: Figure, out_png: str | Path) -> Path:
-    """Write ``fig`` to ``out_png`` (its folder created as needed) and return the path."""
+    """Write ``fig`` to ``out_png`` (its folder created as needed) and return the path. Atomically: a reader (or
+    another process writing the same figure) never sees half a file."""
     out = Path(out_png)
     out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out)
+    tmp = out.with_name(f".{out.stem}.{os.getpid()}.tmp{out.suffix}")
+    fig.savefig(tmp)
+    tmp.replace(out)
     return out
 
 

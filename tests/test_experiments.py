@@ -283,3 +283,35 @@ def test_the_tokenizer_verdict_follows_the_numbers(char, bpe, verdict, turn):
     text, numbers = judge(per_arm)
     assert numbers["verdict"] == verdict and numbers["turns_up_at"] == turn
     assert numbers["compression_grows"] and text.split()[0] in ("Confirmed:", "Refuted", "Not")
+
+
+def test_under_torchrun_the_stages_train_data_parallel_and_rank_0_reports(corpus, tmp_path):
+    """Two CPU processes (gloo): each pre-training step sees both ranks' rows, twice the tokens of one process at
+    the same settings, and the folder holds one report and no stray temporary files."""
+    import os
+    import subprocess
+    import sys
+    args = ["experiment", "warmup", "--preset", "test", "--data", str(corpus), "--set", "lrs=[0.001]",
+            "--set", "norms=[pre]"]
+    assert cli.main(args + ["--out", str(tmp_path / "one")]) == 0
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                           "-m", "llmlab.cli", *args, "--out", str(tmp_path / "two")], env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.count("report in") == 1
+
+    def tokens(folder):
+        return json.loads((folder / "seed-0" / "pre-lr0.001-warm0" / "metrics.jsonl").read_text()
+                          .splitlines()[-1])["tokens"]
+    assert tokens(tmp_path / "two") == 2 * tokens(tmp_path / "one")
+    assert json.loads((tmp_path / "two" / "summary.json").read_text())["experiment"] == "warmup"
+    assert not list((tmp_path / "two").rglob("*.tmp*"))
+
+
+def test_an_experiment_with_child_processes_refuses_torchrun(monkeypatch, tmp_path, capsys):
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setattr("llmlab.train.dist.init_distributed", lambda device="auto": (0, 2, 0, "cpu"))
+    assert cli.main(["experiment", "alignment", "--preset", "test", "--out", str(tmp_path / "out")]) == 2
+    assert "trains its arms in child processes" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()

@@ -50,5 +50,7 @@ def _run_cli(args) -> int:
         sets.append(f"steps={args.steps}")
     result = common.run_experiment(args.name, args.out, preset=args.preset, seed=args.seed, seeds=args.seeds,
                                    sets=sets)
-    print(f"{args.name}: {result['headline']}\nreport in {result['report']}")
+    from ..train import dist
+    if dist.is_main():
+        print(f"{args.name}: {result['headline']}\nreport in {result['report']}")
     return 0

@@ -51,6 +51,7 @@ CLAIM = ("Claims tested (Rafailov et al. 2023, 'Direct Preference Optimization';
          "memory, less time), and with less variance across seeds; PPO against a learned reward model raises the "
          "reward model's score faster than the true reward (over-optimisation), held back by the KL penalty.")
 OPEN = ()
+CHILD_PROCESSES = True        # each arm trains in its own process (its peak memory is its own)
 METHODS = ("dpo", "ppo")
 NAMES = {"base": "base", "sft": "SFT", "dpo": "DPO", "ppo": "PPO"}
 RESULT = "result.json"        # in each method's run folder once trained, measured and evaluated

@@ -56,6 +56,7 @@ CLAIM = ("Question (the course's step 2.4): does a BERT-style encoder or a GPT-s
          "last real token (or averaged over all tokens): its first token's state has seen one token and knows nothing "
          "of the review, while an encoder can be read anywhere.")
 OPEN = ()
+CHILD_PROCESSES = True        # each arm trains in its own process (its peak memory is its own)
 CHILD = "child.json"          # in each fine-tuning run's folder, written by its child process when it finished
 READOUTS = ("first", "mean", "last")
 LAMBDAS = (1e-4, 1e-3, 1e-2, 1e-1, 1.0, 10.0)

@@ -8,12 +8,18 @@ An experiment is a module with
               ("model", "train"): ``--set model.d_model=64`` passes; any other key must exist in the preset
     run(ctx)  trains and measures through the stage entry points and returns a ``Result``
     check_settings(settings)  (optional) refuses bad settings before the output folder is claimed
+    CHILD_PROCESSES  (optional) True when ``run`` trains its arms in child processes, which ``torchrun`` cannot
+              reach; SINGLE_PROCESS when it trains in one process only: either refuses to start under ``torchrun``
 
 ``run_experiment`` resolves the settings (preset, then ``--set``), refuses an ``--out`` folder that holds another
 experiment or other settings (``experiment.json``), calls ``run`` and writes ``report.md``, ``report.html`` and
 ``summary.json`` (the settings, the seeds, the machine, the wall time and every number the report shows).
 Resume: each arm of each seed is a stage run in its own folder (``ctx.run_dir(arm, seed)``) that the stage resumes
 from its checkpoints, or skips when it is finished; a rerun with more seeds trains only the new ones.
+
+Under ``torchrun`` every process runs the experiment: the stages it calls train data-parallel (DDP) over all of
+them, the measurements are repeated in each (they are cheap next to training), and only rank 0 claims the folder
+and writes the report.
 """
 from __future__ import annotations
 
@@ -99,6 +105,16 @@ def show(s: dict, digits: int = 4) -> str:
     if not math.isfinite(s["mean"]):
         return " / ".join(f"{v:.{digits}g}" for v in s["values"])
     return f"{s['mean']:.{digits}g} ± {s['std']:.2g}"
+
+
+def rank_0_first(fn, *args, **kwargs):
+    """``fn(*args, **kwargs)`` on rank 0, then, after a barrier, on the other ``torchrun`` ranks: a step that writes
+    its result once and reuses it when it exists (a shared tokenizer, the world, token shards) is done by one
+    process, and the others read what it wrote. In a single process, just the call."""
+    from ..train import dist
+    result = fn(*args, **kwargs) if dist.is_main() else None
+    dist.barrier()
+    return result if dist.is_main() else fn(*args, **kwargs)
 
 
 # --- settings --------------------------------------------------------------------------------------------------
@@ -207,7 +223,17 @@ def run_experiment(name: str, out_dir, *, preset: str = "default", seed: int = 0
     if count < 1:
         raise LLMLabError(f"--seeds {count}: must be at least 1")
     out = Path(out_dir)
-    claim_folder(out, {"experiment": name, "preset": preset, "settings": settings})
+    from ..train import dist
+    world = dist.init_distributed()[1]
+    if world > 1 and getattr(module, "CHILD_PROCESSES", False):
+        raise LLMLabError(f"experiment {name} trains its arms in child processes, which torchrun's process group "
+                          "cannot reach: run it without torchrun")
+    if world > 1 and getattr(module, "SINGLE_PROCESS", False):
+        raise LLMLabError(f"experiment {name} trains in one process (its own loop has no data parallelism): run "
+                          "it without torchrun")
+    if dist.is_main():
+        claim_folder(out, {"experiment": name, "preset": preset, "settings": settings})
+    dist.barrier()
     ctx = Context(name=name, out=out, preset=preset, settings=settings, seeds=list(range(seed, seed + count)))
     start = time.perf_counter()
     result = module.run(ctx)
@@ -221,5 +247,7 @@ def run_experiment(name: str, out_dir, *, preset: str = "default", seed: int = 0
                     table=[["setting", "value"]] + settings_table(settings))
     summary = {"experiment": name, "preset": preset, "seeds": ctx.seeds, "settings": settings, "date": when,
                "machine": host, "wall_seconds": wall, **result.summary}
-    paths = write_report(out, result.title, module.CLAIM, [setup, *result.sections], summary)
-    return {"report": str(paths["md"]), "headline": result.headline, "summary": summary}
+    if dist.is_main():
+        write_report(out, result.title, module.CLAIM, [setup, *result.sections], summary)
+    dist.barrier()
+    return {"report": str(out / "report.md"), "headline": result.headline, "summary": summary}

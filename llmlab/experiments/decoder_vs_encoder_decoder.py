@@ -50,6 +50,7 @@ CLAIM = ("Claim tested (the textbook answer to 'why decoder-only?'): at equal pa
          "training signal, while the encoder-decoder needs every example cut into a source and a target. The run "
          "below measures both sides on the task world at a small scale and says which parts hold.")
 OPEN = ()
+SINGLE_PROCESS = True         # its own training loop runs in one process (no DDP)
 _MODEL = {"d_model": 64, "n_head": 4, "encoder_layers": 3, "decoder_layers": 3, "max_seq_len": 128,
           "norm": "rmsnorm", "pos": "learned"}
 _COMMON = {"kinds": ["reverse", "sort", "arithmetic"], "world_seed": 0, "heldout_frac": 0.2, "max_operand": 20,

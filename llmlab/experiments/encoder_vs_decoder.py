@@ -32,7 +32,7 @@ from ..data.shards import TokenShards
 from ..errors import LLMLabError
 from ..hub.load import load_our_model
 from ..infer.engine import Engine, SamplingParams, next_tokens
-from ..plots import read_metrics
+from ..plots import read_metrics, save
 from ..report import Section
 from ..tokenizer import load_tokenizer
 from ..stages import pretrain
@@ -161,7 +161,7 @@ def bar_chart(values: dict[str, float], path: Path) -> None:
     ax.set_ylabel("held-out perplexity (log scale)")
     ax.set_title("next-token perplexity, left context only")
     fig.tight_layout()
-    fig.savefig(path)
+    save(fig, path)
 
 
 def last_value(run: Path, key: str) -> float | None:

@@ -40,7 +40,7 @@ from ..stages import pretrain, sft
 from ..stages.common import load_trainable, resolve_recipe
 from ..train.checkpoint import list_checkpoints
 from ..world import build as world_build
-from .common import Context, Result, show, spread
+from .common import Context, Result, rank_0_first, show, spread
 
 CLAIM = ("Claim tested (Hu et al. 2021, 'LoRA: Low-Rank Adaptation of Large Language Models'): fine-tuning only a "
          "low-rank update B·A of the weight matrices, at a modest rank, nearly matches full fine-tuning in quality, "
@@ -214,20 +214,25 @@ def train_arm(ctx: Context, world: Path, base: Path, name: str, rank: int, seed:
     torch.manual_seed(seed)                      # the LoRA A matrices' initial draw
     summary = sft.run(str(base), str(world / "sft_train.jsonl"), str(run_dir),
                       sft_recipe(ctx.settings, world, rank, seed), resume=(run_dir / "checkpoints").is_dir())
-    records = read_metrics(run_dir / "metrics.jsonl")
-    result = {"exact_match": float(summary.get("exact_match", math.nan)),
-              "val_loss": float(summary["val_loss"]) if summary.get("val_loss") is not None else math.nan,
-              "final_loss": series(records, "loss")[1][-1], "seconds_per_step": seconds_per_step(records),
-              "adam_bytes_measured": adam_bytes(run_dir)}
-    write_text_atomic(done, json.dumps(result, indent=2) + "\n")
-    return result
+
+    def measure() -> dict:      # rank 0 (which evaluated and wrote the metrics) measures; the others read it
+        if done.is_file():
+            return json.loads(done.read_text(encoding="utf-8"))
+        records = read_metrics(run_dir / "metrics.jsonl")
+        result = {"exact_match": float(summary.get("exact_match", math.nan)),
+                  "val_loss": float(summary["val_loss"]) if summary.get("val_loss") is not None else math.nan,
+                  "final_loss": series(records, "loss")[1][-1], "seconds_per_step": seconds_per_step(records),
+                  "adam_bytes_measured": adam_bytes(run_dir)}
+        write_text_atomic(done, json.dumps(result, indent=2) + "\n")
+        return result
+    return rank_0_first(measure)
 
 
 # --- the experiment --------------------------------------------------------------------------------------------
 
 def run(ctx: Context) -> Result:
     s = ctx.settings
-    world = prepare_world(ctx.out, s)
+    world = rank_0_first(prepare_world, ctx.out, s)
     base = prepare_base(ctx.out, s, world)
     results = {}
     for seed in ctx.seeds:                       # seed by seed: an interrupted run has whole seeds to show

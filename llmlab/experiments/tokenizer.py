@@ -45,7 +45,7 @@ from ..report import Section
 from ..stages import pretrain
 from ..stages.common import deep_merge
 from ..tokenizer import BYTE_ALPHABET_SIZE, SPECIAL_TOKENS, load_tokenizer, save_tokenizer, train_bpe, train_char
-from .common import Context, Result, show, spread
+from .common import Context, Result, rank_0_first, show, spread
 from .warmup import place_shards
 
 WORLD = "world"                 # corpus: the built-in task world's pre-training corpus (world preset: ``world``)
@@ -273,11 +273,12 @@ def run(ctx: Context) -> Result:
     s = ctx.settings
     check(s)
     steps, window = int(s["steps"]), int(s["data"]["max_length"])
-    train_file, docs, eval_docs = prepare_corpus(ctx.out, s)
+    train_file, docs, eval_docs = rank_0_first(prepare_corpus, ctx.out, s)
     n_bytes = sum(len(d.encode("utf-8")) for d in eval_docs)
-    tokenizers = {name: prepare_tokenizer(ctx.out, name, vocab, train_file, docs) for name, vocab in arms(s)}
+    tokenizers = {name: rank_0_first(prepare_tokenizer, ctx.out, name, vocab, train_file, docs)
+                  for name, vocab in arms(s)}
     kept, saturated = distinct_vocabularies(tokenizers)
-    shards = {name: shared_shards(ctx.out, name, s, train_file, tokenizers[name]) for name in kept}
+    shards = {name: rank_0_first(shared_shards, ctx.out, name, s, train_file, tokenizers[name]) for name in kept}
     for seed in ctx.seeds:                     # seed by seed: an interrupted run has whole seeds to show
         for name in kept:
             run_dir = ctx.run_dir(name, seed)

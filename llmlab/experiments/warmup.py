@@ -36,7 +36,7 @@ from ..report import Section
 from ..stages import pretrain
 from ..stages.common import deep_merge
 from ..tokenizer import save_tokenizer, train_char
-from .common import Context, Result, show, spread
+from .common import Context, Result, rank_0_first, show, spread
 
 CLAIM = ("Claim tested: a post-norm Transformer trained with Adam and no learning-rate warm-up diverges at learning "
          "rates where the same model with warm-up trains, while a pre-norm Transformer needs warm-up much less "
@@ -167,12 +167,12 @@ def run(ctx: Context) -> Result:
     s = ctx.settings
     check(s)
     corpus, steps, warm, trace = str(s["corpus"]), int(s["steps"]), int(s["warmup"]), int(s["trace"])
-    tokenizer = shared_tokenizer(ctx.out, corpus)
-    shards = shared_shards(ctx.out, s, corpus, tokenizer)
+    tokenizer = rank_0_first(shared_tokenizer, ctx.out, corpus)
+    shards = rank_0_first(shared_shards, ctx.out, s, corpus, tokenizer)
     for seed in ctx.seeds:                       # seed by seed: an interrupted run has whole seeds to show
         for name, norm, lr, w in arms(s):
             run_dir = ctx.run_dir(name, seed)
-            place_shards(shards, run_dir)
+            rank_0_first(place_shards, shards, run_dir)
             pretrain.run(None, None, run_dir, recipe(s, corpus, tokenizer, norm, lr, w, seed),
                          resume=(run_dir / "checkpoints").is_dir())
     unigram = unigram_loss(shards)

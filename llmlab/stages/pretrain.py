@@ -170,6 +170,10 @@ class MaskedLM(nn.Module):
             raise LLMLabError("the encoder's masked-LM objective needs a tokenizer with a mask token (<|mask|>); "
                               "use tokenizer.kind=char or bpe, or a tokenizer that has one")
         self.lm, self.probability = lm, probability
+        # the [CLS] pooler has no loss in masked-LM pre-training (BERT trained it with next-sentence prediction):
+        # frozen at its initialisation, so that DDP does not wait for a gradient that never comes
+        for p in lm.pooler.parameters():
+            p.requires_grad_(False)
         self.mask_id = ids["mask"]
         self.special = sorted({i for i in ids.values() if i is not None})
 
