@@ -165,7 +165,7 @@ def test_max_length_end_to_end(corpus, tmp_path):
         assert (out / "seed-0" / f"sft-M{n}" / "model" / "config.json").is_file()
     short, full = effect["arms"]["64"], effect["arms"]["128"]
     assert short["truncated"] > 0 and short["answer_tokens_kept"] < full["answer_tokens_kept"] <= 1.0
-    assert full["gap_past"] is None and math.isfinite(short["gap_past"]["mean"])
+    assert full["gap_past"] is None and math.isfinite(short["gap_past"]["mean"] + short["gap_before"]["mean"])
     assert short["loss_past_reference"]["mean"] == pytest.approx(short["loss_past"]["mean"] - short["gap_past"]["mean"])
     assert f"| 64 | {short['truncated']:.1%} ({short['dropped']:.1%}) | {short['answer_tokens_kept']:.1%} |" in report
     assert "not measured" not in report and re.search(r"is (confirmed|refuted|partly confirmed)", report)

@@ -229,7 +229,7 @@ def measure(ctx: Context, paths: dict[str, Path], tokenizer) -> dict:
     arms = {}
     for n in lengths:
         losses = [loss for _, loss in reads[n]]
-        past = positions >= n
+        past, before = positions >= n, (positions >= n // 2) & (positions < n)
         arms[n] = {
             **training_counts(train, tokenizer, n),
             "loss_all": spread([float(v.mean()) for v in losses]),
@@ -239,6 +239,8 @@ def measure(ctx: Context, paths: dict[str, Path], tokenizer) -> dict:
             "loss_past_reference": spread([_mean(r, past) for r in reference]) if past.any() else None,
             "gap_past": (spread([_mean(v, past) - _mean(r, past) for v, r in zip(losses, reference)])
                          if past.any() else None),
+            "gap_before": (spread([_mean(v, before) - _mean(r, before) for v, r in zip(losses, reference)])
+                           if past.any() else None),
             "by_bucket": [[_mean(v, bucket == b) for b in present] for v in losses]}
     return {"context": context, "shortest": shortest, "heldout": len(held), "train": len(train),
             "answer_tokens": len(positions), "answer_tokens_short": int(first.sum()),
@@ -283,12 +285,12 @@ def effect_section(s: dict, effect: dict) -> Section:
     lo, top = effect["shortest"], effect["context"]
     rows = [["max_length M", "train conversations cut (dropped)", "train answer tokens kept", "loss, all answer tokens",
              f"loss, positions < {lo}", "loss, positions ≥ M (never trained at M)", f"same tokens, M = {top} model",
-             "difference"]]
+             "difference", "difference, positions M/2 … M − 1"]]
     for n, a in effect["arms"].items():
         rows.append([str(n), f"{a['truncated']:.1%} ({a['dropped']:.1%})", f"{a['answer_tokens_kept']:.1%}",
                      show(a["loss_all"]), show(a["loss_short"]),
-                     *([show(a["loss_past"]), show(a["loss_past_reference"]), _signed(a["gap_past"])]
-                       if a["gap_past"] else ["–", "–", "–"])])
+                     *([show(a["loss_past"]), show(a["loss_past_reference"]), _signed(a["gap_past"]),
+                        _signed(a["gap_before"])] if a["gap_past"] else ["–"] * 4)])
     return Section("SFT: what a max_length does to the fine-tuned model", table=rows, figures=[FIGURE], text=(
         f"{effect['train']} training conversations, {effect['heldout']} held out. One base, pre-trained once on the "
         f"training conversations' text (`llmlab pretrain`, {s['sft_pretrain_steps']} steps of {s['sft_batch_size']} "
@@ -339,7 +341,8 @@ def verdict(effect: dict) -> str:
              + "; ".join(f"{_signed(a['gap_past'])} nats at M = {n} (higher in {counts[n]} of {seeds} seeds)"
                          for n, a in short.items()) + "."]
     lines.append(f"On the first {lo} positions, which every arm trained on, the same difference was "
-                 + "; ".join(f"{_signed(a['gap_short'])} at M = {n}" for n, a in short.items()) + ": " + _where(short))
+                 + "; ".join(f"{_signed(a['gap_short'])} at M = {n}" for n, a in short.items()) + ". "
+                 + _where(short))
     lines.append("Every arm took the same steps on the same number of conversations, but a cut arm learns from fewer "
                  "answer tokens (" + ", ".join(f"{a['answer_tokens_kept']:.0%} kept at M = {n}"
                                                 for n, a in effect["arms"].items())
@@ -350,15 +353,18 @@ def verdict(effect: dict) -> str:
 
 
 def _where(short: dict) -> str:
-    """Whether the extra loss of the cut arms sits at the positions the cut removed, from the two gaps' means."""
-    larger = all(a["gap_past"]["mean"] > a["gap_short"]["mean"] for a in short.values())
-    early = [_direction(a["gap_short"]) for a in short.values()]
-    if larger and all(d == "mixed" for d in early):
-        return "no consistent difference there, so the extra loss is at the positions the cut removed."
-    if larger:
-        return ("the cut arms are worse there too (they learned from fewer answer tokens), but less than past M, "
-                "where the cut removed the tokens.")
-    return "no smaller than past M, so the difference is not specific to the positions a cut removed."
+    """Whether the extra loss of the cut arms starts at M: the difference past M against the one just before M
+    (positions M/2 … M − 1, which the arm trained on), seed by seed."""
+    jumps = {n: [p - b for p, b in zip(a["gap_past"]["values"], a["gap_before"]["values"])]
+             for n, a in short.items()}
+    text = ("Just before M (positions M/2 … M − 1, which the arm trained on) the difference was "
+            + "; ".join(f"{_signed(a['gap_before'])} at M = {n}" for n, a in short.items()) + ": ")
+    if all(all(j > 0 for j in v) for v in jumps.values()):
+        return text + ("smaller than past M in every seed, so the loss rises where the cut removed the positions, "
+                       "on top of what fewer answer tokens cost everywhere.")
+    return text + ("not smaller than past M in every seed, so the loss does not rise at M: the extra loss is "
+                   "spread over the answer, as from learning on fewer answer tokens, rather than set by the "
+                   "positions the cut removed.")
 
 
 def draw(ctx: Context, effect: dict) -> None:
