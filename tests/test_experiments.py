@@ -1,6 +1,7 @@
 """``llmlab experiment``: the list, a ``test``-preset warmup run end to end on a tiny local text, its resume, its
 report, and the errors for bad input."""
 import json
+import math
 import re
 from pathlib import Path
 
@@ -133,9 +134,9 @@ def test_max_length_end_to_end(corpus, tmp_path):
     out = tmp_path / "max-length"
     pairs = tmp_path / "pairs.jsonl"
     with pairs.open("w") as f:
-        for i, line in enumerate(LINES):
-            prompt = f"\n\nHuman: {line}" * (1 + 3 * i)          # longer and longer prompts: later answers are cut
-            f.write(json.dumps({"chosen": f"{prompt}\n\nAssistant: {LINES[-1 - i]}",
+        for i in range(8):                     # one or two prompt lines, answers of one to four lines
+            prompt = f"\n\nHuman: {LINES[i % 4]}" * (1 + i % 2)
+            f.write(json.dumps({"chosen": f"{prompt}\n\nAssistant: {' '.join(LINES[:1 + i // 2])}",
                                 "rejected": f"{prompt}\n\nAssistant: no."}) + "\n")
     assert cli.main(["experiment", "max-length", "--preset", "test", "--data", str(corpus), "--out", str(out),
                      "--set", f"sft_data={pairs}"]) == 0
@@ -150,11 +151,26 @@ def test_max_length_end_to_end(corpus, tmp_path):
         row = f"| {arm['pos']} | {arm['length']} | {show(arm['loss_short'])} | {show(arm['loss_own'])} | "
         assert row in report, (row, report)
     cuts = summary["sft"]["cuts"]
-    assert summary["sft"]["conversations"] == 4
-    assert cuts["16"]["examples_cut"] >= cuts["32"]["examples_cut"] >= cuts["64"]["examples_cut"]
-    assert cuts["16"]["examples_cut"] == 1.0 and 0 < cuts["16"]["answer_tokens_cut"] <= 1
-    assert f"| 16 | {cuts['16']['examples_cut']:.1%} | {cuts['16']['answer_tokens_cut']:.1%} |" in report
-    for name in ("report.html", "throughput.png", "step_profile.png", "loss_by_position.png"):
+    assert summary["sft"]["conversations"] == 8
+    assert cuts["32"]["examples_cut"] >= cuts["64"]["examples_cut"] >= cuts["128"]["examples_cut"]
+    assert cuts["32"]["answers_lost"] == 1.0 and 0 < cuts["64"]["answer_tokens_cut"] < 1
+    assert f"| 64 | {cuts['64']['examples_cut']:.1%} | {cuts['64']['answer_tokens_cut']:.1%} |" in report
+    effect = summary["sft_effect"]                  # SFT at max_length 64 and 128, read on the same held-out set
+    assert (effect["context"], effect["heldout"], effect["train"]) == (128, 2, 6)
+    assert list(effect["arms"]) == ["64", "128"] and effect["answer_tokens_past"]["64"] > 0
+    for n, a in effect["arms"].items():
+        assert a["loss_all"]["n"] == len(summary["seeds"]) == 1
+        assert all(0 < a[k]["mean"] < 20 for k in ("loss_all", "loss_short"))
+        assert len(a["by_bucket"][0]) == len(effect["bucket_starts"])
+        assert (out / "seed-0" / f"sft-M{n}" / "model" / "config.json").is_file()
+    short, full = effect["arms"]["64"], effect["arms"]["128"]
+    assert short["truncated"] > 0 and short["answer_tokens_kept"] < full["answer_tokens_kept"] <= 1.0
+    assert full["gap_past"] is None and math.isfinite(short["gap_past"]["mean"] + short["gap_before"]["mean"])
+    assert short["loss_past_reference"]["mean"] == pytest.approx(short["loss_past"]["mean"] - short["gap_past"]["mean"])
+    assert f"| 64 | {short['truncated']:.1%} ({short['dropped']:.1%}) | {short['answer_tokens_kept']:.1%} |" in report
+    assert "not measured" not in report and re.search(r"is (confirmed|refuted|partly confirmed)", report)
+    for name in ("report.html", "throughput.png", "step_profile.png", "loss_by_position.png",
+                 "sft_loss_by_position.png"):
         assert (out / name).stat().st_size > 0
 
 

@@ -20,7 +20,10 @@ With ``--set sft_data=PATH`` (a JSONL file of preference pairs, e.g. HH-RLHF's
 ``../shared/data/hh-rlhf/harmless-base/test.jsonl.gz``) it also counts, for SFT on each pair's prompt + chosen
 reply rendered with the ``llmlab`` chat template and a byte-level BPE tokenizer of ``sft_vocab`` tokens trained on
 those conversations, the share of examples longer than each max_length in ``sft_lengths`` and the share of answer
-tokens (the tokens SFT learns) that a cut at that length throws away.
+tokens (the tokens SFT learns) that a cut at that length throws away; and it measures what the cut does to a
+model: one base pre-trained on the conversations' text, fine-tuned per seed by ``llmlab sft`` at each max_length
+of ``sft_train_lengths`` for the same steps, every model read on the same held-out answer tokens, by position
+(``max_length_sft.py``; ``--set sft_train_lengths=[]`` only counts).
 """
 from __future__ import annotations
 
@@ -33,8 +36,6 @@ import torch
 import torch.nn.functional as F
 import yaml
 
-from ..chat import DEFAULT_TEMPLATE, TEMPLATES, encode_chat
-from ..data.chat_data import load_pairs
 from ..data.shards import TokenShards
 from ..errors import LLMLabError
 from ..losses import lm_loss
@@ -44,8 +45,9 @@ from ..plots import bar_chart, curve_grid, read_metrics
 from ..report import Section
 from ..stages import pretrain
 from ..stages.common import deep_merge
-from ..tokenizer import load_tokenizer, save_tokenizer, train_bpe
+from ..tokenizer import load_tokenizer
 from ..train.checkpoint import load_latest
+from . import max_length_sft
 from .common import Context, Result, show, spread
 
 CLAIM = ("Claims tested: (1) a longer training row costs more per token, because attention's cost grows as T² in "
@@ -60,16 +62,20 @@ PRESETS = {
     "test": {"seeds": 1, "corpus": "tinyshakespeare", "lengths": [16, 32], "eval_length": 64, "tokens": 2048,
              "positions": ["learned", "rope"], "batch_size": 4, "eval_windows": 4, "profile_repeats": 2,
              "model": {**_MODEL, "n_layer": 1, "n_head": 2, "d_model": 16},
-             "sft_data": None, "sft_lengths": [16, 32, 64], "sft_vocab": 300,
+             "sft_data": None, "sft_lengths": [32, 64, 128], "sft_vocab": 300, "sft_train_lengths": [64, 128],
+             "sft_heldout": 2, "sft_pretrain_steps": 4, "sft_steps": 4, "sft_batch_size": 2, "sft_lr": 1e-3,
              "data": {}, "train": {**_TRAIN, "warmup_steps": 2, "eval_batches": 1, "progress": False}},
     "default": {"seeds": 3, "corpus": "tinyshakespeare", "lengths": [64, 128, 256, 512], "eval_length": 1024,
                 "tokens": 400_000, "positions": ["learned", "rope"], "batch_size": 8, "eval_windows": 16,
                 "profile_repeats": 5, "sft_data": None, "sft_lengths": [128, 256, 512, 1024, 2048],
-                "sft_vocab": 4096, "model": dict(_MODEL), "data": {}, "train": dict(_TRAIN)},
+                "sft_vocab": 4096, "sft_train_lengths": [128, 256, 512], "sft_heldout": 200,
+                "sft_pretrain_steps": 200, "sft_steps": 100, "sft_batch_size": 8, "sft_lr": 1e-3,
+                "model": dict(_MODEL), "data": {}, "train": dict(_TRAIN)},
     "large": {"seeds": 3, "corpus": "tinyshakespeare", "lengths": [128, 256, 512, 1024, 2048], "eval_length": 4096,
               "tokens": 20_000_000, "positions": ["learned", "rope"], "batch_size": 16, "eval_windows": 64,
               "profile_repeats": 10, "sft_data": None, "sft_lengths": [128, 256, 512, 1024, 2048, 4096],
-              "sft_vocab": 8192, "model": {**_MODEL, "n_layer": 8, "n_head": 8, "d_model": 512},
+              "sft_vocab": 8192, "sft_train_lengths": [128, 256, 512, 1024], "sft_heldout": 500,
+              "sft_pretrain_steps": 3000, "sft_steps": 2000, "sft_batch_size": 16, "sft_lr": 3e-4, "model": {**_MODEL, "n_layer": 8, "n_head": 8, "d_model": 512},
               "data": {}, "train": dict(_TRAIN)},
 }
 
@@ -88,6 +94,8 @@ def check(s: dict) -> None:
     if int(s["tokens"]) < int(s["batch_size"]) * max(lengths):
         raise LLMLabError(f"max-length: tokens ({s['tokens']}) must cover at least one batch of the longest rows "
                           f"({s['batch_size']} × {max(lengths)})")
+    if s.get("sft_data"):
+        max_length_sft.check(s)
 
 
 def steps_for(s: dict, length: int) -> int:
@@ -179,43 +187,6 @@ def step_profile(s: dict, vocab: int, length: int) -> dict:
             "activation_mib": sum(saved.values()) / 2**20}
 
 
-def sft_cuts(s: dict, out: Path) -> dict:
-    """For each max_length M of ``sft_lengths``: the share of conversations longer than M, the share of answer
-    tokens past M (cut away, so never learned), and the share of conversations whose answer is cut entirely."""
-    pairs = load_pairs(s["sft_data"])
-    conversations = [p["prompt"] + [{"role": "assistant", "content": p["chosen"]}] for p in pairs]
-    folder = out / "sft_tokenizer"
-    if not (folder / "tokenizer.json").is_file():
-        texts = (m["content"] for c in conversations for m in c)
-        save_tokenizer(train_bpe(texts, int(s["sft_vocab"])), folder)
-    tokenizer = load_tokenizer(folder)
-    template = TEMPLATES[DEFAULT_TEMPLATE]
-    masks = [encode_chat(tokenizer, c, template)[1] for c in conversations]
-    answers = sum(sum(m) for m in masks)
-    lengths = sorted(len(m) for m in masks)
-    table = {}
-    for limit in (int(n) for n in s["sft_lengths"]):
-        table[limit] = {"examples_cut": sum(len(m) > limit for m in masks) / len(masks),
-                        "answer_tokens_cut": sum(sum(m[limit:]) for m in masks) / max(answers, 1),
-                        "answers_lost": sum(sum(m[:limit]) == 0 for m in masks) / len(masks)}
-    return {"conversations": len(masks), "tokens_median": lengths[len(lengths) // 2],
-            "tokens_p90": lengths[int(0.9 * (len(lengths) - 1))], "tokens_max": lengths[-1], "cuts": table}
-
-
-def sft_section(s: dict, cuts: dict) -> Section:
-    rows = [["max_length", "examples cut", "answer tokens cut", "examples with no answer token left"]]
-    for limit, c in cuts["cuts"].items():
-        rows.append([str(limit), f"{c['examples_cut']:.1%}", f"{c['answer_tokens_cut']:.1%}",
-                     f"{c['answers_lost']:.1%}"])
-    return Section("SFT: what a max_length cuts", table=rows, text=(
-        f"`{s['sft_data']}`: {cuts['conversations']} conversations (prompt + chosen reply) in the `llmlab` chat "
-        f"template, tokenized by a {s['sft_vocab']}-token byte-level BPE trained on them; median "
-        f"{cuts['tokens_median']} tokens, 90th percentile {cuts['tokens_p90']}, longest {cuts['tokens_max']}. "
-        "Truncation keeps the first max_length tokens: the answer comes last, so it is what a cut removes first, "
-        "and an example cut before its answer teaches nothing at all. (The effect of each cut on a trained model "
-        "is not measured here.)"))
-
-
 def throughput(run: Path) -> float:
     values = [r["tokens_per_s"] for r in read_metrics(run / "metrics.jsonl")[1:] if "tokens_per_s" in r]
     return statistics.median(values) if values else math.nan
@@ -255,7 +226,7 @@ def run(ctx: Context) -> Result:
     vocab = len(load_tokenizer(ctx.run_dir(arms(s)[0][0], ctx.seeds[0]) / "tokenizer"))
     profile = {int(length): step_profile(s, vocab, int(length)) for length in s["lengths"]}
     figures = draw(ctx, s, per_arm, curves, profile)
-    cuts = sft_cuts(s, ctx.out) if s.get("sft_data") else None
+    cuts, effect, sft_figures = max_length_sft.run(ctx) if s.get("sft_data") else (None, None, [])
     return Result(
         title="What the sequence length does: cost, memory, and positions past the trained length",
         setup=(f"Corpus `{corpus}`, a character tokenizer; a GPT-2-style model (settings below) with a context of "
@@ -269,12 +240,13 @@ def run(ctx: Context) -> Result:
                           figures=figures[:2]),
                   Section("Loss by position", text=POSITIONS.format(shortest=shortest, eval_length=eval_length),
                           table=loss_table(s, per_arm, shortest), figures=figures[2:]),
-                  *([sft_section(s, cuts)] if cuts else []),
+                  *([max_length_sft.cuts_section(s, cuts, effect)] if cuts else []),
+                  *([max_length_sft.effect_section(s, effect)] if effect else []),
                   Section("What the numbers mean", text=MEANING)],
-        summary={"arms": per_arm, "profile": profile, "sft": cuts, "position_loss": {k: [c.tolist() for c in v]
+        summary={"arms": per_arm, "profile": profile, "sft": cuts, "sft_effect": effect, "position_loss": {k: [c.tolist() for c in v]
                                                                         for k, v in curves.items()}},
         headline=headline(s, per_arm, profile),
-        figures=figures)
+        figures=figures + sft_figures)
 
 
 def cost_table(s: dict, per_arm: dict, profile: dict) -> list[list[str]]:
@@ -386,4 +358,5 @@ Past its trained length a model meets inputs it never saw: position-embedding ro
 a rotary model still copes, is what the last column and the figure show. Training at the length a model is used \
 at (or fine-tuning there, or rescaling RoPE) is the remedy; max_length at training time is the practical context \
 limit. For SFT, the answer is the end of an example, so a max_length below the long tail cuts answers first: the \
-table above shows how much of HH-RLHF each choice throws away."""
+SFT tables above show how much of HH-RLHF each choice throws away, and how a model fine-tuned with that cut reads \
+the answer tokens past it."""
