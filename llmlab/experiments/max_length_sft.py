@@ -41,7 +41,7 @@ from ..stages import pretrain, sft
 from ..stages.common import deep_merge
 from ..stages.logprobs import token_logps
 from ..tokenizer import load_tokenizer, save_tokenizer, train_bpe
-from .common import Context, show, spread
+from .common import Context, rank_0_first, show, spread
 
 BASE = "sft-base"                 # DIR/sft-base: the pre-trained base; DIR/seed-N/sft-M<M>: each fine-tuned arm
 FIGURE = "sft_loss_by_position.png"
@@ -252,11 +252,11 @@ def run(ctx: Context) -> tuple[dict, dict | None, list[str]]:
     """(cuts, effect or None when ``sft_train_lengths`` is empty, figures)."""
     s = ctx.settings
     conversations = conversations_of(s)
-    tokenizer = tokenizer_for(s, ctx.out, conversations)
+    tokenizer = rank_0_first(tokenizer_for, s, ctx.out, conversations)
     counted = cuts(s, conversations, tokenizer)
     if not train_lengths(s):
         return counted, None, []
-    paths = split(s, ctx.out, conversations)
+    paths = rank_0_first(split, s, ctx.out, conversations)
     train_all(ctx, paths)
     effect = measure(ctx, paths, tokenizer)
     draw(ctx, effect)
