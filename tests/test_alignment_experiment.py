@@ -92,7 +92,7 @@ def test_a_rerun_trains_nothing_and_an_interrupted_ppo_resumes(align_run, monkey
 
     def no_child(*args, **kwargs):
         raise AssertionError("a finished method was trained again")
-    monkeypatch.setattr(alignment.subprocess, "run", no_child)
+    monkeypatch.setattr("subprocess.run", no_child)
     assert run_cli(align_run) == 0
     assert [p.read_bytes() for p in metrics] == before
     monkeypatch.undo()

@@ -35,15 +35,13 @@ from __future__ import annotations
 import json
 import math
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 from ..errors import LLMLabError
 from ..files import write_text_atomic
 from ..report import Section
 from ..world import build as world_build
-from .common import Context, Result, peak_rss_mib, spread
+from .common import Context, Result, peak_rss_mib, run_child, spread
 
 CLAIM = ("Claims tested (Rafailov et al. 2023, 'Direct Preference Optimization'; Ouyang et al. 2022; Gao et al. "
          "2023, 'Scaling Laws for Reward Model Overoptimization'): DPO reaches what RLHF with PPO reaches from the "
@@ -221,16 +219,8 @@ def train_method(ctx: Context, shared: dict, method: str, seed: int) -> dict:
             "data": str(data), "out": str(out), "recipe": recipes(s, world, seed)[method],
             "ppo_reward": s["ppo_reward"], "rollout_batch": int(s["rollout_batch"])}
     out.mkdir(parents=True, exist_ok=True)
-    spec_path = out.parent / f"{method}-spec.json"
-    write_text_atomic(spec_path, json.dumps(spec, indent=2, default=str) + "\n")
-    root = str(Path(__file__).resolve().parents[2])
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")]))}
-    code = "import sys; from llmlab.experiments.alignment import child_main; child_main(sys.argv[1])"
-    done = subprocess.run([sys.executable, "-c", code, str(spec_path)], env=env)
-    if done.returncode != 0 or not (out / CHILD).is_file():
-        raise LLMLabError(f"alignment: {method} for seed {seed} failed in its child process (exit code "
-                          f"{done.returncode}; its error is printed above); rerun the same command to resume it")
-    return json.loads((out / CHILD).read_text(encoding="utf-8"))
+    return run_child(__name__, spec, out.parent / f"{method}-spec.json", out / CHILD,
+                     f"alignment: {method} for seed {seed}")
 
 
 # --- measuring -------------------------------------------------------------------------------------------------

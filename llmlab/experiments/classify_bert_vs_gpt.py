@@ -35,8 +35,6 @@ import importlib
 import importlib.util
 import json
 import os
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -47,7 +45,7 @@ from ..errors import LLMLabError
 from ..files import write_text_atomic
 from ..plots import bar_chart
 from ..report import Section
-from .common import Context, Result, peak_rss_mib, show, spread
+from .common import Context, Result, peak_rss_mib, run_child, show, spread
 
 CLAIM = ("Question (the course's step 2.4): does a BERT-style encoder or a GPT-style decoder classify IMDB reviews "
          "better, and where must a decoder be read? Claims tested: (1) fine-tuned, the pretrained models beat the "
@@ -212,19 +210,9 @@ def fine_tune(ctx: Context, m: dict, path: str, seed: int) -> dict:
     out = ctx.run_dir(slug(m["name"]), seed)
     if (out / CHILD).is_file():
         return json.loads((out / CHILD).read_text(encoding="utf-8"))
-    out.mkdir(parents=True, exist_ok=True)
     spec = {"model": path, "corpus": str(ctx.settings["corpus"]), "out": str(out),
             "recipe": classify_recipe(ctx.settings, m, seed, zero_shot=seed == ctx.seeds[0])}
-    spec_path = out / "spec.json"
-    write_text_atomic(spec_path, json.dumps(spec, indent=2) + "\n")
-    root = str(Path(__file__).resolve().parents[2])
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")]))}
-    code = "import sys; from llmlab.experiments.classify_bert_vs_gpt import child_main; child_main(sys.argv[1])"
-    done = subprocess.run([sys.executable, "-c", code, str(spec_path)], env=env)
-    if done.returncode != 0 or not (out / CHILD).is_file():
-        raise LLMLabError(f"classify-bert-vs-gpt: {m['name']} for seed {seed} failed in its child process (exit "
-                          f"code {done.returncode}; its error is printed above); rerun the same command to resume it")
-    return json.loads((out / CHILD).read_text(encoding="utf-8"))
+    return run_child(__name__, spec, out / "spec.json", out / CHILD, f"classify-bert-vs-gpt: {m['name']} for seed {seed}")
 
 
 def slug(name: str) -> str:

@@ -193,6 +193,24 @@ def peak_rss_mib() -> float:
     return peak / 2**20 if sys.platform == "darwin" else peak / 1024     # bytes on macOS, KiB elsewhere
 
 
+def run_child(module: str, spec: dict, spec_path: Path, done: Path, what: str) -> dict:
+    """Write ``spec`` to ``spec_path`` and run ``module.child_main(spec_path)`` in a child Python process (this
+    checkout first on its path), which must write ``done`` (JSON) when it finished; returns what it wrote. A child
+    process has its own peak memory and its own torch state. A failure names ``what`` and how to resume."""
+    import subprocess
+    from ..files import write_text_atomic
+    spec_path.parent.mkdir(parents=True, exist_ok=True)
+    write_text_atomic(spec_path, json.dumps(spec, indent=2, default=str) + "\n")
+    root = str(Path(__file__).resolve().parents[2])
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")]))}
+    code = f"import sys; from {module} import child_main; child_main(sys.argv[1])"
+    finished = subprocess.run([sys.executable, "-c", code, str(spec_path)], env=env)
+    if finished.returncode != 0 or not done.is_file():
+        raise LLMLabError(f"{what} failed in its child process (exit code {finished.returncode}; its error is "
+                          "printed above); rerun the same command to resume it")
+    return json.loads(done.read_text(encoding="utf-8"))
+
+
 def machine() -> str:
     import torch
     cpu = platform.processor() or platform.machine()
