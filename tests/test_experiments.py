@@ -34,7 +34,8 @@ def test_list_names_every_experiment_on_one_line(capsys):
     assert cli.main(["experiment", "--list"]) == 0
     lines = capsys.readouterr().out.strip().splitlines()
     assert [line.split()[0] for line in lines] == list(EXPERIMENTS)
-    assert {"warmup", "encoder-vs-decoder"} <= set(EXPERIMENTS)
+    assert {"warmup", "encoder-vs-decoder", "classify-bert-vs-gpt"} <= set(EXPERIMENTS)
+    assert len({len(line) - len(line[len(line.split()[0]):].lstrip()) for line in lines}) == 1   # one column
 
 
 def test_warmup_writes_every_run_and_the_report(warmup_run):

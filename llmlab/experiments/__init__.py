@@ -36,8 +36,9 @@ def _run_cli(args) -> int:
     from . import common
 
     if args.list:
+        width = max(map(len, EXPERIMENTS))
         for name, (_, line) in EXPERIMENTS.items():
-            print(f"{name:20s} {line}")
+            print(f"{name:{width}s}  {line}")
         return 0
     if not args.name:
         raise LLMLabError("name an experiment (llmlab experiment --list shows them), or pass --list")
