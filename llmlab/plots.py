@@ -78,7 +78,8 @@ def bar_chart(categories: list[str], series: dict[str, list[float]], out_png: st
               title: str = "", ylabel: str = "", ylim: tuple[float, float] | None = None,
               errors: dict[str, list[float]] | None = None) -> Path:
     """Grouped bars: one group per category, one bar per series (e.g. before/after per model), values printed
-    on the bars; ``errors`` (same keys as ``series``) draws ± error bars, e.g. the standard deviation over seeds."""
+    on the bars (a NaN is no bar: a value that does not apply); ``errors`` (same keys as ``series``) draws ± error
+    bars, e.g. the standard deviation over seeds."""
     fig = Figure(figsize=(min(11.0, max(5.0, 0.7 * len(categories) * max(1, len(series)) + 2)), 4), dpi=110)
     FigureCanvasAgg(fig)
     ax = fig.add_subplot()
@@ -87,7 +88,8 @@ def bar_chart(categories: list[str], series: dict[str, list[float]], out_png: st
         xs = [c + (i - (len(series) - 1) / 2) * width for c in range(len(categories))]
         yerr = (errors or {}).get(name)
         bars = ax.bar(xs, values, width, label=name, yerr=yerr, capsize=3 if yerr else 0)
-        ax.bar_label(bars, labels=[f"{v:.2f}" if abs(v) < 10 else f"{v:.0f}" for v in values], fontsize=7)
+        ax.bar_label(bars, labels=["" if not math.isfinite(v) else f"{v:.2f}" if abs(v) < 10 else f"{v:.0f}"
+                                   for v in values], fontsize=7)
     ax.set_xticks(range(len(categories)), categories)
     if ylim:
         ax.set_ylim(*ylim)

@@ -123,3 +123,22 @@ def test_bad_settings_are_clear_errors(sets, message, tmp_path, capsys):
 def test_show_of_percentages():
     assert cbg.pct({"values": [0.5, 0.7], "mean": 0.6, "std": 0.1414, "n": 2}) == show(
         {"values": [50.0, 70.0], "mean": 60.0, "std": 14.14, "n": 2}, 3)
+
+
+def _arm(encoder: bool, params: float, after: float, probe: tuple, zero=None) -> dict:
+    from llmlab.experiments.common import spread
+    return {"encoder": encoder, "parameters": params, "reads": "first" if encoder else "last", "zero_shot": zero,
+            "after": spread([after - 0.01, after + 0.01]), "untrained": spread([0.5, 0.5]),
+            "probe": {r: spread([p, p]) for r, p in zip(cbg.READOUTS, probe)}}
+
+
+def test_the_verdict_follows_the_numbers():
+    per_model = {"enc": _arm(True, 22e6, 0.74, (0.50, 0.60, 0.57)),
+                 "dec": _arm(False, 135e6, 0.74, (0.52, 0.70, 0.73), zero=0.56)}
+    text = cbg.verdict(per_model)
+    assert "(1) Confirmed" in text and "(2) Confirmed" in text
+    assert "decoders: confirmed" in text and "encoder enc: refuted" in text
+    per_model["dec"] = _arm(False, 135e6, 0.80, (0.74, 0.75, 0.76), zero=0.56)   # a decoder readable anywhere
+    text = cbg.verdict(per_model)
+    assert "(2) Refuted" in text and "decoders: not for every decoder" in text
+    assert "Best fine-tuned: **dec**" in text

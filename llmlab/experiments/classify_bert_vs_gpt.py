@@ -34,6 +34,7 @@ from __future__ import annotations
 import importlib
 import importlib.util
 import json
+import math
 import os
 import time
 from pathlib import Path
@@ -400,37 +401,43 @@ def readout_table(per_model: dict) -> list[list[str]]:
 
 
 def verdict(per_model: dict) -> str:
-    def mean(a, key):
-        return a[key]["mean"]
+    """The three claims against the numbers of this run, and how fine-tuning compares with the linear probe."""
+    def mean(s: dict) -> float:
+        return s["mean"]
 
-    best = max(per_model, key=lambda n: mean(per_model[n], "after"))
+    best = max(per_model, key=lambda n: mean(per_model[n]["after"]))
     lines = [f"Best fine-tuned: **{best}**, {pct(per_model[best]['after'])}% on the test reviews."]
-    gains = {n: mean(a, "after") - max(mean(a, "untrained"), a["zero_shot"] or 0) for n, a in per_model.items()}
+    gains = {n: mean(a["after"]) - max(mean(a["untrained"]), a["zero_shot"] or 0) for n, a in per_model.items()}
     lines.append(f"(1) {'Confirmed' if all(g > 0.05 for g in gains.values()) else 'Not for every model'}: "
                  "fine-tuned minus the better of untrained head and zero-shot, in points: "
                  + "; ".join(f"{n} {100 * g:+.1f}" for n, g in gains.items()) + ".")
     encoders = {n: a for n, a in per_model.items() if a["encoder"]}
-    pretrained_decoders = {n: a for n, a in per_model.items() if not a["encoder"] and a["parameters"]
-                           > 2 * max((e["parameters"] for e in encoders.values()), default=0)}
-    if encoders and pretrained_decoders:
-        enc = max(encoders, key=lambda n: mean(encoders[n], "after"))
+    big = max((e["parameters"] for e in encoders.values()), default=0)
+    larger = {n: a for n, a in per_model.items() if not a["encoder"] and a["parameters"] > 2 * big}
+    if encoders and larger:
+        enc = max(encoders, key=lambda n: mean(encoders[n]["after"]))
         e = encoders[enc]["after"]
-        ties = [n for n, a in pretrained_decoders.items()
-                if e["mean"] + max(e["std"], a["after"]["std"]) >= a["after"]["mean"]]
-        lines.append(f"(2) {'Confirmed' if len(ties) == len(pretrained_decoders) else 'Refuted'} at this size: "
-                     f"{enc} ({encoders[enc]['parameters'] / 1e6:.0f} M parameters) {pct(e)}% against "
-                     + "; ".join(f"{n} ({a['parameters'] / 1e6:.0f} M) {pct(a['after'])}%"
-                                 for n, a in pretrained_decoders.items()) + ".")
+        ties = [n for n, a in larger.items() if e["mean"] + max(e["std"], a["after"]["std"]) >= a["after"]["mean"]]
+        lines.append(f"(2) {'Confirmed' if len(ties) == len(larger) else 'Refuted'} at this size: {enc} "
+                     f"({encoders[enc]['parameters'] / 1e6:.0f} M parameters) {pct(e)}% against "
+                     + "; ".join(f"{n} ({a['parameters'] / 1e6:.0f} M) {pct(a['after'])}%" for n, a in larger.items())
+                     + " (within one standard deviation counts as as well).")
     decoders = {n: a for n, a in per_model.items() if not a["encoder"]}
+    part = []
     if decoders:
-        gaps = {n: mean(a["probe"], "last") - mean(a["probe"], "first") for n, a in decoders.items()}
-        lines.append(f"(3) {'Confirmed' if all(g > 0.05 for g in gaps.values()) else 'Not for every decoder'}: "
-                     "linear probe on the last real token minus on the first token, in points: "
-                     + "; ".join(f"{n} {100 * g:+.1f}" for n, g in gaps.items())
-                     + ("; for the encoder: " + "; ".join(
-                         f"{n} {100 * (mean(a['probe'], 'last') - mean(a['probe'], 'first')):+.1f}"
-                         for n, a in encoders.items()) if encoders else "") + ". Mean pooling: "
-                     + "; ".join(f"{n} {pct(a['probe']['mean'])}%" for n, a in per_model.items()) + ".")
+        gaps = {n: mean(a["probe"]["last"]) - mean(a["probe"]["first"]) for n, a in decoders.items()}
+        part.append(f"decoders: {'confirmed' if all(g > 0.05 for g in gaps.values()) else 'not for every decoder'}"
+                    " (linear probe on the last real token minus on the first token: "
+                    + "; ".join(f"{n} {100 * g:+.1f}" for n, g in gaps.items()) + " points)")
+    for n, a in encoders.items():
+        spread_pts = 100 * (max(mean(a["probe"][r]) for r in READOUTS) - min(mean(a["probe"][r]) for r in READOUTS))
+        part.append(f"encoder {n}: {'confirmed' if spread_pts < 5 else 'refuted'} (first / mean / last: "
+                    + " / ".join(pct(a["probe"][r]) for r in READOUTS) + "%)")
+    if part:
+        lines.append("(3) " + "; ".join(part) + ".")
+    lines.append("Fine-tuned minus the linear probe on the frozen model (same reviews, same read-out), in points: "
+                 + "; ".join(f"{n} {100 * (mean(a['after']) - mean(a['probe'][a['reads']])):+.1f}"
+                             for n, a in per_model.items()) + ".")
     return "\n\n".join(lines)
 
 
@@ -444,12 +451,13 @@ def draw(ctx: Context, per_model: dict) -> list[str]:
     label = [n.replace(" (", "\n(") for n in models]
     bars = {"untrained head": [per_model[n]["untrained"] for n in models]}
     if any(per_model[n]["zero_shot"] is not None for n in models):
-        bars["zero-shot"] = [spread([per_model[n]["zero_shot"] or 0.0]) for n in models]
+        bars["zero-shot"] = [spread([math.nan if per_model[n]["zero_shot"] is None else per_model[n]["zero_shot"]])
+                             for n in models]
     bars["linear probe"] = [per_model[n]["probe"][per_model[n]["reads"]] for n in models]
     bars["fine-tuned"] = [per_model[n]["after"] for n in models]
     bar_chart(label, {k: [100 * v["mean"] for v in vs] for k, vs in bars.items()}, ctx.out / names[0],
               title="IMDB test accuracy (mean ± std over seeds)", ylabel="accuracy (%)", ylim=(0, 100),
-              errors={k: [100 * v["std"] for v in vs] for k, vs in bars.items()})
+              errors={k: [100 * v["std"] if math.isfinite(v["mean"]) else 0.0 for v in vs] for k, vs in bars.items()})
     reads = {f"probe on the {r} token" if r != "mean" else "probe on the mean": [per_model[n]["probe"][r]
                                                                                   for n in models] for r in READOUTS}
     bar_chart(label, {k: [100 * v["mean"] for v in vs] for k, vs in reads.items()}, ctx.out / names[1],
@@ -474,11 +482,16 @@ right-padded batch would read a pad token's state instead of the last real one; 
 i = max{t : mask_t = 1} per row (`model/heads.last_token_states`), as `transformers` does with `pad_token_id`."""
 
 MEANING = """\
-A classifier head needs one vector that summarises the review. BERT is trained for this: bidirectional attention \
-and a [CLS] position read by its pooler; a GPT-style decoder is trained to predict the next token, so its summary \
-of a sentence is wherever the sentence ends, and nowhere else is the whole sentence in view. That is why a decoder \
-classifier reads the last real token (GPT-2, Llama, Gemma `*ForSequenceClassification` all do), and why mean \
-pooling, which mixes in states that have seen only a prefix, is a compromise rather than a fix. Size is not \
-everything: a small encoder trained on sentence similarity can match decoders several times larger on sentiment, \
-while costing a fraction of their memory and time; the decoders' advantage is that one of them can also answer \
-zero-shot, with no training at all, when it follows instructions."""
+A classifier head needs one vector that summarises the review. A decoder's state at position t has attended to \
+tokens 1 … t only, so the whole review is in view at its last real token and nowhere else; its first state (the \
+same BOS token for every review, in Gemma) knows nothing about it, and the mean mixes in states that saw only a \
+prefix. That is why decoder classifiers read the last real token (GPT-2, Llama and Gemma \
+`*ForSequenceClassification` all do). Every state of an encoder has seen every token, but which one holds a summary \
+depends on how it was trained: BERT's [CLS] by next-sentence prediction, through its pooler; a sentence-transformers \
+model such as all-MiniLM-L6-v2 on the mean of its token states (its `1_Pooling` config), so that its frozen [CLS] \
+state need not carry the sentence at all. Fine-tuning teaches the read-out position what to hold, which is why a \
+fine-tuned classifier can far exceed the frozen probe at the same position. With a hundred training reviews a \
+linear probe on a good frozen summary can match LoRA fine-tuning, which has more to fit from as little. Size is not \
+everything: a small encoder can match decoders several times larger on sentiment at a fraction of their memory and \
+time; the decoders' advantage is that an instruction-tuned one also answers with no training at all, if weakly at \
+this size."""
