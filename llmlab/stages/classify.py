@@ -60,7 +60,8 @@ DEFAULTS = {
              "truncation": "head", "train_limit": None, "test_limit": None, "subset_seed": 0, "test_subset_seed": None,
              "clean_html": True},
     "classify": {"method": "full", "batch_size": 16, "eval_batch_size": 32, "epochs": 1.0, "zero_shot": True,
-                 "prompt": "Review: {text}\nSentiment ({choices}):", "chat": False, "measure_before": True},
+                 "prompt": "Review: {text}\nSentiment ({choices}):", "chat": False, "measure_before": True,
+                 "save_model": True},
     "lora": {"r": 8, "alpha": 16.0, "dropout": 0.05, "targets": None},
     "train": {"max_steps": None, "warmup_steps": None, "lr": 5e-5, "weight_decay": 0.01, "betas": [0.9, 0.999],
               "min_lr_ratio": 0.0, "checkpoint_every": 0, "log_every": 10},
@@ -98,6 +99,7 @@ class ClassifySection:
     prompt: str = "Review: {text}\nSentiment ({choices}):"
     chat: bool = False              # zero-shot: the prompt as a user turn in the model's chat template
     measure_before: bool = True     # accuracy with the untrained head (one pass over the test set)
+    save_model: bool = True         # write the fine-tuned classifier (false: measure only, e.g. in an experiment)
 
     def __post_init__(self):
         if self.method not in METHODS:
@@ -417,7 +419,8 @@ def classify_one(model_path: str, data: ClassificationData, recipe: dict, out_di
     # training, so that the training time and examples/s count training alone
     periodic = eval_fn if cfg.eval_every > 0 else None
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)   # save_fn merges LoRA in place
-    summary = train(model, loss_fn, sampler, cfg, out_dir, eval_fn=periodic, save_fn=save_fn, resume=resume)
+    summary = train(model, loss_fn, sampler, cfg, out_dir, eval_fn=periodic, save_fn=save_fn if c.save_model else None,
+                    resume=resume)
     after = summary["eval"].get("accuracy") if periodic else eval_fn(model)["accuracy"]
     result = {"model": model_path, "name": out_dir.name, "out": str(out_dir), "backend": loaded.backend,
               "parameters": count_parameters(model), "method": c.method,
