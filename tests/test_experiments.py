@@ -332,3 +332,15 @@ def test_an_experiment_with_child_processes_refuses_torchrun(monkeypatch, tmp_pa
     assert cli.main(["experiment", "alignment", "--preset", "test", "--out", str(tmp_path / "out")]) == 2
     assert "trains its arms in child processes" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
+
+
+def test_a_folder_holding_only_the_record_of_a_failed_start_is_taken_over(corpus, tmp_path, capsys):
+    """A run that stopped before its first result (here: a corpus that does not exist) leaves only experiment.json;
+    rerunning with corrected settings into the same folder works instead of being refused."""
+    out = tmp_path / "out"
+    args = ["experiment", "warmup", "--preset", "test", "--out", str(out), "--set", "lrs=[0.001]",
+            "--set", "norms=[pre]"]
+    assert cli.main(args + ["--data", str(tmp_path / "missing.txt")]) == 2
+    assert [p.name for p in out.iterdir()] == ["experiment.json"]
+    assert cli.main(args + ["--data", str(corpus)]) == 0
+    assert json.loads((out / "experiment.json").read_text())["settings"]["corpus"] == str(corpus)

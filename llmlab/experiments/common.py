@@ -159,8 +159,11 @@ def resolve(module, name: str, preset: str, sets: list[str]) -> tuple[dict, int]
 
 def claim_folder(out: Path, record: dict) -> None:
     """Write ``experiment.json`` in ``out``, or check that the one there is this experiment with these settings;
-    a folder holding anything else is refused, so nothing is overwritten."""
+    a folder holding anything else is refused, so nothing is overwritten (a folder holding only the record of a run
+    that stopped before writing anything is taken over)."""
     path = out / RECORD
+    if path.is_file() and [p.name for p in out.iterdir()] == [RECORD]:
+        path.unlink()             # a run that stopped before its first result (bad data, say): nothing to keep
     if path.is_file():
         held = json.loads(path.read_text(encoding="utf-8"))
         if held.get("experiment") != record["experiment"]:
