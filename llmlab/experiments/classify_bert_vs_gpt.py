@@ -46,7 +46,7 @@ from ..errors import LLMLabError
 from ..files import write_text_atomic
 from ..plots import bar_chart
 from ..report import Section
-from .common import Context, Result, peak_rss_mib, run_child, show, spread
+from .common import Context, Result, base_model_recipe, peak_rss_mib, run_child, show, spread
 
 CLAIM = ("Question (the course's step 2.4): does a BERT-style encoder or a GPT-style decoder classify IMDB reviews "
          "better, and where must a decoder be read? Claims tested: (1) fine-tuned, the pretrained models beat the "
@@ -137,15 +137,7 @@ def packaged_model(package: str) -> Path:
 
 
 def pretrain_recipe(s: dict) -> dict:
-    from ..stages.common import resolve_recipe
-    p, steps = s["pretrain"], int(s["pretrain"]["steps"])
-    return resolve_recipe({}, "imdb-lm", [
-        f"model.n_layer={p['n_layer']}", f"model.n_head={p['n_head']}", f"model.d_model={p['d_model']}",
-        f"model.max_seq_len={s['max_length']}", f"data.max_length={s['max_length']}",
-        f"data.batch_size={p['batch_size']}", f"tokenizer.vocab_size={p['vocab_size']}",
-        f"train.max_steps={steps}", f"train.lr={p['lr']}", f"train.warmup_steps={min(p['warmup_steps'], steps)}",
-        f"train.eval_every={steps}", "train.eval_batches=4", f"train.checkpoint_every={max(1, steps // 2)}",
-        f"train.log_every={max(1, steps // 20)}", "train.seed=0", "train.progress=false"])
+    return base_model_recipe("imdb-lm", s["pretrain"], int(s["max_length"]), logs=20)
 
 
 def train_text(corpus: str) -> str:
@@ -313,7 +305,8 @@ def probes(ctx: Context, m: dict, path: str, data) -> dict:
     index = {t: i for i, t in enumerate(texts)}
     test_y = torch.tensor([e.label for e in test])
     classes = len(data.label_names)
-    reads = "first" if is_encoder(path) else "last"
+    encoder = is_encoder(path)
+    reads = "first" if encoder else "last"
     per_seed = []
     for seed, sub in subsets.items():
         rows = torch.tensor([index[e.text] for e in sub])
@@ -321,7 +314,7 @@ def probes(ctx: Context, m: dict, path: str, data) -> dict:
         accs = {r: probe_accuracy(held["train"][r][rows], y, held["test"][r], test_y, classes) for r in READOUTS}
         per_seed.append({"untrained": untrained_head_accuracy(held["test"][reads], test_y, classes, seed),
                          **{r: a for r, (a, _) in accs.items()}, "l2": {r: lam for r, (_, lam) in accs.items()}})
-    return {"reads": reads, "dim": int(held["test"]["last"].shape[1]), "per_seed": per_seed}
+    return {"encoder": encoder, "reads": reads, "dim": int(held["test"]["last"].shape[1]), "per_seed": per_seed}
 
 
 def is_encoder(path: str) -> bool:
@@ -366,7 +359,7 @@ def run(ctx: Context) -> Result:
 
 def summarize(m: dict, path: str, runs: list[dict], probe: dict) -> dict:
     seeds = probe["per_seed"]
-    return {"path": path, "method": m["method"], "encoder": is_encoder(path), "reads": probe["reads"],
+    return {"path": path, "method": m["method"], "encoder": probe["encoder"], "reads": probe["reads"],
             "hidden_size": probe["dim"], "parameters": runs[0]["parameters"],
             "trainable_parameters": runs[0]["trainable_parameters"], "zero_shot": runs[0]["zero_shot"],
             "untrained": spread([p["untrained"] for p in seeds]),

@@ -107,6 +107,21 @@ def show(s: dict, digits: int = 4) -> str:
     return f"{s['mean']:.{digits}g} ± {s['std']:.2g}"
 
 
+def base_model_recipe(config: str, p: dict, max_length: int, logs: int) -> dict:
+    """The ``llmlab pretrain`` recipe of an experiment's base model: the built-in ``config`` with the experiment's
+    ``pretrain`` settings ``p`` (size, vocabulary, batch, steps, learning rate, warm-up), rows of ``max_length``
+    tokens, one evaluation at the end, a checkpoint half-way and ``logs`` log lines; seed 0, no progress bar."""
+    from ..stages.common import resolve_recipe
+    steps = int(p["steps"])
+    return resolve_recipe({}, config, [
+        f"model.n_layer={p['n_layer']}", f"model.n_head={p['n_head']}", f"model.d_model={p['d_model']}",
+        f"model.max_seq_len={max_length}", f"data.max_length={max_length}",
+        f"data.batch_size={p['batch_size']}", f"tokenizer.vocab_size={p['vocab_size']}",
+        f"train.max_steps={steps}", f"train.lr={p['lr']}", f"train.warmup_steps={min(p['warmup_steps'], steps)}",
+        f"train.eval_every={steps}", "train.eval_batches=4", f"train.checkpoint_every={max(1, steps // 2)}",
+        f"train.log_every={max(1, steps // logs)}", "train.seed=0", "train.progress=false"])
+
+
 def rank_0_first(fn, *args, **kwargs):
     """``fn(*args, **kwargs)`` on rank 0, then, after a barrier, on the other ``torchrun`` ranks: a step that writes
     its result once and reuses it when it exists (a shared tokenizer, the world, token shards) is done by one

@@ -40,7 +40,7 @@ from ..stages import pretrain, sft
 from ..stages.common import load_trainable, resolve_recipe
 from ..train.checkpoint import list_checkpoints
 from ..world import build as world_build
-from .common import Context, Result, rank_0_first, show, spread
+from .common import Context, Result, base_model_recipe, rank_0_first, show, spread
 
 CLAIM = ("Claim tested (Hu et al. 2021, 'LoRA: Low-Rank Adaptation of Large Language Models'): fine-tuning only a "
          "low-rank update B·A of the weight matrices, at a modest rank, nearly matches full fine-tuning in quality, "
@@ -124,15 +124,7 @@ def prepare_world(out: Path, s: dict) -> Path:
 
 
 def pretrain_recipe(s: dict) -> dict:
-    p = s["pretrain"]
-    steps = int(p["steps"])
-    return resolve_recipe({}, "world-pretrain", [
-        f"model.n_layer={p['n_layer']}", f"model.n_head={p['n_head']}", f"model.d_model={p['d_model']}",
-        f"model.max_seq_len={p['max_seq_len']}", f"data.max_length={p['max_seq_len']}",
-        f"data.batch_size={p['batch_size']}", f"tokenizer.vocab_size={p['vocab_size']}",
-        f"train.max_steps={steps}", f"train.lr={p['lr']}", f"train.warmup_steps={min(p['warmup_steps'], steps)}",
-        f"train.eval_every={steps}", "train.eval_batches=4", f"train.checkpoint_every={max(1, steps // 2)}",
-        f"train.log_every={max(1, steps // 50)}", "train.seed=0", "train.progress=false"])
+    return base_model_recipe("world-pretrain", s["pretrain"], int(s["pretrain"]["max_seq_len"]), logs=50)
 
 
 def prepare_base(out: Path, s: dict, world: Path) -> Path:
