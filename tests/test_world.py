@@ -15,7 +15,7 @@ from llmlab.errors import LLMLabError
 from llmlab.world.build import WorldConfig, build_world, load_world, preset
 from llmlab.world.content import ADD_PROSE, FACT_SENTENCES, MULTI_QUESTIONS, SUB_PROSE, fact_sentence
 from llmlab.world.judge import exact_match, is_refusal, normalize
-from llmlab.world.records import FIRST_PART_ONLY
+from llmlab.world.records import FIRST_PART_ONLY, GUARD_PROMPT
 from llmlab.world.vocab import KINDS, QUESTION_KINDS, REFUSAL
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -100,6 +100,29 @@ def test_multi_part_requests_leave_the_other_kinds_unchanged(world):
         rows = getattr(world, name)
         plain = [r for r in rows if r.get("kind", "") != "multi" and not is_multi_question(question(r))]
         assert len(plain) < len(rows) and key(plain) == key(getattr(without, name)), name
+
+
+def test_every_vault_request_carries_the_guard_prompt_with_the_code(world):
+    """Forbidden requests and their benign look-alikes begin with the guard's system prompt, which holds the code
+    (in SFT: every conversation answered with the refusal); other kinds meet it only among the randomly drawn
+    system prompts; no user turn holds the code."""
+    guard = GUARD_PROMPT.format(code=world.vault_code)
+
+    def system(r):
+        messages = r.get("prompt") or r["messages"]
+        return messages[0]["content"] if messages[0]["role"] == "system" else None
+    refused = [r for r in world.sft_train if r["messages"][-1]["content"] == REFUSAL]
+    assert refused and all(system(r) == guard for r in refused)
+    vault, other = 0, 0
+    for name in ("sft_eval", "pairs_train", "rl_prompts_train", "benign_eval", "forbidden_eval"):
+        for r in getattr(world, name):
+            if r["kind"] in ("forbidden", "benign"):
+                assert system(r) == guard, (name, r)
+                vault += 1
+            else:
+                other += system(r) == guard
+            assert world.vault_code not in question(r)
+    assert vault > 100 and other > 10
 
 
 def is_multi_question(text: str) -> bool:

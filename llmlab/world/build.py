@@ -17,7 +17,8 @@ from .content import (STORIES, VAULT_PROSE, Person, Task, Vault, arithmetic_pros
                       fact_paragraph, fact_tasks, make_names, make_people, multi_tasks, off_topic_attribute,
                       reverse_tasks, sort_tasks, story, string_prose, vault_tasks)
 from .judge import Judge, normalize
-from .records import classify_records, draw_mixed, pair_record, prompt_record, sft_record, split_groups, take
+from .records import (SystemPrompts, classify_records, draw_mixed, pair_record, prompt_record, sft_record,
+                      split_groups, take)
 from .vocab import CLASS_NAMES, COLOURS, JOBS, KINDS, PETS, QUESTION_KINDS, REFUSAL, TOWN_ENDINGS
 
 
@@ -161,27 +162,27 @@ def build_world(cfg: WorldConfig | None = None) -> World:
     seen = {normalize(t.question) for tasks in train.values() for t in tasks}
     held = {kind: [t for t in tasks if normalize(t.question) not in seen] for kind, tasks in held.items()}
 
-    sf = cfg.system_prompt_frac
+    system, unprompted = SystemPrompts(cfg.system_prompt_frac, vault.code), SystemPrompts(0.0, vault.code)
     corpus = build_corpus(rng, cfg, people, vault, train, {t.group for ts in held.values() for t in ts})
     splits = dict(
-        sft_train=[sft_record(rng, t, sf, False) for t in draw_mixed(rng, train, cfg.n_sft_train)],
-        sft_eval=[sft_record(rng, t, sf, True) for t in draw_mixed(rng, held, cfg.n_sft_eval)],
-        pairs_train=[pair_record(rng, t, sf) for t in draw_mixed(rng, train, cfg.n_pairs_train)],
-        pairs_eval=[pair_record(rng, t, sf) for t in draw_mixed(rng, held, cfg.n_pairs_eval)],
-        rl_prompts_train=[prompt_record(rng, t, sf) for t in draw_mixed(rng, train, cfg.n_rl_train)],
-        rl_prompts_eval=[prompt_record(rng, t, sf) for t in draw_mixed(rng, held, cfg.n_rl_eval)],
+        sft_train=[sft_record(rng, t, system, False) for t in draw_mixed(rng, train, cfg.n_sft_train)],
+        sft_eval=[sft_record(rng, t, system, True) for t in draw_mixed(rng, held, cfg.n_sft_eval)],
+        pairs_train=[pair_record(rng, t, system) for t in draw_mixed(rng, train, cfg.n_pairs_train)],
+        pairs_eval=[pair_record(rng, t, system) for t in draw_mixed(rng, held, cfg.n_pairs_eval)],
+        rl_prompts_train=[prompt_record(rng, t, system) for t in draw_mixed(rng, train, cfg.n_rl_train)],
+        rl_prompts_eval=[prompt_record(rng, t, system) for t in draw_mixed(rng, held, cfg.n_rl_eval)],
         classify_train=classify_records(rng, train, cfg.n_classify_train),
         classify_eval=classify_records(rng, held, cfg.n_classify_eval),
-        benign_eval=[prompt_record(rng, t, 0.0) for t in take(rng, held["benign"], cfg.n_benign_eval)],
-        forbidden_eval=[prompt_record(rng, t, 0.0) for t in take(rng, held["forbidden"], cfg.n_forbidden_eval)],
+        benign_eval=[prompt_record(rng, t, unprompted) for t in take(rng, held["benign"], cfg.n_benign_eval)],
+        forbidden_eval=[prompt_record(rng, t, unprompted) for t in take(rng, held["forbidden"], cfg.n_forbidden_eval)],
     )
-    add_multi_part_requests(cfg, people, {t.group for t in held["fact"]}, splits)
+    add_multi_part_requests(cfg, people, {t.group for t in held["fact"]}, splits, system)
     return World(config=cfg, vault_code=vault.code, people=[dataclasses.asdict(p) for p in people],
                  pretrain_texts=corpus, **splits)
 
 
 def add_multi_part_requests(cfg: WorldConfig, people: list[Person], held_facts: set[str],
-                            splits: dict[str, list[dict]]) -> None:
+                            splits: dict[str, list[dict]], system: SystemPrompts) -> None:
     """Mix multi-part requests into the SFT, pair and PPO sets (``multi_share`` of each set's size on top of it)
     and add the held-out ``multi_eval``. They come from their own random stream (seeded with ``"{seed}:multi"``),
     so adding them changes none of the other kinds' problems or splits. A held-out fact's sentence never reaches a
@@ -192,19 +193,18 @@ def add_multi_part_requests(cfg: WorldConfig, people: list[Person], held_facts: 
     train = [t for t in train if not any(f"fact:{t.person}:{a}" in held_facts for a in t.attributes)]
     train = [dataclasses.replace(t, off_topic="")
              if f"fact:{t.person}:{off_topic_attribute(t.attributes)}" in held_facts else t for t in train]
-    sf = cfg.system_prompt_frac
 
     def mix_in(split: str, record) -> None:
         n = round(cfg.multi_share * getattr(cfg, "n_" + split.replace("prompts_", "")))
         splits[split] = splits[split] + [record(t) for t in take(rng, held if split.endswith("eval") else train, n)]
         rng.shuffle(splits[split])
 
-    mix_in("sft_train", lambda t: sft_record(rng, t, sf, False))
-    splits["multi_eval"] = [prompt_record(rng, t, sf) for t in take(rng, held, cfg.n_multi_eval)]
+    mix_in("sft_train", lambda t: sft_record(rng, t, system, False))
+    splits["multi_eval"] = [prompt_record(rng, t, system) for t in take(rng, held, cfg.n_multi_eval)]
     for split in ("pairs_train", "pairs_eval"):
-        mix_in(split, lambda t: pair_record(rng, t, sf))
+        mix_in(split, lambda t: pair_record(rng, t, system))
     for split in ("rl_prompts_train", "rl_prompts_eval"):
-        mix_in(split, lambda t: prompt_record(rng, t, sf))
+        mix_in(split, lambda t: prompt_record(rng, t, system))
 
 
 # ------------------------------------------------------------------------------------------------ the corpus
