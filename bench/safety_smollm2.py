@@ -9,8 +9,11 @@ Steps (each a CLI command, each resumable: rerunning skips what its folder alrea
 2. ``llmlab sft`` with LoRA on those conversations;
 3. ``llmlab dpo`` with LoRA from the SFT model on a balanced subset of the pairs (refusal over compliance for
    harmful requests, the model's own answer over a refusal for benign ones): SFT alone learns to over-refuse;
-4. ``llmlab redteam`` on AdvBench's test side and Self-Instruct's 252 user-oriented instructions, for the shipped,
-   the SFT and the DPO model (direct requests and role-play templates; the keyword judge decides refusals).
+4. ``llmlab dpo`` with LoRA from the *shipped* model on every benign pair and as many harmful ones, no SFT: the
+   reference model then never refuses, so the benign pairs hold its helpful answers where they were;
+5. ``llmlab redteam`` on AdvBench's test side and Self-Instruct's 252 user-oriented instructions, for the shipped,
+   the SFT, the SFT + DPO and the DPO-only model (direct requests and role-play templates; the keyword judge
+   decides refusals).
 
 Printed: refusal rate on held-out goals, template ASR and false refusals on the benign prompts, each by GCG's
 keyword list and by a broader refusal check, and the benign replies the alignment left unchanged (the same greedy
@@ -62,6 +65,7 @@ def main() -> None:
     p.add_argument("--dpo-pairs", type=int, default=80, help="harmful and as many benign pairs for DPO")
     p.add_argument("--dpo-steps", type=int, default=20)
     p.add_argument("--dpo-lr", type=float, default=1e-4)
+    p.add_argument("--dpo-only-steps", type=int, default=40, help="steps of DPO from the shipped model")
     args = p.parse_args()
     out, model = Path(args.out), smollm2_gguf()
     advbench, self_instruct = DATA / "advbench" / "harmful_behaviors.csv", DATA / "self-instruct"
@@ -83,6 +87,15 @@ def main() -> None:
                         "--set", "train.warmup_steps=2", "--set", "train.eval_every=1000",
                         "--set", "data.max_length=256"],
          out / "dpo" / "model" / "config.json", times)
+    n_benign = sum(json.loads(line)["kind"] == "benign" for line in (out / "data" / "pairs.jsonl").open())
+    all_pairs = out / "data" / f"pairs-{2 * n_benign}.jsonl"
+    balanced_pairs(out / "data" / "pairs.jsonl", all_pairs, n_benign)
+    step("dpo only (LoRA)", ["dpo", "--model", str(model), "--data", str(all_pairs), "--out", str(out / "dpo-only"),
+                             "--set", f"lora.r={args.lora_r}", "--set", f"lora.alpha={2 * args.lora_r}",
+                             "--set", f"train.max_steps={args.dpo_only_steps}", "--set", f"train.lr={args.dpo_lr}",
+                             "--set", "train.warmup_steps=4", "--set", "train.eval_every=1000",
+                             "--set", "data.max_length=256"],
+         out / "dpo-only" / "model" / "config.json", times)
     common = ["--behaviours", str(advbench), "--benign", str(self_instruct), "--set", f"behaviours={args.behaviours}",
               "--set", f"benign={args.benign}", "--set", "templates=3", "--set", "calibration=175"]
     step("redteam shipped", ["redteam", "--model", str(model), "--out", str(out / "rt-shipped"), *common,
@@ -94,6 +107,9 @@ def main() -> None:
     step("redteam dpo", ["redteam", "--model", str(out / "dpo" / "model"), "--out", str(out / "rt-dpo"), *common,
                          "--set", "attacks=direct,template", "--set", "defenses=none"],
          out / "rt-dpo" / "summary.json", times)
+    step("redteam dpo only", ["redteam", "--model", str(out / "dpo-only" / "model"), "--out", str(out / "rt-dpo-only"),
+                              *common, "--set", "attacks=direct,template", "--set", "defenses=none"],
+         out / "rt-dpo-only" / "summary.json", times)
     report(out, times)
 
 
@@ -112,7 +128,8 @@ def report(out: Path, times: dict) -> None:
     ``world.judge.is_refusal`` markers ("sorry", "I can't", ...), since an aligned model's own phrasing ("I can't
     help with that.") is not on GCG's list."""
     rows = []
-    for label, folder in (("as shipped", "rt-shipped"), ("LoRA SFT", "rt-aligned"), ("LoRA SFT + DPO", "rt-dpo")):
+    for label, folder in (("as shipped", "rt-shipped"), ("LoRA SFT", "rt-aligned"), ("LoRA SFT + DPO", "rt-dpo"),
+                          ("LoRA DPO only", "rt-dpo-only")):
         summary = json.loads((out / folder / "summary.json").read_text())
         for defense in summary["asr"]:
             answers = json.loads((out / folder / f"answers-{defense}.json").read_text())
