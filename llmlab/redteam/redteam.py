@@ -58,7 +58,7 @@ from . import attacks
 from .behaviours import OPTIM_STR, benign_prompts, load_behaviours, load_world_behaviours, load_world_benign, select
 from .defended import Answerer, DefendedChat, last_user_text
 from .defenses import GENERIC_REFUSAL, build_defenses, parse_settings
-from .gcg import GCG, GCGConfig, with_attack_slot
+from .gcg import GCG, GCGConfig, fill, with_attack_slot
 from .judges import KeywordJudge, default_judges, greedy_reply_params, judge_all, prompt_messages
 from .perplexity import PerplexityScorer, calibrate
 
@@ -170,11 +170,6 @@ def benign_split(path) -> tuple[list[dict], list[dict]]:
                 benign_prompts(self_instruct=path / "seed_tasks.jsonl"))
     prompts = benign_prompts(self_instruct=path)
     return prompts[0::2], prompts[1::2]
-
-
-def fill(messages: list[dict], suffix: str) -> list[dict]:
-    """``messages`` (holding ``{optim_str}``) with the attack string in its place."""
-    return [{**m, "content": m["content"].replace(OPTIM_STR, suffix)} for m in messages]
 
 
 def attack_conversations(name: str, behaviours: list[dict], cfg: RedteamConfig, pool: list[dict]) -> list[dict]:
