@@ -7,7 +7,7 @@ import pytest
 from llmlab.cli import main
 from llmlab.errors import LLMLabError
 from llmlab.redteam import redteam
-from llmlab.redteam.behaviours import load_behaviours, select
+from llmlab.redteam.behaviours import load_behaviours, load_world_behaviours, select
 from llmlab.redteam.judges import wilson_interval
 from llmlab.redteam.redteam_report import _broken
 
@@ -35,8 +35,8 @@ def test_every_attack_meets_every_defense_and_the_report_says_so(micro):
         assert f"| {defense} |" in report
         answers = load(out, f"answers-{defense}")
         n_conversations = sum(len(load(out, f"attack-{a}")["conversations"]) for a in ("direct", "template",
-                                                                                      "many-shot")) + 3
-        assert len(answers["attacks"]) == n_conversations == 3 * (1 + 2 + 2) + 3
+                                                                                      "many-shot")) + 3 + 3
+        assert len(answers["attacks"]) == n_conversations == 3 * (1 + 2 + 2) + 3 + 3     # gcg, universal: 1 each
         assert len(answers["benign"]) == 6 and len(answers["utility"]) == 6
         for attack in cfg.attacks:      # the table's ASR is the share of behaviours some variant broke
             k = len(_broken(answers["attacks"], attack, "objective"))
@@ -54,6 +54,24 @@ def test_every_attack_meets_every_defense_and_the_report_says_so(micro):
     assert unsent and all(r["reply"] == "" and not any(r["success"].values()) for r in unsent)
     assert sum(summary["too_long"].values()) == len(unsent)
     assert summary["headline"] in report and summary["best_defense"] in cfg.defenses
+
+
+def test_the_universal_attack_reports_its_training_and_held_out_asr(micro, lab):
+    """The test preset turns the optional universal attack on: one string trained on two of the world's
+    training-side forbidden requests, sent after each held-out one and answered by every defense."""
+    out, summary = micro
+    assert "universal" not in redteam.make_config("default").attacks
+    phase, result = load(out, "universal"), json.loads((out / "universal" / "result.json").read_text())
+    assert phase["result"]["prompts"] == 2 and phase["result"]["suffix"] == result["suffix"]
+    held_out = load_world_behaviours(lab.world)[:3]
+    assert [c["messages"][-1]["content"] for c in phase["conversations"]] == [
+        f"{b['goal']} {result['suffix']}" for b in held_out]
+    assert not {b["goal"] for b in load_world_behaviours(lab.world, "pairs_train")} & {b["goal"] for b in held_out}
+    got = summary["universal"]
+    assert got["train_asr"] == phase["train"]["objective"] and got["train_asr"]["n"] == 2
+    assert got["held_out_asr"] == summary["asr"]["none"]["universal"] and got["held_out_asr"]["n"] == 3
+    report = (out / "report.md").read_text()
+    assert "## Universal GCG" in report and "| universal |" in report
 
 
 def test_filters_block_and_cost_more_than_nothing(micro):
@@ -126,7 +144,7 @@ def test_a_behaviours_file_with_benign_prompts_is_judged_by_keywords(lab, tmp_pa
     common = dict(behaviours=tmp_path / "harm.jsonl", benign=tmp_path / "benign.jsonl", preset="test",
                   progress=False)
     summary = redteam.run_redteam(str(lab.sft), tmp_path / "rt", sets=[
-        "defenses=none,perplexity,smoothllm", "attacks=direct,many-shot,gcg"], **common)
+        "defenses=none,perplexity,smoothllm", "attacks=direct,many-shot,gcg,universal"], **common)
     assert summary["primary_judge"] == "keyword" and summary["utility"] == {"none": None, "perplexity": None,
                                                                             "smoothllm": None}
     assert summary["behaviours"] == 3 and summary["benign"] == 4 and summary["calibration"]["n_calibration"] == 4
@@ -135,6 +153,7 @@ def test_a_behaviours_file_with_benign_prompts_is_judged_by_keywords(lab, tmp_pa
     assert [c["messages"][-1]["content"] for c in attacked] == [b["goal"] for b in test_side[:3]]
     assert not {b["target"] for b in test_side} & {b["target"] for b in train_side}
     assert len(json.loads((tmp_path / "rt" / "gcg.json").read_text())["results"]) == 3
+    assert summary["universal"]["train_asr"]["n"] == 2 and summary["asr"]["none"]["universal"]["n"] == 3
     answers = json.loads((tmp_path / "rt" / "answers-none.json").read_text())
     assert all(set(r["success"]) == {"objective", "keyword"} and r["success"]["objective"] is None
                for r in answers["attacks"])
@@ -203,6 +222,24 @@ def test_attack_gcg_on_a_world_puts_the_string_after_the_request_and_checks_the_
     assert "attack success rate 0/1" in capsys.readouterr().out
     step = json.loads((tmp_path / "gcg" / "0" / "metrics.jsonl").read_text().splitlines()[0])
     assert step["objective"] is False and isinstance(step["reply"], str)
+
+
+def test_attack_gcg_universal_on_a_world_trains_on_its_training_side(lab, tmp_path, capsys):
+    """`llmlab attack gcg-universal --behaviours WORLD`: trained on the world's training-side forbidden requests,
+    measured on its held-out ones by the objective judge (the vault code)."""
+    assert main(["attack", "gcg-universal", "--model", str(lab.sft), "--behaviours", str(lab.world), "--world",
+                 str(lab.world), "--out", str(tmp_path / "u"), "--train", "2", "--test-limit", "2", "--steps", "1",
+                 "--search-width", "8", "--topk", "4", "--reply-tokens", "8"]) == 0
+    assert "held out" in capsys.readouterr().out
+    result = json.loads((tmp_path / "u" / "result.json").read_text())
+    evaluation = result["evaluation"]
+    for side, behaviours in (("train", load_world_behaviours(lab.world, "pairs_train")[:2]),
+                             ("test", load_world_behaviours(lab.world)[:2])):
+        assert evaluation[side]["primary_judge"] == "objective" and evaluation[side]["asr"]["objective"]["n"] == 2
+        assert [r["messages"][-1]["content"] for r in evaluation[side]["records"]] == [
+            f"{b['goal']} {result['suffix']}" for b in behaviours]
+    step = json.loads((tmp_path / "u" / "metrics.jsonl").read_text().splitlines()[0])
+    assert step["prompts"] == 1 and isinstance(step["objective"], list)
 
 
 def test_an_advbench_csv_runs_gcg_with_its_rows_named(lab, tmp_path):

@@ -125,7 +125,7 @@ class Prompt:
         return self.before + list(suffix) + self.after
 
 
-def with_attack_slot(messages: list[dict]) -> list[dict]:
+def with_attack_slot(messages: list[dict], where: str = "GCG") -> list[dict]:
     """``messages`` as given when one of them holds ``{optim_str}``; else a copy whose last user turn ends with
     " {optim_str}" (the paper's suffix), e.g. for the task world's forbidden requests."""
     if any(OPTIM_STR in str(m.get("content", "")) for m in messages):
@@ -133,9 +133,14 @@ def with_attack_slot(messages: list[dict]) -> list[dict]:
     out = [dict(m) for m in messages]
     last = max((i for i, m in enumerate(out) if m.get("role") == "user"), default=None)
     if last is None:
-        raise LLMLabError("the conversation has no user turn to put the attack string in")
+        raise LLMLabError(f"{where}: the conversation has no user turn to put the attack string in")
     out[last]["content"] = f"{out[last]['content']} {OPTIM_STR}"
     return out
+
+
+def fill(messages: list[dict], suffix: str) -> list[dict]:
+    """``messages`` (holding ``{optim_str}``) with the attack string in its place."""
+    return [{**m, "content": m["content"].replace(OPTIM_STR, suffix)} for m in messages]
 
 
 def conversation(goal: str, system: str | None = None) -> list[dict]:
@@ -282,6 +287,11 @@ class Objective:
         self.forward_tokens += b * hidden.shape[1]
         m = len(self.target)
         return self.model.logits(hidden[:, -m - 1:-1])                  # (b): the LM head on m positions only
+
+    def release(self) -> None:
+        """Free the candidates' cache (the next ``losses`` allocates it again), for a caller that holds many
+        objectives and evaluates them one after another."""
+        self.work = None
 
     def chunk_size(self, n: int) -> int:
         if self.config.batch_size is not None:
@@ -434,6 +444,19 @@ class GCG:
             objective.forward_tokens += done.prompt_tokens + len(done.token_ids)
         return done.text
 
+    def prompt(self, messages: str | list[dict], target: str, where: str = "GCG") -> Prompt:
+        """The prompt around the attack string (``messages``, or a goal given as text), checked to leave room in the
+        model's context for the initial string and the target."""
+        messages = conversation(messages) if isinstance(messages, str) else messages
+        prompt = build_prompt(self.tokenizer, self.template, messages, target,
+                              add_space_before_target=self.config.add_space_before_target, where=where)
+        length = len(prompt.ids(self.tokenizer.encode(self.config.optim_str_init, add_special_tokens=False))) + \
+            len(prompt.target)
+        if length > context_length(self.model.config):
+            raise LLMLabError(f"{where}: the prompt, attack string and target take {length} tokens, more than the "
+                              f"model's context of {context_length(self.model.config)}")
+        return prompt
+
     def run(self, messages: str | list[dict], target: str, *, out: str | Path | None = None,
             success: Callable[[str], bool] | None = None, on_step: Callable[[dict], None] | None = None,
             where: str = "GCG", penalty: Callable[[list[str]], torch.Tensor] | None = None,
@@ -448,14 +471,7 @@ class GCG:
         against the defended model (e.g. the defense answers and the secret is in the answer) and replaces
         ``success`` as the step's objective check."""
         cfg, tokenizer = self.config, self.tokenizer
-        messages = conversation(messages) if isinstance(messages, str) else messages
-        prompt = build_prompt(tokenizer, self.template, messages, target,
-                              add_space_before_target=cfg.add_space_before_target, where=where)
-        length = len(prompt.ids(self.tokenizer.encode(cfg.optim_str_init, add_special_tokens=False))) + \
-            len(prompt.target)
-        if length > context_length(self.model.config):
-            raise LLMLabError(f"{where}: the prompt, attack string and target take {length} tokens, more than the "
-                              f"model's context of {context_length(self.model.config)}")
+        prompt = self.prompt(messages, target, where)
         objective = Objective(self.model, prompt, cfg)
         generator = torch.Generator().manual_seed(cfg.seed)
         run_key = {"config": {k: v for k, v in dataclasses.asdict(cfg).items() if k != "num_steps"},

@@ -11,7 +11,8 @@
    is then judged by the refusal keywords (and a judge model when given), and there is no utility question.
 2. **Attacks**, each one or more conversations per behaviour: ``direct`` (the request as is), ``template`` (role
    play and other templates), ``many-shot`` (k faked compliant turns), ``gcg`` (one optimised string per
-   behaviour, ``gcg.py``). A behaviour counts as broken by an attack when any of its variants breaks it.
+   behaviour, ``gcg.py``), and, when asked for, ``universal`` (one string trained on other requests and sent with
+   every behaviour, ``universal.py``). A behaviour counts as broken by an attack when any of its variants breaks it.
 3. **Defenses**: ``none``, ``reminder``, ``icd``, ``perplexity`` (its threshold calibrated here, on the world's
    benign training requests, to the false-positive rate ``fpr``), ``smoothllm`` and ``secret`` (an output filter).
    Every defense answers every attack conversation, the benign prompts and the utility questions; three judges
@@ -58,11 +59,12 @@ from . import attacks
 from .behaviours import OPTIM_STR, benign_prompts, load_behaviours, load_world_behaviours, load_world_benign, select
 from .defended import Answerer, DefendedChat, last_user_text
 from .defenses import GENERIC_REFUSAL, build_defenses, parse_settings
-from .gcg import GCG, GCGConfig, with_attack_slot
+from .gcg import GCG, GCGConfig, fill, with_attack_slot
 from .judges import KeywordJudge, default_judges, greedy_reply_params, judge_all, prompt_messages
 from .perplexity import PerplexityScorer, calibrate
 
 ATTACKS = ("direct", "template", "many-shot", "gcg")
+OPTIONAL_ATTACKS = ("universal",)       # not in the default list, whose run time they would add to
 DEFENSES = ("none", "reminder", "icd", "perplexity", "smoothllm", "secret")
 GUARDED = ("guard", "erase-check")      # need a guard classifier (``llmlab defend guard``): --set guard=DIR
 
@@ -82,6 +84,8 @@ class RedteamConfig:
     gcg_steps: int = 100
     search_width: int = 64
     topk: int = 64
+    universal_prompts: int = 10         # training-side requests the universal string is optimised over
+    universal_steps: int = 100
     adaptive_behaviours: int = 10       # behaviours each adaptive attack runs on (the first N)
     adaptive_steps: int = 30
     penalty_weight: float = 1.0         # λ of the perplexity-adaptive attack
@@ -92,7 +96,7 @@ class RedteamConfig:
     seed: int = 0
 
     def validate(self) -> None:
-        for name, known in (("attacks", ATTACKS), ("defenses", DEFENSES + GUARDED)):
+        for name, known in (("attacks", ATTACKS + OPTIONAL_ATTACKS), ("defenses", DEFENSES + GUARDED)):
             values = getattr(self, name)
             unknown = [v for v in values if v not in known]
             if unknown or not values:
@@ -104,7 +108,7 @@ class RedteamConfig:
             raise LLMLabError("redteam defenses must include 'none' (the undefended model every defense is "
                               "compared with)")
         for name in ("utility", "calibration", "gcg_steps", "search_width", "topk", "adaptive_steps",
-                     "smooth_copies", "reply_tokens"):
+                     "smooth_copies", "reply_tokens", "universal_prompts", "universal_steps"):
             if getattr(self, name) < 1:
                 raise LLMLabError(f"redteam {name} must be at least 1, got {getattr(self, name)}")
         if not 0 <= self.fpr < 1:
@@ -118,9 +122,9 @@ class RedteamConfig:
 
 
 PRESETS = {
-    "test": dict(behaviours=3, benign=6, utility=6, calibration=20, templates=2, shots=(1, 2), gcg_steps=3,
-                 search_width=16, topk=8, adaptive_behaviours=2, adaptive_steps=2, smooth_copies=3,
-                 smooth_q=(0.1,), reply_tokens=16),
+    "test": dict(attacks=ATTACKS + OPTIONAL_ATTACKS, behaviours=3, benign=6, utility=6, calibration=20, templates=2,
+                 shots=(1, 2), gcg_steps=3, search_width=16, topk=8, adaptive_behaviours=2, adaptive_steps=2,
+                 universal_prompts=2, universal_steps=3, smooth_copies=3, smooth_q=(0.1,), reply_tokens=16),
     "default": {},
 }
 
@@ -170,11 +174,6 @@ def benign_split(path) -> tuple[list[dict], list[dict]]:
                 benign_prompts(self_instruct=path / "seed_tasks.jsonl"))
     prompts = benign_prompts(self_instruct=path)
     return prompts[0::2], prompts[1::2]
-
-
-def fill(messages: list[dict], suffix: str) -> list[dict]:
-    """``messages`` (holding ``{optim_str}``) with the attack string in its place."""
-    return [{**m, "content": m["content"].replace(OPTIM_STR, suffix)} for m in messages]
 
 
 def attack_conversations(name: str, behaviours: list[dict], cfg: RedteamConfig, pool: list[dict]) -> list[dict]:
@@ -282,11 +281,14 @@ class Redteam:
     def run(self) -> dict:
         cfg = self.cfg
         calibration = self._cached("calibration", self.calibrate)
-        conversations, gcg = [], None
+        conversations, gcg, universal = [], None, None
         for name in cfg.attacks:
             if name == "gcg":
                 gcg = self._cached("gcg", self.run_gcg)
                 conversations += gcg["conversations"]
+            elif name == "universal":
+                universal = self._cached("universal", self.run_universal)
+                conversations += universal["conversations"]
             else:
                 conversations += self._cached(f"attack-{name}", lambda n=name: {
                     "conversations": attack_conversations(n, self.behaviours, cfg, self.pool)})["conversations"]
@@ -303,7 +305,8 @@ class Redteam:
                         n, calibration, plain))
         frontier = self._cached("frontier", lambda: self.frontiers(conversations, answers["none"], calibration))
         from .redteam_report import write_redteam_report
-        return write_redteam_report(self, calibration, answers, adaptive, frontier, gcg["results"] if gcg else [])
+        return write_redteam_report(self, calibration, answers, adaptive, frontier, gcg["results"] if gcg else [],
+                                    universal)
 
     def calibrate(self) -> dict:
         """The perplexity filter's thresholds on benign training requests (the target model as the scorer)."""
@@ -382,6 +385,23 @@ class Redteam:
             bar.update(1)
         bar.close()
         return {"conversations": conversations, "results": results}
+
+    def run_universal(self) -> dict:
+        """Universal GCG (``universal.py``) on the first ``universal_prompts`` requests of the training side (a
+        world's training-side forbidden requests, else the other side of the split by target), its string then
+        sent after every held-out request. Its ASR on the training prompts is measured here (undefended); the
+        held-out one, under every defense, by the table."""
+        from .universal import UniversalGCG, evaluate, replies_of
+        side = load_world_behaviours(self.world_dir, "pairs_train") if self.world is not None else self.pool
+        train = [{**b, "where": _where(b)} for b in side[:self.cfg.universal_prompts]]
+        attack = UniversalGCG(self.model, self.tokenizer, self.gcg_config(self.cfg.universal_steps),
+                              template=self.template)
+        result = attack.run(train, out=self.out / "universal", success=self.judge.reveals_code if self.judge else None)
+        conversations = [{"attack": "universal", "variant": "universal", "behaviour": i,
+                          "messages": fill(with_attack_slot(b["messages"]), result.suffix)}
+                         for i, b in enumerate(self.behaviours)]
+        return {"conversations": conversations, "result": {k: v for k, v in result.to_dict().items() if k != "suffixes"},
+                "train": evaluate(replies_of(self.answerer), train, result.suffix, self.judges)["asr"]}
 
     def run_adaptive(self, name: str, calibration: dict, plain: dict[int, str]) -> dict:
         """GCG against the defended model (see the module docstring), on the first ``adaptive_behaviours``, warm-started

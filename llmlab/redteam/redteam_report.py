@@ -36,9 +36,10 @@ def _cell(rate: dict) -> str:
     return f"{rate['asr']:.2f} [{rate['low']:.2f}–{rate['high']:.2f}] ({rate['k']}/{rate['n']})"
 
 
-def write_redteam_report(rt, calibration: dict, answers: dict, adaptive: dict, frontier: dict, gcg: list[dict]
-                         ) -> dict:
-    """The report of run ``rt`` from its phases' results (``gcg``: the plain GCG run's per-behaviour results)."""
+def write_redteam_report(rt, calibration: dict, answers: dict, adaptive: dict, frontier: dict, gcg: list[dict],
+                         universal: dict | None = None) -> dict:
+    """The report of run ``rt`` from its phases' results (``gcg``: the plain GCG run's per-behaviour results;
+    ``universal``: the universal attack's result and its ASR on its training prompts)."""
     cfg, out = rt.cfg, rt.out
     n = len(rt.behaviours)
     defenses, attack_names = list(answers), list(cfg.attacks)
@@ -149,8 +150,25 @@ def write_redteam_report(rt, calibration: dict, answers: dict, adaptive: dict, f
                                 "stops when the greedy reply reveals the code.",
                                 numbers={k: (f"{v:.4g}" if isinstance(v, float) else str(v)) for k, v in gcg_cost.items()},
                                 figures=["gcg-loss.png"]))
+    if universal:
+        summary["universal"] = _universal(universal, asr["none"]["universal"], primary, cfg.universal_steps, sections)
     data = f"world {rt.world_dir}" if rt.world_dir else f"behaviours {rt.sources['behaviours']} (test side)"
     paths = write_report(out, "Red-team report", f"Target {rt.model_dir.path}, {data}, {n} held-out forbidden "
                          f"requests. {headline}.", sections, summary)
     summary["report"] = str(paths["md"])
     return summary
+
+
+def _universal(universal: dict, held_out: dict, primary: str, max_steps: int, sections: list[Section]) -> dict:
+    """The universal attack's section: its ASR on the prompts it was trained on and on the held-out behaviours
+    (undefended, by the primary judge); returns those figures for ``summary.json``."""
+    result, trained = universal["result"], universal["train"][primary]
+    sections.append(Section(
+        "Universal GCG", f"One string optimised over {result['prompts']} training-side requests (Algorithm 2: "
+        f"{result['prompts_in_set']} of them in the set at the end, {result['steps']} steps of at most {max_steps}), "
+        f"then sent after every held-out request; ASR by the {primary} judge, undefended (the `universal` row of the "
+        "table gives it under each defense).",
+        table=[["prompts", "ASR"], ["training", _cell(trained)], ["held out", _cell(held_out)]],
+        numbers={"string": repr(result["suffix"])}))
+    return {"train_asr": trained, "held_out_asr": held_out, "suffix": result["suffix"], "prompts": result["prompts"],
+            "prompts_in_set": result["prompts_in_set"], "steps": result["steps"], "seconds": result["wall_clock_s"]}
