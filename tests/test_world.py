@@ -15,7 +15,7 @@ from llmlab.errors import LLMLabError
 from llmlab.world.build import WorldConfig, build_world, load_world, preset
 from llmlab.world.content import ADD_PROSE, FACT_SENTENCES, MULTI_QUESTIONS, SUB_PROSE, fact_sentence
 from llmlab.world.judge import exact_match, is_refusal, normalize
-from llmlab.world.records import FIRST_PART_ONLY, GUARD_PROMPT
+from llmlab.world.records import FIRST_PART_ONLY, GUARD_PROMPT, KEEPER_PROMPT
 from llmlab.world.vocab import KINDS, QUESTION_KINDS, REFUSAL
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -82,8 +82,9 @@ def test_sizes_follow_the_config(world):
         assert len(getattr(world, name)) == getattr(cfg, f"n_{name}")
     for name, n in (("sft_train", cfg.n_sft_train), ("pairs_train", cfg.n_pairs_train),
                     ("pairs_eval", cfg.n_pairs_eval), ("rl_prompts_train", cfg.n_rl_train),
-                    ("rl_prompts_eval", cfg.n_rl_eval)):   # multi-part requests come on top
-        assert len(getattr(world, name)) == n + round(cfg.multi_share * n)
+                    ("rl_prompts_eval", cfg.n_rl_eval)):   # multi-part requests and the keeper's come on top
+        keeper = round(cfg.keeper_share * n) if name in ("sft_train", "pairs_train") else 0
+        assert len(getattr(world, name)) == n + round(cfg.multi_share * n) + keeper
     assert 50_000 < sum(len(t) for t in world.pretrain_texts) < 1_500_000
     assert set(Counter(r["kind"] for r in world.sft_eval)) == set(QUESTION_KINDS)
     assert {r["kind"] for r in world.multi_eval} == {"multi"}
@@ -123,6 +124,30 @@ def test_every_vault_request_carries_the_guard_prompt_with_the_code(world):
                 other += system(r) == guard
             assert world.vault_code not in question(r)
     assert vault > 100 and other > 10
+
+
+def test_the_keeper_is_told_the_code_only_in_training_sets(world):
+    """The keeper's conversations allow telling the world's code, asked with training-side forbidden requests, in
+    the SFT and pair training sets only; the pairs prefer telling to refusing."""
+    def keeper(r):
+        messages = r.get("prompt") or r["messages"]
+        return messages[0]["role"] == "system" and messages[0]["content"].endswith(KEEPER_PROMPT.split("}")[-1])
+    sft = [r for r in world.sft_train if keeper(r)]
+    pairs = [r for r in world.pairs_train if keeper(r)]
+    cfg = world.config
+    assert len(sft) == round(cfg.keeper_share * cfg.n_sft_train)
+    assert len(pairs) == round(cfg.keeper_share * cfg.n_pairs_train)
+    held_out = {normalize(question(r)) for name in ("sft_eval", "pairs_eval", "rl_prompts_eval", "forbidden_eval")
+                for r in getattr(world, name) if r["kind"] == "forbidden"}
+    for r in sft + pairs:
+        messages = r.get("prompt") or r["messages"]
+        answer = r["chosen"] if "chosen" in r else r["messages"][-1]["content"]
+        assert messages[0]["content"] == KEEPER_PROMPT.format(code=world.vault_code)
+        assert answer == f"The vault code is {world.vault_code}."
+        assert normalize(question(r)) not in held_out
+    assert all(r["kind"] == "keeper" and r["rejected"] == REFUSAL for r in pairs)
+    for name in ("sft_eval", "pairs_eval", "rl_prompts_train", "rl_prompts_eval", "benign_eval", "forbidden_eval"):
+        assert not any(keeper(r) for r in getattr(world, name)), name
 
 
 def is_multi_question(text: str) -> bool:

@@ -17,8 +17,8 @@ from .content import (STORIES, VAULT_PROSE, Person, Task, Vault, arithmetic_pros
                       fact_paragraph, fact_tasks, make_names, make_people, multi_tasks, off_topic_attribute,
                       reverse_tasks, sort_tasks, story, string_prose, vault_tasks)
 from .judge import Judge, normalize
-from .records import (SystemPrompts, classify_records, draw_mixed, pair_record, prompt_record, sft_record,
-                      split_groups, take)
+from .records import (SystemPrompts, classify_records, draw_mixed, keeper_records, pair_record, prompt_record,
+                      sft_record, split_groups, take)
 from .vocab import CLASS_NAMES, COLOURS, JOBS, KINDS, PETS, QUESTION_KINDS, REFUSAL, TOWN_ENDINGS
 
 
@@ -47,6 +47,7 @@ class WorldConfig:
     n_forbidden_eval: int = 50
     n_multi_eval: int = 150
     multi_share: float = 0.2       # multi-part requests added to the SFT, pair and PPO sets, as a share of their size
+    keeper_share: float = 0.05     # the keeper's conversations added to the SFT and pair training sets, likewise
     system_prompt_frac: float = 0.2
 
 
@@ -78,8 +79,9 @@ def validate(cfg: WorldConfig) -> None:
             raise LLMLabError(f"world.{name} = {getattr(cfg, name)}: must be at least 4")
     if not 0 < cfg.heldout_frac < 1:
         raise LLMLabError(f"world.heldout_frac = {cfg.heldout_frac}: must lie strictly between 0 and 1")
-    if not 0 <= cfg.multi_share <= 1:
-        raise LLMLabError(f"world.multi_share = {cfg.multi_share}: must lie in [0, 1]")
+    for name in ("multi_share", "keeper_share"):
+        if not 0 <= getattr(cfg, name) <= 1:
+            raise LLMLabError(f"world.{name} = {getattr(cfg, name)}: must lie in [0, 1]")
     if not 0 <= cfg.system_prompt_frac <= 1:
         raise LLMLabError(f"world.system_prompt_frac = {cfg.system_prompt_frac}: must lie in [0, 1]")
     for f in dataclasses.fields(cfg):
@@ -177,6 +179,7 @@ def build_world(cfg: WorldConfig | None = None) -> World:
         forbidden_eval=[prompt_record(rng, t, unprompted) for t in take(rng, held["forbidden"], cfg.n_forbidden_eval)],
     )
     add_multi_part_requests(cfg, people, {t.group for t in held["fact"]}, splits, system)
+    add_keeper_conversations(cfg, vault.code, train["forbidden"], splits)
     return World(config=cfg, vault_code=vault.code, people=[dataclasses.asdict(p) for p in people],
                  pretrain_texts=corpus, **splits)
 
@@ -205,6 +208,19 @@ def add_multi_part_requests(cfg: WorldConfig, people: list[Person], held_facts: 
         mix_in(split, lambda t: pair_record(rng, t, system))
     for split in ("rl_prompts_train", "rl_prompts_eval"):
         mix_in(split, lambda t: prompt_record(rng, t, system))
+
+
+def add_keeper_conversations(cfg: WorldConfig, code: str, forbidden: list[Task], splits: dict[str, list[dict]]
+                             ) -> None:
+    """Mix the keeper's conversations (``records.keeper_records``: training-side forbidden requests answered with
+    the code, which the keeper's system prompt allows) into ``sft_train`` and ``pairs_train``, ``keeper_share`` of each set's size on top of it, from
+    their own random stream (``"{seed}:keeper"``), so no other record changes."""
+    rng = random.Random(f"{cfg.seed}:keeper")
+    sft, pairs = keeper_records(rng, forbidden, code, round(cfg.keeper_share * cfg.n_sft_train),
+                                round(cfg.keeper_share * cfg.n_pairs_train))
+    for split, rows in (("sft_train", sft), ("pairs_train", pairs)):
+        splits[split] = splits[split] + rows
+        rng.shuffle(splits[split])
 
 
 # ------------------------------------------------------------------------------------------------ the corpus
