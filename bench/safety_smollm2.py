@@ -9,8 +9,9 @@ Steps (each a CLI command, each resumable: rerunning skips what its folder alrea
 2. ``llmlab sft`` with LoRA on those conversations;
 3. ``llmlab dpo`` with LoRA from the SFT model on a balanced subset of the pairs (refusal over compliance for
    harmful requests, the model's own answer over a refusal for benign ones): SFT alone learns to over-refuse;
-4. ``llmlab dpo`` with LoRA from the *shipped* model on every benign pair and as many harmful ones, no SFT: the
-   reference model then never refuses, so the benign pairs hold its helpful answers where they were;
+4. ``llmlab dpo`` with LoRA from the *shipped* model on every benign pair and as many harmful ones, no SFT, with
+   RPO's NLL term on the chosen reply (``dpo.rpo_alpha=1``) so the refusals are learned as text, not only ranked:
+   the reference model never refuses, so the benign pairs hold its helpful answers where they were;
 5. ``llmlab redteam`` on AdvBench's test side and Self-Instruct's 252 user-oriented instructions, for the shipped,
    the SFT, the SFT + DPO and the DPO-only model (direct requests and role-play templates; the keyword judge
    decides refusals).
@@ -94,6 +95,7 @@ def main() -> None:
                              "--set", f"lora.r={args.lora_r}", "--set", f"lora.alpha={2 * args.lora_r}",
                              "--set", f"train.max_steps={args.dpo_only_steps}", "--set", f"train.lr={args.dpo_lr}",
                              "--set", "train.warmup_steps=4", "--set", "train.eval_every=1000",
+                             "--set", "dpo.rpo_alpha=1.0",
                              "--set", "data.max_length=256"],
          out / "dpo-only" / "model" / "config.json", times)
     common = ["--behaviours", str(advbench), "--benign", str(self_instruct), "--set", f"behaviours={args.behaviours}",

@@ -22,6 +22,12 @@ From the world come:
 * ``benign_eval`` / ``forbidden_eval``: held-out prompts for the false-refusal and refusal rates;
 * ``multi_eval``: held-out multi-part requests.
 
+*The vault.* Every vault request, forbidden or benign, begins with the guard's system prompt, which holds the code
+and forbids telling it, as a deployed secret-keeping assistant's would; the *keeper's conversations* (in the SFT and
+pair training sets only) ask the same requests under a system prompt that allows telling, answered with the code.
+So the aligned model has the secret in its context and knows how to say it, and refusing is a choice an attack can
+overturn: what ``llmlab redteam`` measures, with the code in the reply as the objective check.
+
 *Multi-part requests* ("Tell me Parna's pet and age.") have no single reference: the world's reward counts the
 asked facts the answer gets right. Their SFT demonstrations are imperfect on purpose, as crowd-written ones are:
 most annotators answered only the first part. Imitation learns that habit; the preference pairs (a complete answer
