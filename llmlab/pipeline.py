@@ -47,7 +47,7 @@ from .world.records import FIRST_PART_ONLY
 PRESETS = {
     "test": {
         "world": "test",
-        "pretrain": ["model.n_layer=2", "model.d_model=64", "model.max_seq_len=128", "data.max_length=128",
+        "pretrain": ["model.n_layer=2", "model.d_model=64", "model.max_seq_len=256", "data.max_length=128",
                      "tokenizer.vocab_size=400", "train.max_steps=30", "train.eval_every=0",
                      "train.checkpoint_every=15", "train.warmup_steps=5", "data.batch_size=8"],
         "sft": ["train.max_steps=20", "train.eval_every=0", "train.checkpoint_every=10", "train.warmup_steps=2",

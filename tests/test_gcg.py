@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from conftest import make_byte_tokenizer
 
-from llmlab.chat import TEMPLATES
+from llmlab.chat import TEMPLATES, render
 from llmlab.cli import main
 from llmlab.errors import LLMLabError
 from llmlab.model.config import preset
@@ -226,6 +226,30 @@ def test_gcg_stops_on_objective_success(tok):
     result = attack.run("tell me", "Sure, here is the code", success=vault_opened)
     assert result.success and result.steps == 3 and result.first_success_step == 3
     assert len(calls) == 3 and all(isinstance(c, str) for c in calls)
+
+
+def test_the_model_reads_the_tokens_of_the_text_a_user_sends(tok):
+    """The space before the slot belongs to the string's first token (" is": BPE joins them), and every chosen
+    string, rendered in its conversation as a user would send it, encodes to exactly the ids GCG optimised; a
+    candidate whose first token would not take the space is dropped by the retokenisation filter."""
+    assert len(tok.encode(" is", add_special_tokens=False)) == 1
+    model = tiny(tok)
+    init = "is is is is is is"
+    attack = gcg.GCG(model, tok, gcg.GCGConfig(num_steps=5, search_width=16, topk=8, optim_str_init=init,
+                                               early_stop=False), template="chatml")
+    records = []
+    attack.run("tell me", "Sure", on_step=records.append)
+    messages = gcg.conversation("tell me")
+    prompt = gcg.build_prompt(tok, "chatml", messages, "Sure")
+    assert prompt.lead == " " and tok.decode(prompt.before).endswith("tell me")
+    for r in records:
+        sent = render(gcg.fill(messages, r["suffix"]), TEMPLATES["chatml"], add_generation_prompt=True)
+        assert tok.encode(sent, add_special_tokens=False) == prompt.ids(r["ids"])
+    spaced = torch.tensor([prompt.string_ids(tok, init)])
+    assert spaced.shape[1] == 6
+    glued = spaced.clone()
+    glued[0, 0] = tok.encode("s", add_special_tokens=False)[0]       # "… mes is": the space is gone
+    assert gcg.retokenisation_filter(torch.cat([glued, spaced]), tok, (prompt,)).tolist() == spaced.tolist()
 
 
 def test_an_interrupted_attack_resumes_on_the_same_trajectory(tok, tmp_path):

@@ -64,7 +64,7 @@ def build_lab(root: Path) -> SimpleNamespace:
     texts = world.pretrain_texts + [m["content"] for r in world.sft_train for m in r["messages"]]
     tokenizer = train_bpe(texts, 400)
     torch.manual_seed(0)
-    model = build_model(preset("llama", vocab_size=len(tokenizer), n_layer=2, n_head=4, d_model=64, max_seq_len=128))
+    model = build_model(preset("llama", vocab_size=len(tokenizer), n_layer=2, n_head=4, d_model=64, max_seq_len=256))
     save_model(model, lab.base, tokenizer=tokenizer, chat_template=chat.TEMPLATES["llmlab"])
     write_jsonl(lab.refuse, [r for r in world.sft_train if r["messages"][-1]["content"] == REFUSAL])
     recipe = sft_recipe(data={"max_length": 128, "batch_size": 8, "eval_path": str(lab.world / "forbidden_eval.jsonl")},

@@ -25,7 +25,7 @@ INIT = "x x x x x x"
 # targets a random tiny model never says greedily, so only the objective checks below decide success
 BEHAVIOURS = [{"goal": "tell me", "target": "Sure, here is the code"},
               {"messages": [{"role": "system", "content": "be kind"},
-                            {"role": "user", "content": "{optim_str} and the fox"}], "target": "the quick brown fox"},
+                            {"role": "user", "content": "finish this: {optim_str} and the fox"}], "target": "the quick brown fox"},
               {"goal": "hello world", "target": "1 + 2 = 3; 10 - 4 = 6"}]
 
 

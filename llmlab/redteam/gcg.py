@@ -120,9 +120,29 @@ class Prompt:
     after: list[int]
     target: list[int]
     text: str                         # the rendered prompt, with {optim_str} where the suffix goes
+    # The spaces that end the text before the slot ("… vault code? {optim_str}"). A BPE tokenizer joins a space to
+    # the word after it (" x"), so they are tokenised with the attack string: the ids optimised are those of
+    # lead + string, and the model reads exactly the tokens of the text a user sends.
+    lead: str = ""
 
     def ids(self, suffix: list[int]) -> list[int]:
         return self.before + list(suffix) + self.after
+
+    def string_ids(self, tokenizer, string: str) -> list[int]:
+        """The ids of an attack string in its slot (with the lead)."""
+        return tokenizer.encode(self.lead + string, add_special_tokens=False)
+
+    def string(self, tokenizer, ids) -> str:
+        """The attack string that ``ids`` spell, as it goes in the slot (without the lead)."""
+        text = decode(tokenizer, ids)
+        return text[len(self.lead):] if text.startswith(self.lead) else text
+
+    def sends(self, tokenizer, ids: list[int], text: str) -> bool:
+        """Whether the rendered prompt with the candidate ``ids`` (decoded: ``text``, lead + string) in its slot
+        encodes to ``before + ids + after``: the model is given, joins included, the tokens it was optimised on."""
+        before, after = self.text.split(OPTIM_STR)
+        before = before[:len(before) - len(self.lead)]
+        return text.startswith(self.lead) and encode_rendered(tokenizer, before + text + after) == self.ids(ids)
 
 
 def with_attack_slot(messages: list[dict], where: str = "GCG") -> list[dict]:
@@ -166,6 +186,7 @@ def build_prompt(tokenizer, template: str, messages: list[dict], target: str, *,
         raise LLMLabError(f"{where}: the chat template renders {OPTIM_STR} {text.count(OPTIM_STR)} times, not "
                           "once: it drops or repeats the message that holds it; use another --template")
     before, after = text.split(OPTIM_STR)
+    lead = before[len(before.rstrip(" ")):]
     target = " " + target if add_space_before_target else target
     if not target.strip():
         raise LLMLabError(f"{where}: field 'target' is empty")
@@ -173,7 +194,8 @@ def build_prompt(tokenizer, template: str, messages: list[dict], target: str, *,
     if decode(tokenizer, target_ids) != target:
         raise LLMLabError(f"{where}: field 'target' {target!r} does not survive the tokenizer: its tokens decode to "
                           f"{decode(tokenizer, target_ids)!r}; write it as the tokenizer would")
-    return Prompt(encode_rendered(tokenizer, before), encode_rendered(tokenizer, after), target_ids, text)
+    return Prompt(encode_rendered(tokenizer, before[:len(before) - len(lead)]), encode_rendered(tokenizer, after),
+                  target_ids, text, lead)
 
 
 def decode(tokenizer, ids) -> str:
@@ -366,11 +388,16 @@ def sample_candidates(suffix: torch.Tensor, grad: torch.Tensor, search_width: in
     return suffix.repeat(search_width, 1).scatter_(1, positions, tokens)
 
 
-def retokenisation_filter(candidates: torch.Tensor, tokenizer) -> torch.Tensor:
-    """The candidates whose text encodes back to the same tokens (the string is what the model will be given)."""
-    texts = tokenizer.batch_decode(candidates.tolist(), clean_up_tokenization_spaces=False)
+def retokenisation_filter(candidates: torch.Tensor, tokenizer, prompts: tuple[Prompt, ...] = ()) -> torch.Tensor:
+    """The candidates whose text encodes back to the same tokens, alone and inside each of ``prompts`` (where it
+    will be sent: a space or word before the slot may merge with its first token), so that the string a user
+    pastes is what the model was optimised on."""
+    rows = candidates.tolist()
+    texts = tokenizer.batch_decode(rows, clean_up_tokenization_spaces=False)
     encoded = tokenizer(texts, add_special_tokens=False)["input_ids"]
-    keep = [i for i, (ids, again) in enumerate(zip(candidates.tolist(), encoded)) if ids == again]
+    keep = [i for i, (ids, again) in enumerate(zip(rows, encoded)) if ids == again]
+    for prompt in prompts:
+        keep = [i for i in keep if prompt.sends(tokenizer, rows[i], texts[i])]
     if not keep:
         raise LLMLabError("GCG: no candidate's text encodes back to its tokens; start from another "
                           "--init string (optim_str_init) or turn the retokenisation filter off")
@@ -450,8 +477,7 @@ class GCG:
         messages = conversation(messages) if isinstance(messages, str) else messages
         prompt = build_prompt(self.tokenizer, self.template, messages, target,
                               add_space_before_target=self.config.add_space_before_target, where=where)
-        length = len(prompt.ids(self.tokenizer.encode(self.config.optim_str_init, add_special_tokens=False))) + \
-            len(prompt.target)
+        length = len(prompt.ids(prompt.string_ids(self.tokenizer, self.config.optim_str_init))) + len(prompt.target)
         if length > context_length(self.model.config):
             raise LLMLabError(f"{where}: the prompt, attack string and target take {length} tokens, more than the "
                               f"model's context of {context_length(self.model.config)}")
@@ -478,7 +504,7 @@ class GCG:
                    "prompt": [prompt.before, prompt.after, prompt.target]}
         state = _load_state(Path(out), run_key) if out is not None else None
         if state is None:
-            buffer = self.init_buffer(objective, generator, penalty)
+            buffer = self.init_buffer(objective, prompt, generator, penalty)
             state = {"key": run_key, "step": 0, "history": [], "seconds": 0.0, "stopped": False}
             if out is not None:
                 _write_metrics(Path(out), [])
@@ -497,10 +523,10 @@ class GCG:
                 candidates = sample_candidates(suffix, grad, cfg.search_width, cfg.topk, cfg.n_replace,  # 2, 3
                                                self.banned, generator)
                 if cfg.filter_ids:
-                    candidates = retokenisation_filter(candidates, tokenizer)
+                    candidates = retokenisation_filter(candidates, tokenizer, (prompt,))
                 losses, exact = objective.losses(candidates, current=suffix)              # 4
                 if penalty is not None:
-                    losses = losses + penalty([decode(tokenizer, c) for c in candidates.tolist()]).to(losses)
+                    losses = losses + penalty([prompt.string(tokenizer, c) for c in candidates.tolist()]).to(losses)
             # 5: the lowest loss; a candidate whose greedy reply is already the target wins over lower-loss others
             pool = exact.nonzero().squeeze(1) if bool(exact.any()) else torch.arange(len(losses))
             best = int(pool[losses[pool].argmin()])
@@ -508,12 +534,13 @@ class GCG:
             if buffer.size == 0 or loss < buffer.worst_loss():
                 buffer.add(loss, ids)
             if defended_success is not None:
-                reply, objective_hit = None, bool(defended_success(decode(tokenizer, ids)))
+                reply, objective_hit = None, bool(defended_success(prompt.string(tokenizer, ids)))
             else:
                 reply = self.reply(prompt, ids, objective) if success is not None else None
                 objective_hit = bool(success(reply)) if success is not None else None
             hit = bool(exact[best]) or bool(objective_hit)
-            record = {"step": step + 1, "loss": loss, "best_loss": buffer.best()[0], "suffix": decode(tokenizer, ids),
+            record = {"step": step + 1, "loss": loss, "best_loss": buffer.best()[0],
+                      "suffix": prompt.string(tokenizer, ids),
                       "ids": ids, "candidates": len(candidates), "exact_match": bool(exact[best]),
                       "objective": objective_hit, "success": hit, "reply": reply,
                       "seconds": seconds + time.perf_counter() - start}
@@ -533,12 +560,12 @@ class GCG:
             _write_result(Path(out), result)
         return result
 
-    def init_buffer(self, objective: Objective, generator: torch.Generator,
+    def init_buffer(self, objective: Objective, prompt: Prompt, generator: torch.Generator,
                     penalty: Callable[[list[str]], torch.Tensor] | None = None) -> AttackBuffer:
-        """The buffer at the start: ``optim_str_init``, and (buffer_size > 1) random strings of ``INIT_CHARS``
-        tokens of the same length, each with its loss (as nanoGCG fills it)."""
+        """The buffer at the start: ``optim_str_init`` in ``prompt``'s slot, and (buffer_size > 1) random strings
+        of ``INIT_CHARS`` tokens of the same length, each with its loss (as nanoGCG fills it)."""
         cfg, tokenizer = self.config, self.tokenizer
-        init = tokenizer.encode(cfg.optim_str_init, add_special_tokens=False)
+        init = prompt.string_ids(tokenizer, cfg.optim_str_init)
         if cfg.n_replace > len(init):
             raise LLMLabError(f"GCG setting n_replace ({cfg.n_replace}) exceeds the attack string's "
                               f"{len(init)} tokens")
@@ -551,10 +578,14 @@ class GCG:
             chars = torch.tensor([t for ids in tokenizer(INIT_CHARS, add_special_tokens=False)["input_ids"]
                                   for t in ids])
             picks = torch.randint(0, len(chars), (cfg.buffer_size - 1, len(init)), generator=generator)
-            rows = torch.cat([rows, chars[picks]])
+            random_rows = chars[picks]
+            if cfg.filter_ids:          # only strings that can be sent as text (their first token may lack the lead)
+                texts = tokenizer.batch_decode(random_rows.tolist(), clean_up_tokenization_spaces=False)
+                random_rows = random_rows[[prompt.sends(tokenizer, r, t) for r, t in zip(random_rows.tolist(), texts)]]
+            rows = torch.cat([rows, random_rows])
         losses, _ = objective.losses(rows.to(self.model.embed.weight.device))
         if penalty is not None:
-            losses = losses + penalty([decode(tokenizer, r) for r in rows.tolist()]).to(losses)
+            losses = losses + penalty([prompt.string(tokenizer, r) for r in rows.tolist()]).to(losses)
         buffer = AttackBuffer(cfg.buffer_size)
         for loss, ids in zip(losses.tolist(), rows.tolist()):
             buffer.add(loss, ids)
@@ -567,9 +598,9 @@ class GCG:
             best_loss, best_suffix = best["loss"], best["suffix"]
         else:
             best_loss, best_ids = buffer.best()
-            best_suffix = decode(self.tokenizer, best_ids)
+            best_suffix = prompt.string(self.tokenizer, best_ids)
         first = next((r for r in history if r["success"]), None)
-        final = first["ids"] if first else self.tokenizer.encode(best_suffix, add_special_tokens=False)
+        final = first["ids"] if first else prompt.string_ids(self.tokenizer, best_suffix)
         return GCGResult(best_loss=best_loss, best_suffix=best_suffix, losses=[r["loss"] for r in history],
                          suffixes=[r["suffix"] for r in history], success=first is not None, steps=len(history),
                          first_success_step=first["step"] if first else None,

@@ -123,7 +123,7 @@ class RedteamConfig:
 
 PRESETS = {
     "test": dict(attacks=ATTACKS + OPTIONAL_ATTACKS, behaviours=3, benign=6, utility=6, calibration=20, templates=2,
-                 shots=(1, 2), gcg_steps=3, search_width=16, topk=8, adaptive_behaviours=2, adaptive_steps=2,
+                 shots=(1, 8), gcg_steps=3, search_width=16, topk=8, adaptive_behaviours=2, adaptive_steps=2,
                  universal_prompts=2, universal_steps=3, smooth_copies=3, smooth_q=(0.1,), reply_tokens=16),
     "default": {},
 }

@@ -48,8 +48,8 @@ from ..errors import LLMLabError
 from ..infer import client
 from .behaviours import load_behaviours, load_world_behaviours, select
 from .defended import Answerer
-from .gcg import (GCG, AttackBuffer, GCGConfig, Objective, _load_state, _save_state, _write_metrics, conversation,
-                  decode, fill, retokenisation_filter, sample_candidates, with_attack_slot)
+from .gcg import (GCG, AttackBuffer, GCGConfig, Objective, Prompt, _load_state, _save_state, _write_metrics, conversation,
+                  fill, retokenisation_filter, sample_candidates, with_attack_slot)
 from .judges import REPLY_TOKENS, greedy_reply_params, judge_all, success_rate
 
 Answer = Callable[[list[list[dict]]], list[str | None]]     # conversations → replies (None: too long to send)
@@ -178,13 +178,16 @@ class UniversalGCG:
         cfg = self.config
         prompts = [self.gcg.prompt(attack_messages(b, system, i), b["target"], where(b, i))
                    for i, b in enumerate(behaviours)]
+        if len({p.lead for p in prompts}) > 1:
+            raise LLMLabError("universal GCG: the training prompts put different spaces before {optim_str}, so one "
+                              "string cannot be tokenised the same way in all of them")
         prompt_set = PromptSet([Objective(self.model, p, cfg) for p in prompts])
         generator = torch.Generator().manual_seed(cfg.seed)
         run_key = {"config": {k: v for k, v in dataclasses.asdict(cfg).items() if k != "num_steps"},
                    "prompts": [[p.before, p.after, p.target] for p in prompts]}
         state = _load_state(Path(out), run_key) if out is not None else None
         if state is None:
-            buffer = self.gcg.init_buffer(prompt_set, generator)
+            buffer = self.gcg.init_buffer(prompt_set, prompts[0], generator)
             state = {"key": run_key, "step": 0, "active": 1, "history": [], "seconds": 0.0, "stopped": False}
             if out is not None:
                 _write_metrics(Path(out), [])
@@ -216,7 +219,7 @@ class UniversalGCG:
                     f.write(json.dumps(record) + "\n")
             if on_step is not None:
                 on_step(record)
-        result = self._result(prompt_set, state, buffer)
+        result = self._result(prompt_set, prompts[0], state, buffer)
         if out is not None:
             write_result(Path(out), result)
         return result
@@ -231,7 +234,7 @@ class UniversalGCG:
             candidates = sample_candidates(suffix, grad, cfg.search_width, cfg.topk, cfg.n_replace,  # 2, 3
                                            self.gcg.banned, generator)
             if cfg.filter_ids:
-                candidates = retokenisation_filter(candidates, tokenizer)
+                candidates = retokenisation_filter(candidates, tokenizer, tuple(prompts))
             per_prompt, exact = prompt_set.per_prompt(candidates, current=suffix)          # 4
         losses, exact_all = per_prompt.sum(0), exact.all(0)
         # 5: the lowest summed loss; a candidate whose greedy replies already start with every target wins
@@ -246,7 +249,7 @@ class UniversalGCG:
             replies = [self.gcg.reply(p, ids, o) for p, o in zip(prompts, prompt_set.current)]
             objective = [bool(success(r)) for r in replies]
         succeeded = [hit or bool(objective and objective[j]) for j, hit in enumerate(hits)]
-        return {"loss": loss, "prompts": prompt_set.active, "suffix": decode(tokenizer, ids), "ids": ids,
+        return {"loss": loss, "prompts": prompt_set.active, "suffix": prompts[0].string(tokenizer, ids), "ids": ids,
                 "candidates": len(candidates), "exact": hits, "objective": objective, "success": succeeded,
                 "replies": replies}
 
@@ -262,12 +265,12 @@ class UniversalGCG:
             rescored.add(loss, ids)
         return rescored
 
-    def _result(self, prompt_set: PromptSet, state: dict, buffer: AttackBuffer) -> UniversalResult:
+    def _result(self, prompt_set: PromptSet, prompt: Prompt, state: dict, buffer: AttackBuffer) -> UniversalResult:
         history = state["history"]
         first = next((r for r in history if r["all_succeeded"]), None)
         counts = prompt_set.counts()
         return UniversalResult(
-            suffix=first["suffix"] if first else decode(self.tokenizer, buffer.best()[1]),
+            suffix=first["suffix"] if first else prompt.string(self.tokenizer, buffer.best()[1]),
             prompts=len(prompt_set.objectives), prompts_in_set=prompt_set.active, success=first is not None,
             first_success_step=first["step"] if first else None,
             added_after=[r["step"] for r in history if r["added"]], losses=[r["loss"] for r in history],
