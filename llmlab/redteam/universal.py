@@ -45,6 +45,7 @@ from typing import Callable
 import torch
 
 from ..errors import LLMLabError
+from ..files import write_text_atomic
 from ..infer import client
 from .behaviours import load_behaviours, load_world_behaviours, select
 from .defended import Answerer
@@ -282,8 +283,7 @@ class UniversalGCG:
 def write_result(out: Path, result: UniversalResult, extra: dict | None = None) -> None:
     """``out/result.json`` (the attack's result and ``extra``, e.g. its evaluation) and ``out/loss.png``."""
     out.mkdir(parents=True, exist_ok=True)
-    (out / "result.json").write_text(json.dumps({**result.to_dict(), **(extra or {})}, indent=2) + "\n",
-                                     encoding="utf-8")
+    write_text_atomic(out / "result.json", json.dumps({**result.to_dict(), **(extra or {})}, indent=2) + "\n")
     if result.steps:
         from ..plots import plot_metrics
         plot_metrics(out / "metrics.jsonl", out / "loss.png", keys=("loss", "prompts"),
