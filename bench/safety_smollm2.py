@@ -66,7 +66,8 @@ def main() -> None:
     p.add_argument("--dpo-pairs", type=int, default=80, help="harmful and as many benign pairs for DPO")
     p.add_argument("--dpo-steps", type=int, default=20)
     p.add_argument("--dpo-lr", type=float, default=1e-4)
-    p.add_argument("--dpo-only-steps", type=int, default=40, help="steps of DPO from the shipped model")
+    p.add_argument("--dpo-only-steps", type=int, default=80, help="steps of DPO from the shipped model")
+    p.add_argument("--dpo-only-lr", type=float, default=2e-4)
     args = p.parse_args()
     out, model = Path(args.out), smollm2_gguf()
     advbench, self_instruct = DATA / "advbench" / "harmful_behaviors.csv", DATA / "self-instruct"
@@ -93,7 +94,7 @@ def main() -> None:
     balanced_pairs(out / "data" / "pairs.jsonl", all_pairs, n_benign)
     step("dpo only (LoRA)", ["dpo", "--model", str(model), "--data", str(all_pairs), "--out", str(out / "dpo-only"),
                              "--set", f"lora.r={args.lora_r}", "--set", f"lora.alpha={2 * args.lora_r}",
-                             "--set", f"train.max_steps={args.dpo_only_steps}", "--set", f"train.lr={args.dpo_lr}",
+                             "--set", f"train.max_steps={args.dpo_only_steps}", "--set", f"train.lr={args.dpo_only_lr}",
                              "--set", "train.warmup_steps=4", "--set", "train.eval_every=1000",
                              "--set", "dpo.rpo_alpha=1.0",
                              "--set", "data.max_length=256"],
