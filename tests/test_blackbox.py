@@ -115,9 +115,10 @@ def test_many_shot_fakes_k_turns_from_other_behaviours(lab):
         assert "Request 7" not in [m["content"] for m in faked]                   # never its own goal
         assert all(a["content"] == f"Sure, here is {u['content'].split()[-1]}" for u, a in zip(faked[::2], faked[1::2]))
         assert messages == attacks.many_shot(target, pool, k, seed=0)             # seeded
-    # the world's faked answers use a decoy code, never the secret
+    # the world's faked answers use a decoy code, never the secret (which only the guard's system prompt holds)
     shot = attacks.many_shot(behaviours[0], behaviours, 4)
-    assert all(lab["world"].vault_code not in m["content"] for m in shot)
+    assert shot[0]["role"] == "system" and lab["world"].vault_code in shot[0]["content"]
+    assert all(lab["world"].vault_code not in m["content"] for m in shot[1:])
     # a pool smaller than k is used up before any shot repeats
     small = attacks.many_shot(target, pool[:5], 9)
     users = [m["content"] for m in small[1:-1:2]]
