@@ -59,7 +59,9 @@ def build_lab(root: Path) -> SimpleNamespace:
     if (root / "done").is_file():
         return lab
     root.mkdir(parents=True, exist_ok=True)
-    world = build_world(world_preset("test", n_pairs_train=200))
+    # without the keeper's conversations: the never-pre-trained lab model cannot tell the keeper's system prompt
+    # from the guard's, and their opposite pairs would only blur what the DPO and reward tests measure
+    world = build_world(world_preset("test", n_pairs_train=200, keeper_share=0.0))
     world.write(lab.world)
     texts = world.pretrain_texts + [m["content"] for r in world.sft_train for m in r["messages"]]
     tokenizer = train_bpe(texts, 400)

@@ -59,7 +59,7 @@ _COMMON = {"world": "tiny", "world_seed": 0, "base": None, "ranks": [4, 8, 16, 3
 PRESETS = {
     "test": {**_COMMON, "seeds": 1, "world": "test", "ranks": [2, 4], "steps": 4, "batch_size": 4,
              "warmup_steps": 1, "eval_items": 6, "max_new_tokens": 12,
-             "pretrain": {**_PRETRAIN, "steps": 4, "n_layer": 1, "n_head": 2, "d_model": 32, "max_seq_len": 128,
+             "pretrain": {**_PRETRAIN, "steps": 4, "n_layer": 1, "n_head": 2, "d_model": 32, "max_seq_len": 256,
                           "vocab_size": 300, "batch_size": 4, "warmup_steps": 1}},
     "default": {**_COMMON, "seeds": 3, "pretrain": dict(_PRETRAIN)},
     "large": {**_COMMON, "seeds": 3, "world": "small", "ranks": [4, 8, 16, 32, 64, 128], "steps": 600,
