@@ -548,13 +548,8 @@ class GCG:
             state.update(step=step + 1, stopped=hit and cfg.early_stop, seconds=record["seconds"],
                          buffer=buffer.entries, forward_tokens=objective.forward_tokens,
                          evaluations=objective.candidate_evaluations,
-                         rng=base64.b64encode(generator.get_state().numpy().tobytes()).decode())
-            if out is not None:
-                _save_state(Path(out), state)
-                with open(Path(out) / "metrics.jsonl", "a", encoding="utf-8") as f:
-                    f.write(json.dumps(record) + "\n")
-            if on_step is not None:
-                on_step(record)
+                         rng=rng_state(generator))
+            record_step(out, state, record, on_step)
         result = self._result(prompt, objective, state, buffer)
         if out is not None:
             _write_result(Path(out), result)
@@ -623,6 +618,22 @@ def _load_state(out: Path, key: dict) -> dict | None:
         raise LLMLabError(f"{out} holds a GCG run with other settings or another prompt/target; use another --out "
                           "(only the number of steps may change when resuming)")
     return state
+
+
+def rng_state(generator: torch.Generator) -> str:
+    """The random generator's state as text for ``state.json`` (``set_state`` of its base64 bytes restores it)."""
+    return base64.b64encode(generator.get_state().numpy().tobytes()).decode()
+
+
+def record_step(out: str | Path | None, state: dict, record: dict, on_step: Callable[[dict], None] | None) -> None:
+    """After a step: the state written atomically and the step's record appended to ``metrics.jsonl`` (with
+    ``out``), and the record shown to ``on_step``."""
+    if out is not None:
+        _save_state(Path(out), state)
+        with open(Path(out) / "metrics.jsonl", "a", encoding="utf-8") as f:
+            f.write(json.dumps(record) + "\n")
+    if on_step is not None:
+        on_step(record)
 
 
 def _save_state(out: Path, state: dict) -> None:

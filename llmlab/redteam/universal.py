@@ -49,8 +49,8 @@ from ..files import write_text_atomic
 from ..infer import client
 from .behaviours import load_behaviours, load_world_behaviours, select
 from .defended import Answerer
-from .gcg import (GCG, AttackBuffer, GCGConfig, Objective, Prompt, _load_state, _save_state, _write_metrics, conversation,
-                  fill, retokenisation_filter, sample_candidates, with_attack_slot)
+from .gcg import (GCG, AttackBuffer, GCGConfig, Objective, Prompt, _load_state, _write_metrics, conversation,
+                  fill, record_step, retokenisation_filter, rng_state, sample_candidates, with_attack_slot)
 from .judges import REPLY_TOKENS, greedy_reply_params, judge_all, success_rate
 
 Answer = Callable[[list[list[dict]]], list[str | None]]     # conversations → replies (None: too long to send)
@@ -213,13 +213,8 @@ class UniversalGCG:
             state["history"].append(record)
             state.update(step=step + 1, active=prompt_set.active, stopped=record["all_succeeded"] and cfg.early_stop,
                          seconds=record["seconds"], buffer=buffer.entries, counts=prompt_set.counts(),
-                         rng=base64.b64encode(generator.get_state().numpy().tobytes()).decode())
-            if out is not None:
-                _save_state(Path(out), state)
-                with open(Path(out) / "metrics.jsonl", "a", encoding="utf-8") as f:
-                    f.write(json.dumps(record) + "\n")
-            if on_step is not None:
-                on_step(record)
+                         rng=rng_state(generator))
+            record_step(out, state, record, on_step)
         result = self._result(prompt_set, prompts[0], state, buffer)
         if out is not None:
             write_result(Path(out), result)
