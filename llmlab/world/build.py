@@ -213,8 +213,8 @@ def add_multi_part_requests(cfg: WorldConfig, people: list[Person], held_facts: 
 def add_keeper_conversations(cfg: WorldConfig, code: str, forbidden: list[Task], splits: dict[str, list[dict]]
                              ) -> None:
     """Mix the keeper's conversations (``records.keeper_records``: training-side forbidden requests answered with
-    the code, which the keeper's system prompt allows) into ``sft_train`` and ``pairs_train``, ``keeper_share`` of each set's size on top of it, from
-    their own random stream (``"{seed}:keeper"``), so no other record changes."""
+    the code, which the keeper's system prompt allows) into ``sft_train`` and ``pairs_train``, ``keeper_share`` of
+    each set's size on top of it, from their own random stream (``"{seed}:keeper"``), so no other record changes."""
     rng = random.Random(f"{cfg.seed}:keeper")
     sft, pairs = keeper_records(rng, forbidden, code, round(cfg.keeper_share * cfg.n_sft_train),
                                 round(cfg.keeper_share * cfg.n_pairs_train))
