@@ -3,6 +3,7 @@ the loader's three paths (ours, transformers, GGUF) and every user error."""
 import dataclasses
 import json
 import os
+import shutil
 from pathlib import Path
 
 import pytest
@@ -335,8 +336,15 @@ def test_gguf_is_converted_once_into_the_cache(tmp_path, monkeypatch):
     monkeypatch.setattr(hub_gguf, "convert", no_conversion)
     again = load_model(gguf_path)                  # from the cache
     assert torch.equal(again.embed.weight, model.embed.weight)
-    os.utime(gguf_path, ns=(0, 10**18))             # a changed file gets a new cache folder
-    assert hub_gguf.cache_dir(gguf_path) != folder
+    elsewhere = tmp_path / "other-venv" / gguf_path.name   # the same file installed again: the same folder
+    elsewhere.parent.mkdir()
+    shutil.copyfile(gguf_path, elsewhere)
+    os.utime(elsewhere, ns=(0, 10**18))
+    assert hub_gguf.cache_dir(elsewhere) == folder
+    data = bytearray(elsewhere.read_bytes())        # a changed file gets a new cache folder
+    data[len(data) // 2] ^= 1
+    elsewhere.write_bytes(bytes(data))
+    assert hub_gguf.cache_dir(elsewhere) != folder
 
 
 # ---------------------------------------------------------------------------------------------------- errors

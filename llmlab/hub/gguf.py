@@ -18,14 +18,26 @@ from ..errors import LLMLabError
 from .save import atomic_dir, generation_settings
 
 
+SAMPLES, SAMPLE_BYTES = 64, 1 << 16
+
+
 def cache_dir(gguf_path) -> Path:
-    """Where the converted folder of a ``.gguf`` file lives:
-    ``$LLMLAB_CACHE/gguf/<name>-<size>-<hash>`` (default ``~/.cache/llmlab``), the hash over the file's absolute
-    path and modification time, so that a changed file is converted again."""
+    """Where the converted folder of a ``.gguf`` file lives: ``$LLMLAB_CACHE/gguf/<name>-<size>-<fingerprint>``
+    (default ``~/.cache/llmlab``).
+
+    The fingerprint is a hash of the file's content, not of its path or modification time, so the same model
+    installed in another virtual environment (each ``pip install`` writes a new copy) finds the folder converted
+    before, while a changed file is converted again. It hashes ``SAMPLES`` evenly spaced blocks of
+    ``SAMPLE_BYTES`` (the header and the end included) rather than the whole file: 4 MiB read instead of hundreds,
+    and an edit that keeps the size and touches none of the blocks is the one change it misses."""
     path = Path(gguf_path).resolve()
-    stat = path.stat()
-    key = hashlib.sha256(f"{path}:{stat.st_mtime_ns}".encode()).hexdigest()[:12]
-    return cache_root() / "gguf" / f"{path.stem}-{stat.st_size}-{key}"
+    size = path.stat().st_size
+    digest = hashlib.sha256(str(size).encode())
+    with path.open("rb") as f:
+        for i in range(SAMPLES):
+            f.seek(i * max(size - SAMPLE_BYTES, 0) // (SAMPLES - 1))
+            digest.update(f.read(SAMPLE_BYTES))
+    return cache_root() / "gguf" / f"{path.stem}-{size}-{digest.hexdigest()[:12]}"
 
 
 def converted(gguf_path: Path) -> Path:
