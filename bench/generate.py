@@ -18,7 +18,10 @@ tokens, all engines on torch's thread count:
                     greedy continuation are identical, and on float32's continuation (teacher forcing) how often
                     its next-token choice is float32's.
 
-Ratios are against transformers float32. llmlab's prefill always runs in the model's float32 (only decode is
+llmlab's rows use its default flags, so greedy decoding speculates with prompt lookup (``infer/speculative.py``:
+the same tokens, several checked per pass); the "no speculation" row turns that off (``--speculative-tokens 0``),
+and transformers runs once more with its own prompt lookup (``prompt_lookup_num_tokens=10``), which is not its
+default. Ratios are against transformers float32. llmlab's prefill always runs in the model's float32 (only decode is
 quantised); the float32 weights are themselves the GGUF's dequantised 4-8-bit values, so llmlab int4 quantises
 weights once more while llama.cpp computes with the file's own blocks.
 
@@ -29,7 +32,7 @@ build it without AMX:
     CMAKE_ARGS="-DGGML_NATIVE=OFF -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_AVX512=ON -DGGML_AVX512_VNNI=ON
     -DGGML_AVX512_BF16=ON -DGGML_AMX_TILE=OFF -DGGML_AMX_INT8=OFF" pip install --no-cache-dir llama-cpp-python
 
-    python bench/generate.py [--repeats 3] [--ppl-tokens 4096] [--quantize int8,int4,int4-head-int8]
+    python bench/generate.py [--repeats 3] [--ppl-tokens 4096] [--quantize int8,int4,int4-head-int8] [--no-bf16]
                              [--models gemma,smollm2] [--threads N] [--skip-process] [--skip-llama-cpp]
 """
 from __future__ import annotations
@@ -63,10 +66,11 @@ HF_SCRIPT = """
 import sys, torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 folder, prompt, n = sys.argv[1], sys.argv[2], int(sys.argv[3])
+lookup = {"prompt_lookup_num_tokens": int(sys.argv[4])} if len(sys.argv) > 4 else {}
 tokenizer = AutoTokenizer.from_pretrained(folder)
 model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
 ids = tokenizer(prompt, return_tensors="pt").input_ids
-out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, do_sample=False)
+out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, do_sample=False, **lookup)
 print(out.shape[1] - ids.shape[1])
 """
 LLAMA_CPP_SCRIPT = """
@@ -113,12 +117,13 @@ def llmlab_speed(engine, prompt_ids, repeats):
     return PROMPT / t1, NEW / (t_all - t1), tokens[:NEW]
 
 
-def hf_speed(model, prompt_ids, repeats):
+def hf_speed(model, prompt_ids, repeats, prompt_lookup=None):
     x = torch.tensor([prompt_ids])
+    lookup = {} if prompt_lookup is None else {"prompt_lookup_num_tokens": prompt_lookup}
 
     def run(n):
         return lambda: model.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=n, min_new_tokens=n,
-                                      do_sample=False, pad_token_id=0)[0, len(prompt_ids):].tolist()
+                                      do_sample=False, pad_token_id=0, **lookup)[0, len(prompt_ids):].tolist()
     run(4)()
     t1, _ = best_of(run(1), repeats)
     t_all, tokens = best_of(run(NEW + 1), repeats)
@@ -183,9 +188,11 @@ def bench_model(name, gguf, args):
     bos = held_out[0] if held_out[0] == tokenizer.bos_token_id else None
     prompt_ids, scored = held_out[:PROMPT], held_out[PROMPT:PROMPT + args.ppl_tokens]
     prompt_text = tokenizer.decode(prompt_ids, skip_special_tokens=True)
-    modes = {"llmlab, float32": ({}, []), "llmlab, bfloat16 decode": ({"decode_dtype": torch.bfloat16},
-                                                                     ["--decode-dtype", "bfloat16"])}
-    for mode in args.quantize.split(","):
+    modes = {"llmlab, float32": ({}, []),
+             "llmlab, float32, no speculation": ({"speculative_tokens": 0}, ["--speculative-tokens", "0"])}
+    if args.bf16:
+        modes["llmlab, bfloat16 decode"] = ({"decode_dtype": torch.bfloat16}, ["--decode-dtype", "bfloat16"])
+    for mode in filter(None, args.quantize.split(",")):
         modes[f"llmlab, {mode} decode"] = ({"quantize": mode}, ["--quantize", mode])
 
     def run_process(command, count):
@@ -211,10 +218,15 @@ def bench_model(name, gguf, args):
         del decode_model
         print(f"  {label} done", file=sys.stderr, flush=True)
 
+    hf_ppl, hf_top1 = perplexity(hf, scored, WINDOW, bos), quantization_error(model, hf, forced, start=PROMPT - 1)
+    prefill, decode, tokens = hf_speed(hf, prompt_ids, args.repeats, prompt_lookup=10)
+    rows.insert(1, Row("transformers, float32, prompt lookup (10)", prefill, decode, hf_ppl,
+                       same_prefix(tokens, reference), hf_top1["top1_agreement"],
+                       run_process([sys.executable, "-c", HF_SCRIPT, str(folder), prompt_text, str(NEW), "10"],
+                                   str.strip)))
     prefill, decode, tokens = hf_speed(hf, prompt_ids, args.repeats)
-    rows.insert(0, Row("transformers, float32", prefill, decode, perplexity(hf, scored, WINDOW, bos),
-                       same_prefix(tokens, reference),
-                       quantization_error(model, hf, forced, start=PROMPT - 1)["top1_agreement"],
+    rows.insert(0, Row("transformers, float32", prefill, decode, hf_ppl, same_prefix(tokens, reference),
+                       hf_top1["top1_agreement"],
                        run_process([sys.executable, "-c", HF_SCRIPT, str(folder), prompt_text, str(NEW)], str.strip)))
     del hf
 
@@ -274,6 +286,7 @@ def main():
     ap.add_argument("--ppl-tokens", type=int, default=4096, help="held-out tokens scored for perplexity")
     ap.add_argument("--quantize", default="int8,int4,int4-head-int8",
                     help="llmlab quantisation modes to run, comma-separated (quant.MODES)")
+    ap.add_argument("--no-bf16", dest="bf16", action="store_false", help="no llmlab bfloat16-decode row")
     ap.add_argument("--models", default="gemma,smollm2")
     ap.add_argument("--threads", type=int, default=None, help="threads for every engine (default: torch's)")
     ap.add_argument("--skip-process", action="store_true", help="no whole-process timings")

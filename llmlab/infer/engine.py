@@ -27,6 +27,9 @@ from ..hub.folder import ModelDir
 from ..model.config import context_length
 from .quant import MODES as QUANT_MODES
 from .quant import quantize as quantize_weights
+from .speculative import speculative_greedy
+
+SPECULATIVE_TOKENS = 16     # longest draft of speculative greedy decoding (bench/generate.py measures others)
 
 
 @dataclass
@@ -118,10 +121,11 @@ class OurLM:
             self.cache.to(self.decode_dtype)
         return logits
 
-    def decode(self, tokens: torch.Tensor, mask: torch.Tensor, greedy: bool = False) -> torch.Tensor:
-        """Next-token logits (B, V) after feeding ``tokens`` (B,); ``greedy``: only their argmax will be used."""
+    def decode(self, tokens: torch.Tensor, mask: torch.Tensor | None, greedy: bool = False) -> torch.Tensor:
+        """Next-token logits (B, V) after feeding ``tokens`` (B,); ``greedy``: only their argmax will be used.
+        ``mask``: the padding mask so far, None when no row is padded."""
         model = self.decode_model
-        hidden = model.hidden_states(tokens[:, None], attention_mask=None if bool(mask.all()) else mask,
+        hidden = model.hidden_states(tokens[:, None], attention_mask=None if mask is None or bool(mask.all()) else mask,
                                      cache=self.cache)[:, -1]
         weight = getattr(model.lm_head, "weight", None)       # None: a quantized head
         if greedy and len(tokens) == 1 and weight is not None and weight.dtype == torch.float32:
@@ -129,6 +133,17 @@ class OurLM:
                 self.greedy_head = GreedyHead(weight)
             return self.greedy_head(hidden)     # a logit soft-cap is monotonic: it cannot move the argmax
         return model.logits(hidden)
+
+    # batch-1 greedy steps for speculative decoding (``speculative.py``)
+
+    def greedy_next(self, token: int) -> int:
+        return int(self.decode(torch.tensor([token], device=self.cache.k[0].device), None, greedy=True).argmax(-1))
+
+    def greedy_after(self, tokens: list[int]) -> list[int]:
+        """The greedy next token after each of ``tokens``, fed at once."""
+        model = self.decode_model
+        hidden = model.hidden_states(torch.tensor([tokens], device=self.cache.k[0].device), cache=self.cache)[0]
+        return model.logits(hidden).argmax(-1).tolist()   # a logit soft-cap is monotonic: it cannot move the argmax
 
 
 class HFLM:
@@ -264,11 +279,17 @@ class Engine:
     """Batched generation for one model and its tokenizer."""
 
     def __init__(self, model, tokenizer, *, eos_token_ids: list[int] | None = None,
-                 decode_dtype: torch.dtype | None = None, quantize: str | None = None):
+                 decode_dtype: torch.dtype | None = None, quantize: str | None = None,
+                 speculative_tokens: int = SPECULATIVE_TOKENS):
         """``decode_dtype`` / ``quantize`` (``"int8"``, ``"int4"``, ... see ``quant.MODES``): decode with a bfloat16
         and/or int8- or int4-weight copy of the model while prefill keeps the model's own precision (on CPUs without
         bf16 units large bf16 matmuls are slow, but batch-1 decoding is bound by weight bytes, where fewer bytes
-        win)."""
+        win). ``speculative_tokens``: greedy batch-1 decoding of llmlab's own models drafts up to this many tokens
+        by prompt lookup and checks them in one pass (``speculative.py``: the same tokens, fewer passes); 0 turns
+        it off."""
+        if speculative_tokens < 0:
+            raise LLMLabError(f"speculative_tokens must be ≥ 0, got {speculative_tokens}")
+        self.speculative_tokens = speculative_tokens
         self.model = model.eval()
         self.tokenizer = tokenizer
         self.lm = adapter_for(model, make_decode_model(model, decode_dtype, quantize), decode_dtype)
@@ -278,12 +299,13 @@ class Engine:
             (min(self.eos_token_ids) if self.eos_token_ids else 0)
 
     @classmethod
-    def from_path(cls, model, *, device="cpu", dtype=None, decode_dtype=None, quantize=None) -> "Engine":
+    def from_path(cls, model, *, device="cpu", dtype=None, decode_dtype=None, quantize=None,
+                  speculative_tokens=SPECULATIVE_TOKENS) -> "Engine":
         """An engine for a model folder, hub id or ``.gguf`` file (or its ``ModelDir``) and its tokenizer."""
         from ..hub.load import load_model
         model = ModelDir.of(model)
         return cls(load_model(model, device=device, dtype=dtype), model.tokenizer(), decode_dtype=decode_dtype,
-                   quantize=quantize)
+                   quantize=quantize, speculative_tokens=speculative_tokens)
 
     @property
     def context(self) -> int:
@@ -331,6 +353,11 @@ class Engine:
             seen[rows[real], ids[real]] = True
         eos = torch.tensor(sorted(self.eos_token_ids), dtype=torch.long, device=self.device)
         greedy = params.temperature == 0 and seen is None
+        if greedy and len(prompts) == 1 and self.speculative_tokens and isinstance(self.lm, OurLM):
+            for token in speculative_greedy(self.lm, prompts[0], int(logits.argmax(-1)), budget, self.eos_token_ids,
+                                            self.speculative_tokens):
+                yield [token]
+            return
         for step in range(budget):
             tokens = next_tokens(logits, params, seen, generator)
             tokens = torch.where(done, torch.full_like(tokens, self.pad_id), tokens)
@@ -413,6 +440,9 @@ def add_sampling_args(p) -> None:
     p.add_argument("--decode-dtype", default=None, help="decode with a copy in this dtype, e.g. bfloat16")
     p.add_argument("--quantize", default=None, choices=QUANT_MODES,
                    help="decode with int8 or int4 weights (the head too, unless the mode says otherwise)")
+    p.add_argument("--speculative-tokens", type=int, default=SPECULATIVE_TOKENS,
+                   help="greedy decoding drafts up to this many tokens by prompt lookup and checks them in one pass "
+                        "(the same text, faster when it repeats itself or its prompt); 0: off")
 
 
 def sampling_from_args(args) -> SamplingParams:
@@ -425,7 +455,8 @@ def engine_from_args(model: ModelDir, args) -> Engine:
     """The engine for ``model`` (``--model``) with the precision flags of ``add_sampling_args``."""
     from ..device import parse_dtype
     return Engine.from_path(model, device=args.device, dtype=parse_dtype(args.dtype),
-                            decode_dtype=parse_dtype(args.decode_dtype), quantize=args.quantize)
+                            decode_dtype=parse_dtype(args.decode_dtype), quantize=args.quantize,
+                            speculative_tokens=args.speculative_tokens)
 
 
 def _generate_command(args) -> None:

@@ -178,6 +178,12 @@ class KVCache:
     def advance(self, n: int) -> None:
         self.length += n
 
+    def truncate(self, length: int) -> None:
+        """Forget the positions from ``length`` on (a rejected speculative draft's); later writes overwrite them."""
+        if not 0 <= length <= self.length:
+            raise ValueError(f"cannot truncate a cache of {self.length} positions to {length}")
+        self.length = length
+
     def to(self, dtype: torch.dtype) -> None:
         """Cast the stored keys/values, e.g. to bfloat16 after a float32 prefill."""
         self.k = [t.to(dtype) for t in self.k]
