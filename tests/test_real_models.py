@@ -102,3 +102,24 @@ def test_smollm2_chat_answers_in_its_chatml_template(smollm2, smollm2_gguf):
     cut = expected.split("<|im_end|>")[0]
     assert answer == cut.strip() or answer == cut
     assert "Paris" in answer
+
+
+def test_smollm2_speculative_greedy_is_transformers_greedy_in_fewer_passes(smollm2, smollm2_gguf):
+    """Default greedy decoding drafts by prompt lookup (``infer/speculative.py``): on a prompt it can quote, most
+    tokens come from accepted drafts, and the text is still transformers' greedy text."""
+    folder, tok = smollm2
+    prompt = ("Copy the list.\nList: apple, banana, cherry, date, elderberry, fig, grape, honeydew.\n"
+              "Copy: apple, banana,")
+    ids = tok(prompt)["input_ids"]
+    engine = Engine.from_path(str(smollm2_gguf))
+    passes = {"n": 0}
+    for name in ("greedy_next", "greedy_after"):
+        method = getattr(engine.lm, name)
+
+        def counted(*args, method=method):
+            passes["n"] += 1
+            return method(*args)
+        setattr(engine.lm, name, counted)
+    out = engine.generate([ids], SamplingParams(max_new_tokens=NEW_TOKENS, temperature=0))[0]
+    assert out.token_ids == hf_greedy(folder, ids)[:len(out.token_ids)]
+    assert passes["n"] < len(out.token_ids) / 2
