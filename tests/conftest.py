@@ -220,3 +220,17 @@ def logit_error(ours, theirs, x, padded: bool) -> float:
         ref = theirs(x, attention_mask=mask).logits
     real = mask.bool()
     return float((got[real] - ref[real]).abs().max())
+
+
+def count_passes(engine) -> dict:
+    """Count an engine's batch-1 greedy forward passes after the prefill (``{"passes": n}``, updated as it runs):
+    one-token steps and speculative verification passes alike."""
+    calls = {"passes": 0}
+    for name in ("greedy_next", "greedy_after"):
+        method = getattr(engine.lm, name)
+
+        def counted(*args, method=method):
+            calls["passes"] += 1
+            return method(*args)
+        setattr(engine.lm, name, counted)
+    return calls

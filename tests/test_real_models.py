@@ -16,6 +16,7 @@ from llmlab.hub.load import load_model
 from llmlab.infer.chat_cli import ChatSession
 from llmlab.infer.engine import Engine, SamplingParams
 from llmlab.model.decoder import Decoder
+from conftest import count_passes
 
 transformers.logging.set_verbosity_error()
 NEW_TOKENS = 24
@@ -112,14 +113,7 @@ def test_smollm2_speculative_greedy_is_transformers_greedy_in_fewer_passes(smoll
               "Copy: apple, banana,")
     ids = tok(prompt)["input_ids"]
     engine = Engine.from_path(str(smollm2_gguf))
-    passes = {"n": 0}
-    for name in ("greedy_next", "greedy_after"):
-        method = getattr(engine.lm, name)
-
-        def counted(*args, method=method):
-            passes["n"] += 1
-            return method(*args)
-        setattr(engine.lm, name, counted)
+    passes = count_passes(engine)
     out = engine.generate([ids], SamplingParams(max_new_tokens=NEW_TOKENS, temperature=0))[0]
     assert out.token_ids == hf_greedy(folder, ids)[:len(out.token_ids)]
-    assert passes["n"] < len(out.token_ids) / 2
+    assert passes["passes"] < len(out.token_ids) / 2

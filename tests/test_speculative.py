@@ -8,6 +8,7 @@ from llmlab.infer.speculative import PromptLookup, accepted_length
 from llmlab.model.attention import KVCache
 from llmlab.model.config import preset
 from llmlab.model.decoder import build_model
+from conftest import count_passes
 from test_gemma import tiny_gemma3
 
 
@@ -54,19 +55,6 @@ def gemma():
     return ours.eval()
 
 
-def counted(engine):
-    """Count the engine's forward passes after the prefill."""
-    calls = {"passes": 0}
-    for name in ("greedy_next", "greedy_after"):
-        method = getattr(engine.lm, name)
-
-        def wrapper(*args, method=method):
-            calls["passes"] += 1
-            return method(*args)
-        setattr(engine.lm, name, wrapper)
-    return calls
-
-
 @pytest.mark.parametrize("make", [llama, gemma], ids=["llama", "gemma3-sliding-window"])
 @pytest.mark.parametrize("budget", [1, 2, 7, 60])
 def test_speculative_greedy_gives_plain_greedys_tokens_in_fewer_passes(byte_tokenizer, make, budget):
@@ -74,7 +62,7 @@ def test_speculative_greedy_gives_plain_greedys_tokens_in_fewer_passes(byte_toke
     vocab = model.config.vocab_size
     plain = Engine(model, byte_tokenizer, eos_token_ids=[], speculative_tokens=0)
     fast = Engine(model, byte_tokenizer, eos_token_ids=[], speculative_tokens=4)
-    passes = counted(fast)
+    passes = count_passes(fast)
     prompt = [t % vocab for t in [5, 17, 42, 9, 33, 5, 17, 42, 9, 71]]
     seed = plain.generate([prompt], SamplingParams(max_new_tokens=20, temperature=0))[0].token_ids
     prompt = prompt + seed + prompt     # the continuation after the repeat is likely to repeat too: drafts
@@ -104,7 +92,7 @@ def test_speculative_decoding_stops_at_an_eos_inside_an_accepted_draft(byte_toke
 def test_sampling_and_batches_do_not_speculate(byte_tokenizer):
     model = llama(len(byte_tokenizer))
     engine = Engine(model, byte_tokenizer, eos_token_ids=[], speculative_tokens=4)
-    passes = counted(engine)
+    passes = count_passes(engine)
     engine.generate([[5, 6, 7, 5, 6, 7]], SamplingParams(max_new_tokens=5, temperature=0.8, seed=0))
     engine.generate([[5, 6, 7, 5, 6], [8, 9]], SamplingParams(max_new_tokens=5, temperature=0))
     assert passes["passes"] == 0
