@@ -13,15 +13,17 @@ from test_gemma import tiny_gemma3
 
 
 def test_prompt_lookup_drafts_what_followed_the_latest_earlier_occurrence():
-    lookup = PromptLookup([1, 2, 3, 9, 1, 2, 3, 7, 8, 5, 2, 3])
+    assert PromptLookup([1, 2, 3, 9, 5, 2, 3]).draft(2) == []              # by default trigrams only
+    assert PromptLookup([1, 2, 3, 9, 5, 1, 2, 3]).draft(2) == [9, 5]
+    lookup = PromptLookup([1, 2, 3, 9, 1, 2, 3, 7, 8, 5, 2, 3], sizes=(3, 2))
     assert lookup.draft(3) == [7, 8, 5]          # "2 3" last came before 7 8 5 (the trigram 5 2 3 is new)
     assert lookup.draft(7) == [7, 8, 5, 2, 3, 7, 8]   # past the sequence's end: its period repeats
-    assert PromptLookup([4, 4, 4]).draft(3) == [4, 4, 4]
+    assert PromptLookup([4, 4, 4, 4]).draft(3) == [4, 4, 4]
     assert lookup.draft(0) == []
     lookup.append(4)                             # "3 4" never occurred: no draft
     assert lookup.draft(3) == []
-    assert PromptLookup([1, 2]).draft(4) == []   # the final n-gram never matches itself
-    trigram = PromptLookup([6, 2, 3, 1, 9, 2, 3, 4, 6, 2, 3])
+    assert PromptLookup([1, 2, 3]).draft(4) == []   # the final n-gram never matches itself
+    trigram = PromptLookup([6, 2, 3, 1, 9, 2, 3, 4, 6, 2, 3], sizes=(3, 2))
     assert trigram.draft(2) == [1, 9]            # "6 2 3" (n = 3) wins over the later "2 3" → 4
 
 
