@@ -218,15 +218,15 @@ def bench_model(name, gguf, args):
         del decode_model
         print(f"  {label} done", file=sys.stderr, flush=True)
 
-    hf_ppl, hf_top1 = perplexity(hf, scored, WINDOW, bos), quantization_error(model, hf, forced, start=PROMPT - 1)
+    hf_ppl = perplexity(hf, scored, WINDOW, bos)
+    hf_top1 = quantization_error(model, hf, forced, start=PROMPT - 1)["top1_agreement"]
     prefill, decode, tokens = hf_speed(hf, prompt_ids, args.repeats, prompt_lookup=10)
     rows.insert(1, Row("transformers, float32, prompt lookup (10)", prefill, decode, hf_ppl,
-                       same_prefix(tokens, reference), hf_top1["top1_agreement"],
+                       same_prefix(tokens, reference), hf_top1,
                        run_process([sys.executable, "-c", HF_SCRIPT, str(folder), prompt_text, str(NEW), "10"],
                                    str.strip)))
     prefill, decode, tokens = hf_speed(hf, prompt_ids, args.repeats)
-    rows.insert(0, Row("transformers, float32", prefill, decode, hf_ppl, same_prefix(tokens, reference),
-                       hf_top1["top1_agreement"],
+    rows.insert(0, Row("transformers, float32", prefill, decode, hf_ppl, same_prefix(tokens, reference), hf_top1,
                        run_process([sys.executable, "-c", HF_SCRIPT, str(folder), prompt_text, str(NEW)], str.strip)))
     del hf
 

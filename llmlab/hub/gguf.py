@@ -60,8 +60,9 @@ def gguf_tokenizer(gguf_path: Path):
 
     if not gguf_path.is_file():
         raise LLMLabError(f"GGUF file not found: {gguf_path}")
-    if (cache_dir(gguf_path) / "config.json").is_file():
-        return load_tokenizer(cache_dir(gguf_path))
+    folder = cache_dir(gguf_path)
+    if (folder / "config.json").is_file():
+        return load_tokenizer(folder)
     try:
         return AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
     except Exception as e:      # transformers raises many types for a file it cannot read

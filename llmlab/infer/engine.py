@@ -29,7 +29,7 @@ from .quant import MODES as QUANT_MODES
 from .quant import quantize as quantize_weights
 from .speculative import speculative_greedy
 
-SPECULATIVE_TOKENS = 16     # longest draft of speculative greedy decoding (bench/generate.py measures others)
+SPECULATIVE_TOKENS = 16     # longest draft of speculative greedy decoding (bench/generate.py: against 0)
 
 
 @dataclass

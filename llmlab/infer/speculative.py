@@ -12,14 +12,15 @@ costs one pass over k + 1 tokens instead of one token's; a right one saves n pas
 
 The guesses come from prompt lookup (Saxena, 2023; ``prompt_lookup_num_tokens`` in transformers, the ``ngram``
 speculator in vLLM): find the last earlier place where the sequence's final n = 3 tokens occurred, and propose
-the k tokens that followed it there. (Falling back to n = 2 drafted more often and was more often wrong: on
-SmolLM2's fresh prose it made decoding 4–10% slower than no speculation, with n = 3 alone 0–5%.) Text that quotes its prompt (answers about a document, code
-edits) or repeats itself (small models' greedy continuations) is guessed right most of the time; other text gets
-no draft and decodes one token a pass, as before.
+the k tokens that followed it there. (Falling back to n = 2 drafts more often and more often wrongly, which made
+fresh prose slower than no speculation; README.) Text that quotes its prompt (answers about a document, code edits)
+or repeats itself (small models' greedy continuations) is guessed right most of the time; other text gets few
+drafts and decodes one token a pass, as before.
 """
 from __future__ import annotations
 
 from typing import Iterator
+
 
 class PromptLookup:
     """Drafts from earlier occurrences of the sequence's last ``n`` tokens (largest ``n`` of ``sizes`` first).
