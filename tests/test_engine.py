@@ -49,20 +49,41 @@ def test_batch_one_greedy_equals_naive_loop(our_model, byte_tokenizer):
 def test_greedy_head_finds_float32s_argmax_among_its_candidates():
     torch.manual_seed(0)
     weight = torch.randn(5000, 64) * torch.rand(5000, 1) * 4
-    weight[1] = weight[0] * (1 + 1e-6)          # near-ties that bfloat16 alone cannot separate
+    weight[1] = weight[0] * (1 + 1e-6)          # near-ties that int8 alone cannot separate
     weight[7] = weight[3] + 1e-5
     head = GreedyHead(weight)
     for scale in (0.01, 1.0, 30.0):
+        hiddens = []
         for _ in range(100):
             hidden = torch.randn(1, 64) * scale
             if torch.rand(()) < 0.3:            # aim at a near-tie pair
                 hidden = (weight[0] if torch.rand(()) < 0.5 else weight[3])[None] * scale
+            hiddens.append(hidden)
             logits = head(hidden)
             exact = hidden @ weight.T
             assert int(logits.argmax()) == int(exact.argmax())
             kept = torch.isfinite(logits)
             assert torch.allclose(logits[kept], exact[kept], rtol=1e-6, atol=1e-5)
             assert kept.sum() < 5000
+        several = torch.cat(hiddens)            # several positions at once, as a speculative checking pass reads them
+        assert head.argmax(several) == (several @ weight.T).argmax(-1).tolist()
+
+
+def test_greedy_head_bound_holds_and_flat_logits_take_the_whole_head():
+    """Every exact logit lies within the bound of its int8 approximation, so the argmax is always a candidate; when
+    nearly every row is one (rows that differ by less than the bound), the whole float32 product decides."""
+    torch.manual_seed(1)
+    weight = torch.randn(4096, 96) * 0.05
+    head = GreedyHead(weight)
+    hidden = torch.randn(8, 96) * 40
+    exact = hidden @ weight.T
+    for h, rows, e in zip(hidden, head.candidates(hidden), exact):
+        assert int(e.argmax()) in rows.tolist()
+    flat = torch.ones(4096, 96) + torch.randn(4096, 96) * 1e-4
+    head = GreedyHead(flat)
+    rows = head.candidates(hidden[:1])[0]
+    assert len(rows) > 4096 // 64
+    assert head.argmax(hidden[:1]) == [int((hidden[0] @ flat.T).argmax())]
 
 
 def test_greedy_equals_transformers_generate_for_hf_models(byte_tokenizer):

@@ -3,7 +3,7 @@ decoding, in fewer forward passes, on llmlab's Llama and Gemma 3 (sliding-window
 import pytest
 import torch
 
-from llmlab.infer.engine import Engine, SamplingParams
+from llmlab.infer.engine import Engine, OurLM, SamplingParams
 from llmlab.infer.speculative import PromptLookup, accepted_length
 from llmlab.model.attention import KVCache
 from llmlab.model.config import preset
@@ -122,3 +122,33 @@ def test_a_pass_over_several_tokens_after_a_truncated_cache_equals_one_token_at_
         cache.truncate(40 + 2)                   # keep two draft tokens, feed four others over the stale ones
         rest = model.logits(model.hidden_states(other[:, 2:], cache=cache)[0])
         assert torch.allclose(rest, stepwise(torch.cat([draft[:, :2], other[:, 2:]], 1))[2:], atol=1e-5)
+
+
+def test_greedy_after_reads_choices_up_to_the_first_rejected_draft_token():
+    """The checking pass reads greedy choices chunk by chunk (2, 4, 8 positions) and stops at the first that
+    rejects the draft; what it returns must be float32's argmax at each of those positions."""
+    model = llama(300)
+    torch.manual_seed(2)
+    prompt = torch.randint(0, 300, (1, 20))
+
+    def after_prompt():
+        cache = model.new_cache(1, 64)
+        model.hidden_states(prompt, cache=cache)
+        return cache
+
+    with torch.no_grad():
+        cache, tokens = after_prompt(), [7]
+        for _ in range(9):                       # the model's own greedy continuation: a draft accepted whole
+            logits = model.logits(model.hidden_states(torch.tensor([tokens[-1:]]), cache=cache)[0, -1])
+            tokens.append(int(logits.argmax()))
+        lm = OurLM(model)
+        for wrong_at in (1, 2, 3, 6, None):      # rejections in the first, second and third chunk
+            fed = list(tokens)
+            if wrong_at is not None:
+                fed[wrong_at] = (fed[wrong_at] + 1) % 300
+            full = model.logits(model.hidden_states(torch.tensor([fed]), cache=after_prompt())[0]).argmax(-1)
+            lm.prefill(prompt, torch.ones_like(prompt), 64)
+            greedy = lm.greedy_after(fed)
+            assert len(greedy) == (len(fed) if wrong_at is None else wrong_at)
+            assert greedy == full[:len(greedy)].tolist()
+        assert lm.greedy_head is not None
