@@ -92,6 +92,27 @@ def test_prefix_cache_target_logits_and_chunks_give_the_plain_losses(tok, name, 
         assert objective.forward_tokens < objective.tail(made).numel()       # tokens were skipped
 
 
+@pytest.mark.parametrize("softcap", [None, 30.0])
+@pytest.mark.parametrize("alpha", [None, 1.0])
+def test_head_losses_by_vocabulary_blocks_equal_the_whole_logits(tok, softcap, alpha):
+    """(b) The block-by-block loss and greedy check against target_loss and argmax of the whole logits, with blocks
+    that do not divide the vocabulary, a soft-capped head (Gemma 2), and a row whose greedy reply is the target."""
+    model = tiny(tok, "llama", logit_softcap=softcap)
+    torch.manual_seed(3)
+    target = torch.randint(0, len(tok), (5,))
+    hidden = torch.randn(4, 5, 32) * 3
+    with torch.no_grad():
+        hidden[2] = model.lm_head.weight[target] * 40        # aims every position at its target: an exact row
+        logits = model.logits(hidden)
+    want = gcg.target_loss(logits, target, alpha)
+    want_exact = (logits.argmax(-1) == target).all(-1)
+    assert want_exact.tolist() == [False, False, True, False]
+    for block in (7, 64, 100_000):
+        losses, exact = gcg.head_losses(model, hidden, target, alpha, block=block)
+        assert relative_error(losses, want) <= 1e-5, block
+        assert torch.equal(exact, want_exact)
+
+
 def test_the_prefix_cache_is_never_changed(tok):
     model = tiny(tok)
     objective, prompt, suffixes = setup(tok, model, batch_size=3)

@@ -35,7 +35,8 @@ Exact speed-ups, each tested to give the losses of the plain computation (tests/
         (``prefill``) and copied into the first rows of each candidate batch's KVCache; the model writes only
         after them, so the prefix is never changed;
     (b) only the m target positions need next-token logits: the LM head (V × d: 262k rows for Gemma 3) runs on m
-        positions per candidate, not on the whole sequence;
+        positions per candidate, not on the whole sequence, and a block of its rows at a time, each block reduced
+        to what the loss needs before the next (``head_losses``);
     (c) the token gradient through the embeddings: e_{x_i} enters the model as Eᵀe_{x_i} (row x_i of the
         embedding matrix E, then times the model's embedding scale, √d for Gemma, inside the decoder), so
         G_i = E · ∂L/∂(Eᵀe_{x_i}): one backward pass to the n embedding rows and an (n × d)·(d × V) product;
@@ -74,6 +75,7 @@ INIT_CHARS = [".", ",", "!", "?", ";", ":", "(", ")", "[", "]", "{", "}", "@", "
               "w", "x", "y", "z"]
 LOGITS_BUDGET = 512 * 2 ** 20      # bytes of float32 target logits per candidate chunk when batch_size is None
 SHARE_CHUNKS = 4                   # (e) candidates sorted by first changed position run in at least this many chunks
+VOCAB_BLOCK = 4096                 # LM-head rows per product in ``head_losses``: a block's logits stay in the cache
 
 
 @dataclass
@@ -235,6 +237,47 @@ def target_loss(logits: torch.Tensor, target: torch.Tensor, mellowmax_alpha: flo
 
 
 @torch.no_grad()
+def head_losses(model, hidden: torch.Tensor, target: torch.Tensor, mellowmax_alpha: float | None = None,
+                block: int = VOCAB_BLOCK) -> tuple[torch.Tensor, torch.Tensor]:
+    """``target_loss`` of the logits z = model.logits(h) at the m target positions of each row of ``hidden``
+    (B, m, d), and whether each row's greedy choices are the target tokens, without ever holding the (B, m, V)
+    logits. The LM head runs ``block`` vocabulary rows at a time, and each block k leaves per position only its
+    maximum μ_k, its argmax and s_k = Σ_{v ∈ k} exp(z_v − μ_k), so that
+
+        logsumexp(z) = μ + log Σ_k s_k · exp(μ_k − μ),    μ = max_k μ_k,
+
+    and the target logit z_i[y_i] is one dot product. A block's logits stay in the CPU's cache instead of crossing
+    memory four times (product, maximum, exponentials, argmax): at Gemma 3's 262k vocabulary the whole loss costs
+    less than the plain product alone (README, GCG speed)."""
+    weight, cap = model.lm_head.weight, model.config.logit_softcap
+    b, m, d = hidden.shape
+    h = hidden.reshape(b * m, d)
+    columns = h.T.contiguous()          # z as W_k hᵀ (block × positions): 10–15% faster here than h W_kᵀ
+    maxima, sums, argmaxes = [], [], []
+    for start in range(0, weight.shape[0], block):
+        z = (weight[start:start + block] @ columns).float()
+        if cap is not None:
+            z = cap * torch.tanh(z / cap)
+        top, where = z.max(0)
+        sums.append(z.sub_(top).exp_().sum(0))
+        maxima.append(top)
+        argmaxes.append(where + start)
+    maxima, sums, argmaxes = torch.stack(maxima, 1), torch.stack(sums, 1), torch.stack(argmaxes, 1)
+    top, best_block = maxima.max(1)                             # the first block holding the maximum: argmax's tie rule
+    greedy = argmaxes.gather(1, best_block[:, None]).reshape(b, m)
+    chosen = (h * weight[target].repeat(b, 1)).sum(-1).float()  # z_i[y_i]
+    if cap is not None:
+        chosen = cap * torch.tanh(chosen / cap)
+    chosen = chosen.reshape(b, m)
+    if mellowmax_alpha is not None:
+        losses = mellowmax(-chosen, mellowmax_alpha)
+    else:
+        lse = top + torch.log((sums * torch.exp(maxima - top[:, None])).sum(1))
+        losses = (lse.reshape(b, m) - chosen).mean(-1)
+    return losses, (greedy == target).all(-1)
+
+
+@torch.no_grad()
 def prefill(model, ids: torch.Tensor) -> KVCache:
     """(a) The keys and values of the prompt before the attack string, computed once (batch 1)."""
     cache = model.new_cache(1, max(1, len(ids)))
@@ -283,9 +326,10 @@ class Objective:
         cache.length = p
         return cache
 
-    def target_logits(self, tail: torch.Tensor | None = None, embeds: torch.Tensor | None = None,
+    def target_hidden(self, tail: torch.Tensor | None = None, embeds: torch.Tensor | None = None,
                       shared: KVCache | None = None, skip: int = 0) -> torch.Tensor:
-        """Logits (B, m, V) at the positions that predict the target, for the ids ``tail`` (or the embeddings
+        """Final hidden states (B, m, d) at the positions that predict the target (where the LM head runs: (b)), for
+        the ids ``tail`` (or the embeddings
         ``embeds``, before the embedding scale) that follow the prefix. (e) When the first ``skip`` tokens of every
         row are those of the string whose cache is ``shared``, their keys and values are copied from it and only
         ``tail[:, skip:]`` runs."""
@@ -307,8 +351,7 @@ class Objective:
                 embeds = torch.cat([self.model.embed.weight.detach()[self.before].expand(b, -1, -1), embeds], dim=1)
         hidden = self.model.hidden_states(tail, embeds=embeds, cache=cache)
         self.forward_tokens += b * hidden.shape[1]
-        m = len(self.target)
-        return self.model.logits(hidden[:, -m - 1:-1])                  # (b): the LM head on m positions only
+        return hidden[:, -len(self.target) - 1:-1]
 
     def release(self) -> None:
         """Free the candidates' cache (the next ``losses`` allocates it again), for a caller that holds many
@@ -341,10 +384,11 @@ class Objective:
         losses, exact = [], []
         for start in range(0, len(suffixes), chunk):
             rows = order[start:start + chunk]
-            logits = self.target_logits(self.tail(suffixes[rows.to(suffixes.device)]), shared=shared,
+            hidden = self.target_hidden(self.tail(suffixes[rows.to(suffixes.device)]), shared=shared,
                                         skip=int(first[rows].min()))
-            losses.append(target_loss(logits, self.target, self.alpha))
-            exact.append((logits.argmax(-1) == self.target).all(-1))
+            chunk_losses, chunk_exact = head_losses(self.model, hidden, self.target, self.alpha)
+            losses.append(chunk_losses)
+            exact.append(chunk_exact)
         self.candidate_evaluations += len(suffixes)
         back = order.argsort().to(suffixes.device)                      # undo the sort
         return torch.cat(losses)[back], torch.cat(exact)[back]
@@ -365,7 +409,7 @@ class Objective:
         rows = weight[suffix].clone().requires_grad_(True)               # (n, d): E[x_i]
         embeds = torch.cat([rows, weight[self.after], weight[self.target]])[None]
         with torch.enable_grad():
-            loss = target_loss(self.target_logits(embeds=embeds), self.target, self.alpha)[0]
+            loss = target_loss(self.model.logits(self.target_hidden(embeds=embeds)), self.target, self.alpha)[0]
             (grad,) = torch.autograd.grad(loss, [rows])
         return grad @ weight.T
 
