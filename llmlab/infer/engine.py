@@ -107,11 +107,7 @@ class GreedyHead:
 
     def candidates(self, hidden: torch.Tensor) -> list[torch.Tensor]:
         """For each hidden state of ``hidden`` (M, d), the rows that may hold its largest logit."""
-        flat = hidden.to(torch.bfloat16)
-        if hidden.device.type == "cpu":
-            approx = torch._weight_int8pack_mm(flat, self.qweight, self.scale).float()
-        else:
-            approx = ((flat @ self.qweight.to(torch.bfloat16).T) * self.scale).float()
+        approx = torch._weight_int8pack_mm(hidden.to(torch.bfloat16), self.qweight, self.scale).float()
         bound = hidden.float().norm(dim=1, keepdim=True) * self.row_bound + 2 * self.U * approx.abs()
         floor = (approx - bound).amax(1, keepdim=True)
         return [(row >= f).nonzero().squeeze(1) for row, f in zip(approx + bound, floor)]
@@ -139,7 +135,7 @@ class OurLM:
 
     ``decode_model`` (default: the same model) may be a bfloat16 or int8 copy: prefill runs in the prefill model's
     precision, then the cache is cast to the decode model's. Greedy batch-1 steps of a float32 model go through a
-    ``GreedyHead``.
+    ``GreedyHead`` on the CPU.
     """
 
     def __init__(self, model, decode_model=None, decode_dtype=None):
@@ -168,10 +164,11 @@ class OurLM:
 
     def _greedy_head(self) -> GreedyHead | None:
         """The decode model's GreedyHead, built at first use; None for a head that is not float32 (a bfloat16 or
-        quantised copy computes its own logits as cheaply). A logit soft-cap is monotonic: it cannot move the
-        argmax, so the head's raw logits serve."""
+        quantised copy computes its own logits as cheaply) or not on the CPU (its int8 product is torch's CPU
+        kernel; on a GPU the float32 head runs as before). A logit soft-cap is monotonic: it cannot move the argmax, so
+        the head's raw logits serve."""
         weight = getattr(self.decode_model.lm_head, "weight", None)     # None: a quantised head
-        if weight is None or weight.dtype != torch.float32:
+        if weight is None or weight.dtype != torch.float32 or weight.device.type != "cpu":
             return None
         if self.greedy_head is None:
             self.greedy_head = GreedyHead(weight)
