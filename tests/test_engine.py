@@ -70,8 +70,8 @@ def test_greedy_head_finds_float32s_argmax_among_its_candidates():
 
 
 def test_greedy_head_bound_holds_and_flat_logits_take_the_whole_head():
-    """Every exact logit lies within the bound of its int8 approximation, so the argmax is always a candidate; when
-    nearly every row is one (rows that differ by less than the bound), the whole float32 product decides."""
+    """The float32 argmax is always among the candidates the int8 bound leaves; when nearly every row is one (rows
+    that differ by less than the bound), the whole float32 product decides."""
     torch.manual_seed(1)
     weight = torch.randn(4096, 96) * 0.05
     head = GreedyHead(weight)

@@ -73,7 +73,8 @@ from .behaviours import OPTIM_STR
 # nanoGCG's characters for the random strings that fill an attack buffer at the start
 INIT_CHARS = [".", ",", "!", "?", ";", ":", "(", ")", "[", "]", "{", "}", "@", "#", "$", "%", "&", "*",
               "w", "x", "y", "z"]
-LOGITS_BUDGET = 512 * 2 ** 20      # bytes of float32 target logits per candidate chunk when batch_size is None
+LOGITS_BUDGET = 512 * 2 ** 20      # batch_size None: as many candidates a chunk as 512 MB of float32 target logits
+                                   # would hold (sized when the loss held them whole; head_losses holds one block)
 SHARE_CHUNKS = 4                   # (e) candidates sorted by first changed position run in at least this many chunks
 VOCAB_BLOCK = 4096                 # LM-head rows per product in ``head_losses``: a block's logits stay in the cache
 
@@ -94,7 +95,7 @@ class GCGConfig:
     filter_ids: bool = True           # the retokenisation filter
     add_space_before_target: bool = False
     use_prefix_cache: bool = True
-    batch_size: int | None = None     # candidates per forward pass; None: as many as 512 MB of target logits allow
+    batch_size: int | None = None     # candidates per forward pass; None: ``Objective.chunk_size``
     seed: int = 0
     reply_tokens: int = 32            # length of the greedy reply that the objective check reads
 
@@ -265,10 +266,9 @@ def head_losses(model, hidden: torch.Tensor, target: torch.Tensor, mellowmax_alp
     maxima, sums, argmaxes = torch.stack(maxima, 1), torch.stack(sums, 1), torch.stack(argmaxes, 1)
     top, best_block = maxima.max(1)                             # the first block holding the maximum: argmax's tie rule
     greedy = argmaxes.gather(1, best_block[:, None]).reshape(b, m)
-    chosen = (h * weight[target].repeat(b, 1)).sum(-1).float()  # z_i[y_i]
+    chosen = (hidden * weight[target]).sum(-1).float()         # z_i[y_i]: (B, m)
     if cap is not None:
         chosen = cap * torch.tanh(chosen / cap)
-    chosen = chosen.reshape(b, m)
     if mellowmax_alpha is not None:
         losses = mellowmax(-chosen, mellowmax_alpha)
     else:
